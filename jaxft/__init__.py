@@ -1,0 +1,3 @@
+"""jaxft: JAX/TPU-native multilingual finetuning."""
+
+__version__ = "0.1.0"

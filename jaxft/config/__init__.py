@@ -1,0 +1,23 @@
+"""Configuration: typed schema (`schema`) and YAML loading with overlays (`loader`)."""
+
+from jaxft.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PeftConfig,
+    RopeScalingConfig,
+    SourceConfig,
+    TokenizerConfig,
+    TrainConfig,
+    to_dict,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "MeshConfig", "ModelConfig",
+    "OptimizerConfig", "PeftConfig", "RopeScalingConfig", "SourceConfig", "TokenizerConfig",
+    "TrainConfig", "to_dict",
+]

@@ -1,0 +1,209 @@
+"""Typed, frozen configuration schema.
+
+Every section is a frozen dataclass; each layer of the stack receives only its
+own section (the model gets ``ModelConfig``, the data pipeline ``DataConfig``...),
+never the whole ``Config``.  Loading, overlays and validation live in
+``jaxft.config.loader``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling (HF ``rope_scaling``)."""
+
+    type: Literal["linear", "llama3", "yarn"] = "linear"
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model preset: shape and architecture switches, nothing else."""
+
+    family: str = "decoder"
+    preset: str | None = None  # name of configs/models/<preset>.yaml merged under this section
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA
+    head_dim: int | None = None  # None -> d_model // n_heads
+    mlp_dim: int = 1376
+    activation: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-6
+    norm_plus_one: bool = False  # Gemma: scale is (1 + w), w initialised at 0
+    position: Literal["rope", "alibi", "none"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
+    qkv_bias: bool = False  # Qwen2, BLOOM
+    attn_out_bias: bool = False  # BLOOM
+    mlp_bias: bool = False  # BLOOM
+    embed_scale: bool = False  # Gemma: embeddings * sqrt(d_model)
+    embed_norm: bool = False  # BLOOM: LayerNorm right after the embedding
+    tie_embeddings: bool = False
+    attn_logit_softcap: float | None = None  # Gemma 2
+    final_logit_softcap: float | None = None  # Gemma 2
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    init_from: str | None = None  # e.g. "hf:/path" (HF interop issue)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str | None = None  # an existing SentencePiece .model
+    # When `path` is missing and `train_vocab_size` is set, a tokenizer is
+    # trained on the training sources and written to <run_dir>/tokenizer.model.
+    train_vocab_size: int | None = None
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = 0.9995
+    byte_fallback: bool = True
+    max_sentences: int = 200000
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source. With `directions`, expands to one source per direction.
+
+    Paths may contain ``{src}`` and ``{tgt}`` placeholders (language codes),
+    and ``{split}``.  Relative paths resolve against the config file's folder.
+    """
+
+    type: Literal["tsv", "jsonl", "text", "tfds"] = "tsv"
+    task: Literal["translation", "prompt", "lm"] = "translation"
+    name: str | None = None  # defaults to "<src>-<tgt>" or the file stem
+    path: str | None = None  # tsv / jsonl / monolingual text
+    src_path: str | None = None  # text pairs
+    tgt_path: str | None = None
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    directions: tuple[str, ...] = ()  # "en-de" or "eng_Latn-deu_Latn"
+    src_field: str | None = None  # TSV header name / JSONL key; defaults per type
+    tgt_field: str | None = None
+    header: bool = True  # TSV has a header row
+    weight: float | None = None  # overrides the example count used for temperature sampling
+    max_examples: int | None = None
+    tfds_name: str | None = None
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: tuple[SourceConfig, ...] = ()
+    dev: tuple[SourceConfig, ...] = ()
+    seq_len: int = 256
+    packing: bool = True
+    temperature: float = 5.0  # p_i ~ n_i^(1/T); 1 = proportional, large = uniform
+    prompt_template: str = "Translate from {src_name} to {tgt_name}:\n{src}\n"
+    target_template: str = "{tgt}"
+    bad_lines: Literal["skip", "error"] = "skip"  # malformed lines: counted skip or error
+    overlong: Literal["skip", "truncate", "error"] = "skip"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = 3e-4
+    schedule: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None -> train.steps
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 8  # sequences per optimizer step, over all devices
+    microbatches: int = 1  # gradient accumulation: global_batch is split in this many
+    seed: int = 0
+    log_every: int = 10
+    dev_every: int = 0  # 0 = only at the start and the end
+    dev_batches: int = 4
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths ("layers/0/attn/q/kernel")
+    frozen: tuple[str, ...] = ()  # regexes; win over `trainable`
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Decoding and BLEU/chrF evaluation (filled by the decoding issue)."""
+
+    every: int = 0
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient finetuning (filled by the PEFT issue)."""
+
+    method: Literal["none"] = "none"
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Config dataclass -> plain YAML/JSON-able data."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
