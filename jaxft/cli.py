@@ -1,0 +1,150 @@
+"""`jaxft` command line: parse arguments, load the config, call the library.
+
+All logic lives in importable modules; errors in user input print one line
+(`jaxft: <file/key>: <what is wrong>`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("jaxft")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Explicit multi-process setup locally; automatic on TPU VMs."""
+    import jax
+
+    if getattr(args, "coordinator", None):
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
+        jax.distributed.initialize()
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="experiment YAML (may name `base:` overlays)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxft.config.loader import load_config
+    from jaxft.train.loop import dev_table, train
+
+    init_distributed(args)
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, base_dir=args.config.resolve().parent)
+    if result.dev_after:
+        print(dev_table(result))
+    print(f"run dir: {result.run_dir.resolve()}")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from jaxft.config.loader import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from jaxft.config.schema import TokenizerConfig
+    from jaxft.data.tokenizer import train_tokenizer
+
+    def texts():
+        for path in args.inputs:
+            with open(path, encoding="utf-8-sig") as f:
+                for line in f:
+                    if line.strip():
+                        yield line.rstrip("\n")
+
+    cfg = TokenizerConfig(train_vocab_size=args.vocab_size, model_type=args.model_type,
+                          character_coverage=args.character_coverage)
+    tok = train_tokenizer(texts(), args.out, cfg)
+    print(f"wrote {args.out} ({tok.vocab_size} pieces)")
+    return 0
+
+
+def _cmd_lower(args: argparse.Namespace) -> int:
+    from jaxft.config.loader import load_config
+    from jaxft.train.aot import lower_train_step
+
+    compiled = lower_train_step(load_config(args.config, args.overrides)).compile()
+    print(compiled.memory_analysis())
+    print({k: v for k, v in (compiled.cost_analysis() or {}).items() if k in ("flops", "bytes accessed")})
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from jaxft.demo.run import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxft", description="JAX/TPU-native multilingual finetuning.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train or resume the run in the config's run_dir")
+    _add_config_args(p)
+    p.add_argument("--coordinator", help="host:port of process 0 (multi-process runs off TPU)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    q = csub.add_parser("show", help="print the resolved config (overlays and --set applied)")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("tokenizer", help="SentencePiece tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    q = tsub.add_parser("train", help="train a SentencePiece model on text files")
+    q.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text files, one sentence per line")
+    q.add_argument("--out", type=Path, required=True, help="output .model path")
+    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    q.add_argument("--character-coverage", type=float, default=0.9995)
+    q.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("lower", help="lower and compile the train step from shapes alone; print memory and FLOPs")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_lower)
+
+    p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if args.debug or os.environ.get("JAXFT_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jaxft: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

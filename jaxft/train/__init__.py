@@ -1,0 +1,1 @@
+"""Training: optimizer, state, the jitted step, checkpoints and the host loop."""

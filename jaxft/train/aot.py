@@ -1,0 +1,33 @@
+"""Ahead-of-time lowering of the train step from abstract inputs alone.
+
+Nothing is allocated: the state and batch are ShapeDtypeStructs with
+shardings.  With abstract TPU devices (`jax.experimental.topologies`) this
+compiles for a pod slice on a CPU-only machine and reports per-device memory
+and FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from jaxft.config.schema import Config
+from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+from jaxft.train.optim import make_optimizer, make_schedule
+from jaxft.train.state import make_init_fn, state_shardings
+from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
+
+
+def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> jax.stages.Lowered:
+    mesh = make_mesh(cfg.mesh, devices)
+    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed)
+    with use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn)
+        shardings = state_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        bsharding = batch_sharding(mesh)
+        step = jit_train_step(make_train_step(graphdef, tx, cfg.train, schedule), shardings, bsharding)
+        return step.lower(abstract, abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding))

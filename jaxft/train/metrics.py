@@ -1,0 +1,112 @@
+"""Metric sinks (JSONL, TensorBoard, console progress) and the MFU estimate.
+
+Only process 0 writes.  JSONL lines are appended, so a resumed run keeps the
+history of the interrupted one; readers take the last line per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor figures).  Benchmarks measure
+# their own peak; this table only feeds the running MFU estimate.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+@functools.cache
+def device_peak_flops() -> float:
+    """Peak FLOP/s of one local device: the table above, else a measured f32 matmul."""
+    kind = jax.local_devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    n = 1024
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a).lower(x).compile()
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
+            log.warning("tensorboardX is not installed: no TensorBoard events")
+
+    def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}, ensure_ascii=False) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on an interactive console; plain log lines otherwise."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self._bar = None
+        if enabled and jax.process_index() == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, text: str) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(text, refresh=True)
+        else:
+            log.info("step %d %s", step, text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,93 @@
+"""Train state, trainable-parameter filter and sharded initialisation.
+
+The model is split once into (graphdef, trainable params, everything else).
+Only the trainable part gets optimizer state, so frozen parameters cost no
+optimizer memory.  This filter is the seam the PEFT methods plug into.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from jaxft.config.schema import ModelConfig, TrainConfig
+from jaxft.models.registry import build_model
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trainable parameters
+    rest: nnx.State  # frozen parameters and any other variables
+    opt_state: optax.OptState
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def trainable_filter(cfg: TrainConfig) -> Callable[[tuple[Any, ...], Any], bool]:
+    """nnx filter: a Param whose path matches a `trainable` regex and no `frozen` regex."""
+    train_re = [re.compile(r) for r in cfg.trainable]
+    frozen_re = [re.compile(r) for r in cfg.frozen]
+
+    def is_trainable(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        p = path_str(path)
+        return any(r.search(p) for r in train_re) and not any(r.search(p) for r in frozen_re)
+
+    return is_trainable
+
+
+def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
+                 seed: int) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
+    """Returns (init_fn, graphdef).  `init_fn()` builds the whole TrainState;
+    call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract)."""
+    is_trainable = trainable_filter(train_cfg)
+
+    def init_fn() -> TrainState:
+        model = build_model(model_cfg, rngs=nnx.Rngs(seed))
+        _, params, rest = nnx.split(model, is_trainable, ...)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                          opt_state=tx.init(params))
+
+    graphdef = split_graphdef(model_cfg, train_cfg, seed)
+    abstract = jax.eval_shape(init_fn)
+    if not jax.tree.leaves(abstract.params):
+        raise ValueError(f"train.trainable / train.frozen: no parameter is trainable "
+                         f"(trainable={list(train_cfg.trainable)}, frozen={list(train_cfg.frozen)})")
+    return init_fn, graphdef
+
+
+def split_graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> nnx.GraphDef:
+    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, _, _ = nnx.split(model, trainable_filter(train_cfg), ...)
+    return graphdef
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for every leaf, from the logical axis metadata on each Param
+    (optimizer moments inherit their parameter's metadata)."""
+    specs = nnx.get_partition_spec(abstract_state)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """Sharded initialisation: abstract shapes -> shardings -> jitted init.
+    No host ever materialises the full parameters.  Returns (state, shardings)."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = state_shardings(abstract, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    return state, shardings
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,137 @@
+"""The pure, jitted train and eval steps.
+
+A batch is a dict of [B, L] arrays: ``inputs``, ``targets``, ``weights``
+(float, 1 on target tokens), ``segment_ids`` (1..n per packed example, 0 =
+padding) and ``positions``.  The loss is a *token* mean over the whole global
+batch: microbatches accumulate summed losses and summed gradients in one fp32
+buffer and divide once at the end, so gradient accumulation equals the large
+batch exactly (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxft.config.schema import TrainConfig
+from jaxft.sharding import constrain
+from jaxft.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: float,
+                 z_loss: float) -> tuple[jax.Array, jax.Array]:
+    """Per-token (loss, z_loss term), float32."""
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    nll_BL = log_z_BL - target_logit_BL
+    if label_smoothing > 0:
+        mean_logit_BL = jnp.mean(logits_BLV, axis=-1)
+        smooth_BL = log_z_BL - mean_logit_BL  # cross-entropy against the uniform distribution
+        nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * smooth_BL
+    zl_BL = z_loss * jnp.square(log_z_BL)
+    return nll_BL + zl_BL, zl_BL
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig) -> Callable[..., tuple[jax.Array, dict]]:
+    def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        loss_BL, zl_BL = token_losses(logits_BLV, batch["targets"], cfg.label_smoothing, cfg.z_loss)
+        w_BL = batch["weights"].astype(jnp.float32)
+        aux = {"loss_sum": jnp.sum(loss_BL * w_BL), "z_loss_sum": jnp.sum(zl_BL * w_BL),
+               "weight_sum": jnp.sum(w_BL)}
+        return aux["loss_sum"], aux
+
+    return loss_fn
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, L] -> [n, B/n, L] taking rows m, m+n, m+2n... for microbatch m, so every
+    microbatch stays spread over all data-parallel devices."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
+                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    loss_fn = make_loss_fn(graphdef, cfg)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if cfg.microbatches == 1:
+            grads, aux = grad_fn(state.params, state.rest, batch)
+        else:
+            micro = _split_microbatches(batch, cfg.microbatches)
+            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum")}
+
+            def body(carry, mb):
+                g_acc, a_acc = carry
+                g, a = grad_fn(state.params, state.rest, mb)
+                g_acc = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), g_acc, g)
+                return (g_acc, jax.tree.map(jnp.add, a_acc, a)), None
+
+            (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
+        denom = jnp.maximum(aux["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": aux["loss_sum"] / denom,
+            "z_loss": aux["z_loss_sum"] / denom,
+            "tokens": aux["weight_sum"],
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig) -> Callable[[TrainState, Batch], dict]:
+    """Summed loss and weight over a batch (callers divide after summing batches)."""
+    loss_fn = make_loss_fn(graphdef, dataclasses.replace(cfg, label_smoothing=0.0, z_loss=0.0))
+
+    def eval_step(state: TrainState, batch: Batch) -> dict:
+        _, aux = loss_fn(state.params, state.rest, batch)
+        return {"loss_sum": aux["loss_sum"], "weight_sum": aux["weight_sum"]}
+
+    return eval_step
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
+    """Explicit in/out shardings; the state is donated (updated in place)."""
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(eval_fn, in_shardings=(state_shardings, batch_shardings), out_shardings=replicated)
+
+
+def abstract_batch(global_batch: int, seq_len: int, batch_sharding: NamedSharding) -> dict[str, Any]:
+    """ShapeDtypeStructs of a global batch: with the abstract state this is all
+    `jit(...).lower()` needs (ahead-of-time compilation for TPU slices)."""
+    def sds(dtype):
+        return jax.ShapeDtypeStruct((global_batch, seq_len), dtype, sharding=batch_sharding)
+    return {"inputs": sds(jnp.int32), "targets": sds(jnp.int32), "weights": sds(jnp.float32),
+            "segment_ids": sds(jnp.int32), "positions": sds(jnp.int32)}
