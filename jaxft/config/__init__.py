@@ -1,5 +1,6 @@
 """Configuration: typed schema (`schema`) and YAML loading with overlays (`loader`)."""
 
+from jaxft.config.loader import ConfigError, config_diff, dump_config, load_config, validate
 from jaxft.config.schema import (
     CheckpointConfig,
     Config,
@@ -20,4 +21,5 @@ __all__ = [
     "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "MeshConfig", "ModelConfig",
     "OptimizerConfig", "PeftConfig", "RopeScalingConfig", "SourceConfig", "TokenizerConfig",
     "TrainConfig", "to_dict",
+    "ConfigError", "config_diff", "dump_config", "load_config", "validate",
 ]

@@ -97,8 +97,8 @@ class TokenizerConfig:
 class SourceConfig:
     """One data source. With `directions`, expands to one source per direction.
 
-    Paths may contain ``{src}`` and ``{tgt}`` placeholders (language codes),
-    and ``{split}``.  Relative paths resolve against the config file's folder.
+    Paths may contain ``{src}`` and ``{tgt}`` placeholders (language codes).
+    Relative paths resolve against the folder of the config file that set them.
     """
 
     type: Literal["tsv", "jsonl", "text", "tfds"] = "tsv"

@@ -23,7 +23,11 @@ def run_demo(out: Path, config: Path | None = None, overrides: tuple[str, ...] =
     manifest = build_corpus(out / "corpus")
     langs = ", ".join(manifest["languages"])
     print(f"corpus: {out / 'corpus'} ({langs}; {manifest['counts']['train']} parallel lines per language)")
-    config = config or CONFIGS / "experiments" / "demo_decoder.yaml"
+    # The config is copied next to the corpus so its relative data paths
+    # resolve there, and the run's outputs keep the exact config that ran.
+    source = config or CONFIGS / "experiments" / "demo_decoder.yaml"
+    config = out / source.name
+    config.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
     cfg = load_config(config, (f"run_dir={out / 'decoder'}",) + tuple(overrides))
     result = train(cfg, base_dir=out)
     print()
