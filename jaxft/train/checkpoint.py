@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,19 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
                 log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
                             self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+                self._set_aside(step)
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Move an unreadable step out of the manager's folder (kept for
+        inspection, never deleted) so training can write that step again."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+            log.warning("moved the unreadable checkpoint to %s", aside)
+        multihost_utils.sync_global_devices(f"jaxft:set_aside:{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

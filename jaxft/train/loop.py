@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -55,7 +56,11 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
     if jax.process_index() == 0 and not path.exists():
         log.info("training a %d-piece %s tokenizer on the training sources -> %s",
                  tcfg.train_vocab_size, tcfg.model_type, path)
-        train_tokenizer(training_texts(cfg, base_dir), path, tcfg)
+        try:
+            train_tokenizer(training_texts(cfg, base_dir), path, tcfg)
+        except RuntimeError as e:  # sentencepiece reports bad sizes as RuntimeError
+            raise ValueError(f"data.tokenizer.train_vocab_size: sentencepiece cannot train "
+                             f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
     multihost_utils.sync_global_devices("jaxft:tokenizer")
     return Tokenizer.load(path)
 
@@ -99,6 +104,10 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} pieces ({tokenizer.path})")
     mesh = make_mesh(cfg.mesh)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (tcfg.global_batch // tcfg.microbatches) % dp:
+        raise ValueError(f"train.global_batch / train.microbatches = {tcfg.global_batch // tcfg.microbatches} rows "
+                         f"per microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
     schedule = make_schedule(cfg.optimizer, tcfg.steps)
     tx = make_optimizer(cfg.optimizer, tcfg.steps)
     init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed)
@@ -153,7 +162,10 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
                 writer.write(step, m)
                 progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
 
+        delay = float(os.environ.get("JAXFT_STEP_DELAY", "0"))  # slows runs down for kill tests
         for step in range(start + 1, end + 1):
+            if delay:
+                time.sleep(delay)
             batch = to_global(next(pipeline), bsharding, tcfg.global_batch)
             state, metrics = train_step(state, batch)
             if pending is not None:

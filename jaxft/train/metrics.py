@@ -49,6 +49,25 @@ def device_peak_flops() -> float:
     return 2 * n**3 / best
 
 
+def _plain(value: Any) -> Any:
+    """Arrays / numpy scalars -> floats, recursively through dicts."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, str) or np.ndim(value) != 0:
+        return value
+    return float(value)
+
+
+def _flat(value: dict[str, Any], prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in value.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, float):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
@@ -67,13 +86,12 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v) for k, v in scalars.items()}
+        clean = _plain(scalars)
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}, ensure_ascii=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in _flat(clean, f"{kind}/").items():
+                self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
     def close(self) -> None:

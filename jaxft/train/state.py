@@ -7,6 +7,7 @@ optimizer memory.  This filter is the seam the PEFT methods plug into.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.config.schema import ModelConfig, TrainConfig
 from jaxft.models.registry import build_model
@@ -72,12 +73,27 @@ def split_graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) ->
     return graphdef
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Make `spec` valid for `shape`: a spec of another rank (e.g. Adafactor's
+    factored moments, which inherit their parameter's metadata) is replicated,
+    and a mesh axis that does not divide its dimension (a vocabulary of 32001
+    over tensor=2) is dropped for that dimension."""
+    if len(spec) > len(shape):
+        return P()
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % size == 0 else None)
+    return P(*out)
+
+
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
     """NamedShardings for every leaf, from the logical axis metadata on each Param
     (optimizer moments inherit their parameter's metadata)."""
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, abstract_state,
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:

@@ -1,0 +1,1 @@
+"""Input pipeline: sources, tokenizer, tasks, temperature mixture, grain pipeline."""

@@ -1,0 +1,216 @@
+"""The training and dev input pipelines (grain), and tokenizer-training texts.
+
+Training data flow, for a global batch of B rows ("slots"):
+
+    sources --read--> Examples per direction --shuffle+repeat--> Mixture (temperature)
+    slot r: mixture[r], mixture[r+B], ... --tokenize (lazy)--> pack or pad --> row r
+
+Process p of P owns slots [p*B/P, (p+1)*B/P) and reads only their stream
+indices, so a P-process run yields exactly the rows of a 1-process run, and
+its state (one grain iterator state per slot, JSON-serialisable) can be
+restored into any process layout that owns the same slots.
+
+Every row has ``inputs``, ``targets``, ``positions``, ``segment_ids``
+(int32) and ``weights`` (float32), shape ``[seq_len]``.  Packed rows hold
+whole examples, segment ids 1..n, positions restarting at 0 per example;
+padding is token 0 (``Tokenizer.pad_id`` for models trained here), weight 0,
+segment 0, position 0.  Paths of train sources may use ``{split}`` = train,
+of dev sources ``{split}`` = dev.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxft.config.schema import DataConfig, SourceConfig
+from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realised_rates,
+                                shuffled_repeat, temperature_rates)
+from jaxft.data.sources import DataError, Example, ReadStats, keyed_sources, read_source
+from jaxft.data.tasks import FEATURES, Featurizer, pad_row
+from jaxft.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+REALISED_RATE_EXAMPLES = 20000
+_NO_PREFETCH = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclasses.dataclass
+class Direction:
+    """One expanded source, read into memory."""
+
+    key: str
+    config: SourceConfig
+    examples: list[Example]
+    read_stats: ReadStats
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Direction]:
+    """Expand and read ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
+    sources = cfg.train if split == "train" else cfg.dev
+    out = []
+    for key, src in keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split):
+        examples, stats = read_source(src, key=key, bad_lines=cfg.bad_lines)
+        out.append(Direction(key, src, examples, stats))
+    return out
+
+
+def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction) -> Featurizer:
+    return Featurizer(tokenizer, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
+                      target_template=cfg.target_template, overlong=cfg.overlong,
+                      source=f"{direction.name} ({direction.key})")
+
+
+def _unpacked_row(seq_len: int):
+    return lambda features: pad_row(features, seq_len)
+
+
+def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "inputs": row["inputs"], "targets": row["targets"], "weights": row["weights"],
+        "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"],
+    }
+
+
+class TrainPipeline(Iterator[dict[str, np.ndarray]]):
+    """``next(p)`` -> this process's rows of the next global batch."""
+
+    def __init__(self, mixture: Mixture, featurizers: Sequence[Featurizer],
+                 directions: Sequence[Direction], *, global_batch: int, slots: range,
+                 seq_len: int, packing: bool):
+        self.mixture, self.featurizers, self.directions = mixture, list(featurizers), list(directions)
+        self.global_batch, self.slots, self.seq_len, self.packing = global_batch, slots, seq_len, packing
+        self._iters = {r: iter(self._slot_dataset(r)) for r in slots}
+
+    def _slot_dataset(self, r: int) -> grain.IterDataset:
+        featurizers = self.featurizers
+        ds = grain.MapDataset.source(self.mixture)[r :: self.global_batch]
+        ds = ds.map(lambda item: featurizers[item[0]](item[1]))  # None = skipped (over-long)
+        it = ds.to_iter_dataset(_NO_PREFETCH)
+        if not self.packing:
+            return it.map(_unpacked_row(self.seq_len))
+        packed = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={k: self.seq_len for k in FEATURES}, num_packing_bins=1,
+            shuffle_bins=False,
+        )
+        return packed.map(_packed_row)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(self._iters[r]) for r in self.slots]
+        return {k: np.stack([row[k] for row in rows]) for k in ROW_KEYS}
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable; one entry per owned slot (``slot_<r>``)."""
+        return {f"slot_{r}": it.get_state() for r, it in self._iters.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore own slots from ``state`` (which may hold other processes' slots too)."""
+        missing = [f"slot_{r}" for r in self.slots if f"slot_{r}" not in state]
+        if missing:
+            raise DataError(
+                f"data iterator state lacks slots {missing[:4]}{'...' if len(missing) > 4 else ''} "
+                f"of this process (it has {len(state)} entries; was global_batch changed?)"
+            )
+        for r, it in self._iters.items():
+            it.set_state(state[f"slot_{r}"])
+
+    @property
+    def rates(self) -> list[dict[str, Any]]:
+        """Per direction: examples, target rate, rate realised over the stream's start."""
+        n = REALISED_RATE_EXAMPLES
+        realised = realised_rates(self.mixture, n)
+        return [
+            {"direction": d.name, "examples": len(d.examples), "target": float(t), "realised": float(q)}
+            for d, t, q in zip(self.directions, self.mixture.rates, realised)
+        ]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Read counts (per file) and tokenization counts (this process, so far)."""
+        return {
+            d.name: {**d.read_stats.to_dict(), **{f"tokenized_{k}": v for k, v in f.stats.to_dict().items()}}
+            for d, f in zip(self.directions, self.featurizers)
+        }
+
+    def rates_table(self) -> str:
+        r = self.rates
+        return format_rates_table([x["direction"] for x in r], [x["examples"] for x in r],
+                                  [x["target"] for x in r], [x["realised"] for x in r])
+
+
+def build_train_pipeline(
+    cfg: DataConfig, tokenizer: Tokenizer, *, global_batch: int, base_dir: Path,
+    process_index: int = 0, process_count: int = 1,
+) -> TrainPipeline:
+    if global_batch < 1:
+        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch % process_count:
+        raise ValueError(f"global_batch {global_batch} is not divisible by {process_count} processes")
+    if not cfg.train:
+        raise DataError("data.train: no training sources configured")
+    directions = read_directions(cfg, base_dir, split="train")
+    sizes = [d.config.weight or len(d.examples) for d in directions]
+    rates = temperature_rates(sizes, cfg.temperature)
+    datasets = [shuffled_repeat(d.examples, derive_seed(cfg.seed, 1, i)) for i, d in enumerate(directions)]
+    mixture = Mixture(datasets, rates, seed=cfg.seed)
+    per = global_batch // process_count
+    pipeline = TrainPipeline(
+        mixture, [_featurizer(cfg, tokenizer, d) for d in directions], directions,
+        global_batch=global_batch, slots=range(process_index * per, (process_index + 1) * per),
+        seq_len=cfg.seq_len, packing=cfg.packing,
+    )
+    log.info("training mixture (temperature %g):\n%s", cfg.temperature, pipeline.rates_table())
+    return pipeline
+
+
+def build_dev_batches(
+    cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, base_dir: Path, max_batches: int,
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per dev direction: up to ``max_batches`` batches [batch_size, seq_len], unpacked.
+
+    The first ``max_batches * batch_size`` examples in file order (after the
+    over-long policy); the last batch is padded with all-zero rows.
+    """
+    out: dict[str, list[dict[str, np.ndarray]]] = {}
+    for d in read_directions(cfg, base_dir, split="dev"):
+        featurize = _featurizer(cfg, tokenizer, d)
+        rows = []
+        for ex in d.examples:
+            if len(rows) == max_batches * batch_size:
+                break
+            features = featurize(ex)
+            if features is not None:
+                rows.append(pad_row(features, cfg.seq_len))
+        if featurize.stats.overlong_skipped:
+            log.warning("dev %s: skipped %d over-long examples", d.name, featurize.stats.overlong_skipped)
+        empty = {k: np.zeros_like(v) for k, v in pad_row({k: [] for k in FEATURES}, cfg.seq_len).items()}
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            chunk += [empty] * (batch_size - len(chunk))
+            batches.append({k: np.stack([row[k] for row in chunk]) for k in ROW_KEYS})
+        out[d.name] = batches
+    return out
+
+
+def training_texts(cfg: DataConfig, base_dir: Path) -> Iterator[str]:
+    """Source and target texts of all train sources, in config and file order."""
+    for d in read_directions(cfg, base_dir, split="train"):
+        for ex in d.examples:
+            if ex.src:
+                yield ex.src
+            yield ex.tgt

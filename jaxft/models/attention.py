@@ -1,0 +1,214 @@
+"""Self-attention: masks, RoPE (plain / linear / llama3 / yarn), ALiBi, GQA.
+
+The pieces are split so a KV cache can slot in between them later:
+
+- ``Attention`` (module) projects x to q/k/v, applies RoPE, calls ``attend``
+  and projects back;
+- ``attend(q, k, v, mask, bias)`` is the pure attention function;
+- ``attention_mask(...)`` builds the boolean mask from segment ids and token
+  indices (causal + same segment).
+
+Shapes: B batch, L query length, S key length, H query heads, G kv heads,
+R = H // G heads per kv group, K head_dim, D d_model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.config.schema import ModelConfig, RopeScalingConfig
+from jaxft.models.layers import Linear, softcap
+from jaxft.sharding import constrain
+
+# --------------------------------------------------------------------------- masks
+
+
+def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array,
+                   q_index_BL: jax.Array, kv_index_BS: jax.Array) -> jax.Array:
+    """mask_B1LS: query i sees key j iff j <= i (by index) and both share a segment id.
+
+    Padding (segment 0) is just one more segment: a padding token sees only
+    earlier padding, never a real token, and no row is ever fully masked
+    (the diagonal is always allowed), so no NaNs and no leakage.
+    """
+    same_BLS = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+    causal_BLS = q_index_BL[:, :, None] >= kv_index_BS[:, None, :]
+    return (same_BLS & causal_BLS)[:, None, :, :]
+
+
+def causal_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
+    """Training-time mask over a full (packed) sequence: mask_B1LL."""
+    idx_BL = jnp.broadcast_to(jnp.arange(segment_ids_BL.shape[1]), segment_ids_BL.shape)
+    return attention_mask(segment_ids_BL, segment_ids_BL, idx_BL, idx_BL)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: RopeScalingConfig | None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim // 2] and the cos/sin scale ("attention factor").
+
+    Follows HF ``modeling_rope_utils``: ``linear`` divides every frequency by
+    ``factor``; ``llama3`` divides only the low frequencies (wavelength above
+    ``original_max_position / low_freq_factor``) and interpolates smoothly in the
+    band between; ``yarn`` blends interpolated and extrapolated frequencies with a
+    linear ramp between the correction dims of ``beta_fast``/``beta_slow`` and
+    scales cos/sin by ``0.1 ln(factor) + 1``.  Computed in float64 on the host.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    inv_freq = 1.0 / theta ** exponents
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.type == "linear":
+        return inv_freq / factor, 1.0
+    if scaling.type == "llama3":
+        old_len = scaling.original_max_position
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled), 1.0
+    if scaling.type == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return (head_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi))
+                    / (2 * math.log(theta)))
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)
+        extrapolation_weight = 1.0 - ramp
+        inv_freq = inv_freq / factor * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return inv_freq, attention_factor
+    raise ValueError(f"model.rope_scaling.type: unknown {scaling.type!r}; known: linear, llama3, yarn")
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray,
+               attention_factor: float = 1.0) -> jax.Array:
+    """Rotate-half RoPE (HF LLaMA/Gemma layout: the two halves of head_dim pair up)."""
+    angles_BLk = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    sin = (jnp.sin(angles_BLk) * attention_factor)[:, :, None, :]
+    cos = (jnp.cos(angles_BLk) * attention_factor)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHK.dtype)
+
+
+# --------------------------------------------------------------------------- ALiBi
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """Standard ALiBi slopes (Press et al.; BLOOM), incl. non-power-of-2 head counts."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = base ** np.arange(1, closest + 1, dtype=np.float64)
+    if closest != n_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, n_heads - closest)
+        slopes = np.concatenate([slopes, extra_base ** np.arange(1, 1 + 2 * n_extra, 2, dtype=np.float64)])
+    return slopes
+
+
+def alibi_bias(q_positions_BL: jax.Array, kv_positions_BS: jax.Array, n_heads: int) -> jax.Array:
+    """bias_BHLS = slope_h * (pos_k - pos_q): relative, so packed rows work; float32.
+
+    BLOOM adds ``slope * pos_k``; per query row this differs by a constant, which
+    softmax ignores.
+    """
+    rel_BLS = (kv_positions_BS[:, None, :] - q_positions_BL[:, :, None]).astype(jnp.float32)
+    slopes_H = jnp.asarray(alibi_slopes(n_heads), jnp.float32)
+    return slopes_H[None, :, None, None] * rel_BLS[:, None, :, :]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS: jax.Array,
+           bias_BHLS: jax.Array | None = None, logit_softcap: float | None = None,
+           scale: float | None = None) -> jax.Array:
+    """Grouped-query attention; logits and softmax in float32. Returns out_BLHK.
+
+    Uses ``jax.nn.dot_product_attention`` (native GQA, boolean mask, additive
+    bias for ALiBi).  Logit soft-capping (Gemma 2) must act between the scaled
+    logits and the mask, which that API cannot express, so it takes the
+    explicit einsum path, written to match the XLA implementation otherwise.
+    """
+    B, L, H, K = q_BLHK.shape
+    scale = K ** -0.5 if scale is None else scale
+    if logit_softcap is None:
+        return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS,
+                                            scale=scale, implementation=None)
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+    logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
+                              preferred_element_type=jnp.float32) * scale
+    logits_BGRLS = softcap(logits_BGRLS, logit_softcap)
+    if bias_BHLS is not None:
+        logits_BGRLS = logits_BGRLS + bias_BHLS.reshape(bias_BHLS.shape[0], G, H // G, L, S)
+    big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits_BGRLS = jnp.where(mask_B1LS[:, :, None], logits_BGRLS, big_negative)
+    probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
+    out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
+    return out_BLGRK.reshape(B, L, H, K)
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections + RoPE or ALiBi around ``attend``.
+
+    Parameters: ``q/kernel`` [embed, heads, head_dim], ``k|v/kernel``
+    [embed, kv_heads, head_dim] (+ ``bias`` [heads|kv_heads, head_dim] when
+    ``qkv_bias``), ``o/kernel`` [heads, head_dim, embed] (+ ``bias`` [embed]).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        if H % G:
+            raise ValueError(f"model.n_kv_heads: {G} must divide model.n_heads={H}")
+        if cfg.position == "rope" and K % 2:
+            raise ValueError(f"model.head_dim: RoPE needs an even head_dim, got {K}")
+        kw = dict(init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
+                  dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.q = Linear((D,), (H, K), in_axes=("embed",), out_axes=("heads", "head_dim"),
+                        use_bias=cfg.qkv_bias, **kw)
+        self.k = Linear((D,), (G, K), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+                        use_bias=cfg.qkv_bias, **kw)
+        self.v = Linear((D,), (G, K), in_axes=("embed",), out_axes=("kv_heads", "head_dim"),
+                        use_bias=cfg.qkv_bias, **kw)
+        self.o = Linear((H, K), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
+                        use_bias=cfg.attn_out_bias, **kw)
+        self.n_heads = H
+        self.position = cfg.position
+        self.logit_softcap = cfg.attn_logit_softcap
+        # Static host constants (tuples, not arrays: NNX modules hold arrays only in Variables).
+        inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array) -> jax.Array:
+        q_BLHK = constrain(self.q(x_BLD), ("batch", "length", "heads", "head_dim"))
+        k_BLGK = constrain(self.k(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
+        v_BLGK = constrain(self.v(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
+        bias_BHLL = None
+        if self.position == "rope":
+            inv_freq = np.asarray(self.rope_inv_freq)
+            q_BLHK = apply_rope(q_BLHK, positions_BL, inv_freq, self.rope_factor)
+            k_BLGK = apply_rope(k_BLGK, positions_BL, inv_freq, self.rope_factor)
+        elif self.position == "alibi":
+            bias_BHLL = alibi_bias(positions_BL, positions_BL, self.n_heads)
+        elif self.position != "none":
+            raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
+        out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS=mask_B1LL, bias_BHLS=bias_BHLL,
+                          logit_softcap=self.logit_softcap)
+        out_BLHK = constrain(out_BLHK, ("batch", "length", "heads", "head_dim"))
+        return self.o(out_BLHK)

@@ -1,0 +1,128 @@
+"""Decoder-only transformer: LLaMA / Qwen2 / Gemma / BLOOM by config switches.
+
+Pre-norm residual blocks ``x + attn(norm(x))``, ``x + mlp(norm(x))``.  The
+architecture switches live in ``ModelConfig``; presets are data in
+``configs/models/*.yaml``.
+
+Parameter paths (stable; the HF converter maps onto them)::
+
+    embed/embedding                     [vocab, embed]
+    embed_norm/{scale,bias}             [embed]           (embed_norm, BLOOM)
+    layers/{i}/attn_norm/scale(,bias)   [embed]
+    layers/{i}/attn/{q,k,v}/kernel      [embed, heads|kv_heads, head_dim]
+    layers/{i}/attn/{q,k,v}/bias        [heads|kv_heads, head_dim]  (qkv_bias)
+    layers/{i}/attn/o/kernel            [heads, head_dim, embed]
+    layers/{i}/attn/o/bias              [embed]           (attn_out_bias)
+    layers/{i}/mlp_norm/scale(,bias)    [embed]
+    layers/{i}/mlp/{gate,up}/kernel     [embed, mlp]      (gate only for swiglu/geglu)
+    layers/{i}/mlp/down/kernel          [mlp, embed]      (+ bias when mlp_bias)
+    final_norm/scale(,bias)             [embed]
+    lm_head/kernel                      [embed, vocab]    (unless tie_embeddings)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.config.schema import ModelConfig
+from jaxft.models.attention import Attention, causal_segment_mask
+from jaxft.models.layers import MLP, Embed, Linear, make_norm, softcap
+from jaxft.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+ACT = ("batch", "length", "embed")
+
+
+def _norm(cfg: ModelConfig):
+    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
+                     param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
+                       init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
+                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array) -> jax.Array:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
+        x_BLD = constrain(x_BLD, ACT)
+        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+        return constrain(x_BLD, ACT)
+
+
+def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
+    return layer(x_BLD, positions_BL, mask_B1LL)
+
+
+class Decoder(nnx.Module):
+    """``model(inputs_BL, positions_BL, segment_ids_BL) -> logits_BLV`` (float32).
+
+    ``segment_ids``: 1..n for packed examples within a row, 0 for padding;
+    attention is causal and within one segment.  ``positions`` restart at 0 per
+    segment.  Both default to a single unpacked example.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat: unknown {cfg.remat!r}; known: none, {', '.join(REMAT_POLICIES)}")
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, param_dtype=pdt,
+                           dtype=dt, rngs=rngs)
+        self.embed_norm = _norm(cfg) if cfg.embed_norm else None
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = _norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else Linear(
+            (cfg.d_model,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
+            init_std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
+        self.embed_multiplier = math.sqrt(cfg.d_model) if cfg.embed_scale else None
+        self.final_logit_softcap = cfg.final_logit_softcap
+        self.remat = cfg.remat
+        self.dtype = dt
+
+    def embed_tokens(self, inputs_BL: jax.Array) -> jax.Array:
+        """Token ids -> first residual stream x_BLD (scaled / normed as configured)."""
+        x_BLD = self.embed(inputs_BL)
+        if self.embed_multiplier is not None:  # Gemma: multiply in the compute dtype, as HF does
+            x_BLD = x_BLD * jnp.asarray(self.embed_multiplier, self.dtype)
+        if self.embed_norm is not None:
+            x_BLD = self.embed_norm(x_BLD)
+        return constrain(x_BLD, ACT)
+
+    def decode(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """Residual stream after embedding -> float32 logits_BLV."""
+        B, L = x_BLD.shape[:2]
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+        mask_B1LL = causal_segment_mask(segment_ids_BL)
+        layer_call = _layer_call
+        if self.remat != "none":
+            layer_call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
+        for layer in self.layers:
+            x_BLD = layer_call(layer, x_BLD, positions_BL, mask_B1LL)
+        x_BLD = self.final_norm(x_BLD)
+        if self.lm_head is None:
+            logits_BLV = self.embed.attend(x_BLD)
+        else:
+            logits_BLV = self.lm_head(x_BLD)
+        logits_BLV = softcap(logits_BLV.astype(jnp.float32), self.final_logit_softcap)
+        return constrain(logits_BLV, ("batch", "length", "vocab"))
+
+    def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array | None = None,
+                 segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        return self.decode(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL)

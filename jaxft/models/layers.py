@@ -1,0 +1,172 @@
+"""Building blocks shared by every model family, each parameter with logical axes.
+
+Conventions (flax gemma / nanodo):
+- Parameters are stored in ``param_dtype`` and cast to the compute ``dtype`` at
+  use; norms are computed in float32.
+- Every ``nnx.Param`` carries ``out_sharding=(logical names...)`` that
+  ``jaxft.sharding.LOGICAL_RULES`` maps onto the mesh.
+- Shape suffixes name the axes: B batch, L length, D d_model (embed), F mlp,
+  H heads, K head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.sharding import constrain
+
+Axes = tuple[str | None, ...]
+
+
+def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, std: float,
+                 param_dtype: jnp.dtype) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), tuple(shape), jnp.float32) * std
+    return nnx.Param(value.astype(param_dtype), out_sharding=axes)
+
+
+def const_param(shape: Sequence[int], axes: Axes, fill: float, param_dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(tuple(shape), fill, param_dtype), out_sharding=axes)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``embedding`` [vocab, embed]; ``attend`` is the tied output head."""
+
+    def __init__(self, vocab_size: int, features: int, *, init_std: float,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = normal_param(rngs, (vocab_size, features), ("vocab", "embed"),
+                                      init_std, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids_BL: jax.Array) -> jax.Array:
+        # FSDP: gather the table's embed shards at use (as for every weight); a lookup into an
+        # embed-sharded table would leave the output sharded on embed instead of batch.
+        table_VD = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
+        return constrain(jnp.take(table_VD, ids_BL, axis=0), ("batch", "length", "embed"))
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Tied output projection: float32 logits ``x @ embedding.T``."""
+        table_VD = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
+        return jnp.einsum("bld,vd->blv", x_BLD.astype(self.dtype), table_VD,
+                          preferred_element_type=jnp.float32)
+
+
+class Linear(nnx.Module):
+    """Dense map from the trailing ``in_shape`` dims of x to ``out_shape``.
+
+    ``kernel`` has shape ``in_shape + out_shape`` (e.g. q: [embed, heads, head_dim],
+    o: [heads, head_dim, embed]); the optional ``bias`` has shape ``out_shape``.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *,
+                 in_axes: Axes, out_axes: Axes, use_bias: bool = False, init_std: float,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None,
+                 rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        assert len(in_axes) == len(in_shape) and len(out_axes) == len(out_shape)
+        self.kernel = normal_param(rngs, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
+                                   init_std, param_dtype)
+        self.bias = const_param(out_shape, tuple(out_axes), 0.0, param_dtype) if use_bias else None
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+        self.out_dtype = out_dtype or dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        n = self.n_in
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
+                                preferred_element_type=self.out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.out_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` in float32; Gemma's ``plus_one`` uses ``(1 + scale)``, scale init 0."""
+
+    def __init__(self, features: int, *, eps: float, plus_one: bool = False,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype):
+        self.scale = const_param((features,), ("norm",), 0.0 if plus_one else 1.0, param_dtype)
+        self.eps, self.plus_one, self.dtype = eps, plus_one, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Mean/variance LayerNorm with ``scale`` and ``bias``, computed in float32."""
+
+    def __init__(self, features: int, *, eps: float, plus_one: bool = False,
+                 param_dtype: jnp.dtype, dtype: jnp.dtype):
+        self.scale = const_param((features,), ("norm",), 0.0 if plus_one else 1.0, param_dtype)
+        self.bias = const_param((features,), ("norm",), 0.0, param_dtype)
+        self.eps, self.plus_one, self.dtype = eps, plus_one, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        y = y * (1.0 + scale if self.plus_one else scale) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def make_norm(kind: str, features: int, *, eps: float, plus_one: bool,
+              param_dtype: jnp.dtype, dtype: jnp.dtype) -> RMSNorm | LayerNorm:
+    if kind == "rmsnorm":
+        return RMSNorm(features, eps=eps, plus_one=plus_one, param_dtype=param_dtype, dtype=dtype)
+    if kind == "layernorm":
+        return LayerNorm(features, eps=eps, plus_one=plus_one, param_dtype=param_dtype, dtype=dtype)
+    raise ValueError(f"model.norm: unknown norm {kind!r}; known: rmsnorm, layernorm")
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """Tanh-approximate GELU (HF ``gelu_pytorch_tanh`` / BLOOM's ``bloom_gelu_forward``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# activation name -> (nonlinearity, gated).  Gated: down(act(gate(x)) * up(x)).
+ACTIVATIONS = {
+    "swiglu": (jax.nn.silu, True),
+    "geglu": (gelu_tanh, True),
+    "gelu": (gelu_tanh, False),
+    "relu": (jax.nn.relu, False),
+}
+
+
+class MLP(nnx.Module):
+    """Gated (``gate``, ``up``, ``down``) or plain (``up``, ``down``) feed-forward block."""
+
+    def __init__(self, d_model: int, mlp_dim: int, *, activation: str, use_bias: bool,
+                 init_std: float, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: unknown {activation!r}; known: {sorted(ACTIVATIONS)}")
+        self.act, gated = ACTIVATIONS[activation]
+        kw = dict(use_bias=use_bias, init_std=init_std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        up = dict(in_axes=("embed",), out_axes=("mlp",), **kw)
+        self.gate = Linear((d_model,), (mlp_dim,), **up) if gated else None
+        self.up = Linear((d_model,), (mlp_dim,), **up)
+        self.down = Linear((mlp_dim,), (d_model,), in_axes=("mlp",), out_axes=("embed",), **kw)
+
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        h_BLF = self.up(x_BLD)
+        if self.gate is not None:
+            h_BLF = self.act(self.gate(x_BLD)) * h_BLF
+        else:
+            h_BLF = self.act(h_BLF)
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+        return self.down(h_BLF)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2 soft capping ``tanh(x / cap) * cap`` (identity when cap is None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+

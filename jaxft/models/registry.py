@@ -1,0 +1,52 @@
+"""Model family name -> builder.  Presets are data: ``configs/models/<name>.yaml``.
+
+A family registers a builder ``(cfg, *, rngs) -> nnx.Module``::
+
+    @register("t5")
+    def _build_t5(cfg, *, rngs): return T5(cfg, rngs=rngs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from jaxft.config.schema import ModelConfig
+
+Builder = Callable[..., nnx.Module]
+FAMILIES: dict[str, Builder] = {}
+
+
+def register(family: str) -> Callable[[Builder], Builder]:
+    def deco(builder: Builder) -> Builder:
+        if family in FAMILIES and FAMILIES[family] is not builder:
+            raise ValueError(f"model family {family!r} is already registered")
+        FAMILIES[family] = builder
+        return builder
+    return deco
+
+
+@register("decoder")
+def _build_decoder(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    from jaxft.models.decoder import Decoder
+    return Decoder(cfg, rngs=rngs)
+
+
+def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Build the model for ``cfg.family``.
+
+    With a mesh active (``jaxft.sharding.use_mesh``) parameters are sharded as
+    they are created, by their logical axes (works eagerly, under
+    ``nnx.eval_shape`` and under ``jax.jit``).  Without a mesh, flax's eager
+    sharding would fail on the ``out_sharding`` annotations, so it is switched
+    off here: parameters land unsharded, annotations kept as metadata.
+    """
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"model.family: unknown {cfg.family!r}; known: {', '.join(sorted(FAMILIES))}")
+    no_mesh = jax.sharding.get_abstract_mesh().empty
+    ctx = nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext()
+    with ctx:
+        return FAMILIES[cfg.family](cfg, rngs=rngs)

@@ -1,0 +1,191 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from jaxft.config.schema import DataConfig, SourceConfig, TokenizerConfig
+from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, read_directions, training_texts
+from jaxft.data.sources import DataError
+from jaxft.data.tasks import Featurizer
+from jaxft.data.tokenizer import train_tokenizer
+
+WORDS = "the a cat dog house runs blue green quick slow river Haus Katze blau ilé ajá".split()
+KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def _sentence(rng):
+    return " ".join(rng.choices(WORDS, k=rng.randint(1, 10)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    for direction, n in [("en-de", 120), ("en-yo", 15)]:
+        rows = "".join(f"{_sentence(rng)}\t{_sentence(rng)}\n" for _ in range(n))
+        (d / f"train.{direction}.tsv").write_text("src\ttgt\n" + rows)
+        (d / f"dev.{direction}.tsv").write_text("src\ttgt\n" + rows)
+    (d / "mono.txt").write_text("".join(_sentence(rng) + "\n" for _ in range(40)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rng = random.Random(1)
+    texts = [_sentence(rng) for _ in range(500)] + ["Translate from English to German Yoruba"] * 20
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t.model",
+                           TokenizerConfig(train_vocab_size=300, model_type="bpe"))
+
+
+def _cfg(**kw):
+    train = (SourceConfig(type="tsv", path="{split}.{src}-{tgt}.tsv", directions=("en-de", "en-yo")),
+             SourceConfig(type="text", task="lm", path="mono.txt", tgt_lang="de"))
+    base = dict(train=train, dev=train[:1], seq_len=48, temperature=2.0, seed=7,
+                prompt_template="{src_name} to {tgt_name}: {src} =")
+    return DataConfig(**{**base, **kw})
+
+
+def _batches(p, n):
+    return [next(p) for _ in range(n)]
+
+
+def _assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_shapes_dtypes_rates_and_stats(tok, data_dir):
+    p = build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir)
+    b = next(p)
+    assert set(b) == set(KEYS)
+    assert all(b[k].shape == (4, 48) for k in KEYS)
+    assert all(b[k].dtype == (np.float32 if k == "weights" else np.int32) for k in KEYS)
+    rates = {r["direction"]: r for r in p.rates}
+    assert [r["examples"] for r in rates.values()] == [120, 15, 40]
+    expected = np.array([120, 15, 40]) ** 0.5 / (np.array([120, 15, 40]) ** 0.5).sum()
+    np.testing.assert_allclose([r["target"] for r in rates.values()], expected)
+    np.testing.assert_allclose([r["realised"] for r in rates.values()], expected, atol=0.01)
+    assert "en-yo" in p.rates_table() and p.stats["en-de"]["examples"] == 120
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_hold_whole_unpacked_examples(tok, data_dir, packing):
+    cfg = _cfg(packing=packing)
+    featurized = set()
+    for d in read_directions(cfg, data_dir, split="train"):
+        f = Featurizer(tok, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
+                       target_template=cfg.target_template, overlong="skip")
+        for ex in d.examples:
+            out = f(ex)
+            if out is not None:
+                featurized.add(tuple(tuple(out[k].tolist()) for k in ("inputs", "targets", "weights")))
+    p = build_train_pipeline(cfg, tok, global_batch=4, base_dir=data_dir)
+    segments_per_row = []
+    for b in _batches(p, 5):
+        for r in range(4):
+            seg, pos = b["segment_ids"][r], b["positions"][r]
+            n_seg = int(seg.max())
+            segments_per_row.append(n_seg)
+            used = seg > 0
+            assert used[: used.sum()].all()  # segments first, then padding
+            for k in KEYS:
+                assert not b[k][r][~used].any(), k  # padding: token 0, weight 0, segment 0, position 0
+            for s in range(1, n_seg + 1):
+                idx = np.flatnonzero(seg == s)
+                assert idx.tolist() == list(range(idx[0], idx[0] + len(idx)))
+                assert pos[idx].tolist() == list(range(len(idx)))
+                got = tuple(tuple(b[k][r][idx].tolist()) for k in ("inputs", "targets", "weights"))
+                assert got in featurized  # same tokens and weights (none on the prompt) as unpacked
+    if packing:
+        assert max(segments_per_row) > 1
+    else:
+        assert max(segments_per_row) == 1
+
+
+def test_deterministic_by_seed(tok, data_dir):
+    a = _batches(build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir), 4)
+    b = _batches(build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir), 4)
+    c = _batches(build_train_pipeline(_cfg(seed=8), tok, global_batch=4, base_dir=data_dir), 4)
+    _assert_same(a, b)
+    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_resume_from_state_is_exact(tok, data_dir, packing):
+    p = build_train_pipeline(_cfg(packing=packing), tok, global_batch=4, base_dir=data_dir)
+    _batches(p, 3)
+    state = json.loads(json.dumps(p.get_state()))
+    assert sorted(state) == [f"slot_{r}" for r in range(4)]
+    expected = _batches(p, 5)
+    q = build_train_pipeline(_cfg(packing=packing), tok, global_batch=4, base_dir=data_dir)
+    q.set_state(state)
+    _assert_same(_batches(q, 5), expected)
+
+
+def test_two_processes_give_the_rows_of_one(tok, data_dir):
+    one = _batches(build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir), 4)
+    procs = [build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir, process_index=i,
+                                  process_count=2) for i in range(2)]
+    parts = [_batches(p, 4) for p in procs]
+    for step in range(4):
+        for k in KEYS:
+            assert parts[0][step][k].shape == (2, 48)
+            np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), one[step][k])
+    # a merged state restores each process; a process whose slots are missing refuses it
+    merged = {**procs[0].get_state(), **procs[1].get_state()}
+    expected = _batches(procs[1], 2)
+    fresh = build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir, process_index=1, process_count=2)
+    fresh.set_state(merged)
+    _assert_same(_batches(fresh, 2), expected)
+    with pytest.raises(DataError, match=r"lacks slots \['slot_2', 'slot_3'\]"):
+        fresh.set_state(procs[0].get_state())
+
+
+def test_process_layout_errors(tok, data_dir):
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir, process_count=3)
+    with pytest.raises(ValueError, match="process_index 2"):
+        build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir, process_index=2, process_count=2)
+
+
+def test_overlong_policies_in_the_pipeline(tok, data_dir):
+    p = build_train_pipeline(_cfg(seq_len=12), tok, global_batch=2, base_dir=data_dir)
+    _batches(p, 3)
+    assert sum(s["tokenized_overlong_skipped"] for s in p.stats.values()) > 0
+    t = build_train_pipeline(_cfg(seq_len=12, overlong="truncate"), tok, global_batch=2, base_dir=data_dir)
+    b = next(t)
+    assert sum(s["tokenized_truncated"] for s in t.stats.values()) > 0 and b["weights"].sum() > 0
+    e = build_train_pipeline(_cfg(seq_len=12, overlong="error"), tok, global_batch=2, base_dir=data_dir)
+    with pytest.raises(DataError, match="data.seq_len=12"):
+        _batches(e, 3)
+
+
+def test_dev_batches(tok, data_dir, caplog):
+    cfg = _cfg(seq_len=128)  # long enough that no dev example is skipped
+    dev = build_dev_batches(cfg, tok, batch_size=8, base_dir=data_dir, max_batches=20)
+    assert list(dev) == ["en-de", "en-yo"] and "over-long" not in caplog.text
+    batches = dev["en-de"]
+    assert len(batches) == 15 and all(b[k].shape == (8, 128) for b in batches for k in KEYS)  # 120 examples
+    again = build_dev_batches(cfg, tok, batch_size=8, base_dir=data_dir, max_batches=2)["en-de"]
+    _assert_same(again, batches[:2])  # first examples in file order
+    ex = read_directions(cfg, data_dir, split="dev")[0].examples[0]
+    f = Featurizer(tok, seq_len=128, prompt_template=cfg.prompt_template, target_template="{tgt}", overlong="skip")
+    first = f(ex)
+    n = len(first["inputs"])
+    np.testing.assert_array_equal(batches[0]["inputs"][0, :n], first["inputs"])
+    np.testing.assert_array_equal(batches[0]["weights"][0, :n], first["weights"])
+    assert batches[0]["segment_ids"][0].tolist() == [1] * n + [0] * (128 - n)
+    yo = dev["en-yo"]  # 15 examples: the second batch has 7 real rows, 1 all-zero row
+    assert len(yo) == 2 and yo[1]["segment_ids"][:7].all(axis=1).sum() == 0
+    assert yo[1]["weights"][:7].any(axis=1).all() and not any(yo[1][k][7].any() for k in KEYS)
+
+
+def test_training_texts(data_dir):
+    texts = list(training_texts(_cfg(), data_dir))
+    assert len(texts) == 2 * 120 + 2 * 15 + 40
+    first = (data_dir / "train.en-de.tsv").read_text().splitlines()[1].split("\t")
+    assert texts[:2] == first

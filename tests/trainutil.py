@@ -1,0 +1,41 @@
+"""Shared helpers for trainer tests: a tiny corpus and config written to a tmp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from jaxft.demo.corpus import build_corpus
+
+LANGS = ("eng_Latn", "deu_Latn", "rus_Cyrl")
+
+
+def write_run_config(tmp: Path, *, steps: int = 6, extra: dict | None = None, name: str = "run") -> Path:
+    """A tiny decoder-only experiment over a generated 3-language corpus."""
+    corpus = tmp / "corpus"
+    if not (corpus / "MANIFEST.json").exists():
+        build_corpus(corpus, n_train=120, n_dev=8, n_test=8, languages=list(LANGS))
+    directions = ["eng_Latn-deu_Latn", "deu_Latn-eng_Latn", "eng_Latn-rus_Cyrl"]
+    cfg = {
+        "run_dir": str(tmp / name),
+        "model": {"preset": "tiny-llama", "vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                  "n_kv_heads": 2, "mlp_dim": 64, "dtype": "float32"},
+        "data": {
+            "tokenizer": {"train_vocab_size": 512},
+            "train": [{"type": "text", "src_path": "corpus/train.{src}", "tgt_path": "corpus/train.{tgt}",
+                       "directions": directions}],
+            "dev": [{"type": "text", "src_path": "corpus/dev.{src}", "tgt_path": "corpus/dev.{tgt}",
+                     "directions": directions[:2]}],
+            "seq_len": 64,
+        },
+        "optimizer": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.01},
+        "train": {"steps": steps, "global_batch": 8, "log_every": 1, "dev_batches": 1, "progress_bar": False},
+        "checkpoint": {"every": 2, "keep": 3, "async_save": False},
+    }
+    for key, value in (extra or {}).items():
+        section, _, leaf = key.partition(".")
+        cfg.setdefault(section, {})[leaf] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
