@@ -130,7 +130,6 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         n_params = count_params(state.params)
         log.info("model: %s params (%s trainable), mesh %s", f"{count_params(state.params) + count_params(state.rest):,}",
                  f"{n_params:,}", dict(mesh.shape))
-        log.info("mixture:\n%s", pipeline.rates_table() if hasattr(pipeline, "rates_table") else pipeline.rates)
 
         train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule), shardings, bsharding)
         eval_step = jit_eval_step(make_eval_step(graphdef, tcfg), shardings, bsharding)
