@@ -32,20 +32,28 @@ class RopeScalingConfig:
 class ModelConfig:
     """A model preset: shape and architecture switches, nothing else."""
 
-    family: str = "decoder"
+    family: str = "decoder"  # decoder | t5 | bart
     preset: str | None = None  # name of configs/models/<preset>.yaml merged under this section
     vocab_size: int = 32000
     d_model: int = 512
-    n_layers: int = 4
+    n_layers: int = 4  # encoder-decoder families: encoder layers
+    n_decoder_layers: int | None = None  # encoder-decoder families; None -> n_layers
     n_heads: int = 8
     n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA
     head_dim: int | None = None  # None -> d_model // n_heads
     mlp_dim: int = 1376
-    activation: Literal["swiglu", "geglu", "gelu", "relu"] = "swiglu"
+    # gelu = tanh approximation (BLOOM, T5 gated-gelu); gelu_exact = erf GELU (mBART)
+    activation: Literal["swiglu", "geglu", "gelu", "gelu_exact", "relu"] = "swiglu"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-6
     norm_plus_one: bool = False  # Gemma: scale is (1 + w), w initialised at 0
-    position: Literal["rope", "alibi", "none"] = "rope"
+    # rope / alibi (decoder-only); relative = T5 bucketed bias; learned = mBART
+    # (with position_offset 2); sinusoidal = M2M100 / NLLB
+    position: Literal["rope", "alibi", "none", "relative", "learned", "sinusoidal"] = "rope"
+    position_offset: int = 0  # mBART's learned positions start at index 2
+    relative_buckets: int = 32  # T5 relative_attention_num_buckets
+    relative_max_distance: int = 128  # T5 relative_attention_max_distance
+    relative_bias_per_layer: bool = False  # umT5: every layer has its own bias table
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig | None = None
     qkv_bias: bool = False  # Qwen2, BLOOM
@@ -61,6 +69,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    decoder_start_id: int | None = None  # encoder-decoder: first decoder input (T5: pad 0, mBART: eos 2)
     init_from: str | None = None  # e.g. "hf:/path" (HF interop issue)
 
     @property
@@ -102,10 +111,13 @@ class SourceConfig:
     """
 
     type: Literal["tsv", "jsonl", "text", "tfds"] = "tsv"
-    task: Literal["translation", "prompt", "lm"] = "translation"
+    # lm: causal LM on monolingual text (decoder-only); span_corruption (T5) and
+    # infilling (mBART text infilling + sentence permutation) on monolingual
+    # text (encoder-decoder)
+    task: Literal["translation", "prompt", "lm", "span_corruption", "infilling"] = "translation"
     name: str | None = None  # defaults to "<src>-<tgt>" or the file stem
     path: str | None = None  # tsv / jsonl / monolingual text
-    src_path: str | None = None  # text pairs
+    src_path: str | None = None  # text pairs (task translation) or monolingual text
     tgt_path: str | None = None
     src_lang: str | None = None
     tgt_lang: str | None = None
@@ -125,8 +137,19 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: tuple[SourceConfig, ...] = ()
     dev: tuple[SourceConfig, ...] = ()
-    seq_len: int = 256
+    seq_len: int = 256  # decoder-side (or only) sequence length
+    encoder_seq_len: int | None = None  # encoder-decoder: source side; None -> seq_len
     packing: bool = True
+    # How the target language is signalled to an encoder-decoder model:
+    # none; t5_tag = "<2xx>" token prepended to the source; lang_code = mBART/NLLB
+    # language-code tokens (source code on the source side, target code forced
+    # as the first decoder token).
+    lang_tokens: Literal["none", "t5_tag", "lang_code"] = "none"
+    lang_code_style: Literal["flores", "mbart50"] = "flores"  # eng_Latn (NLLB) or en_XX (mBART-50)
+    noise_density: float = 0.15  # span corruption
+    mean_noise_span_length: float = 3.0  # span corruption
+    infilling_ratio: float = 0.35  # mBART text infilling: fraction of tokens masked
+    infilling_poisson_lambda: float = 3.5
     temperature: float = 5.0  # p_i ~ n_i^(1/T); 1 = proportional, large = uniform
     prompt_template: str = "Translate from {src_name} to {tgt_name}:\n{src}\n"
     target_template: str = "{tgt}"

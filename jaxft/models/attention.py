@@ -41,6 +41,20 @@ def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array,
     return (same_BLS & causal_BLS)[:, None, :, :]
 
 
+def cross_attention_mask(dec_segment_ids_BL: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
+    """mask_B1LS for encoder-decoder cross-attention over packed rows.
+
+    A real decoder token (segment k > 0) sees exactly the encoder tokens of
+    segment k.  A decoder padding token (segment 0) sees every encoder token:
+    its output has zero loss weight and no real token attends to it, so this
+    only keeps its softmax row from being fully masked.
+    """
+    same_BLS = (dec_segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]) & (
+        enc_segment_ids_BS[:, None, :] > 0)
+    pad_BL1 = (dec_segment_ids_BL == 0)[:, :, None]
+    return (same_BLS | pad_BL1)[:, None, :, :]
+
+
 def causal_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
     """Training-time mask over a full (packed) sequence: mask_B1LL."""
     idx_BL = jnp.broadcast_to(jnp.arange(segment_ids_BL.shape[1]), segment_ids_BL.shape)

@@ -35,6 +35,38 @@ def _build_decoder(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     return Decoder(cfg, rngs=rngs)
 
 
+@register("t5")
+def _build_t5(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    from jaxft.models.t5 import T5
+    return T5(cfg, rngs=rngs)
+
+
+@register("bart")
+def _build_bart(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    from jaxft.models.bart import Bart
+    return Bart(cfg, rngs=rngs)
+
+
+ENCODER_DECODER = frozenset({"t5", "bart"})
+DECODER_INPUTS = ("inputs", "positions", "segment_ids")
+SEQ2SEQ_INPUTS = ("enc_inputs", "enc_positions", "enc_segment_ids", "inputs", "positions", "segment_ids")
+
+
+def is_encoder_decoder(cfg: ModelConfig) -> bool:
+    return cfg.family in ENCODER_DECODER
+
+
+def model_input_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """Batch keys passed positionally to ``model(...)`` for this family.
+
+    decoder-only: ``model(inputs_BL, positions_BL, segment_ids_BL)``;
+    encoder-decoder: ``model(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS,
+    inputs_BL, positions_BL, segment_ids_BL)`` where ``inputs`` are the decoder
+    inputs (targets shifted right behind the decoder start token).
+    """
+    return SEQ2SEQ_INPUTS if is_encoder_decoder(cfg) else DECODER_INPUTS
+
+
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Build the model for ``cfg.family``.
 
