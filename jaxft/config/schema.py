@@ -64,6 +64,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     attn_logit_softcap: float | None = None  # Gemma 2
     final_logit_softcap: float | None = None  # Gemma 2
+    post_norms: bool = False  # Gemma 2 sandwich norms: norm the attn / mlp output before the residual add
+    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scale is this**-0.5 (None: head_dim)
+    sliding_window: int | None = None  # Gemma 2: local layers see the last `sliding_window` positions
+    sliding_window_pattern: int = 2  # layer i is local iff (i + 1) % pattern != 0 (Gemma 2: even layers)
     max_seq_len: int = 2048
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"

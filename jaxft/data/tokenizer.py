@@ -68,6 +68,11 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.IdToPiece(int(i))
 
+    def piece_id(self, piece: str) -> int | None:
+        """Id of a vocabulary piece (``"<mask>"``, ``"de_DE"``), or None if it is not one."""
+        i = self._sp.PieceToId(piece)
+        return i if 0 <= i < self.vocab_size and self._sp.IdToPiece(i) == piece else None
+
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 

@@ -61,6 +61,22 @@ def causal_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
     return attention_mask(segment_ids_BL, segment_ids_BL, idx_BL, idx_BL)
 
 
+def sliding_window_mask(mask_B1LS: jax.Array, q_positions_BL: jax.Array, kv_positions_BS: jax.Array,
+                        window: int) -> jax.Array:
+    """Restrict ``mask_B1LS`` to keys less than ``window`` positions back (Gemma 2 local layers).
+
+    Works on positions, so it composes with the causal + segment mask of packed
+    rows (positions restart per segment); the diagonal stays allowed.
+    """
+    near_BLS = (q_positions_BL[:, :, None] - kv_positions_BS[:, None, :]) < window
+    return mask_B1LS & near_BLS[:, None, :, :]
+
+
+def is_local_layer(layer: int, window: int | None, pattern: int) -> bool:
+    """Sliding-window layers: every layer but each ``pattern``-th (HF Gemma 2: the even ones)."""
+    return window is not None and (layer + 1) % pattern != 0
+
+
 # --------------------------------------------------------------------------- RoPE
 
 
@@ -205,6 +221,8 @@ class Attention(nnx.Module):
         self.n_heads = H
         self.position = cfg.position
         self.logit_softcap = cfg.attn_logit_softcap
+        # Gemma 2 scales by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5.
+        self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         # Static host constants (tuples, not arrays: NNX modules hold arrays only in Variables).
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
@@ -223,6 +241,6 @@ class Attention(nnx.Module):
         elif self.position != "none":
             raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
         out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS=mask_B1LL, bias_BHLS=bias_BHLL,
-                          logit_softcap=self.logit_softcap)
+                          logit_softcap=self.logit_softcap, scale=self.scale)
         out_BLHK = constrain(out_BLHK, ("batch", "length", "heads", "head_dim"))
         return self.o(out_BLHK)

@@ -16,6 +16,8 @@ Parameter paths (stable; the HF converter maps onto them)::
     layers/{i}/mlp_norm/scale(,bias)    [embed]
     layers/{i}/mlp/{gate,up}/kernel     [embed, mlp]      (gate only for swiglu/geglu)
     layers/{i}/mlp/down/kernel          [mlp, embed]      (+ bias when mlp_bias)
+    layers/{i}/post_attn_norm/scale     [embed]           (post_norms, Gemma 2)
+    layers/{i}/post_mlp_norm/scale      [embed]           (post_norms, Gemma 2)
     final_norm/scale(,bias)             [embed]
     lm_head/kernel                      [embed, vocab]    (unless tie_embeddings)
 """
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import Attention, causal_segment_mask
+from jaxft.models.attention import Attention, causal_segment_mask, is_local_layer, sliding_window_mask
 from jaxft.models.layers import MLP, Embed, Linear, make_norm, softcap
 from jaxft.sharding import constrain
 
@@ -48,19 +50,29 @@ def _norm(cfg: ModelConfig):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """``local``: a sliding-window layer (Gemma 2); ``Decoder`` hands it the windowed mask."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, local: bool = False):
         self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
                        init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
                        dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        # Gemma 2 sandwich norms: x + post_norm(f(pre_norm(x))).
+        self.post_attn_norm = _norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = _norm(cfg) if cfg.post_norms else None
+        self.local = local
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array) -> jax.Array:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
-        x_BLD = constrain(x_BLD, ACT)
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return constrain(x_BLD, ACT)
+        h_BLD = self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
+        if self.post_attn_norm is not None:
+            h_BLD = self.post_attn_norm(h_BLD)
+        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        h_BLD = self.mlp(self.mlp_norm(x_BLD))
+        if self.post_mlp_norm is not None:
+            h_BLD = self.post_mlp_norm(h_BLD)
+        return constrain(x_BLD + h_BLD, ACT)
 
 
 def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
@@ -82,7 +94,13 @@ class Decoder(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, param_dtype=pdt,
                            dtype=dt, rngs=rngs)
         self.embed_norm = _norm(cfg) if cfg.embed_norm else None
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        if cfg.sliding_window is not None and (cfg.sliding_window < 1 or cfg.sliding_window_pattern < 1):
+            raise ValueError(f"model.sliding_window: must be >= 1 (and sliding_window_pattern >= 1), got "
+                             f"{cfg.sliding_window} / {cfg.sliding_window_pattern}")
+        self.layers = nnx.List([
+            DecoderLayer(cfg, rngs=rngs, local=is_local_layer(i, cfg.sliding_window, cfg.sliding_window_pattern))
+            for i in range(cfg.n_layers)])
+        self.sliding_window = cfg.sliding_window
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.d_model,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
@@ -110,11 +128,14 @@ class Decoder(nnx.Module):
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((B, L), jnp.int32)
         mask_B1LL = causal_segment_mask(segment_ids_BL)
+        local_mask_B1LL = None
+        if self.sliding_window is not None:
+            local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
         layer_call = _layer_call
         if self.remat != "none":
             layer_call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
         for layer in self.layers:
-            x_BLD = layer_call(layer, x_BLD, positions_BL, mask_B1LL)
+            x_BLD = layer_call(layer, x_BLD, positions_BL, local_mask_B1LL if layer.local else mask_B1LL)
         x_BLD = self.final_norm(x_BLD)
         if self.lm_head is None:
             logits_BLV = self.embed.attend(x_BLD)

@@ -133,11 +133,17 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU: HF ``gelu`` (mBART's ``activation_function``)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
 # activation name -> (nonlinearity, gated).  Gated: down(act(gate(x)) * up(x)).
 ACTIVATIONS = {
     "swiglu": (jax.nn.silu, True),
     "geglu": (gelu_tanh, True),
     "gelu": (gelu_tanh, False),
+    "gelu_exact": (gelu_exact, False),
     "relu": (jax.nn.relu, False),
 }
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 
 from jaxft.config.schema import Config
+from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, state_shardings
@@ -29,5 +30,7 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
         shardings = state_shardings(abstract, mesh)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         bsharding = batch_sharding(mesh)
-        step = jit_train_step(make_train_step(graphdef, tx, cfg.train, schedule), shardings, bsharding)
-        return step.lower(abstract, abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding))
+        keys = model_input_keys(cfg.model)
+        step = jit_train_step(make_train_step(graphdef, tx, cfg.train, schedule, keys), shardings, bsharding)
+        enc_len = (cfg.data.encoder_seq_len or cfg.data.seq_len) if is_encoder_decoder(cfg.model) else None
+        return step.lower(abstract, abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len))

@@ -21,6 +21,7 @@ from jaxft.config.schema import Config, DataConfig, to_dict
 from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, training_texts
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
 from jaxft.models.flops import train_flops_per_token
+from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train import resume
 from jaxft.train.checkpoint import Checkpointer
@@ -118,8 +119,11 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         bsharding = batch_sharding(mesh)
         restored = ckpt.restore_latest(jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+        seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
+            if is_encoder_decoder(cfg.model) else {}
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        **seq2seq)
         if restored is None:
             state = jax.jit(init_fn, out_shardings=shardings)()
             start = 0
@@ -131,10 +135,11 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         log.info("model: %s params (%s trainable), mesh %s", f"{count_params(state.params) + count_params(state.rest):,}",
                  f"{n_params:,}", dict(mesh.shape))
 
-        train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule), shardings, bsharding)
-        eval_step = jit_eval_step(make_eval_step(graphdef, tcfg), shardings, bsharding)
+        keys = model_input_keys(cfg.model)
+        train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
+        eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
-                                max_batches=tcfg.dev_batches)
+                                max_batches=tcfg.dev_batches, **seq2seq)
         writer = MetricsWriter(run_dir, enabled=is_main)
         if start == 0 and dev:
             before = dev_losses(eval_step, state, dev, bsharding, tcfg.global_batch)

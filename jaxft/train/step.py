@@ -2,7 +2,9 @@
 
 A batch is a dict of [B, L] arrays: ``inputs``, ``targets``, ``weights``
 (float, 1 on target tokens), ``segment_ids`` (1..n per packed example, 0 =
-padding) and ``positions``.  The loss is a *token* mean over the whole global
+padding) and ``positions``; encoder-decoder batches add ``enc_inputs``,
+``enc_segment_ids`` and ``enc_positions`` [B, S].  Which keys the model takes
+is `jaxft.models.registry.model_input_keys`.  The loss is a *token* mean over the whole global
 batch: microbatches accumulate summed losses and summed gradients in one fp32
 buffer and divide once at the end, so gradient accumulation equals the large
 batch exactly (up to float summation order).
@@ -20,11 +22,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft.config.schema import TrainConfig
+from jaxft.models.registry import DECODER_INPUTS
 from jaxft.sharding import constrain
 from jaxft.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: float,
@@ -42,10 +44,11 @@ def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: 
     return nll_BL + zl_BL, zl_BL
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig) -> Callable[..., tuple[jax.Array, dict]]:
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig,
+                 input_keys: tuple[str, ...] = DECODER_INPUTS) -> Callable[..., tuple[jax.Array, dict]]:
     def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
-        logits_BLV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits_BLV = model(*(batch[k] for k in input_keys))
         loss_BL, zl_BL = token_losses(logits_BLV, batch["targets"], cfg.label_smoothing, cfg.z_loss)
         w_BL = batch["weights"].astype(jnp.float32)
         aux = {"loss_sum": jnp.sum(loss_BL * w_BL), "z_loss_sum": jnp.sum(zl_BL * w_BL),
@@ -67,8 +70,9 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    loss_fn = make_loss_fn(graphdef, cfg)
+                    schedule: optax.Schedule, input_keys: tuple[str, ...] = DECODER_INPUTS,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    loss_fn = make_loss_fn(graphdef, cfg, input_keys)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -103,9 +107,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
+                   input_keys: tuple[str, ...] = DECODER_INPUTS) -> Callable[[TrainState, Batch], dict]:
     """Summed loss and weight over a batch (callers divide after summing batches)."""
-    loss_fn = make_loss_fn(graphdef, dataclasses.replace(cfg, label_smoothing=0.0, z_loss=0.0))
+    loss_fn = make_loss_fn(graphdef, dataclasses.replace(cfg, label_smoothing=0.0, z_loss=0.0), input_keys)
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
         _, aux = loss_fn(state.params, state.rest, batch)
@@ -115,23 +120,29 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig) -> Callable[[TrainS
 
 
 def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
-    """Explicit in/out shardings; the state is donated (updated in place)."""
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    """Explicit in/out shardings (one batch sharding for every batch array);
+    the state is donated (updated in place)."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(eval_fn, in_shardings=(state_shardings, batch_shardings), out_shardings=replicated)
+    return jax.jit(eval_fn, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
 
 
-def abstract_batch(global_batch: int, seq_len: int, batch_sharding: NamedSharding) -> dict[str, Any]:
+def abstract_batch(global_batch: int, seq_len: int, batch_sharding: NamedSharding,
+                   encoder_seq_len: int | None = None) -> dict[str, Any]:
     """ShapeDtypeStructs of a global batch: with the abstract state this is all
-    `jit(...).lower()` needs (ahead-of-time compilation for TPU slices)."""
-    def sds(dtype):
-        return jax.ShapeDtypeStruct((global_batch, seq_len), dtype, sharding=batch_sharding)
-    return {"inputs": sds(jnp.int32), "targets": sds(jnp.int32), "weights": sds(jnp.float32),
-            "segment_ids": sds(jnp.int32), "positions": sds(jnp.int32)}
+    `jit(...).lower()` needs (ahead-of-time compilation for TPU slices).
+    `encoder_seq_len` adds the encoder-side arrays of a seq2seq batch."""
+    def sds(length, dtype):
+        return jax.ShapeDtypeStruct((global_batch, length), dtype, sharding=batch_sharding)
+    batch = {"inputs": sds(seq_len, jnp.int32), "targets": sds(seq_len, jnp.int32),
+             "weights": sds(seq_len, jnp.float32), "segment_ids": sds(seq_len, jnp.int32),
+             "positions": sds(seq_len, jnp.int32)}
+    if encoder_seq_len is not None:
+        batch.update(enc_inputs=sds(encoder_seq_len, jnp.int32), enc_segment_ids=sds(encoder_seq_len, jnp.int32),
+                     enc_positions=sds(encoder_seq_len, jnp.int32))
+    return batch
