@@ -43,7 +43,13 @@ def test_uninterrupted_run_learns_and_reports_dev_loss(reference):
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert set(result.dev_before) == set(result.dev_after) == {"eng_Latn-deu_Latn", "deu_Latn-eng_Latn"}
     assert all(result.dev_after[k] < result.dev_before[k] for k in result.dev_after)
-    assert (result.run_dir / "tb").is_dir() and (result.run_dir / "config.yaml").exists()
+    assert (result.run_dir / "config.yaml").exists()
+    assert list((result.run_dir / "tb").glob("events.out.tfevents.*"))
+    rows = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    for row in rows:
+        assert {"loss", "lr", "grad_norm", "seq_tokens_per_s", "mfu", "tokens"} <= set(row)
+        assert row["seq_tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["grad_norm"] > 0
+    assert rows[0]["lr"] < rows[2]["lr"]  # warmup
 
 
 def test_resume_reproduces_uninterrupted_losses_exactly(reference):
