@@ -95,6 +95,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from jaxft.interop import convert
+
+    if args.convert_command == "hf-to-jaxft":
+        cfg, out = convert.hf_to_jaxft(args.src, args.out, dtype=args.dtype)
+    else:
+        cfg, out = convert.jaxft_to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                       model_type=args.model_type)
+    print(f"wrote {out} ({convert.describe(cfg)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="JAX/TPU-native multilingual finetuning.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -126,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lower", help="lower and compile the train step from shapes alone; print memory and FLOPs")
     _add_config_args(p)
     p.set_defaults(func=_cmd_lower)
+
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and jaxft layouts")
+    vsub = p.add_subparsers(dest="convert_command", required=True, metavar="SUBCOMMAND")
+    q = vsub.add_parser("hf-to-jaxft", help="HF folder (config.json + safetensors) -> orbax params + model.yaml")
+    q.add_argument("src", help="HF checkpoint folder (or hub id org/name)")
+    q.add_argument("out", type=Path)
+    q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (float32)")
+    q.set_defaults(func=_cmd_convert)
+    q = vsub.add_parser("jaxft-to-hf", help="folder written by hf-to-jaxft -> HF folder transformers loads")
+    q.add_argument("src", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="stored dtype")
+    q.add_argument("--max-shard-size", default="2GB")
+    q.add_argument("--model-type", default=None, help="HF model_type (default: inferred)")
+    q.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -79,9 +79,9 @@ def _hf_model(name: str):
         hf = transformers.M2M100ForConditionalGeneration(
             transformers.M2M100Config(activation_function="relu", **common))
     hf.eval()
-    with torch.no_grad():  # random biases and norm parameters, so every weight matters
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    with torch.no_grad():  # random biases and norm parameters, so every weight matters;
+        for n, p in hf.named_parameters():  # large fc1 inputs tell erf GELU from tanh GELU
+            p.add_(torch.randn_like(p) * (0.3 if n.endswith("fc1.weight") else 0.05))
     return hf
 
 
@@ -165,9 +165,10 @@ def test_hf_parity(name):
 # --------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2)],
-                         ids=["dp8", "d2f2t2"])
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name,mesh_cfg", [("tiny-mbart", MeshConfig(data=8)),
+                                           ("tiny-mbart", MeshConfig(data=2, fsdp=2, tensor=2)),
+                                           ("tiny-nllb", MeshConfig(data=2, fsdp=2, tensor=2))],
+                         ids=["mbart-dp8", "mbart-d2f2t2", "nllb-d2f2t2"])
 def test_sharded_forward_matches_unsharded(name, mesh_cfg):
     cfg, model = preset(name), model_for(name)
     enc, enc_pos, enc_seg, dec, dec_pos, dec_seg = packed_batch(cfg)
@@ -345,7 +346,8 @@ def test_remat_gives_identical_gradients():
         return {"/".join(map(str, k)): np.asarray(v[...])
                 for k, v in nnx.to_flat_state(jax.jit(nnx.grad(loss))(m))}
 
-    want = grads(model_for("tiny-nllb"))
-    got = grads(build_model(preset("tiny-nllb", remat="full"), rngs=nnx.Rngs(0)))
+    small = dict(n_layers=1, n_decoder_layers=1)
+    want = grads(build_model(preset("tiny-nllb", **small), rngs=nnx.Rngs(0)))
+    got = grads(build_model(preset("tiny-nllb", remat="full", **small), rngs=nnx.Rngs(0)))
     for path in want:
         np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)

@@ -16,6 +16,16 @@ whole examples, segment ids 1..n, positions restarting at 0 per example;
 padding is token 0 (``Tokenizer.pad_id`` for models trained here), weight 0,
 segment 0, position 0.  Paths of train sources may use ``{split}`` = train,
 of dev sources ``{split}`` = dev.
+
+Encoder-decoder models (``encoder_decoder=True``; features and language-token
+conventions in ``jaxft.data.seq2seq``): rows hold ``enc_inputs``,
+``enc_segment_ids``, ``enc_positions`` ``[encoder_seq_len]`` and ``inputs``
+(decoder inputs), ``targets``, ``weights``, ``segment_ids``, ``positions``
+``[seq_len]``.  Packing packs both sides together: example k of a row is
+segment k on both sides, so cross-attention can match segments.  The noise of
+``span_corruption`` / ``infilling`` is seeded by ``(data.seed, stream index)``
+(dev: the example's position in its file), so it is part of the deterministic,
+resumable stream.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import numpy as np
 from jaxft.config.schema import DataConfig, SourceConfig
 from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realised_rates,
                                 shuffled_repeat, temperature_rates)
+from jaxft.data import seq2seq
 from jaxft.data.sources import DataError, Example, ReadStats, keyed_sources, read_source
 from jaxft.data.tasks import FEATURES, Featurizer, pad_row
 from jaxft.data.tokenizer import Tokenizer
@@ -67,7 +78,19 @@ def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Dire
     return out
 
 
-def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction) -> Featurizer:
+_NOISE_TASKS = ("span_corruption", "infilling")
+_DEV_NOISE_STREAM = 4  # dev noise seeds: (data.seed, 4, direction, position in file)
+
+
+def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction, *,
+                decoder_start_id: int | None = None, seed: int | None = None):
+    """Decoder-only ``Featurizer``, or ``Seq2SeqFeaturizer`` when ``decoder_start_id`` is given."""
+    if decoder_start_id is not None:
+        return seq2seq.Seq2SeqFeaturizer(tokenizer, cfg, direction.config, decoder_start_id=decoder_start_id,
+                                         key=direction.key, seed=seed)
+    if direction.config.task in _NOISE_TASKS:
+        raise DataError(f"{direction.key}.task: {direction.config.task} needs an encoder-decoder model "
+                        f"(model.family t5 or bart); decoder-only models train on monolingual text with task lm")
     return Featurizer(tokenizer, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
                       target_template=cfg.target_template, overlong=cfg.overlong,
                       source=f"{direction.name} ({direction.key})")
@@ -89,27 +112,37 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
 
     def __init__(self, mixture: Mixture, featurizers: Sequence[Featurizer],
                  directions: Sequence[Direction], *, global_batch: int, slots: range,
-                 seq_len: int, packing: bool):
+                 seq_len: int, packing: bool, encoder_seq_len: int | None = None):
+        """``encoder_seq_len`` set: encoder-decoder rows (``featurizers`` are ``Seq2SeqFeaturizer``)."""
         self.mixture, self.featurizers, self.directions = mixture, list(featurizers), list(directions)
         self.global_batch, self.slots, self.seq_len, self.packing = global_batch, slots, seq_len, packing
+        self.encoder_seq_len = encoder_seq_len
+        self.row_keys = ROW_KEYS if encoder_seq_len is None else seq2seq.ROW_KEYS
         self._iters = {r: iter(self._slot_dataset(r)) for r in slots}
 
     def _slot_dataset(self, r: int) -> grain.IterDataset:
-        featurizers = self.featurizers
-        ds = grain.MapDataset.source(self.mixture)[r :: self.global_batch]
-        ds = ds.map(lambda item: featurizers[item[0]](item[1]))  # None = skipped (over-long)
+        featurizers, B = self.featurizers, self.global_batch
+        ds = grain.MapDataset.source(self.mixture)[r :: B]
+        if self.encoder_seq_len is None:
+            ds = ds.map(lambda item: featurizers[item[0]](item[1]))  # None = skipped (over-long)
+            lengths, unpacked, packed_row = ({k: self.seq_len for k in FEATURES}, _unpacked_row(self.seq_len),
+                                             _packed_row)
+        else:  # the noise of stream example i = r + j*B is seeded by i
+            ds = ds.map_with_index(lambda j, item: featurizers[item[0]](item[1], index=r + j * B))
+            S, L = self.encoder_seq_len, self.seq_len
+            lengths, packed_row = seq2seq.length_struct(S, L), seq2seq.packed_seq2seq_row
+            unpacked = lambda features: seq2seq.pad_seq2seq_row(features, S, L)  # noqa: E731
         it = ds.to_iter_dataset(_NO_PREFETCH)
         if not self.packing:
-            return it.map(_unpacked_row(self.seq_len))
+            return it.map(unpacked)
         packed = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct={k: self.seq_len for k in FEATURES}, num_packing_bins=1,
-            shuffle_bins=False,
+            it, length_struct=lengths, num_packing_bins=1, shuffle_bins=False,
         )
-        return packed.map(_packed_row)
+        return packed.map(packed_row)
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(self._iters[r]) for r in self.slots]
-        return {k: np.stack([row[k] for row in rows]) for k in ROW_KEYS}
+        return {k: np.stack([row[k] for row in rows]) for k in self.row_keys}
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable; one entry per owned slot (``slot_<r>``)."""
@@ -150,10 +183,23 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
                                   [x["target"] for x in r], [x["realised"] for x in r])
 
 
+def _check_seq2seq(encoder_decoder: bool, decoder_start_id: int | None) -> int | None:
+    """The decoder start id to featurize with, None for decoder-only."""
+    if not encoder_decoder:
+        return None
+    if decoder_start_id is None:
+        raise ValueError("encoder-decoder data needs model.decoder_start_id (T5: pad 0; mBART/NLLB: eos 2)")
+    return int(decoder_start_id)
+
+
 def build_train_pipeline(
     cfg: DataConfig, tokenizer: Tokenizer, *, global_batch: int, base_dir: Path,
     process_index: int = 0, process_count: int = 1,
+    encoder_decoder: bool = False, decoder_start_id: int | None = None,
 ) -> TrainPipeline:
+    """The training pipeline; ``encoder_decoder`` (with the model's
+    ``decoder_start_id``) gives seq2seq rows (see the module docstring)."""
+    start_id = _check_seq2seq(encoder_decoder, decoder_start_id)
     if global_batch < 1:
         raise ValueError(f"global_batch must be >= 1, got {global_batch}")
     if not 0 <= process_index < process_count:
@@ -169,9 +215,10 @@ def build_train_pipeline(
     mixture = Mixture(datasets, rates, seed=cfg.seed)
     per = global_batch // process_count
     pipeline = TrainPipeline(
-        mixture, [_featurizer(cfg, tokenizer, d) for d in directions], directions,
+        mixture, [_featurizer(cfg, tokenizer, d, decoder_start_id=start_id) for d in directions], directions,
         global_batch=global_batch, slots=range(process_index * per, (process_index + 1) * per),
         seq_len=cfg.seq_len, packing=cfg.packing,
+        encoder_seq_len=(cfg.encoder_seq_len or cfg.seq_len) if encoder_decoder else None,
     )
     log.info("training mixture (temperature %g):\n%s", cfg.temperature, pipeline.rates_table())
     return pipeline
@@ -179,30 +226,40 @@ def build_train_pipeline(
 
 def build_dev_batches(
     cfg: DataConfig, tokenizer: Tokenizer, *, batch_size: int, base_dir: Path, max_batches: int,
+    encoder_decoder: bool = False, decoder_start_id: int | None = None,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Per dev direction: up to ``max_batches`` batches [batch_size, seq_len], unpacked.
 
     The first ``max_batches * batch_size`` examples in file order (after the
-    over-long policy); the last batch is padded with all-zero rows.
+    over-long policy); the last batch is padded with all-zero rows.  With
+    ``encoder_decoder``, seq2seq rows as in training.
     """
+    start_id = _check_seq2seq(encoder_decoder, decoder_start_id)
+    if start_id is None:
+        keys, features_of, pad = ROW_KEYS, FEATURES, lambda f: pad_row(f, cfg.seq_len)  # noqa: E731
+    else:
+        S = cfg.encoder_seq_len or cfg.seq_len
+        keys, features_of = seq2seq.ROW_KEYS, seq2seq.FEATURES
+        pad = lambda f: seq2seq.pad_seq2seq_row(f, S, cfg.seq_len)  # noqa: E731
     out: dict[str, list[dict[str, np.ndarray]]] = {}
-    for d in read_directions(cfg, base_dir, split="dev"):
-        featurize = _featurizer(cfg, tokenizer, d)
+    for i, d in enumerate(read_directions(cfg, base_dir, split="dev")):
+        featurize = _featurizer(cfg, tokenizer, d, decoder_start_id=start_id,
+                                seed=derive_seed(cfg.seed, _DEV_NOISE_STREAM, i))
         rows = []
-        for ex in d.examples:
+        for n, ex in enumerate(d.examples):
             if len(rows) == max_batches * batch_size:
                 break
-            features = featurize(ex)
+            features = featurize(ex) if start_id is None else featurize(ex, index=n)
             if features is not None:
-                rows.append(pad_row(features, cfg.seq_len))
+                rows.append(pad(features))
         if featurize.stats.overlong_skipped:
             log.warning("dev %s: skipped %d over-long examples", d.name, featurize.stats.overlong_skipped)
-        empty = {k: np.zeros_like(v) for k, v in pad_row({k: [] for k in FEATURES}, cfg.seq_len).items()}
+        empty = {k: np.zeros_like(v) for k, v in pad({k: [] for k in features_of}).items()}
         batches = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             chunk += [empty] * (batch_size - len(chunk))
-            batches.append({k: np.stack([row[k] for row in chunk]) for k in ROW_KEYS})
+            batches.append({k: np.stack([row[k] for row in chunk]) for k in keys})
         out[d.name] = batches
     return out
 

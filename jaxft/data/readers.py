@@ -26,6 +26,8 @@ REASONS = {
     "utf8": "invalid UTF-8",
 }
 _LOGGED_PER_FILE = 3
+# Tasks on monolingual text (the text is the Example's ``tgt``, ``src`` is "").
+MONOLINGUAL_TASKS = ("lm", "span_corruption", "infilling")
 
 
 class DataError(ValueError):
@@ -38,7 +40,7 @@ class Example:
     tgt: str  # target text
     src_lang: str | None
     tgt_lang: str | None
-    task: str  # "translation" | "prompt" | "lm"
+    task: str  # "translation" | "prompt" | "lm" | "span_corruption" | "infilling"
 
 
 @dataclasses.dataclass
@@ -77,7 +79,7 @@ class Reader:
     def add(self, where: str, file: str, src: str, tgt: str) -> bool:
         """Adds an example; False once ``max_examples`` is reached."""
         src, tgt = _clean(src), _clean(tgt)
-        if not tgt or (self.src.task != "lm" and not src):
+        if not tgt or (self.src.task not in MONOLINGUAL_TASKS and not src):
             self.bad(where, "empty", file)
             return True
         self.examples.append(Example(src, tgt, self.src.src_lang, self.src.tgt_lang, self.src.task))
@@ -111,7 +113,7 @@ def _read_tsv(r: Reader) -> None:
     path = r.src.path
     lines = _read_lines(path, r, "file")
     src_f, tgt_f = r.src.src_field, r.src.tgt_field
-    lm = r.src.task == "lm"
+    lm = r.src.task in MONOLINGUAL_TASKS
     start = 0
     if r.src.header:
         head = _decode(lines[0])
@@ -170,7 +172,7 @@ def _pick(rec: dict, field: str) -> Any:
 def _fields(r: Reader, rec: dict) -> tuple[str | None, str | None]:
     """(src, tgt) texts of one record under the source's field rules."""
     s = r.src
-    if s.task == "lm":
+    if s.task in MONOLINGUAL_TASKS:
         return "", _pick(rec, s.tgt_field or s.src_field or "text")
     if s.src_field or s.tgt_field or s.task == "translation":
         default = ("src", "tgt") if s.type == "jsonl" else (s.src_lang, s.tgt_lang)

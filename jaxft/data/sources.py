@@ -52,9 +52,10 @@ from pathlib import Path
 
 from jaxft.config.schema import SourceConfig
 from jaxft.data.languages import UnknownLanguageError, language_name
-from jaxft.data.readers import READERS, REASONS, DataError, Example, Reader, ReadStats
+from jaxft.data.readers import MONOLINGUAL_TASKS, READERS, REASONS, DataError, Example, Reader, ReadStats
 
-__all__ = ["REASONS", "DataError", "Example", "ReadStats", "expand_sources", "keyed_sources", "read_source"]
+__all__ = ["MONOLINGUAL_TASKS", "REASONS", "DataError", "Example", "ReadStats", "expand_sources",
+           "keyed_sources", "read_source"]
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ def _finish(src: SourceConfig, key: str, base_dir: Path, split: str | None) -> S
             raise DataError(f"{key}: type text needs `path` (lm) or `src_path` and `tgt_path`")
     elif src.path is None:
         raise DataError(f"{key}.path: required for type {src.type}")
-    if src.type == "text" and src.path is not None and src.task != "lm":
-        raise DataError(f"{key}: monolingual text (`path`) needs task lm; use src_path/tgt_path for pairs")
+    if src.type == "text" and src.path is not None and src.task not in MONOLINGUAL_TASKS:
+        raise DataError(f"{key}: monolingual text (`path`) needs task {' / '.join(MONOLINGUAL_TASKS)}; "
+                        f"use src_path/tgt_path for pairs")
     if src.task == "translation" and not (src.src_lang and src.tgt_lang):
         raise DataError(f"{key}: translation needs src_lang and tgt_lang (or directions)")
     if src.max_examples is not None and src.max_examples < 1:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -112,6 +112,3 @@ def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path
     return names
 
 
-def iter_all(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]]:
-    for name in reader.keys():
-        yield name, reader.get(name)

@@ -1,0 +1,172 @@
+"""Tokenizers from HF folders, and tokenizer files alongside exported checkpoints.
+
+``load_hf_tokenizer(dir)`` returns our SentencePiece ``Tokenizer`` when the
+folder has a SentencePiece model (``tokenizer.model``, ``spiece.model``,
+``sentencepiece.bpe.model``), else an ``HFJsonTokenizer`` over ``tokenizer.json``
+(the ``tokenizers`` library, imported lazily) with the same interface:
+``encode`` (no bos/eos), ``decode`` (special tokens dropped), ``bos_id``,
+``eos_id``, ``pad_id`` (0 when the tokenizer defines none, as ours), ``vocab_size``.
+
+Note: HF's fast tokenizers converted from a SentencePiece model skip its
+normalizer (NFKC by default), so on text that is not NFKC-normalised the two
+can tokenise differently; the SentencePiece model, when present, is what
+jaxft uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxft.data.tokenizer import Tokenizer
+
+SENTENCEPIECE_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", *SENTENCEPIECE_NAMES)
+
+
+def find_sentencepiece(directory: str | Path) -> Path | None:
+    return next((Path(directory) / n for n in SENTENCEPIECE_NAMES if (Path(directory) / n).is_file()), None)
+
+
+def _token_content(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    """``{"bos": "<s>", ...}`` from tokenizer_config.json, then special_tokens_map.json."""
+    out: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
+        path = directory / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for kind in ("bos", "eos", "pad", "unk"):
+                token = _token_content(data.get(f"{kind}_token"))
+                if token is not None:
+                    out[kind] = token
+    return out
+
+
+class HFJsonTokenizer:
+    """A ``tokenizer.json`` behind the interface of ``jaxft.data.tokenizer.Tokenizer``."""
+
+    def __init__(self, tokenizer: Any, *, bos: int | None, eos: int | None, pad: int | None, path: str | None):
+        self._tok, self._bos, self._eos, self._pad, self.path = tokenizer, bos, eos, pad, path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFJsonTokenizer:
+        try:
+            from tokenizers import Tokenizer as JsonTokenizer
+        except ImportError:
+            raise ImportError("reading tokenizer.json needs the `tokenizers` package (pip install tokenizers)") \
+                from None
+        directory = Path(directory)
+        path = directory / "tokenizer.json" if directory.is_dir() else directory
+        tok = JsonTokenizer.from_file(str(path))
+        ids = {k: tok.token_to_id(v) for k, v in _special_tokens(path.parent).items()}
+        config = path.parent / "config.json"
+        if config.is_file():  # model config as the fallback for token ids
+            hf = json.loads(config.read_text())
+            for kind in ("bos", "eos", "pad"):
+                if ids.get(kind) is None and isinstance(hf.get(f"{kind}_token_id"), int):
+                    ids[kind] = hf[f"{kind}_token_id"]
+        return cls(tok, bos=ids.get("bos"), eos=ids.get("eos"), pad=ids.get("pad"), path=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return 0 if self._pad is None else self._pad
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def __repr__(self) -> str:
+        return f"HFJsonTokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_hf_tokenizer(path: str | Path) -> Tokenizer | HFJsonTokenizer:
+    """The tokenizer of an HF folder (or a ``.model`` / ``tokenizer.json`` file)."""
+    path = Path(path)
+    if path.is_file():
+        return HFJsonTokenizer.load(path) if path.suffix == ".json" else Tokenizer.load(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such tokenizer folder or file")
+    sp = find_sentencepiece(path)
+    if sp is not None:
+        return Tokenizer.load(sp)
+    if (path / "tokenizer.json").is_file():
+        return HFJsonTokenizer.load(path)
+    raise FileNotFoundError(f"{path}: no tokenizer ({', '.join(SENTENCEPIECE_NAMES)} or tokenizer.json)")
+
+
+def _sentencepiece(path: Path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def _sp_special_pieces(sp) -> dict[str, tuple[int, str]]:
+    """``{"bos": (id, piece), ...}`` for the special pieces the model defines."""
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    return {k: (i, sp.IdToPiece(i)) for k, i in ids.items() if i >= 0}
+
+
+def special_token_ids(path: str | Path) -> dict[str, int]:
+    """``{"bos_token_id": .., "eos_token_id": .., "pad_token_id": ..}`` (those defined) for config.json."""
+    path = Path(path)
+    sp_path = path if path.is_file() and path.suffix != ".json" else (
+        find_sentencepiece(path) if path.is_dir() else None)
+    if sp_path is not None:
+        found = {k: i for k, (i, _) in _sp_special_pieces(_sentencepiece(sp_path)).items()}
+    else:
+        tok = HFJsonTokenizer.load(path)
+        found = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok._pad}
+    return {f"{k}_token_id": found[k] for k in ("bos", "eos", "pad") if found.get(k) is not None}
+
+
+def _sentencepiece_tokenizer_config(sp_path: Path, model_type: str, max_length: int) -> dict:
+    pieces = {f"{k}_token": piece for k, (_, piece) in _sp_special_pieces(_sentencepiece(sp_path)).items()}
+    cls = "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
+    return {"tokenizer_class": cls, "model_max_length": max_length, **pieces}
+
+
+def copy_tokenizer(src: str | Path, out_dir: str | Path, *, model_type: str, max_length: int) -> None:
+    """Copy tokenizer files next to an exported checkpoint; a SentencePiece model goes
+    to ``tokenizer.model`` (plus a minimal ``tokenizer_config.json`` when none exists)."""
+    src, out_dir = Path(src), Path(out_dir)
+    if src.is_file():
+        if src.suffix == ".json":
+            shutil.copyfile(src, out_dir / "tokenizer.json")
+        else:
+            shutil.copyfile(src, out_dir / "tokenizer.model")
+    elif src.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out_dir / name)
+        sp = find_sentencepiece(src)
+        if sp is not None and not (out_dir / "tokenizer.model").exists():
+            shutil.copyfile(sp, out_dir / "tokenizer.model")
+    else:
+        raise FileNotFoundError(f"tokenizer_path: {src} does not exist")
+    if (out_dir / "tokenizer.model").is_file() and not (out_dir / "tokenizer_config.json").is_file():
+        config = _sentencepiece_tokenizer_config(out_dir / "tokenizer.model", model_type, max_length)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
