@@ -13,7 +13,7 @@ import yaml
 from flax import nnx
 
 from jaxft.config.schema import MeshConfig, ModelConfig
-from jaxft.models import build_model, param_count
+from jaxft.models import build_model, param_count, train_flops_per_token
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 
 PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -233,7 +233,7 @@ def test_causality_bidirectionality_and_packing_by_gradients(name):
             if s == 0:  # padding query: zero loss weight, not constrained
                 continue
             seen_dec = (np.arange(L) <= t) & (ds[b] == s)
-            assert np.all(g_dec[t, b][~seen_dec] == 0), f"row {b}: logits at {t} see later/other decoder tokens"
+            assert np.all(g_dec[t, b][~seen_dec] == 0), f"row {b}, {t}: later/other dec tokens"
             assert np.all(g_dec[t, b][seen_dec] > 0), f"row {b}: logits at {t} ignore visible decoder tokens"
             seen_enc = es[b] == s
             assert np.all(g_enc[t, b][~seen_enc] == 0), f"row {b}: logits at {t} see another segment's source"
@@ -321,12 +321,21 @@ def test_family_builds_runs_and_counts(name):
 
 
 # Known totals from the HF checkpoints (model.num_parameters(); tied embeddings counted once).
-@pytest.mark.parametrize("name,count", [("mbart-large-50", 610_879_488), ("nllb-200-distilled-600M", 615_073_792),
+@pytest.mark.parametrize("name,count", [("mbart-large-50", 610_879_488),
+                                        ("nllb-200-distilled-600M", 615_073_792),
                                         ("nllb-200-distilled-1.3B", 1_370_638_336),
                                         ("nllb-200-1.3B", 1_370_638_336), ("nllb-200-3.3B", 3_344_863_232),
                                         ("m2m100_418M", 483_905_536)])
 def test_real_preset_param_counts(name, count):
-    assert param_count(preset(name)) == count
+    cfg = preset(name)
+    assert param_count(cfg) == count
+    assert train_flops_per_token(cfg, 512) > 6 * (count - cfg.vocab_size * cfg.d_model)
+
+
+def test_flops_formula():
+    D, H, K, F, V, NE, ND, S = 64, 4, 16, 128, 512, 3, 2, 32
+    matmul = NE * (4 * D * H * K + 2 * D * F) + ND * (8 * D * H * K + 2 * D * F) + D * V
+    assert train_flops_per_token(preset("tiny-nllb"), S) == 6 * matmul + 12 * S * H * K * (NE + 2 * ND)
 
 
 def test_config_errors():

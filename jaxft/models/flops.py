@@ -61,6 +61,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len``."""
     if cfg.family == "t5":
         return t5_train_flops_per_token(cfg, seq_len)
+    if cfg.family == "bart":
+        return bart_train_flops_per_token(cfg, seq_len)
     if cfg.family != "decoder":
         raise ValueError(f"train_flops_per_token: model.family {cfg.family!r} is not supported yet")
     matmul = cfg.n_layers * _layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
@@ -88,6 +90,22 @@ def bart_param_count(cfg: ModelConfig) -> int:
     if not cfg.tie_embeddings:
         total += D * V
     return total
+
+
+def bart_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """mBART / NLLB training FLOPs per decoder token, one encoder token alongside each.
+
+    Same convention as ``t5_train_flops_per_token`` (source and target both
+    ``seq_len``; the head counts even when tied; biases, norms and position
+    embeddings excluded); the MLP is always plain (up, down).
+    """
+    D, H, K, F, V = cfg.d_model, cfg.n_heads, cfg.dim_per_head, cfg.mlp_dim, cfg.vocab_size
+    n_enc = cfg.n_layers
+    n_dec = cfg.n_layers if cfg.n_decoder_layers is None else cfg.n_decoder_layers
+    attn, mlp = 4 * D * H * K, 2 * D * F
+    matmul = n_enc * (attn + mlp) + n_dec * (2 * attn + mlp) + D * V
+    attention = 2 * seq_len * H * K * (n_enc + 2 * n_dec)
+    return 6.0 * matmul + 6.0 * attention
 
 
 def t5_param_count(cfg: ModelConfig) -> int:
