@@ -104,6 +104,10 @@ class TokenizerConfig:
     character_coverage: float = 0.9995
     byte_fallback: bool = True
     max_sentences: int = 200000
+    # Extra single-token pieces for a trained tokenizer; the pieces the data
+    # config needs (<2xx> tags, language codes, sentinels, <mask>) are added
+    # automatically.
+    user_defined_symbols: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from jaxft.data.langcodes import t5_tag
+from jaxft.config.schema import DataConfig
+from jaxft.data.langcodes import lang_code_token, t5_tag
+from jaxft.data.sources import keyed_sources
 from jaxft.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,3 +66,23 @@ def t5_sentinel_pieces(count: int = 100) -> list[str]:
     """``<extra_id_{count-1}>`` ... ``<extra_id_0>``: appended in this order they take
     T5's ids (``<extra_id_0>`` last)."""
     return [f"<extra_id_{j}>" for j in reversed(range(count))]
+
+
+def required_pieces(cfg: DataConfig, base_dir: Path, *, sentinels: int = 100) -> list[str]:
+    """Pieces the configured data needs as single tokens: ``<2xx>`` tags or
+    language codes for every direction (``data.lang_tokens``), ``<extra_id_k>``
+    sentinels for span corruption, ``<mask>`` for infilling.  A tokenizer
+    trained by a run includes them (``user_defined_symbols``); a loaded one that
+    lacks them is extended with ``extend_tokenizer``."""
+    pieces: list[str] = []
+    for section, sources in (("data.train", cfg.train), ("data.dev", cfg.dev)):
+        for _, src in keyed_sources(sources, Path(base_dir), section=section):
+            if src.task == "translation" and cfg.lang_tokens == "t5_tag" and src.tgt_lang:
+                pieces.append(t5_tag(src.tgt_lang))
+            if cfg.lang_tokens == "lang_code" and src.task in ("translation", "infilling"):
+                pieces += [lang_code_token(c, cfg.lang_code_style) for c in (src.src_lang, src.tgt_lang) if c]
+            if src.task == "span_corruption":
+                pieces += [f"<extra_id_{k}>" for k in range(sentinels)]
+            if src.task == "infilling":
+                pieces.append("<mask>")
+    return list(dict.fromkeys(pieces))

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jaxft.config.schema import Config, DataConfig, to_dict
 from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, training_texts
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
+from jaxft.data.vocab import required_pieces
 from jaxft.models.flops import train_flops_per_token
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
@@ -57,8 +58,9 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
     if jax.process_index() == 0 and not path.exists():
         log.info("training a %d-piece %s tokenizer on the training sources -> %s",
                  tcfg.train_vocab_size, tcfg.model_type, path)
+        symbols = list(dict.fromkeys(required_pieces(cfg, base_dir) + list(tcfg.user_defined_symbols)))
         try:
-            train_tokenizer(training_texts(cfg, base_dir), path, tcfg)
+            train_tokenizer(training_texts(cfg, base_dir), path, tcfg, user_defined_symbols=symbols)
         except RuntimeError as e:  # sentencepiece reports bad sizes as RuntimeError
             raise ValueError(f"data.tokenizer.train_vocab_size: sentencepiece cannot train "
                              f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
