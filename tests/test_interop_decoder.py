@@ -36,6 +36,9 @@ CASES = {
         ROPE, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
         rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))),
     "qwen2": ("Qwen2ForCausalLM", dict(ROPE, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2_tied_yarn": ("Qwen2ForCausalLM", dict(
+        ROPE, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
     "gemma": ("GemmaForCausalLM", dict(ROPE, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
     "gemma2": ("Gemma2ForCausalLM", dict(
         ROPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,

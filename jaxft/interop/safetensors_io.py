@@ -110,5 +110,3 @@ def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
-
-

@@ -42,7 +42,7 @@ def param_count(cfg: ModelConfig) -> int:
         raise ValueError(f"param_count: model.family {cfg.family!r} is not supported yet; known: decoder")
     D, H, G, K, F, V = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.mlp_dim,
                         cfg.vocab_size)
-    layer = _layer_matmul_params(cfg) + 2 * _norm_params(cfg)
+    layer = _layer_matmul_params(cfg) + (4 if cfg.post_norms else 2) * _norm_params(cfg)
     if cfg.qkv_bias:
         layer += H * K + 2 * G * K
     if cfg.attn_out_bias:

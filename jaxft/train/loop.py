@@ -28,7 +28,7 @@ from jaxft.train import resume
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.metrics import MetricsWriter, Progress, device_peak_flops, read_jsonl
 from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import count_params, make_init_fn, state_shardings
+from jaxft.train.state import TrainState, count_params, make_init_fn, state_shardings
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,22 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
                              f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
     multihost_utils.sync_global_devices("jaxft:tokenizer")
     return Tokenizer.load(path)
+
+
+def load_initial_params(state: TrainState, graphdef, cfg: Config, mesh) -> TrainState:
+    """`model.init_from: hf:<dir>`: replace the fresh parameters by the checkpoint's
+    (streamed onto their shardings); optimizer state stays freshly initialised."""
+    from flax import nnx
+
+    from jaxft.interop.hf import init_params_from
+    from jaxft.train.state import trainable_filter
+
+    loaded = init_params_from(cfg.model.init_from, cfg.model, mesh)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    nnx.update(model, loaded)
+    _, params, rest = nnx.split(model, trainable_filter(cfg.train), ...)
+    log.info("initialised parameters from %s", cfg.model.init_from)
+    return state.replace(params=params, rest=rest)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding, global_rows: int) -> dict[str, jax.Array]:
@@ -128,6 +144,8 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
                                         **seq2seq)
         if restored is None:
             state = jax.jit(init_fn, out_shardings=shardings)()
+            if cfg.model.init_from:
+                state = load_initial_params(state, graphdef, cfg, mesh)
             start = 0
         else:
             start, state, data_state = restored

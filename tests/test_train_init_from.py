@@ -1,0 +1,44 @@
+"""`model.init_from: hf:<dir>` starts training from a Hugging Face checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft.config.loader import load_config
+from jaxft.interop.hf import init_params_from
+from jaxft.train.loop import train
+from jaxft.train.metrics import read_jsonl
+
+from trainutil import write_run_config
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def test_training_starts_from_hf_weights(tmp_path):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf_dir, safe_serialization=True)
+    path = write_run_config(tmp_path, steps=2, extra={"train.frozen": ["^embed/"]})
+    text = path.read_text().replace("preset: tiny-llama", f"preset: tiny-llama\n  init_from: hf:{hf_dir}")
+    text = text.replace("max_seq_len: 2048", "max_seq_len: 128")
+    path.write_text(text)
+    cfg = load_config(path, ["model.max_seq_len=128", "model.norm_eps=1e-6"])
+    result = train(cfg, base_dir=tmp_path)
+    # The frozen embedding table is still exactly the HF one after training.
+    from jaxft.train.checkpoint import Checkpointer
+    ckpt = Checkpointer(result.run_dir / "checkpoints", cfg.checkpoint)
+    import orbax.checkpoint as ocp
+    restored = ckpt.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    emb = np.asarray(restored["rest"]["embed"]["embedding"]["value"])
+    hf_emb = transformers.LlamaForCausalLM.from_pretrained(hf_dir).model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(emb, hf_emb)
+    loaded = init_params_from(cfg.model.init_from, cfg.model, None)
+    q = np.asarray(jax.device_get(loaded["layers"][0]["attn"]["q"]["kernel"][...]))
+    assert q.shape == (32, 4, 8)
+    dev0 = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["kind"] == "dev"][0]["dev_loss"]
+    assert all(abs(v - np.log(512)) < 0.5 for v in dev0.values())  # a random-init HF model is ~uniform
