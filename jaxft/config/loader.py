@@ -247,7 +247,8 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
                 spots += [(source, k, ("data", split, i, k)) for k in _PATH_KEYS]
     for node, k, key in spots:
         value, origin = node.get(k), origins.get(key)
-        if isinstance(value, str) and origin and origin.source != "--set" and "://" not in value:
+        if isinstance(value, str) and origin and origin.source != "--set" and "://" not in value \
+                and not value.startswith("hf:"):
             node[k] = os.path.normpath(Path(origin.source).resolve().parent / value)
 
 

@@ -6,7 +6,8 @@ cast it, and place it straight onto its ``NamedSharding`` with
 shardings come from the abstract model's logical axes under
 ``jaxft.sharding.use_mesh``.  Export gathers one tensor at a time and writes
 ``transformers``-loadable shards.  Family specifics live in
-``jaxft.interop.families``.
+``jaxft.interop.families`` (decoder-only: llama, qwen2, gemma, gemma2, bloom;
+encoder-decoder: t5, mt5, umt5, mbart, m2m_100 / NLLB).
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ def _place(arr: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
+def _present(name: str, reader: CheckpointReader, family: Family) -> bool:
+    return name in reader or any(name.startswith(p) and name[len(p):] in reader
+                                 for p in ("model.", *family.base_prefixes))
+
+
 def _hf_name(name: str, reader: CheckpointReader, family: Family) -> str:
     if name in reader:
         return name
@@ -150,6 +156,11 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
     values: dict[str, jax.Array] = {}
     used: set[str] = set()
     for t in tensors:
+        if not _present(t.hf, reader, family):
+            if t.optional:
+                continue
+            if t.fallback is not None and _present(t.fallback, reader, family):
+                t = dataclasses.replace(t, hf=t.fallback)
         name = _hf_name(t.hf, reader, family)
         used.add(name)
         arr = reader.get(name)
@@ -161,8 +172,9 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
                                  f"{path} {list(want.shape)} (config.json and weights disagree)")
             values[path] = _place(np.asarray(part, dtype=want.dtype), shardings.get(path))
         del arr, parts
+    ignorable = [re.compile(r) for r in family.ignorable]
     unused = [k for k in reader.keys() if k not in used and not _IGNORABLE.search(k)
-              and not (k == "lm_head.weight" and cfg.tie_embeddings)]
+              and not (k == "lm_head.weight" and cfg.tie_embeddings) and not any(r.search(k) for r in ignorable)]
     if unused:
         raise ValueError(f"{directory}: checkpoint tensors with no place in the model "
                          f"(an option this importer does not support?): {unused[:5]}")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import attend, causal_segment_mask, cross_attention_mask
+from jaxft.models.attention import DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask
 from jaxft.models.layers import MLP, Embed, Linear, make_norm, normal_param
 from jaxft.sharding import constrain
 
@@ -182,6 +182,18 @@ class DecoderLayer(nnx.Module):
         x_BLD = constrain(x_BLD + self.attn(h_BLD, h_BLD, mask_B1LL), ACT)
         x_BLD = constrain(x_BLD + self.cross(self.cross_norm(x_BLD), enc_BSD, cross_mask_B1LS), ACT)
         return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT)
+
+    def extend(self, x_BLD: jax.Array, mask_B1LS: jax.Array, cache: KVCache, index: jax.Array,
+               cross: KVCache, cross_mask_B1LS: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Incremental decoding: self-attention writes/reads ``cache``; cross-attention reads
+        the encoder k/v ``cross`` projected once."""
+        h_BLD = self.attn_norm(x_BLD)
+        cache = cache.write(*self.attn.project_kv(h_BLD), index)
+        x_BLD = constrain(x_BLD + self.attn.attend_out(self.attn.project_q(h_BLD), cache.k, cache.v,
+                                                       mask_B1LS), ACT)
+        q_BLHK = self.cross.project_q(self.cross_norm(x_BLD))
+        x_BLD = constrain(x_BLD + self.cross.attend_out(q_BLHK, cross.k, cross.v, cross_mask_B1LS), ACT)
+        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
 
 
 def _layer_call(layer, x, *args):
@@ -321,3 +333,34 @@ class Bart(nnx.Module):
             enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
         enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
         return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
+
+    # ----------------------------------------------------------------- incremental decoding
+
+    def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
+        """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
+        cross-attention k/v projected once from the encoder output."""
+        B = enc_BSD.shape[0]
+        _, H, K = self.decoder.layers[0].attn.k.kernel.shape
+        layers = tuple(KVCache.zeros(B, max_len, H, K, self.dtype) for _ in self.decoder.layers)
+        cross = tuple(KVCache.of(*layer.cross.project_kv(enc_BSD)) for layer in self.decoder.layers)
+        return DecodeCache.empty(layers, B, max_len, cross=cross,
+                                 enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))
+
+    def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
+                    segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+        """L new decoder tokens against the cache -> (float32 logits_BLV, updated cache).
+
+        Positions are explicit, so learned and sinusoidal tables are read at the new
+        tokens' positions."""
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        index = cache.index
+        cache, mask_B1LS, _ = cache.advance(positions_BL, segment_ids_BL)
+        cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
+        x_BLD = self.decoder.embed(self.embed_tokens(inputs_BL), positions_BL)
+        layers = []
+        for layer, layer_cache, cross in zip(self.decoder.layers, cache.layers, cache.cross):
+            x_BLD, layer_cache = layer.extend(x_BLD, mask_B1LS, layer_cache, index, cross, cross_mask_B1LS)
+            layers.append(layer_cache)
+        x_BLD = constrain(self.decoder.final_norm(x_BLD), ACT)
+        return self.logits(x_BLD), cache.with_layers(layers)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import Attention, causal_segment_mask, is_local_layer, sliding_window_mask
+from jaxft.models.attention import (Attention, DecodeCache, KVCache, causal_segment_mask, is_local_layer,
+                                    sliding_window_mask)
 from jaxft.models.layers import MLP, Embed, Linear, make_norm, softcap
 from jaxft.sharding import constrain
 
@@ -73,6 +74,19 @@ class DecoderLayer(nnx.Module):
         if self.post_mlp_norm is not None:
             h_BLD = self.post_mlp_norm(h_BLD)
         return constrain(x_BLD + h_BLD, ACT)
+
+    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
+               mask_B1LS: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
+        """``__call__`` for incremental decoding: attention reads and writes ``cache``."""
+        h_BLD, cache = self.attn.extend(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS,
+                                        cache, index)
+        if self.post_attn_norm is not None:
+            h_BLD = self.post_attn_norm(h_BLD)
+        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        h_BLD = self.mlp(self.mlp_norm(x_BLD))
+        if self.post_mlp_norm is not None:
+            h_BLD = self.post_mlp_norm(h_BLD)
+        return constrain(x_BLD + h_BLD, ACT), cache
 
 
 def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
@@ -136,6 +150,10 @@ class Decoder(nnx.Module):
             layer_call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
         for layer in self.layers:
             x_BLD = layer_call(layer, x_BLD, positions_BL, local_mask_B1LL if layer.local else mask_B1LL)
+        return self.head_logits(x_BLD)
+
+    def head_logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Last residual stream (before the final norm) -> float32 logits_BLV."""
         x_BLD = self.final_norm(x_BLD)
         if self.lm_head is None:
             logits_BLV = self.embed.attend(x_BLD)
@@ -147,3 +165,34 @@ class Decoder(nnx.Module):
     def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None) -> jax.Array:
         return self.decode(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL)
+
+    # ----------------------------------------------------------------- incremental decoding
+
+    def init_cache(self, batch: int, max_len: int) -> DecodeCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
+        _, G, K = self.layers[0].attn.k.kernel.shape
+        layers = tuple(KVCache.zeros(batch, max_len, G, K, self.dtype) for _ in self.layers)
+        return DecodeCache.empty(layers, batch, max_len)
+
+    def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
+                    segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+        """Run L new tokens against the cache: (float32 logits_BLV, updated cache).
+
+        L = prompt length for the prefill, 1 per step after.  ``segment_ids_BL``: 1 for
+        real tokens (default), 0 for prompt left-padding.  Computes what ``__call__``
+        computes for these positions of the whole sequence.
+        """
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        index = cache.index
+        cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
+        local_mask_B1LS = None
+        if self.sliding_window is not None:
+            local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
+        x_BLD = self.embed_tokens(inputs_BL)
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            mask = local_mask_B1LS if layer.local else mask_B1LS
+            x_BLD, layer_cache = layer.extend(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
+            layers.append(layer_cache)
+        return self.head_logits(x_BLD), cache.with_layers(layers)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import attend, causal_segment_mask, cross_attention_mask
+from jaxft.models.attention import DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask
 from jaxft.models.layers import MLP, Embed, Linear, make_norm, normal_param
 from jaxft.sharding import constrain
 
@@ -195,6 +195,20 @@ class T5Block(nnx.Module):
             x_BLD = constrain(x_BLD, ACT)
         return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT)
 
+    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
+               mask_B1LS: jax.Array, bias_BHLS: jax.Array | None, cache: KVCache, index: jax.Array,
+               cross: KVCache, cross_mask_B1LS: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Decoder block for incremental decoding: self-attention writes/reads ``cache``,
+        cross-attention reads the precomputed encoder k/v ``cross``."""
+        if self.attn.rel_bias is not None:
+            bias_BHLS = self.attn.rel_bias(positions_BL, kv_positions_BS)
+        h_BLD = self.attn_norm(x_BLD)
+        cache = cache.write(*self.attn.kv(h_BLD), index)
+        x_BLD = constrain(x_BLD + self.attn.attend(h_BLD, cache.k, cache.v, mask_B1LS, bias_BHLS), ACT)
+        x_BLD = x_BLD + self.cross.attend(self.cross_norm(x_BLD), cross.k, cross.v, cross_mask_B1LS)
+        x_BLD = constrain(x_BLD, ACT)
+        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
+
 
 def _block_call(block: T5Block, *args):
     return block(*args)
@@ -220,6 +234,20 @@ class T5Stack(nnx.Module):
         for layer in self.layers:
             x_BLD = call(layer, x_BLD, positions_BL, mask_B1LL, bias_BHLL, enc_BSD, cross_mask_B1LS)
         return self.final_norm(x_BLD)
+
+    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
+               segment_ids_BL: jax.Array) -> tuple[jax.Array, DecodeCache]:
+        """Decoder stack over L new tokens with a KV cache -> (final-normed x_BLD, cache)."""
+        index = cache.index
+        cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
+        cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
+        bias_BHLS = None if self.rel_bias is None else self.rel_bias(positions_BL, kv_positions_BS)
+        layers = []
+        for layer, layer_cache, cross in zip(self.layers, cache.layers, cache.cross):
+            x_BLD, layer_cache = layer.extend(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS,
+                                              layer_cache, index, cross, cross_mask_B1LS)
+            layers.append(layer_cache)
+        return self.final_norm(x_BLD), cache.with_layers(layers)
 
 
 # --------------------------------------------------------------------------- model
@@ -312,3 +340,24 @@ class T5(nnx.Module):
         if enc_segment_ids_BS is None:
             enc_segment_ids_BS = jnp.ones(enc_inputs_BS.shape, jnp.int32)
         return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
+
+    # ----------------------------------------------------------------- incremental decoding
+
+    def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
+        """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
+        cross-attention k/v projected once from the encoder output."""
+        B = enc_BSD.shape[0]
+        _, H, K = self.decoder.layers[0].attn.k.kernel.shape
+        layers = tuple(KVCache.zeros(B, max_len, H, K, self.dtype) for _ in self.decoder.layers)
+        cross = tuple(KVCache.of(*layer.cross.kv(enc_BSD)) for layer in self.decoder.layers)
+        return DecodeCache.empty(layers, B, max_len, cross=cross,
+                                 enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))
+
+    def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
+                    segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+        """L new decoder tokens against the cache -> (float32 logits_BLV, updated cache)."""
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        x_BLD, cache = self.decoder.extend(constrain(self.embed(inputs_BL), ACT), positions_BL, cache,
+                                           segment_ids_BL)
+        return self.logits(x_BLD), cache

@@ -47,10 +47,17 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
     """Load `data.tokenizer.path`, or train one from the training sources into the run dir."""
     tcfg = cfg.tokenizer
     if tcfg.path:
+        if tcfg.path.startswith("hf:"):  # an HF folder or hub id: its tokenizer with the family's ids
+            from jaxft.interop.hf import resolve_path
+            from jaxft.interop.tokenizer import load_hf_tokenizer
+            return load_hf_tokenizer(resolve_path(tcfg.path[3:]))
         path = Path(tcfg.path)
         path = path if path.is_absolute() else base_dir / path
         if not path.exists():
             raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist")
+        if path.is_dir():
+            from jaxft.interop.tokenizer import load_hf_tokenizer
+            return load_hf_tokenizer(path)
         return Tokenizer.load(path)
     if not tcfg.train_vocab_size:
         raise ValueError("data.tokenizer: set `path` to a SentencePiece model or `train_vocab_size` to train one")

@@ -1,6 +1,6 @@
 """HF ``model_type`` -> family mapping.  A family is one small module that registers a ``Family``.
 
-To add one (e.g. ``t5.py``): write ``to_model_config``/``to_hf_config``/``tensors``
+To add one (as ``t5.py``, ``bart.py``): write ``to_model_config``/``to_hf_config``/``tensors``
 and ``claims`` (which jaxft configs it exports), call ``register(Family(...))`` at
 import, and add the module name to ``_BUILTIN``.
 """
@@ -25,10 +25,12 @@ class Family:
     claims: Callable[[ModelConfig], bool]  # export: does this family own this jaxft config?
     priority: int = 0  # export: higher is asked first (more specific families)
     base_prefixes: tuple[str, ...] = ()  # prefixes a headless checkpoint may lack ("transformer.")
+    other_architectures: tuple[str, ...] = ()  # also accepted on import ("T5WithLMHeadModel")
+    ignorable: tuple[str, ...] = ()  # regexes: checkpoint tensors with nothing we need (tied copies)
 
 
 FAMILIES: dict[str, Family] = {}
-_BUILTIN = ("llama", "gemma", "bloom")
+_BUILTIN = ("llama", "gemma", "bloom", "t5", "bart")
 _loaded = False
 
 
@@ -54,8 +56,8 @@ def family_for_hf(hf_config: dict) -> Family:
                          f"supported: {', '.join(sorted(FAMILIES))}")
     family = FAMILIES[model_type]
     archs = hf_config.get("architectures") or [family.architecture]
-    base = family.architecture.removesuffix("ForCausalLM")
-    bad = [a for a in archs if a not in (family.architecture, base + "Model")]
+    base = family.architecture.removesuffix("ForCausalLM").removesuffix("ForConditionalGeneration")
+    bad = [a for a in archs if a not in (family.architecture, base + "Model", *family.other_architectures)]
     if bad:
         raise ValueError(f"config.json: architectures={archs!r} is not supported for {model_type!r}; "
                          f"supported: {family.architecture!r}")

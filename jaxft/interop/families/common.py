@@ -19,12 +19,20 @@ from jaxft.config.schema import ModelConfig, RopeScalingConfig
 
 @dataclass(frozen=True)
 class Tensor:
-    """One HF tensor <-> ``ours`` (jaxft parameter paths like ``layers/0/attn/q/kernel``)."""
+    """One HF tensor <-> ``ours`` (jaxft parameter paths like ``layers/0/attn/q/kernel``).
+
+    ``ours`` may be empty: a tensor checked on import (``to_ours`` raises if it is
+    not what we assume, e.g. an all-zero bias) and written on export.  ``optional``:
+    import skips it when absent.  ``fallback``: import reads this tensor instead
+    when ``hf`` is absent (same layout; e.g. T5's ``lm_head.weight`` <- ``shared.weight``).
+    """
 
     hf: str
     ours: tuple[str, ...]
     to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    optional: bool = False
+    fallback: str | None = None
 
 
 def identity(hf: str, ours: str) -> Tensor:

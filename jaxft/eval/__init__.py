@@ -1,0 +1,1 @@
+"""Evaluation: decoding, sacreBLEU metrics per direction, and reports."""

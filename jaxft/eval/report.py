@@ -1,0 +1,193 @@
+"""Per-direction scores -> averages, resource-tier averages, JSON and Markdown.
+
+``EvalReport(scores, tiers)`` takes ``{direction: DirectionScores}`` (from
+``jaxft.eval.metrics.score_direction``) and an optional tier map such as
+``{"high": ["de", "fr"], "mid": ["hi"], "low": ["yo", "en-sat_Olck"]}``.
+
+Tier entries are **languages or direction names**: an entry equal to the
+name of a direction in the report (case-insensitive) is that direction, any
+other entry is a language.  A direction belongs to a tier when an entry is
+the direction itself, its target language
+(``DirectionScores.tgt_lang``) or its source language (the direction name
+minus the ``-<tgt_lang>`` suffix, so ``eng_Latn-deu_Latn`` and ``en-zh-Hant``
+both split correctly).  Languages compare by their FLORES-200 code where they
+have one, so ``de``, ``deu`` and ``deu_Latn`` are the same entry.  This lets a
+single list of non-English languages tier both ``en-xx`` and ``xx-en``.  A
+direction matching two tiers is an error (list the non-English side, not
+``en``); directions in no tier count in the overall average only and are
+listed as ``untiered``.
+
+All averages are macro averages over directions (each direction weighs the
+same, whatever its number of segments) of the unrounded scores.
+``write(out_dir)`` writes ``eval.json`` and ``eval.md`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+
+from jaxft.data.langcodes import LangCodeError, flores_code
+from jaxft.eval.metrics import DirectionScores
+
+METRICS = ("bleu", "chrf", "chrfpp")
+_HEADERS = {"bleu": "BLEU", "chrf": "chrF", "chrfpp": "chrF++"}
+
+
+def _norm(code: str) -> str:
+    key = code.strip().replace("-", "_").lower()
+    try:
+        return flores_code(key)
+    except LangCodeError:
+        return key
+
+
+def _sides(direction: str, tgt_lang: str) -> tuple[str | None, str]:
+    """(source, target) of a direction; source is None if the name does not end in -tgt."""
+    suffix = "-" + tgt_lang
+    if direction.lower().endswith(suffix.lower()) and len(direction) > len(suffix):
+        return direction[: -len(suffix)], tgt_lang
+    return None, tgt_lang
+
+
+def _mean(scores: Sequence[DirectionScores]) -> dict:
+    out: dict = {"n_directions": len(scores)}
+    for m in METRICS:
+        out[m] = sum(getattr(s, m) for s in scores) / len(scores) if scores else None
+    return out
+
+
+class EvalReport:
+    """Scores of several directions with overall and per-tier macro averages."""
+
+    def __init__(self, scores: Mapping[str, DirectionScores],
+                 tiers: Mapping[str, Sequence[str]] | None = None):
+        if not scores:
+            raise ValueError("EvalReport: no directions to report")
+        self.scores = dict(scores)
+        for name, entries in (tiers or {}).items():
+            if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
+                raise TypeError(f"tier {name!r}: expected a list of languages or directions, "
+                                f"got {entries!r}")
+        self.tiers = {name: list(entries) for name, entries in (tiers or {}).items()}
+        self.tier_of = self._assign_tiers()
+
+    def _assign_tiers(self) -> dict[str, str | None]:
+        names = {d.strip().lower() for d in self.scores}
+        # an entry naming a direction of this report is that direction, else a language
+        keys = {name: {e.strip().lower() if e.strip().lower() in names else "lang:" + _norm(e)
+                       for e in entries}
+                for name, entries in self.tiers.items()}
+        out: dict[str, str | None] = {}
+        for direction, s in self.scores.items():
+            src, tgt = _sides(direction, s.tgt_lang)
+            langs = {"lang:" + _norm(x) for x in (src, tgt) if x}
+            mine = {direction.strip().lower()} | langs
+            hits = [name for name, k in keys.items() if k & mine]
+            if len(hits) > 1:
+                raise ValueError(f"direction {direction!r} matches tiers {hits}; "
+                                 "list each language in one tier only (the non-English side)")
+            out[direction] = hits[0] if hits else None
+        return out
+
+    # ------------------------------------------------------------- numbers
+
+    def averages(self) -> dict:
+        """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}."""
+        return _mean(list(self.scores.values()))
+
+    def tier_averages(self) -> dict[str, dict]:
+        """Per tier (in the tier map's order): macro averages and the directions."""
+        out = {}
+        for name in self.tiers:
+            members = [d for d, t in self.tier_of.items() if t == name]
+            out[name] = {**_mean([self.scores[d] for d in members]), "directions": members}
+        return out
+
+    def untiered(self) -> list[str]:
+        return [d for d, t in self.tier_of.items() if t is None] if self.tiers else []
+
+    def signatures(self) -> dict[str, dict[str, list[str]]]:
+        """metric -> signature -> directions using it (BLEU differs by tokenizer)."""
+        out: dict[str, dict[str, list[str]]] = {m: {} for m in METRICS}
+        for direction, s in self.scores.items():
+            for m in METRICS:
+                out[m].setdefault(getattr(s, f"{m}_signature"), []).append(direction)
+        return out
+
+    # ------------------------------------------------------------- formats
+
+    def to_dict(self) -> dict:
+        return {
+            "directions": {d: {**s.to_dict(), "tier": self.tier_of[d]}
+                           for d, s in self.scores.items()},
+            "signatures": self.signatures(),
+            "averages": self.averages(),
+            "tiers": self.tier_averages(),
+            "untiered": self.untiered(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def to_markdown(self) -> str:
+        def row(label: str, values: Mapping, n) -> str:
+            cells = [f"{values[m]:.2f}" if values[m] is not None else "–" for m in METRICS]
+            return f"| {label} | " + " | ".join(cells) + f" | {n} |"
+
+        lines = ["| direction | BLEU | chrF | chrF++ | n |", "|---|---:|---:|---:|---:|"]
+        for d, s in self.scores.items():
+            lines.append(row(d, s.to_dict(), s.n))
+        avg = self.averages()
+        total = sum(s.n for s in self.scores.values())
+        lines.append(row(f"**average** ({avg['n_directions']} directions)", avg, total))
+        for name, t in self.tier_averages().items():
+            n = sum(self.scores[d].n for d in t["directions"])
+            lines.append(row(f"**{name}** ({t['n_directions']} directions)", t, n))
+        lines.append("")
+        lines.append("Macro averages over directions. Signatures: " + "; ".join(
+            self._signature_text(m, sigs) for m, sigs in self.signatures().items()) + ".")
+        eps = {s.chrf_eps_smoothing for s in self.scores.values()}
+        if True in eps:
+            which = "all" if eps == {True} else "some"
+            lines.append(f"chrF and chrF++ use eps smoothing ({which} directions).")
+        if self.untiered():
+            lines.append("Untiered: " + ", ".join(self.untiered()) + ".")
+        return "\n".join(lines) + "\n"
+
+    def _signature_text(self, metric: str, sigs: Mapping[str, list[str]]) -> str:
+        if len(sigs) == 1:
+            return f"{_HEADERS[metric]} `{next(iter(sigs))}`"
+        parts = [f"`{sig}` ({', '.join(ds)})" for sig, ds in sigs.items()]
+        return f"{_HEADERS[metric]} " + ", ".join(parts)
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+        """Write ``eval.json`` and ``eval.md`` in ``out_dir``; returns their paths.
+
+        Both texts are built before either file is touched, and each file is
+        written to a temporary file in ``out_dir`` and renamed over the old
+        one, so a failure leaves the previous results intact.
+        """
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        texts = {out / "eval.json": self.to_json(), out / "eval.md": self.to_markdown()}
+        for path, text in texts.items():
+            atomic_write_text(path, text)
+        return out / "eval.json", out / "eval.md"
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to a temp file next to ``path``, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
