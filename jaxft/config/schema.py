@@ -167,6 +167,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """Parameters whose path matches `pattern` get `lr_scale` x the learning rate
+    and, if set, their own weight decay."""
+
+    pattern: str = ".*"
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: Literal["adamw", "adafactor"] = "adamw"
     lr: float = 3e-4
@@ -179,6 +189,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0
+    groups: tuple[ParamGroup, ...] = ()  # first matching group wins; unmatched params use the defaults
 
 
 @dataclass(frozen=True)
@@ -212,10 +223,41 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class PeftConfig:
-    """Parameter-efficient finetuning (filled by the PEFT issue)."""
+class LoraConfig:
+    """LoRA adapters on the Linear kernels whose paths match `targets`."""
 
-    method: Literal["none"] = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel$",)  # regexes over parameter paths
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero (PEFT's default)
+    name: str = "default"  # adapter name; several can be stacked
+    load: tuple[str, ...] = ()  # adapter dirs loaded (frozen) and stacked under the trained one
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """Lottery-Ticket Sparse Fine-Tuning (Ansell et al. 2022)."""
+
+    phase1_steps: int = 100  # full finetuning steps used to select the mask
+    k: float = 0.01  # entries kept: a count (>= 1) or a proportion of maskable entries (< 1)
+    maskable: tuple[str, ...] = (r".*",)  # regexes over parameter paths
+    dense: tuple[str, ...] = ()  # regexes of tensors trained fully in phase 2 (e.g. a new head)
+    mask_type: Literal["lt", "random", "magnitude"] = "lt"
+    l1: float = 0.0  # phase 1: L1 pull towards the starting point
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient finetuning: LoRA or sparse fine-tuning (LT-SFT)."""
+
+    method: Literal["none", "lora", "sparse"] = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    # Sparse diffs / LoRA adapters applied to the base before training, each
+    # "path" or "path*scale" (e.g. a language diff under a task diff).
+    compose: tuple[str, ...] = ()
+    save_base: bool = False  # checkpoints hold only what trains (adapters / diffs), not the frozen base
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``load_hf_tokenizer(dir)`` returns our SentencePiece ``Tokenizer`` when the
 folder has a SentencePiece model (``tokenizer.model``, ``spiece.model``,
-``sentencepiece.bpe.model``), else an ``HFJsonTokenizer`` over ``tokenizer.json``
+``sentencepiece.bpe.model``; with HF's ids for the last two: T5's sentinels,
+fairseq's offset and language codes, see ``jaxft.interop.sp_adapters``), else an ``HFJsonTokenizer`` over ``tokenizer.json``
 (the ``tokenizers`` library, imported lazily) with the same interface:
 ``encode`` (no bos/eos), ``decode`` (special tokens dropped), ``bos_id``,
 ``eos_id``, ``pad_id`` (0 when the tokenizer defines none, as ours), ``vocab_size``.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jaxft.data.tokenizer import Tokenizer
+from jaxft.interop.sp_adapters import load_sentencepiece
 
 SENTENCEPIECE_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -107,12 +109,12 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer | HFJsonTokenizer:
     """The tokenizer of an HF folder (or a ``.model`` / ``tokenizer.json`` file)."""
     path = Path(path)
     if path.is_file():
-        return HFJsonTokenizer.load(path) if path.suffix == ".json" else Tokenizer.load(path)
+        return HFJsonTokenizer.load(path) if path.suffix == ".json" else load_sentencepiece(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer folder or file")
     sp = find_sentencepiece(path)
     if sp is not None:
-        return Tokenizer.load(sp)
+        return load_sentencepiece(sp)
     if (path / "tokenizer.json").is_file():
         return HFJsonTokenizer.load(path)
     raise FileNotFoundError(f"{path}: no tokenizer ({', '.join(SENTENCEPIECE_NAMES)} or tokenizer.json)")
@@ -136,14 +138,26 @@ def special_token_ids(path: str | Path) -> dict[str, int]:
     sp_path = path if path.is_file() and path.suffix != ".json" else (
         find_sentencepiece(path) if path.is_dir() else None)
     if sp_path is not None:
-        found = {k: i for k, (i, _) in _sp_special_pieces(_sentencepiece(sp_path)).items()}
+        tok = load_sentencepiece(sp_path)
+        found = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok._sp.pad_id() if type(tok) is Tokenizer
+                 else tok.pad_id}
+        found = {k: (None if i is None or i < 0 else i) for k, i in found.items()}
     else:
         tok = HFJsonTokenizer.load(path)
         found = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok._pad}
     return {f"{k}_token_id": found[k] for k in ("bos", "eos", "pad") if found.get(k) is not None}
 
 
+# model_type -> (SentencePiece file name, tokenizer_class) for the encoder-decoder families.
+_ENCDEC_SP = {"t5": ("spiece.model", "T5Tokenizer"), "mt5": ("spiece.model", "T5Tokenizer"),
+              "umt5": ("spiece.model", "T5Tokenizer"), "mbart": ("sentencepiece.bpe.model", "MBart50Tokenizer"),
+              "m2m_100": ("sentencepiece.bpe.model", "NllbTokenizer")}
+
+
 def _sentencepiece_tokenizer_config(sp_path: Path, model_type: str, max_length: int) -> dict:
+    if model_type in _ENCDEC_SP:
+        config = {"tokenizer_class": _ENCDEC_SP[model_type][1], "model_max_length": max_length}
+        return {**config, "extra_ids": 100} if config["tokenizer_class"] == "T5Tokenizer" else config
     pieces = {f"{k}_token": piece for k, (_, piece) in _sp_special_pieces(_sentencepiece(sp_path)).items()}
     cls = "GemmaTokenizer" if model_type.startswith("gemma") else "LlamaTokenizer"
     return {"tokenizer_class": cls, "model_max_length": max_length, **pieces}
@@ -151,22 +165,24 @@ def _sentencepiece_tokenizer_config(sp_path: Path, model_type: str, max_length: 
 
 def copy_tokenizer(src: str | Path, out_dir: str | Path, *, model_type: str, max_length: int) -> None:
     """Copy tokenizer files next to an exported checkpoint; a SentencePiece model goes
-    to ``tokenizer.model`` (plus a minimal ``tokenizer_config.json`` when none exists)."""
+    to ``tokenizer.model`` (``spiece.model`` for T5-style, ``sentencepiece.bpe.model`` for
+    mBART/NLLB; plus a minimal ``tokenizer_config.json`` when none exists)."""
     src, out_dir = Path(src), Path(out_dir)
+    sp_name = _ENCDEC_SP.get(model_type, ("tokenizer.model",))[0]
     if src.is_file():
         if src.suffix == ".json":
             shutil.copyfile(src, out_dir / "tokenizer.json")
         else:
-            shutil.copyfile(src, out_dir / "tokenizer.model")
+            shutil.copyfile(src, out_dir / sp_name)
     elif src.is_dir():
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
+        for name in TOKENIZER_FILES:  # the SentencePiece model goes under one name, sp_name
+            if (src / name).is_file() and name not in SENTENCEPIECE_NAMES:
                 shutil.copyfile(src / name, out_dir / name)
-        sp = find_sentencepiece(src)
-        if sp is not None and not (out_dir / "tokenizer.model").exists():
-            shutil.copyfile(sp, out_dir / "tokenizer.model")
+        sp = (src / sp_name) if (src / sp_name).is_file() else find_sentencepiece(src)
+        if sp is not None:
+            shutil.copyfile(sp, out_dir / sp_name)
     else:
         raise FileNotFoundError(f"tokenizer_path: {src} does not exist")
-    if (out_dir / "tokenizer.model").is_file() and not (out_dir / "tokenizer_config.json").is_file():
-        config = _sentencepiece_tokenizer_config(out_dir / "tokenizer.model", model_type, max_length)
+    if (out_dir / sp_name).is_file() and not (out_dir / "tokenizer_config.json").is_file():
+        config = _sentencepiece_tokenizer_config(out_dir / sp_name, model_type, max_length)
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

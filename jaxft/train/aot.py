@@ -24,7 +24,7 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
     mesh = make_mesh(cfg.mesh, devices)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed)
+    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
         abstract = jax.eval_shape(init_fn)
         shardings = state_shardings(abstract, mesh)

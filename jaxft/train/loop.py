@@ -24,11 +24,11 @@ from jaxft.data.vocab import required_pieces
 from jaxft.models.flops import train_flops_per_token
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
-from jaxft.train import resume
+from jaxft.train import initial, resume
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.metrics import MetricsWriter, Progress, device_peak_flops, read_jsonl
 from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import TrainState, count_params, make_init_fn, state_shardings
+from jaxft.train.state import count_params, make_init_fn, state_shardings
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,6 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
                              f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
     multihost_utils.sync_global_devices("jaxft:tokenizer")
     return Tokenizer.load(path)
-
-
-def load_initial_params(state: TrainState, graphdef, cfg: Config, mesh) -> TrainState:
-    """`model.init_from: hf:<dir>`: replace the fresh parameters by the checkpoint's
-    (streamed onto their shardings); optimizer state stays freshly initialised."""
-    from flax import nnx
-
-    from jaxft.interop.hf import init_params_from
-    from jaxft.train.state import trainable_filter
-
-    loaded = init_params_from(cfg.model.init_from, cfg.model, mesh)
-    model = nnx.merge(graphdef, state.params, state.rest)
-    nnx.update(model, loaded)
-    _, params, rest = nnx.split(model, trainable_filter(cfg.train), ...)
-    log.info("initialised parameters from %s", cfg.model.init_from)
-    return state.replace(params=params, rest=rest)
 
 
 def to_global(batch: dict[str, np.ndarray], sharding, global_rows: int) -> dict[str, jax.Array]:
@@ -136,26 +120,27 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
                          f"per microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
     schedule = make_schedule(cfg.optimizer, tcfg.steps)
     tx = make_optimizer(cfg.optimizer, tcfg.steps)
-    init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed)
+    init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft)
+    sparse = cfg.peft.method == "sparse"
 
     with use_mesh(mesh):
         abstract = jax.eval_shape(init_fn)
         shardings = state_shardings(abstract, mesh)
         bsharding = batch_sharding(mesh)
-        restored = ckpt.restore_latest(jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+        restored = ckpt.restore_latest(initial.checkpointed_part(jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), cfg))
         seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
             if is_encoder_decoder(cfg.model) else {}
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
                                         process_index=jax.process_index(), process_count=jax.process_count(),
                                         **seq2seq)
+        needs_theta0 = restored is None or sparse or not (cfg.peft.method == "none" or cfg.peft.save_base)
+        theta0 = initial.initial_state(init_fn, shardings, graphdef, cfg, mesh) if needs_theta0 else None
         if restored is None:
-            state = jax.jit(init_fn, out_shardings=shardings)()
-            if cfg.model.init_from:
-                state = load_initial_params(state, graphdef, cfg, mesh)
-            start = 0
+            state, start = theta0, 0
         else:
             start, state, data_state = restored
+            state = initial.merge_restored(state, theta0, cfg)
             pipeline.set_state(data_state)
             log.info("resumed %s from step %d", run_dir, start)
         n_params = count_params(state.params)
@@ -199,6 +184,8 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
                 time.sleep(delay)
             batch = to_global(next(pipeline), bsharding, tcfg.global_batch)
             state, metrics = train_step(state, batch)
+            if sparse and step == cfg.peft.sparse.phase1_steps:
+                state = initial.start_sparse_phase2(state, theta0, tx, shardings, cfg)
             if pending is not None:
                 flush(*pending)
             pending = (step, metrics)
@@ -206,7 +193,7 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
                 writer.write(step, {"dev_loss": dev_losses(eval_step, state, dev, bsharding, tcfg.global_batch)},
                              kind="dev")
             if step % cfg.checkpoint.every == 0 or step == end:
-                ckpt.save(step, state, pipeline.get_state(), to_dict(cfg))
+                ckpt.save(step, initial.checkpointed_part(state, cfg), pipeline.get_state(), to_dict(cfg))
         if pending is not None:
             flush(*pending)
         progress.close()
@@ -214,6 +201,9 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         if end == tcfg.steps and dev:
             after = dev_losses(eval_step, state, dev, bsharding, tcfg.global_batch)
             writer.write(end, {"dev_loss": after}, kind="dev")
+        if end == tcfg.steps and cfg.peft.method != "none":
+            out = initial.write_peft_outputs(state, theta0, graphdef, cfg, run_dir)
+            log.info("wrote %s", out)
         ckpt.close()
         writer.close()
     dev_hist = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "dev"]

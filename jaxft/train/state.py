@@ -17,7 +17,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxft.config.schema import ModelConfig, TrainConfig
+from jaxft.config.schema import ModelConfig, PeftConfig, TrainConfig
 from jaxft.models.registry import build_model
 
 
@@ -27,13 +27,17 @@ class TrainState:
     params: nnx.State  # trainable parameters
     rest: nnx.State  # frozen parameters and any other variables
     opt_state: optax.OptState
+    # Optional boolean tree shaped like `params`: updates are zeroed where False
+    # (sparse fine-tuning applies its mask to updates, after the optimizer, so
+    # weight decay cannot move frozen entries).
+    mask: Any = None
 
 
 def path_str(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
-def trainable_filter(cfg: TrainConfig) -> Callable[[tuple[Any, ...], Any], bool]:
+def param_filter(cfg: TrainConfig) -> Callable[[tuple[Any, ...], Any], bool]:
     """nnx filter: a Param whose path matches a `trainable` regex and no `frozen` regex."""
     train_re = [re.compile(r) for r in cfg.trainable]
     frozen_re = [re.compile(r) for r in cfg.frozen]
@@ -47,19 +51,37 @@ def trainable_filter(cfg: TrainConfig) -> Callable[[tuple[Any, ...], Any], bool]
     return is_trainable
 
 
+def trainable_filter(cfg: TrainConfig, peft_cfg: PeftConfig | None = None):
+    """What trains: the PEFT method's filter (LoRA adapters only), else `train.trainable`/`frozen`."""
+    from jaxft import peft
+
+    return peft.trainable_filter(peft_cfg or PeftConfig(), cfg)
+
+
+def build_train_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int) -> nnx.Module:
+    from jaxft import peft
+
+    rngs = nnx.Rngs(seed)
+    return peft.transform_model(build_model(model_cfg, rngs=rngs), peft_cfg, rngs)
+
+
 def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
-                 seed: int) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
+                 seed: int, peft_cfg: PeftConfig | None = None) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
     """Returns (init_fn, graphdef).  `init_fn()` builds the whole TrainState;
     call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract)."""
-    is_trainable = trainable_filter(train_cfg)
+    peft_cfg = peft_cfg or PeftConfig()
+    is_trainable = trainable_filter(train_cfg, peft_cfg)
 
     def init_fn() -> TrainState:
-        model = build_model(model_cfg, rngs=nnx.Rngs(seed))
+        model = build_train_model(model_cfg, peft_cfg, seed)
         _, params, rest = nnx.split(model, is_trainable, ...)
+        # Sparse FT keeps a mask from the start (all True in phase 1) so the
+        # state's structure, and so its checkpoints, never change mid-run.
+        mask = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), params) if peft_cfg.method == "sparse" else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                          opt_state=tx.init(params))
+                          opt_state=tx.init(params), mask=mask)
 
-    graphdef = split_graphdef(model_cfg, train_cfg, seed)
+    graphdef = split_graphdef(model_cfg, train_cfg, seed, peft_cfg)
     abstract = jax.eval_shape(init_fn)
     if not jax.tree.leaves(abstract.params):
         raise ValueError(f"train.trainable / train.frozen: no parameter is trainable "
@@ -67,9 +89,11 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
     return init_fn, graphdef
 
 
-def split_graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> nnx.GraphDef:
-    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, _, _ = nnx.split(model, trainable_filter(train_cfg), ...)
+def split_graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int,
+                   peft_cfg: PeftConfig | None = None) -> nnx.GraphDef:
+    peft_cfg = peft_cfg or PeftConfig()
+    model = nnx.eval_shape(lambda: build_train_model(model_cfg, peft_cfg, seed))
+    graphdef, _, _ = nnx.split(model, trainable_filter(train_cfg, peft_cfg), ...)
     return graphdef
 
 

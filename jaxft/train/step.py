@@ -93,6 +93,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         denom = jnp.maximum(aux["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if state.mask is not None:
+            updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": aux["loss_sum"] / denom,

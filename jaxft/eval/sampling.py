@@ -1,0 +1,87 @@
+"""Per-step logit processing shared by every strategy: forced tokens, min length,
+temperature / top-k / top-p sampling, and the length penalty.
+
+Processors act on log-probabilities (``log_softmax`` of the model's logits),
+as HF and T5X beam search do, so scores are sums of model log-probs:
+
+- a forced token gets log-prob 0 and every other token -inf (it adds nothing to a
+  score, but counts towards the length);
+- before ``min_len`` tokens have been generated EOS gets -inf (no renormalisation).
+
+Sampling filters (HF order: temperature, top-k, top-p) only change which token is
+drawn, never the score.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def length_penalty(length: jax.Array, alpha: float, mode: Literal["gnmt", "hf"]) -> jax.Array:
+    """Divisor of a summed log-prob: GNMT / T5X ``((5 + len) / 6) ** alpha`` or HF ``len ** alpha``.
+
+    ``length`` counts generated tokens including forced tokens and the EOS.
+    """
+    length = jnp.asarray(length, jnp.float32)
+    if mode == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if mode == "hf":
+        return jnp.maximum(length, 1.0) ** alpha
+    raise ValueError(f"decode.length_penalty_mode: unknown {mode!r}; known: gnmt, hf")
+
+
+def process_log_probs(logp_BV: jax.Array, t: jax.Array, *, forced_BF: jax.Array, min_len: int,
+                      eos_id: int | None) -> jax.Array:
+    """Apply min length and forced tokens to log-probs of generated token number ``t`` (0-based).
+
+    ``forced_BF``: per-row forced ids for the first F tokens, -1 where not forced.
+    """
+    V = logp_BV.shape[-1]
+    if eos_id is not None and min_len > 0:
+        is_eos_V = jnp.arange(V) == eos_id
+        logp_BV = jnp.where(is_eos_V[None, :] & (t < min_len), NEG_INF, logp_BV)
+    F = forced_BF.shape[1]
+    if F:
+        f_B = jnp.where(t < F, jax.lax.dynamic_index_in_dim(forced_BF, jnp.minimum(t, F - 1), axis=1,
+                                                            keepdims=False), -1)
+        hit_BV = jnp.arange(V)[None, :] == f_B[:, None]
+        logp_BV = jnp.where((f_B >= 0)[:, None], jnp.where(hit_BV, 0.0, NEG_INF), logp_BV)
+    return logp_BV
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+    """Keep the k largest logits (ties with the k-th are kept too, as HF); k <= 0: no-op."""
+    if k <= 0 or k >= logits_BV.shape[-1]:
+        return logits_BV
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    return jnp.where(logits_BV < kth_B1, NEG_INF, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+    """Nucleus: keep the smallest set of most probable tokens whose mass reaches ``p``.
+
+    A token is kept iff the probability mass strictly above it is below ``p`` (so
+    the token that crosses ``p`` is in, and the most probable token always is);
+    tokens tied with the last kept one are kept too.  p >= 1: no-op.
+    """
+    if p >= 1.0:
+        return logits_BV
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B = jnp.maximum(jnp.sum(mass_above_BV < p, axis=-1), 1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+    return jnp.where(logits_BV < cutoff_B1, NEG_INF, logits_BV)
+
+
+def sample(key: jax.Array, logp_BV: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Draw one token per row from processed log-probs (temperature 0: argmax)."""
+    if temperature == 0.0:
+        return jnp.argmax(logp_BV, axis=-1).astype(jnp.int32)
+    x_BV = top_p_filter(top_k_filter(logp_BV / temperature, top_k), top_p)
+    return jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)

@@ -1,0 +1,86 @@
+"""The starting point of a run, and the PEFT transitions the loop makes.
+
+theta0 (the parameters a run starts from) is a pure function of the config:
+fresh init by seed, then `model.init_from` (HF weights), then `peft.compose`
+(sparse diffs / adapters applied to the base).  It is recomputed rather than
+stored, so checkpoints stay small and resume still knows it (sparse fine-tuning
+needs theta0 again at the end of phase 1 and to write the diff).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import optax
+from flax import nnx
+
+from jaxft.config.schema import Config
+from jaxft.train.state import TrainState, trainable_filter
+
+log = logging.getLogger(__name__)
+
+
+def initial_state(init_fn, shardings: TrainState, graphdef: nnx.GraphDef, cfg: Config, mesh) -> TrainState:
+    """theta0 as a sharded TrainState (fresh optimizer state)."""
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    if not cfg.model.init_from and not cfg.peft.compose:
+        return state
+    model = nnx.merge(graphdef, state.params, state.rest)
+    if cfg.model.init_from:
+        from jaxft.interop.hf import init_params_from
+
+        nnx.update(model, init_params_from(cfg.model.init_from, cfg.model, mesh))
+        log.info("initialised parameters from %s", cfg.model.init_from)
+    if cfg.peft.compose:
+        from jaxft.peft.compose import compose_into
+
+        compose_into(model, cfg.peft.compose)
+        log.info("composed into the base: %s", ", ".join(cfg.peft.compose))
+    _, params, rest = nnx.split(model, trainable_filter(cfg.train, cfg.peft), ...)
+    return state.replace(params=params, rest=rest)
+
+
+def checkpointed_part(state: TrainState, cfg: Config) -> TrainState:
+    """What a checkpoint holds: everything, or (peft.save_base false with a PEFT
+    method) only what trains, the frozen base being rebuilt from the config."""
+    if cfg.peft.method == "none" or cfg.peft.save_base:
+        return state
+    return state.replace(rest=None)
+
+
+def merge_restored(restored: TrainState, fresh: TrainState, cfg: Config) -> TrainState:
+    if cfg.peft.method == "none" or cfg.peft.save_base:
+        return restored
+    return restored.replace(rest=fresh.rest)
+
+
+def start_sparse_phase2(state: TrainState, theta0: TrainState, tx: optax.GradientTransformation,
+                        shardings: TrainState, cfg: Config) -> TrainState:
+    """End of LT-SFT phase 1: select the mask from |theta - theta0|, reset to
+    theta0, fresh optimizer; from now on updates are masked."""
+    from jaxft.peft.sparse import select_mask
+
+    mask = select_mask(state.params, theta0.params, cfg.peft.sparse, seed=cfg.train.seed)
+    mask = jax.device_put(mask, shardings.mask)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(theta0.params)
+    kept = sum(int(m.sum()) for m in jax.tree.leaves(mask))
+    total = sum(m.size for m in jax.tree.leaves(mask))
+    log.info("sparse fine-tuning phase 2: %d of %d entries trainable (%.4f%%)", kept, total, 100 * kept / total)
+    return state.replace(params=theta0.params, opt_state=opt_state, mask=mask)
+
+
+def write_peft_outputs(state: TrainState, theta0: TrainState, graphdef: nnx.GraphDef, cfg: Config,
+                       run_dir: Path) -> Path | None:
+    """At the end of a PEFT run: the sparse diff or the LoRA adapter, small and composable."""
+    if cfg.peft.method == "sparse":
+        from jaxft.peft.sparse import save_diff
+
+        return save_diff(run_dir / "sparse_diff", state.params, theta0.params, state.mask, cfg.peft.sparse)
+    if cfg.peft.method == "lora":
+        from jaxft.peft.lora import save_adapter
+
+        return save_adapter(run_dir / "adapter", nnx.merge(graphdef, state.params, state.rest), cfg.peft.lora,
+                            cfg.model)
+    return None

@@ -1,0 +1,337 @@
+"""Cached decoding: == full forward, beam search exactness, sampling, forcing, batching,
+HF ``generate`` parity and sharding.  Tiny random float32 models."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from jaxft.config.schema import MeshConfig, ModelConfig
+from jaxft.eval import cache as cache_lib
+from jaxft.eval.decode import (DecodeConfig, decode_all, generate, length_sorted_batches, restore_order)
+from jaxft.eval.sampling import length_penalty, top_k_filter, top_p_filter
+from jaxft.models import build_model
+from jaxft.sharding import make_mesh, use_mesh
+
+PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
+GEMMA2 = dict(sliding_window=3, attn_logit_softcap=5.0, final_logit_softcap=10.0, post_norms=True)
+FAMILIES = {  # id -> (preset, overrides)
+    "llama-gqa": ("tiny-llama", {}), "bloom-alibi": ("tiny-bloom", {}), "gemma2-local": ("tiny-gemma", GEMMA2),
+    "t5-relative": ("tiny-t5", {}), "umt5-per-layer": ("tiny-umt5", {}),
+    "mbart-learned": ("tiny-mbart", {}), "nllb-sinusoidal": ("tiny-nllb", {}),
+}
+_MODELS: dict = {}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    data = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())["model"]
+    return dataclasses.replace(ModelConfig(**data), **overrides)
+
+
+def model_for(name: str, **overrides):
+    key = (name, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        cfg = preset(name, **overrides)
+        _MODELS[key] = (cfg, build_model(cfg, rngs=nnx.Rngs(0)))
+    return _MODELS[key]
+
+
+def batch(cfg: ModelConfig, lengths=(7, 4, 2), width=7, seed=0, pad=0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded random rows (real tokens >= 3) and their lengths."""
+    ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, (len(lengths), width))
+    lengths = np.asarray(lengths, np.int32)
+    return np.where(np.arange(width)[None] < lengths[:, None], ids, pad).astype(np.int32), lengths
+
+
+def run(model, cfg: ModelConfig, config: DecodeConfig, ids, lengths, **kw):
+    src = "enc_inputs" if cache_lib.is_encoder_decoder(model) else "inputs"
+    config = dataclasses.replace(config, decoder_start_id=cfg.decoder_start_id)
+    return generate(model, config=config, **{src: ids, src.replace("inputs", "lengths"): lengths}, **kw)
+
+
+def full_logits(model, ids, lengths, gen_BT, start_id) -> np.ndarray:
+    """Non-cached forward over the whole sequence: logits_BTV predicting gen_BT."""
+    B, T = gen_BT.shape
+    if cache_lib.is_encoder_decoder(model):
+        seg = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
+        dec = np.concatenate([np.full((B, 1), start_id, np.int32), gen_BT[:, :-1]], 1)
+        return np.asarray(model(jnp.asarray(ids), None, jnp.asarray(seg), jnp.asarray(dec)))
+    left, seg, pos = (np.asarray(a) for a in cache_lib.left_align(jnp.asarray(ids), jnp.asarray(lengths), 0))
+    P = ids.shape[1]
+    seq = np.concatenate([left, gen_BT[:, :-1]], 1)
+    seg = np.concatenate([seg, np.ones((B, T - 1), np.int32)], 1)
+    pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(T - 1)[None]], 1)
+    return np.asarray(model(jnp.asarray(seq), jnp.asarray(pos), jnp.asarray(seg)))[:, P - 1:]
+
+
+# --------------------------------------------------------------------------- cache == full forward
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_greedy_is_argmax_of_full_forward(family):
+    cfg, model = model_for(FAMILIES[family][0], **FAMILIES[family][1])
+    ids, lengths = batch(cfg)
+    T = 8
+    out = run(model, cfg, DecodeConfig(max_len=T, eos_id=None, length_penalty=0.0), ids, lengths)
+    gen = np.asarray(out.tokens[:, 0])
+    full = full_logits(model, ids, lengths, gen, cfg.decoder_start_id)
+    np.testing.assert_array_equal(full.argmax(-1), gen)
+    logp = jax.nn.log_softmax(full, -1)
+    np.testing.assert_allclose(out.scores[:, 0], np.take_along_axis(logp, gen[..., None], -1).sum((1, 2)),
+                               atol=1e-4)
+    # teacher-forced through the cache, step by step: the same logits
+    st = cache_lib.start(model, max_len=T, pad_id=0, **(
+        dict(enc_inputs=ids, enc_lengths=lengths, decoder_start_id=cfg.decoder_start_id)
+        if cache_lib.is_encoder_decoder(model) else dict(inputs=ids, lengths=lengths)))
+    c, tok, pos, steps = st.cache, st.token_B, st.position_B, []
+    for t in range(T):
+        logits, c = cache_lib.step(model, tok, pos, c)
+        steps.append(np.asarray(logits))
+        tok, pos = jnp.asarray(gen[:, t]), pos + 1
+    np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+def with_eos_from_greedy(model, cfg, ids, lengths, step=2, **kw):
+    """An EOS id the model actually produces: row 0's greedy token at ``step``."""
+    out = run(model, cfg, DecodeConfig(max_len=step + 1, eos_id=None), ids, lengths, **kw)
+    return int(out.tokens[0, 0, step])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_beam_size_one_is_greedy(name):
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg)
+    eos = with_eos_from_greedy(model, cfg, ids, lengths)
+    for alpha, stop in ((0.0, "bound"), (0.6, "full")):
+        base = DecodeConfig(max_len=8, eos_id=eos, length_penalty=alpha, early_stopping=stop)
+        greedy = run(model, cfg, base, ids, lengths)
+        beam = run(model, cfg, dataclasses.replace(base, strategy="beam", beam_size=1), ids, lengths)
+        np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+        np.testing.assert_array_equal(beam.lengths, greedy.lengths)
+        np.testing.assert_allclose(beam.scores, greedy.scores, atol=1e-5)
+    assert int(greedy.lengths[0, 0]) == 3 and int(greedy.tokens[0, 0, 2]) == eos
+
+
+@pytest.mark.parametrize("alpha,mode", [(0.6, "gnmt"), (1.0, "hf"), (0.0, "gnmt")])
+def test_large_beam_finds_exhaustive_best(alpha, mode):
+    V, T, eos = 6, 4, 1
+    cfg, model = model_for("tiny-llama", vocab_size=V, init_std=0.5)
+    prompt = np.array([[3, 4, 5]], np.int32)
+    # log-probs of every length-T continuation, then all hypotheses: EOS-terminated or length T
+    seqs = np.array(list(itertools.product(range(V), repeat=T)), np.int32)
+    logp = np.asarray(jax.nn.log_softmax(full_logits(model, np.repeat(prompt, len(seqs), 0),
+                                                     np.full(len(seqs), 3, np.int32), seqs, 0), -1))
+    cum = np.cumsum(np.take_along_axis(logp, seqs[..., None], -1)[..., 0], 1)
+    hyps = {}
+    for s, c in zip(seqs.tolist(), cum):
+        for n in range(1, T + 1):
+            if n == T or s[n - 1] == eos:
+                hyps[tuple(s[:n])] = c[n - 1] / float(length_penalty(n, alpha, mode))
+                break
+    ranked = sorted(hyps.items(), key=lambda kv: -kv[1])
+    config = DecodeConfig(strategy="beam", beam_size=V ** (T - 1), n_best=5, max_len=T, eos_id=eos,
+                          length_penalty=alpha, length_penalty_mode=mode)
+    out = generate(model, inputs=prompt, config=config)
+    for j, (hyp, score) in enumerate(ranked[:5]):
+        n = int(out.lengths[0, j])
+        assert tuple(np.asarray(out.tokens[0, j, :n]).tolist()) == hyp, (j, ranked[:5])
+        np.testing.assert_allclose(float(out.scores[0, j]), score, atol=1e-4)
+    assert any(h[-1] == eos for h, _ in ranked[:5]) or alpha > 0  # EOS semantics exercised
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_filters_on_hand_made_logits():
+    probs = np.array([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    kept = lambda x: np.isfinite(np.asarray(x))  # noqa: E731
+    np.testing.assert_array_equal(kept(top_p_filter(logits, 0.5)), [[1, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(kept(top_p_filter(logits, 0.6)), [[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(kept(top_p_filter(logits, 0.8)), [[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(kept(top_p_filter(logits, 0.01)), [[1, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    assert kept(top_p_filter(logits, 1.0)).all()
+    np.testing.assert_array_equal(kept(top_k_filter(logits, 2)), [[1, 1, 0, 0, 0], [0, 0, 0, 1, 1]])
+    np.testing.assert_allclose(np.asarray(top_k_filter(logits, 2))[0, :2], np.log(probs[0, :2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mbart"])
+def test_sampling_limits_and_seeds(name):
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg)
+    greedy = run(model, cfg, DecodeConfig(max_len=6, eos_id=None), ids, lengths)
+    sample = DecodeConfig(strategy="sample", max_len=6, eos_id=None)
+    for config in (dataclasses.replace(sample, top_k=1), dataclasses.replace(sample, temperature=1e-4),
+                   dataclasses.replace(sample, temperature=0.0), dataclasses.replace(sample, top_p=1e-6)):
+        out = run(model, cfg, config, ids, lengths, rng=jax.random.key(3))
+        np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    hot = dataclasses.replace(sample, temperature=1.5, top_k=50, top_p=0.95, n_best=3)
+    a = run(model, cfg, hot, ids, lengths, rng=jax.random.key(1))
+    b = run(model, cfg, hot, ids, lengths, rng=jax.random.key(1))
+    c = run(model, cfg, hot, ids, lengths, rng=jax.random.key(2))
+    assert a.tokens.shape == (3, 3, 6)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+    assert (np.asarray(a.tokens[:, 0]) != np.asarray(a.tokens[:, 1])).any()  # n samples differ
+
+
+# --------------------------------------------------------------------------- forcing, lengths, batching
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-nllb"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_forced_ids_and_min_len(name, strategy):
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg)
+    eos = with_eos_from_greedy(model, cfg, ids, lengths, step=0)  # row 0 would stop at once
+    base = DecodeConfig(strategy=strategy, max_len=7, eos_id=eos, beam_size=3, n_best=2 if strategy == "beam" else 1)
+    out = run(model, cfg, base, ids, lengths)
+    assert int(out.lengths[0, 0]) == 1 or strategy == "beam"
+    out = run(model, cfg, dataclasses.replace(base, min_len=3), ids, lengths)
+    assert (np.asarray(out.tokens[:, :, :3]) != eos).all() and (np.asarray(out.lengths) >= 4).all()
+    out = run(model, cfg, dataclasses.replace(base, forced_ids=(11, 12)), ids, lengths)
+    assert (np.asarray(out.tokens[:, :, :2]) == [11, 12]).all()
+    forced = np.array([[20, -1], [21, 22], [-1, -1]], np.int32)
+    out = run(model, cfg, base, ids, lengths, forced=forced)
+    assert (np.asarray(out.tokens[:2, :, 0]) == [[20], [21]]).all() and (np.asarray(out.tokens[1, :, 1]) == 22).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bloom", "tiny-mbart", "tiny-t5"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_padded_batch_equals_one_by_one(name, strategy):
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg, lengths=(7, 3, 5, 1))
+    eos = with_eos_from_greedy(model, cfg, ids, lengths, step=3)
+    config = DecodeConfig(strategy=strategy, max_len=6, eos_id=eos, beam_size=3, n_best=2 if strategy == "beam" else 1)
+    together = run(model, cfg, config, ids, lengths)
+    for i, n in enumerate(lengths):
+        alone = run(model, cfg, config, ids[i:i + 1, :n], lengths[i:i + 1])
+        np.testing.assert_array_equal(alone.tokens[0], together.tokens[i])
+        np.testing.assert_allclose(alone.scores[0], together.scores[i], atol=1e-4)
+
+
+def test_length_sorted_batching_restores_order():
+    cfg, model = model_for("tiny-mbart")
+    seqs = [list(range(3, 3 + n)) for n in (5, 1, 9, 3, 7)]
+    batches = length_sorted_batches(seqs, 2, pad_id=1, length_multiple=4)
+    assert [b.indices.tolist() for b in batches] == [[2, 4], [0, 3], [1]]
+    assert [b.ids.shape for b in batches] == [(2, 12), (2, 8), (2, 4)]
+    assert restore_order(batches, [["c", "e"], ["a", "d"], ["b", "x"]]) == list("abcde")
+    config = DecodeConfig(max_len=5, eos_id=None, pad_id=1, decoder_start_id=2)
+    got = decode_all(model, seqs, config=config, batch_size=2)
+    for seq, [(tokens, score)] in zip(seqs, got):
+        want = generate(model, enc_inputs=np.array([seq]), config=config)
+        assert tokens == np.asarray(want.tokens[0, 0]).tolist()
+        np.testing.assert_allclose(score, float(want.scores[0, 0]), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- transformers parity
+
+
+def _hf_llama(torch, transformers):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+        attn_implementation="eager")).eval()
+
+
+def _hf_generate(hf, torch, transformers, ids, mask, **gen):
+    gc = transformers.GenerationConfig(forced_eos_token_id=None, no_repeat_ngram_size=0, repetition_penalty=1.0,
+                                       bos_token_id=None, **gen)
+    with torch.no_grad():
+        res = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), generation_config=gc,
+                          return_dict_in_generate=True, output_scores=True)
+    return res
+
+
+@pytest.mark.parametrize("family", ["llama", "mt5", "mbart"])
+def test_matches_transformers_generate(family, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import test_models_bart as tb
+    import test_models_t5 as tt
+    from jaxft.interop import load_hf
+    if family == "llama":
+        llama = _hf_llama(torch, transformers)
+        llama.save_pretrained(tmp_path, safe_serialization=True)
+        cfg, state = load_hf(tmp_path)
+        cfg = dataclasses.replace(cfg, dtype="float32")
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        nnx.update(model, state)
+        hf, pad, start, forced = llama, 0, None, ()
+    elif family == "mt5":
+        cfg, hf = tt._hf_model("tiny-mt5")
+        model = build_model(cfg, rngs=nnx.Rngs(1))
+        tb._load(model, tt._hf_to_jaxft(cfg, hf))
+        pad, start, forced = 0, 0, ()
+    else:
+        cfg = tb.preset("tiny-mbart")
+        hf = tb._hf_model("tiny-mbart")
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        tb._load(model, tb._hf_to_ours(hf, cfg))
+        pad, start, forced = 1, 2, (250,)
+    ids, lengths = batch(cfg, lengths=(6, 4, 2), width=6, pad=pad)
+    mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int64)
+    dec_only = family == "llama"
+    hf_ids = np.stack([np.roll(r, 6 - n) for r, n in zip(ids, lengths)]) if dec_only else ids  # HF: left pad
+    hf_mask = np.stack([np.roll(r, 6 - n) for r, n in zip(mask, lengths)]) if dec_only else mask
+    T = 7
+    ours_cfg = DecodeConfig(max_len=T, pad_id=pad, decoder_start_id=start, forced_ids=forced, eos_id=None,
+                            length_penalty_mode="hf")
+    src = dict(inputs=ids, lengths=lengths) if dec_only else dict(enc_inputs=ids, enc_lengths=lengths)
+    eos = int(generate(model, config=ours_cfg, **src).tokens[1, 0, 3])  # a token the model likes
+    skip = 6 if dec_only else 1
+    hf_kw = dict(max_new_tokens=T, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=start,
+                 forced_bos_token_id=forced[0] if forced else None)
+    cases = [(dict(), dict(do_sample=False, num_beams=1)),
+             (dict(min_len=2), dict(do_sample=False, num_beams=1, min_new_tokens=2))]
+    for alpha, (ours_stop, hf_stop) in itertools.product((0.0, 1.0, -0.5), (("bound", "never"), ("full", True))):
+        if not (alpha < 0 and ours_stop == "bound"):  # HF's "never" bound is ours only for alpha >= 0
+            cases.append((dict(strategy="beam", beam_size=4, n_best=3, length_penalty=alpha, early_stopping=ours_stop),
+                          dict(num_beams=4, num_return_sequences=3, length_penalty=alpha, early_stopping=hf_stop)))
+    n_eos = 0
+    for ours_kw, theirs_kw in cases:
+        out = generate(model, config=dataclasses.replace(ours_cfg, eos_id=eos, **ours_kw), **src)
+        res = _hf_generate(hf, torch, transformers, hf_ids, hf_mask, **hf_kw, **theirs_kw)
+        n = out.tokens.shape[1]
+        want = res.sequences.numpy()[:, skip:].reshape(3, n, -1)
+        got = np.asarray(out.tokens)[:, :, :want.shape[2]]
+        np.testing.assert_array_equal(got, want, err_msg=f"{ours_kw}")
+        assert (np.asarray(out.tokens)[:, :, want.shape[2]:] == pad).all()
+        n_eos += int((got == eos).sum())
+        if "strategy" in ours_kw:
+            np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), res.sequences_scores.numpy(), atol=1e-4)
+    assert n_eos > 0
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mbart"])
+def test_sharded_decoding_matches_unsharded(name):
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg, lengths=(7, 3, 5, 1))
+    eos = with_eos_from_greedy(model, cfg, ids, lengths, step=3)
+    configs = [DecodeConfig(max_len=6, eos_id=eos),
+               DecodeConfig(strategy="beam", beam_size=2, n_best=2, max_len=6, eos_id=eos)]
+    want = [run(model, cfg, c, ids, lengths) for c in configs]
+    graphdef, state = nnx.split(model)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with use_mesh(mesh):
+        sharded = nnx.merge(graphdef, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
+        got = [run(sharded, cfg, c, ids, lengths) for c in configs]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.tokens, w.tokens)
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
