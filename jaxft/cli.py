@@ -107,6 +107,47 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_translator(source: str, which: str):
+    from jaxft.eval.translate import load_hf_dir, load_run
+
+    path = Path(source[3:] if source.startswith("hf:") else source)
+    if source.startswith("hf:") or (path / "config.json").exists():
+        return load_hf_dir(path if path.exists() else source[3:]), None
+    return load_run(path, which=which)
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from jaxft.eval.decode import DecodeConfig
+
+    translator, _ = _load_translator(args.source, args.checkpoint)
+    stream = open(args.input, encoding="utf-8-sig") if args.input else sys.stdin
+    lines = [line.rstrip("\n") for line in stream]
+    decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
+                          max_len=args.max_len, min_len=args.min_len, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, n_best=args.n_best if args.strategy != "greedy" else 1)
+    for out in translator.translate(lines, args.src_lang, args.tgt_lang, decode, args.batch_size):
+        print(out)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jaxft.config.loader import load_config
+    from jaxft.eval.translate import evaluate, load_run
+
+    cfg = load_config(args.config, args.overrides)
+    translator, _ = load_run(Path(args.run_dir or cfg.run_dir), which=args.checkpoint)
+    if args.max_examples:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_examples=args.max_examples))
+    report = evaluate(translator, cfg, base_dir=args.config.resolve().parent)
+    out = Path(args.out or Path(args.run_dir or cfg.run_dir) / "eval" / args.checkpoint)
+    json_path, md_path = report.write(out)
+    print(report.to_markdown())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="JAX/TPU-native multilingual finetuning.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -153,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--model-type", default=None, help="HF model_type (default: inferred)")
     q.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("translate", help="translate lines (file or stdin -> stdout) with a run dir or an HF checkpoint")
+    p.add_argument("source", help="a run dir, an HF folder, or hf:<org/name>")
+    p.add_argument("--src-lang", required=True)
+    p.add_argument("--tgt-lang", required=True)
+    p.add_argument("--input", type=Path, help="UTF-8 text, one sentence per line (default: stdin)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="run dirs: which checkpoint")
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="beam")
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha")
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_translate)
+
+    p = sub.add_parser("eval", help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run on the dev directions")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="default: the config's run_dir")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p.add_argument("--max-examples", type=int, help="per direction (default: eval.max_examples)")
+    p.add_argument("--out", help="output folder for eval.json / eval.md (default: <run_dir>/eval/<checkpoint>)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

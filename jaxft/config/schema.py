@@ -217,9 +217,21 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Decoding and BLEU/chrF evaluation (filled by the decoding issue)."""
+    """Decoding + sacreBLEU evaluation of the dev directions (`jaxft eval`, and
+    during training every `every` steps, keeping the best checkpoint)."""
 
-    every: int = 0
+    every: int = 0  # 0 = not during training
+    directions: tuple[str, ...] = ()  # dev direction names; empty = all
+    max_examples: int = 200  # per direction
+    batch_size: int = 16
+    strategy: Literal["greedy", "beam", "sample"] = "beam"
+    beam_size: int = 4
+    length_penalty: float = 0.6
+    max_len: int = 128  # generated tokens
+    best_metric: Literal["chrf", "bleu", "chrfpp"] = "chrf"  # averaged over directions
+    tier_high: tuple[str, ...] = ()  # languages or direction names per resource tier
+    tier_mid: tuple[str, ...] = ()
+    tier_low: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train import initial, resume
 from jaxft.train.checkpoint import Checkpointer
+from jaxft.train.evaluation import BestKeeper
 from jaxft.train.metrics import MetricsWriter, Progress, device_peak_flops, read_jsonl
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import count_params, make_init_fn, state_shardings
@@ -153,6 +154,7 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
                                 max_batches=tcfg.dev_batches, **seq2seq)
         writer = MetricsWriter(run_dir, enabled=is_main)
+        keeper = BestKeeper(cfg, run_dir, base_dir, tokenizer, graphdef) if cfg.eval.every else None
         if start == 0 and dev:
             before = dev_losses(eval_step, state, dev, bsharding, tcfg.global_batch)
             writer.write(0, {"dev_loss": before}, kind="dev")
@@ -192,6 +194,8 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
             if tcfg.dev_every and step % tcfg.dev_every == 0 and step != tcfg.steps and dev:
                 writer.write(step, {"dev_loss": dev_losses(eval_step, state, dev, bsharding, tcfg.global_batch)},
                              kind="dev")
+            if keeper is not None and (step % cfg.eval.every == 0 or step == tcfg.steps):
+                keeper.evaluate(step, state, pipeline.get_state(), writer)
             if step % cfg.checkpoint.every == 0 or step == end:
                 ckpt.save(step, initial.checkpointed_part(state, cfg), pipeline.get_state(), to_dict(cfg))
         if pending is not None:
@@ -206,6 +210,8 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
             log.info("wrote %s", out)
         ckpt.close()
         writer.close()
+        if keeper is not None:
+            keeper.close()
     dev_hist = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "dev"]
     before = dev_hist[0]["dev_loss"] if dev_hist and dev_hist[0]["step"] == 0 else {}
     return TrainResult(run_dir=run_dir, step=end, dev_before=before, dev_after=after, losses=losses)

@@ -1,0 +1,156 @@
+"""Translation with a trained run or an HF checkpoint, and per-direction evaluation.
+
+Inputs are built exactly as in training: decoder-only models get the prompt
+template (`data.prompt_template`, language names) and continue after it;
+encoder-decoder models get the source side of `Seq2SeqFeaturizer` (target tag
+or source language code + eos) and, with `lang_tokens: lang_code`, the target
+language code forced as the first output token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from jaxft.config.loader import load_config
+from jaxft.config.schema import Config, DataConfig, EvalConfig, ModelConfig, SourceConfig
+from jaxft.data.pipeline import read_directions
+from jaxft.data.seq2seq import Seq2SeqFeaturizer
+from jaxft.data.sources import Example
+from jaxft.data.tasks import render
+from jaxft.eval.decode import DecodeConfig, decode_all
+from jaxft.eval.metrics import score_direction
+from jaxft.eval.report import EvalReport
+from jaxft.models.registry import build_model, is_encoder_decoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Translator:
+    model: nnx.Module
+    tokenizer: object
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return is_encoder_decoder(self.model_cfg)
+
+    def inputs(self, texts: Sequence[str], src_lang: str, tgt_lang: str,
+               max_new: int) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids per text, and the forced first output tokens (or None)."""
+        tok = self.tokenizer
+        if self.encoder_decoder:
+            cfg = dataclasses.replace(self.data_cfg, overlong="truncate")
+            feat = Seq2SeqFeaturizer(tok, cfg, SourceConfig(type="text", src_lang=src_lang, tgt_lang=tgt_lang),
+                                     decoder_start_id=self.model_cfg.decoder_start_id or 0, key="translate")
+            seqs = [feat.tokens(Example(t, "x", src_lang, tgt_lang, "translation"))[0] for t in texts]
+            forced = [list(feat.tgt_prefix)] * len(texts) if feat.tgt_prefix else None
+            return seqs, forced
+        budget = self.model_cfg.max_seq_len - max_new
+        seqs = []
+        for text in texts:
+            prompt, _ = render(Example(text, "", src_lang, tgt_lang, "translation"),
+                               self.data_cfg.prompt_template, self.data_cfg.target_template)
+            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+            seqs.append(ids[-budget:])
+        return seqs, None
+
+    def translate(self, texts: Sequence[str], src_lang: str, tgt_lang: str, decode: DecodeConfig,
+                  batch_size: int = 16) -> list[str]:
+        if not texts:
+            return []
+        seqs, forced = self.inputs(texts, src_lang, tgt_lang, decode.max_len)
+        decode = dataclasses.replace(decode, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                                     decoder_start_id=self.model_cfg.decoder_start_id)
+        results = decode_all(self.model, seqs, config=decode, batch_size=batch_size,
+                             encoder_decoder=self.encoder_decoder, forced=forced)
+        n_forced = len(forced[0]) if forced else 0
+        return [self.tokenizer.decode(best[0][0][n_forced:]) for best in results]
+
+
+def decode_config(cfg: EvalConfig, **overrides) -> DecodeConfig:
+    return DecodeConfig(strategy=cfg.strategy, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
+                        max_len=cfg.max_len, **overrides)
+
+
+def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: DecodeConfig | None = None,
+             max_examples: int | None = None) -> EvalReport:
+    """Decode the dev directions (`eval.directions`, default all) and score them with sacreBLEU."""
+    ecfg = cfg.eval
+    decode = decode or decode_config(ecfg)
+    limit = max_examples or ecfg.max_examples
+    scores = {}
+    for direction in read_directions(cfg.data, base_dir, split="dev"):
+        if ecfg.directions and direction.name not in ecfg.directions:
+            continue
+        examples = [e for e in direction.examples if e.task == "translation"][:limit]
+        if not examples:
+            continue
+        src_lang, tgt_lang = examples[0].src_lang, examples[0].tgt_lang
+        hyps = translator.translate([e.src for e in examples], src_lang, tgt_lang, decode, ecfg.batch_size)
+        scores[direction.name] = score_direction(hyps, [e.tgt for e in examples], tgt_lang=tgt_lang,
+                                                 direction=direction.name)
+    if not scores:
+        raise ValueError("eval: no dev translation direction to evaluate (data.dev / eval.directions)")
+    tiers = {k: list(v) for k, v in (("high", ecfg.tier_high), ("mid", ecfg.tier_mid), ("low", ecfg.tier_low)) if v}
+    return EvalReport(scores, tiers or None)
+
+
+def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Config]:
+    """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, or
+    the best one kept by evaluation during training)."""
+    from jaxft.sharding import make_mesh, use_mesh
+    from jaxft.train.checkpoint import Checkpointer
+    from jaxft.train.initial import initial_state, merge_restored
+    from jaxft.train.loop import prepare_tokenizer
+    from jaxft.train.optim import make_optimizer
+    from jaxft.train.state import make_init_fn, state_shardings
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run dir (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = prepare_tokenizer(cfg.data, run_dir, run_dir)
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
+    with use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn)
+        shardings = state_shardings(abstract, mesh)
+        from jaxft.train.initial import checkpointed_part
+        target = checkpointed_part(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                abstract, shardings), cfg)
+        ckpt = Checkpointer(run_dir / ("best" if which == "best" else "checkpoints"), cfg.checkpoint)
+        restored = ckpt.restore_latest(target)
+        ckpt.close()
+        if restored is None:
+            raise FileNotFoundError(f"{run_dir}: no readable {which} checkpoint")
+        _, state, _ = restored
+        if state.rest is None:
+            state = merge_restored(state, initial_state(init_fn, shardings, graphdef, cfg, mesh), cfg)
+        model = nnx.merge(graphdef, state.params, state.rest)
+    return Translator(model, tokenizer, cfg.model, cfg.data), cfg
+
+
+def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Translator:
+    """An HF checkpoint folder (or hub id): model, tokenizer, and the family's language-token convention."""
+    from jaxft.interop.hf import load_hf, read_hf_config, resolve_path
+    from jaxft.interop.tokenizer import load_hf_tokenizer
+
+    directory = resolve_path(str(path))
+    model_cfg, params = load_hf(directory)
+    model_type = read_hf_config(directory).get("model_type", "")
+    if data_cfg is None:
+        lang = {"mbart": ("lang_code", "mbart50"), "m2m_100": ("lang_code", "flores")}.get(model_type)
+        data_cfg = DataConfig(lang_tokens=lang[0], lang_code_style=lang[1]) if lang else DataConfig()
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    model = nnx.merge(graphdef, params, rest)
+    return Translator(model, load_hf_tokenizer(directory), model_cfg, data_cfg)
