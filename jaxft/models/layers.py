@@ -82,6 +82,8 @@ class Linear(nnx.Module):
                                 preferred_element_type=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
+        for adapter in getattr(self, "lora", {}).values():  # LoRA (jaxft.peft.lora) adds its low-rank term
+            y = adapter(x, y)
         return y
 
 
