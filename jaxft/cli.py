@@ -148,6 +148,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compose(args: argparse.Namespace) -> int:
+    from jaxft.peft.compose import compose_checkpoint, parse_compose_args
+
+    base, items = parse_compose_args(args.items, args.add)
+    if not items:
+        raise ValueError("compose: give at least one diff or adapter (BASE + DIFF, or --add DIFF)")
+    out = compose_checkpoint(base, items, args.out, revert=args.revert)
+    print(f"wrote {out} ({base} {'-' if args.revert else '+'} {' + '.join(items)})")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from jaxft.peft.compose import diff_checkpoints
+
+    out = diff_checkpoints(args.finetuned, args.base, args.out, sparse_k=args.sparse_k)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="JAX/TPU-native multilingual finetuning.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -220,6 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="per direction (default: eval.max_examples)")
     p.add_argument("--out", help="output folder for eval.json / eval.md (default: <run_dir>/eval/<checkpoint>)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compose", help="add sparse diffs / LoRA adapters to a base checkpoint",
+                       description="jaxft compose BASE + DIFF [* SCALE] + ... --out OUT  (quote '*' in a "
+                                   "shell; 'DIFF*SCALE' as one word and --add DIFF[*SCALE] also work)")
+    p.add_argument("items", nargs="+", metavar="BASE [+ DIFF [* SCALE]]",
+                   help="a jaxft folder (params/ + model.yaml) or an HF folder, then '+ DIFF' items")
+    p.add_argument("--add", action="append", default=[], metavar="DIFF[*SCALE]",
+                   help="another sparse diff or LoRA adapter dir (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, in BASE's format")
+    p.add_argument("--revert", action="store_true", help="subtract the diffs instead of adding them")
+    p.set_defaults(func=_cmd_compose)
+
+    p = sub.add_parser("diff", help="fine-tuning difference FINETUNED - BASE as a composable diff")
+    p.add_argument("finetuned", help="jaxft or HF folder")
+    p.add_argument("base", help="jaxft or HF folder of the same architecture")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sparse-k", type=float, default=None,
+                   help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); "
+                        "default: dense")
+    p.set_defaults(func=_cmd_diff)
 
     p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

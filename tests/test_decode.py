@@ -126,9 +126,10 @@ def test_beam_size_one_is_greedy(name):
 
 @pytest.mark.parametrize("alpha,mode", [(0.6, "gnmt"), (1.0, "hf"), (0.0, "gnmt")])
 def test_large_beam_finds_exhaustive_best(alpha, mode):
-    V, T, eos = 6, 4, 1
-    cfg, model = model_for("tiny-llama", vocab_size=V, init_std=0.5)
+    V, T = 6, 4
+    cfg, model = model_for("tiny-llama", vocab_size=V, init_std=0.1)
     prompt = np.array([[3, 4, 5]], np.int32)
+    eos = int(np.argsort(np.asarray(model(jnp.asarray(prompt)))[0, -1])[-2])  # the 2nd likeliest first token
     # log-probs of every length-T continuation, then all hypotheses: EOS-terminated or length T
     seqs = np.array(list(itertools.product(range(V), repeat=T)), np.int32)
     logp = np.asarray(jax.nn.log_softmax(full_logits(model, np.repeat(prompt, len(seqs), 0),
@@ -148,7 +149,7 @@ def test_large_beam_finds_exhaustive_best(alpha, mode):
         n = int(out.lengths[0, j])
         assert tuple(np.asarray(out.tokens[0, j, :n]).tolist()) == hyp, (j, ranked[:5])
         np.testing.assert_allclose(float(out.scores[0, j]), score, atol=1e-4)
-    assert any(h[-1] == eos for h, _ in ranked[:5]) or alpha > 0  # EOS semantics exercised
+    assert sum(h[-1] == eos for h, _ in ranked[:5]) >= (1 if alpha == 0 else 0)  # EOS semantics exercised
 
 
 # --------------------------------------------------------------------------- sampling
@@ -257,7 +258,7 @@ def _hf_generate(hf, torch, transformers, ids, mask, **gen):
     return res
 
 
-@pytest.mark.parametrize("family", ["llama", "mt5", "mbart"])
+@pytest.mark.parametrize("family", ["llama", "t5", "mbart"])
 def test_matches_transformers_generate(family, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -272,14 +273,18 @@ def test_matches_transformers_generate(family, tmp_path):
         model = build_model(cfg, rngs=nnx.Rngs(0))
         nnx.update(model, state)
         hf, pad, start, forced = llama, 0, None, ()
-    elif family == "mt5":
-        cfg, hf = tt._hf_model("tiny-mt5")
+    elif family == "t5":  # tiny-mt5 has 3 decoder layers: HF 5.x generate cannot cache those
+        cfg, hf = tt._hf_model("tiny-t5")
         model = build_model(cfg, rngs=nnx.Rngs(1))
         tb._load(model, tt._hf_to_jaxft(cfg, hf))
         pad, start, forced = 0, 0, ()
     else:
         cfg = tb.preset("tiny-mbart")
         hf = tb._hf_model("tiny-mbart")
+        with torch.no_grad():  # tied head + residual stream: untouched, it repeats its input token
+            torch.manual_seed(1)
+            hf.model.decoder.layer_norm.weight.normal_()
+        hf.generation_config.forced_eos_token_id = None  # mBART's default forces EOS at max length
         model = build_model(cfg, rngs=nnx.Rngs(0))
         tb._load(model, tb._hf_to_ours(hf, cfg))
         pad, start, forced = 1, 2, (250,)
@@ -292,7 +297,10 @@ def test_matches_transformers_generate(family, tmp_path):
     ours_cfg = DecodeConfig(max_len=T, pad_id=pad, decoder_start_id=start, forced_ids=forced, eos_id=None,
                             length_penalty_mode="hf")
     src = dict(inputs=ids, lengths=lengths) if dec_only else dict(enc_inputs=ids, enc_lengths=lengths)
-    eos = int(generate(model, config=ours_cfg, **src).tokens[1, 0, 3])  # a token the model likes
+    free = np.asarray(generate(model, config=ours_cfg, **src).tokens)[:, 0, len(forced):]
+    counts = np.bincount(free.reshape(-1), minlength=cfg.vocab_size)
+    counts[list(forced)] = -1
+    eos = int(counts.argmax())  # a token the model likes to produce (not the forced one)
     skip = 6 if dec_only else 1
     hf_kw = dict(max_new_tokens=T, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=start,
                  forced_bos_token_id=forced[0] if forced else None)
@@ -308,6 +316,8 @@ def test_matches_transformers_generate(family, tmp_path):
         res = _hf_generate(hf, torch, transformers, hf_ids, hf_mask, **hf_kw, **theirs_kw)
         n = out.tokens.shape[1]
         want = res.sequences.numpy()[:, skip:].reshape(3, n, -1)
+        after_eos = np.cumsum(np.cumsum(want == eos, -1), -1) > 1
+        want = np.where(after_eos, pad, want)  # HF fills beams with eos when pad_token_id is 0
         got = np.asarray(out.tokens)[:, :, :want.shape[2]]
         np.testing.assert_array_equal(got, want, err_msg=f"{ours_kw}")
         assert (np.asarray(out.tokens)[:, :, want.shape[2]:] == pad).all()

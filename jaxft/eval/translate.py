@@ -110,6 +110,7 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
     from jaxft.train.checkpoint import Checkpointer
     from jaxft.train.initial import initial_state, merge_restored
     from jaxft.train.loop import prepare_tokenizer
+    from jaxft.peft import l1_strength
     from jaxft.train.optim import make_optimizer
     from jaxft.train.state import make_init_fn, state_shardings
 
@@ -119,7 +120,7 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
     cfg = load_config(run_dir / "config.yaml")
     tokenizer = prepare_tokenizer(cfg.data, run_dir, run_dir)
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
         abstract = jax.eval_shape(init_fn)

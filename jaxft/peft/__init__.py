@@ -30,3 +30,8 @@ def trainable_filter(peft_cfg: PeftConfig, train_cfg: TrainConfig) -> Callable[[
         from jaxft.peft.lora import lora_trainable_filter
         return lora_trainable_filter(peft_cfg.lora)
     return param_filter(train_cfg)
+
+
+def l1_strength(cfg: PeftConfig) -> float:
+    """Sparse FT's L1 pull towards the starting point (0 for other methods)."""
+    return cfg.sparse.l1 if cfg.method == "sparse" else 0.0

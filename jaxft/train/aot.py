@@ -15,6 +15,7 @@ import jax
 from jaxft.config.schema import Config
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+from jaxft.peft import l1_strength
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, state_shardings
 from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
@@ -23,7 +24,7 @@ from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
 def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> jax.stages.Lowered:
     mesh = make_mesh(cfg.mesh, devices)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
         abstract = jax.eval_shape(init_fn)

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -42,6 +43,12 @@ def initial_state(init_fn, shardings: TrainState, graphdef: nnx.GraphDef, cfg: C
     return state.replace(params=params, rest=rest)
 
 
+def copy_state(state: TrainState, shardings: TrainState) -> TrainState:
+    """A copy in fresh buffers, so donating it to the train step leaves `state` alive
+    (sparse FT needs theta0 at the end of phase 1 and to write the diff)."""
+    return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(state)
+
+
 def checkpointed_part(state: TrainState, cfg: Config) -> TrainState:
     """What a checkpoint holds: everything, or (peft.save_base false with a PEFT
     method) only what trains, the frozen base being rebuilt from the config."""
@@ -68,7 +75,8 @@ def start_sparse_phase2(state: TrainState, theta0: TrainState, tx: optax.Gradien
     kept = sum(int(m.sum()) for m in jax.tree.leaves(mask))
     total = sum(m.size for m in jax.tree.leaves(mask))
     log.info("sparse fine-tuning phase 2: %d of %d entries trainable (%.4f%%)", kept, total, 100 * kept / total)
-    return state.replace(params=theta0.params, opt_state=opt_state, mask=mask)
+    params = copy_state(theta0, shardings).params  # theta0 itself stays alive (the step donates its state)
+    return state.replace(params=params, opt_state=opt_state, mask=mask)
 
 
 def write_peft_outputs(state: TrainState, theta0: TrainState, graphdef: nnx.GraphDef, cfg: Config,

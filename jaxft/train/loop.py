@@ -28,6 +28,7 @@ from jaxft.train import initial, resume
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.evaluation import BestKeeper
 from jaxft.train.metrics import MetricsWriter, Progress, device_peak_flops, read_jsonl
+from jaxft.peft import l1_strength
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import count_params, make_init_fn, state_shardings
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -120,7 +121,7 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         raise ValueError(f"train.global_batch / train.microbatches = {tcfg.global_batch // tcfg.microbatches} rows "
                          f"per microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
     schedule = make_schedule(cfg.optimizer, tcfg.steps)
-    tx = make_optimizer(cfg.optimizer, tcfg.steps)
+    tx = make_optimizer(cfg.optimizer, tcfg.steps, l1=l1_strength(cfg.peft))
     init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft)
     sparse = cfg.peft.method == "sparse"
 
@@ -138,7 +139,7 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
         needs_theta0 = restored is None or sparse or not (cfg.peft.method == "none" or cfg.peft.save_base)
         theta0 = initial.initial_state(init_fn, shardings, graphdef, cfg, mesh) if needs_theta0 else None
         if restored is None:
-            state, start = theta0, 0
+            state, start = (initial.copy_state(theta0, shardings) if sparse else theta0), 0
         else:
             start, state, data_state = restored
             state = initial.merge_restored(state, theta0, cfg)

@@ -1,12 +1,29 @@
-"""Optimizers and learning-rate schedules from `OptimizerConfig` (optax)."""
+"""Optimizers and learning-rate schedules from `OptimizerConfig` (optax).
+
+Parameter groups (`optimizer.groups`): each parameter takes the first group
+whose `pattern` regex matches its path ("layers/0/attn/q/kernel"); its whole
+update (weight decay included) is multiplied by `lr_scale`, and `weight_decay`,
+when set, replaces the default decay rate.  Decay applies, as by default, only
+to matrices (ndim >= 2), never to norms or biases.  With groups, AdamW is built
+from its parts (scale_by_adam -> per-parameter decay -> learning rate -> group
+scale: the same arithmetic as optax.adamw); without groups the optimizer and its
+state are exactly what they were before groups existed.
+
+`l1` (sparse fine-tuning): an L1 pull towards the parameters the optimizer was
+initialised with, added to the gradients before clipping.  It stores a copy of
+those parameters in the optimizer state (one parameter-sized buffer).
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft.config.schema import OptimizerConfig
+from jaxft.config.schema import OptimizerConfig, ParamGroup
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -40,17 +57,103 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def group_of(path: str, groups: Sequence[ParamGroup]) -> ParamGroup | None:
+    """The first group whose pattern matches `path` (re.search), else None."""
+    for g in groups:
+        if re.search(g.pattern, path):
+            return g
+    return None
+
+
+def _per_leaf(tree: Any, fn) -> Any:
+    """A tree like `tree` of Python scalars fn(path, leaf)."""
+    from jaxft.peft.sparse import keypath_str
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [fn(keypath_str(kp), x) for kp, x in flat])
+
+
+def add_group_decay(default: float, groups: Sequence[ParamGroup], sign: float = 1.0) -> optax.GradientTransformation:
+    """updates += sign * wd(path) * params on matrices; wd from the first matching group, else `default`."""
+
+    def rate(path: str, p) -> float:
+        g = group_of(path, groups)
+        wd = default if g is None or g.weight_decay is None else g.weight_decay
+        return wd if p.ndim >= 2 else 0.0
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_group_decay needs the params")
+        rates = _per_leaf(params, rate)
+        return jax.tree.map(lambda u, p, r: u + sign * r * p if r else u, updates, params, rates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_group(groups: Sequence[ParamGroup]) -> optax.GradientTransformation:
+    """updates *= lr_scale of the first matching group (1 when none matches)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        scales = _per_leaf(updates, lambda path, _: (g.lr_scale if (g := group_of(path, groups)) else 1.0))
+        return jax.tree.map(lambda u, s: u if s == 1.0 else (u * s).astype(u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class L1PullState(NamedTuple):
+    anchor: optax.Params  # the parameters at init (theta0)
+
+
+def l1_pull(strength: float) -> optax.GradientTransformation:
+    """grads += strength * sign(theta - theta0): the (sub)gradient of strength * |theta - theta0|_1,
+    theta0 being the params this transformation was initialised with."""
+
+    def init_fn(params):
+        # a real copy: the anchor must not alias the (donated) params buffers
+        return L1PullState(anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("l1_pull needs the params")
+        updates = jax.tree.map(lambda g, p, a: g + (strength * jnp.sign(p - a)).astype(g.dtype),
+                               updates, params, state.anchor)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0) -> optax.GradientTransformation:
+    """`l1` > 0 adds the L1 pull towards the initial params (sparse fine-tuning phase 1)."""
     schedule = make_schedule(cfg, total_steps)
+    for i, g in enumerate(cfg.groups):
+        try:
+            re.compile(g.pattern)
+        except re.error as e:
+            raise ValueError(f"optimizer.groups[{i}].pattern: {g.pattern!r} is not a valid regex: {e}") from None
     parts = []
+    if l1 > 0:
+        parts.append(l1_pull(l1))
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    grouped = bool(cfg.groups)
     if cfg.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, mask=decay_mask))
+        if grouped:
+            parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                      add_group_decay(cfg.weight_decay, cfg.groups),
+                      optax.scale_by_learning_rate(schedule)]
+        else:
+            parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, mask=decay_mask))
     elif cfg.name == "adafactor":
-        parts.append(optax.adafactor(schedule, decay_rate=cfg.b2, weight_decay_rate=cfg.weight_decay or None,
+        # optax.adafactor adds its (lr-independent) decay just before flipping the sign
+        wd = None if grouped else (cfg.weight_decay or None)
+        parts.append(optax.adafactor(schedule, decay_rate=cfg.b2, weight_decay_rate=wd,
                                      weight_decay_mask=decay_mask, clipping_threshold=None))
+        if grouped:
+            parts.append(add_group_decay(cfg.weight_decay, cfg.groups, sign=-1.0))
     else:  # the schema's Literal makes this unreachable from config files
         raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r}")
+    if grouped:
+        parts.append(scale_by_group(cfg.groups))
     return optax.chain(*parts)
