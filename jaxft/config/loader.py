@@ -248,7 +248,7 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
     for node, k, key in spots:
         value, origin = node.get(k), origins.get(key)
         if isinstance(value, str) and origin and origin.source != "--set" and "://" not in value \
-                and not value.startswith("hf:"):
+                and not value.startswith(("hf:", "run:")):
             node[k] = os.path.normpath(Path(origin.source).resolve().parent / value)
 
 

@@ -30,9 +30,7 @@ def initial_state(init_fn, shardings: TrainState, graphdef: nnx.GraphDef, cfg: C
         return state
     model = nnx.merge(graphdef, state.params, state.rest)
     if cfg.model.init_from:
-        from jaxft.interop.hf import init_params_from
-
-        nnx.update(model, init_params_from(cfg.model.init_from, cfg.model, mesh))
+        nnx.update(model, params_from(cfg.model.init_from, cfg, mesh))
         log.info("initialised parameters from %s", cfg.model.init_from)
     if cfg.peft.compose:
         from jaxft.peft.compose import compose_into
@@ -41,6 +39,26 @@ def initial_state(init_fn, shardings: TrainState, graphdef: nnx.GraphDef, cfg: C
         log.info("composed into the base: %s", ", ".join(cfg.peft.compose))
     _, params, rest = nnx.split(model, trainable_filter(cfg.train, cfg.peft), ...)
     return state.replace(params=params, rest=rest)
+
+
+def params_from(spec: str, cfg: Config, mesh) -> nnx.State:
+    """`model.init_from`: "hf:<folder or org/name>" (Hugging Face weights) or
+    "run:<run dir>" (the newest checkpoint of another jaxft run, e.g. the base
+    model a language or task adaptation starts from)."""
+    if spec.startswith("hf:"):
+        from jaxft.interop.hf import init_params_from
+
+        return init_params_from(spec, cfg.model, mesh)
+    if spec.startswith("run:"):
+        from jaxft.eval.translate import load_run
+
+        translator, base_cfg = load_run(Path(spec[4:]))
+        shape = lambda c: {k: v for k, v in vars(c).items() if k not in ("preset", "init_from", "remat")}  # noqa: E731
+        if shape(base_cfg.model) != shape(cfg.model):
+            diff = [k for k in shape(cfg.model) if shape(cfg.model)[k] != shape(base_cfg.model)[k]]
+            raise ValueError(f"model.init_from: {spec} has a different model ({', '.join('model.' + d for d in diff)})")
+        return nnx.state(translator.model, nnx.Param)
+    raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r}")
 
 
 def copy_state(state: TrainState, shardings: TrainState) -> TrainState:
