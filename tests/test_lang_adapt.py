@@ -22,6 +22,7 @@ Russian LM diff only changes the source-side context, and its gain is within noi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,10 @@ def run(tmp: Path, name: str, *, train_sources, dev_sources, steps: int, lr: flo
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return train(load_config(path), base_dir=tmp)
+    t0 = time.perf_counter()
+    result = train(load_config(path), base_dir=tmp)
+    print(f"{name}: {steps} steps in {time.perf_counter() - t0:.1f} s")
+    return result
 
 
 @pytest.fixture(scope="module")
