@@ -6,14 +6,18 @@ attention q/k/v/o kernels, self- and cross-attention); `sparse` (LT-SFT phase 2:
 the full state with a random 1% mask on the updates).  HF peers: `hf-lora`
 (peft.get_peft_model, same targets) and `hf-full`.
 
-Memory: jaxft reports the train state's bytes (params + frozen rest + optimizer
-state + mask, summed over the arrays) and the compiled step's memory_analysis()
-(temp / argument / output bytes).  PyTorch CPU memory has no allocator stats, so
-each HF variant runs in a fresh subprocess that reports parameter + optimizer
-state bytes and the peak-RSS growth (ru_maxrss) over its training steps.
+Memory: "state MiB" is params + frozen rest + optimizer state + mask (jaxft:
+summed over the TrainState's arrays; torch: all parameters + AdamW moments).
+jaxft adds the compiled step's memory_analysis() (temp bytes in the table;
+argument / output / alias bytes in the JSON).  PyTorch CPU memory has no
+allocator stats, so each HF variant runs in a fresh subprocess; every variant
+(both frameworks) also reports "RSS +N": the peak-RSS growth over warm-up + timed
+steps (Linux: VmHWM after resetting it through /proc/self/clear_refs).  For
+torch that includes AdamW's lazily allocated moments and the grads; jaxft's
+state exists before the window, so its growth is step temporaries only.
 
     python benchmarks/peft.py [--families decoder,t5 --d-model 512 --layers 4 --vocab 16000
-                               --batch 4 --seq 128 --steps 3]
+                               --batch 4 --seq 128 --steps 5]
 
 The defaults fit a 2-core CPU in a few minutes; the issue's ~100M-parameter
 setting is --d-model 768 --layers 8 --heads 12 --kv-heads 4 --mlp 2048 --vocab 32000
@@ -48,7 +52,8 @@ def model_config(args, family: str):
         return ModelConfig(family="decoder", n_layers=args.layers, n_kv_heads=args.kv_heads, **common)
     half = max(1, args.layers // 2)  # encoder + decoder stacks of layers/2: a similar parameter count
     return ModelConfig(family="t5", n_layers=half, n_decoder_layers=half, activation="geglu",
-                       position="relative", decoder_start_id=0, init_std=1.0, **common)
+                       position="relative", decoder_start_id=0, init_std=1.0,
+                       tie_embeddings=True, **common)  # transformers 5 always ties MT5's lm_head
 
 
 def batch_arrays(args, family: str) -> dict[str, np.ndarray]:
@@ -74,6 +79,36 @@ def time_steps(step, n: int) -> list[float]:
         step()
         times.append(time.perf_counter() - t)
     return times
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def rss_reset() -> int:
+    """Resets the kernel's peak-RSS mark (Linux clear_refs 5); returns the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS:")
+    except OSError:  # not Linux: ru_maxrss cannot be reset, the delta is then a lower bound
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_peak() -> int:
+    try:
+        return _status_bytes("VmHWM:")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_with_rss(step, args) -> tuple[list[float], int]:
+    """Warm-up + timed steps; the peak-RSS growth over the RSS before them."""
+    rss0 = rss_reset()
+    time_steps(step, args.warmup)
+    times = time_steps(step, args.steps)
+    return times, rss_peak() - rss0
 
 
 def tree_bytes(tree) -> int:
@@ -126,14 +161,14 @@ def bench_jaxft(args, family: str, variant: str) -> dict:
             holder["state"], m = compiled(holder["state"], batch)
             holder["loss"] = float(m["loss"])  # blocks until the step is done
 
-        time_steps(step, args.warmup)
-        times = time_steps(step, args.steps)
+        times, rss_delta = timed_with_rss(step, args)
         s = holder["state"]
         parts = {"params": tree_bytes(s.params), "rest": tree_bytes(s.rest), "opt_state": tree_bytes(s.opt_state),
                  "mask": tree_bytes(s.mask)}
-    return {"framework": "jaxft", "step_s": statistics.median(times), "times": times, "loss": holder["loss"],
+    return {"framework": "jaxft", "step_s": statistics.median(times), "min_step_s": min(times), "times": times,
+            "loss": holder["loss"],
             "trainable": trainable, "state_bytes": sum(parts.values()), "state_parts": parts,
-            "compile_s": compile_s,
+            "compile_s": compile_s, "peak_rss_delta_bytes": rss_delta, "peak_rss_bytes": rss_peak(),
             "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
             "argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem else None,
             "output_bytes": getattr(mem, "output_size_in_bytes", None) if mem else None,
@@ -141,7 +176,7 @@ def bench_jaxft(args, family: str, variant: str) -> dict:
 
 
 def torch_worker(args, family: str, variant: str) -> dict:
-    """Runs in a fresh subprocess so ru_maxrss measures this variant alone."""
+    """Runs in a fresh subprocess, so its RSS is this variant's alone."""
     import torch
 
     torch.manual_seed(0)
@@ -161,7 +196,7 @@ def torch_worker(args, family: str, variant: str) -> dict:
         hf_cfg = MT5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.dim_per_head, d_ff=cfg.mlp_dim,
                            num_layers=cfg.n_layers, num_decoder_layers=cfg.n_decoder_layers, num_heads=cfg.n_heads,
                            relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                           tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0)
+                           decoder_start_token_id=0, pad_token_id=0)
         model, targets = MT5ForConditionalGeneration(hf_cfg), ["q", "k", "v", "o"]
     if variant == "hf-lora":
         here = os.path.dirname(os.path.abspath(__file__))  # this file is peft.py: let `import peft` find the library
@@ -185,19 +220,17 @@ def torch_worker(args, family: str, variant: str) -> dict:
                                                  b["targets"].reshape(-1))
         loss.backward()
         opt.step()
-        holder["loss"] = float(loss)
+        holder["loss"] = float(loss.detach())
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    time_steps(step, args.warmup)
-    times = time_steps(step, args.steps)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times, rss_delta = timed_with_rss(step, args)  # includes AdamW's lazily allocated moments and grads
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
-    return {"framework": "torch", "step_s": statistics.median(times), "times": times, "loss": holder["loss"],
+    return {"framework": "torch", "step_s": statistics.median(times), "min_step_s": min(times), "times": times,
+            "loss": holder["loss"],
             "trainable": sum(p.numel() for p in params), "state_bytes": param_bytes + opt_bytes,
-            "state_parts": {"params": param_bytes, "opt_state": opt_bytes}, "peak_rss_delta_bytes": rss1 - rss0,
-            "peak_rss_bytes": rss1}
+            "state_parts": {"params": param_bytes, "opt_state": opt_bytes}, "peak_rss_delta_bytes": rss_delta,
+            "peak_rss_bytes": rss_peak()}
 
 
 def run_torch(family: str, variant: str) -> dict:
@@ -210,7 +243,8 @@ def run_torch(family: str, variant: str) -> dict:
 
 def row(r: dict) -> str:
     mib = lambda b: "n/a" if b is None else f"{b / MiB:.0f}"  # noqa: E731
-    temp = mib(r.get("temp_bytes")) if r["framework"] == "jaxft" else f"n/a (RSS +{mib(r['peak_rss_delta_bytes'])})"
+    temp = mib(r.get("temp_bytes")) if r["framework"] == "jaxft" else "n/a"
+    temp += f" (RSS +{mib(r['peak_rss_delta_bytes'])})"
     return (f"| {r['date']} | {r['machine']} | {r['model']} | {r['variant']} | {r['step_s']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['trainable']:,} | {mib(r['state_bytes'])} | {temp} | "
             f"{r['vs_hf_lora']:.2f}x |")
@@ -227,7 +261,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=16000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="target length (t5: source length too)")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)

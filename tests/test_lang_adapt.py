@@ -12,11 +12,16 @@ then, all by LT-SFT from theta0:
 
 Asserted: each diff stores exactly K entries; the trainer's `peft.compose` builds exactly
 theta0 + d_lang_tgt + d_task at the stored indices (theta0 bitwise elsewhere), and reverting
-gives theta0 back; the composed model's dev loss on the target-language task is lower than
-the base model's.  The last is a real behavioural claim but, on tiny models, it comes mostly
-from the task diff (it teaches "X -> English" output); whether the *language* diff adds to it
-(theta0 + lang_tgt + task vs theta0 + task alone) is printed, not asserted: at this scale the
-Russian LM diff only changes the source-side context, and its gain is within noise.
+gives theta0 back; the composed model's dev loss on the target-language task (rus->eng) is
+lower than the base model's (about 3.64 vs 3.70 nats/token here).
+
+Not asserted, only printed (and written to `dev_losses.json`): that the *language* diff adds
+to the transfer.  On a 2-layer d_model=32 model after 40 LT-SFT steps it does not: theta0 +
+d_task alone scores about the same as (slightly better than) theta0 + d_lang_tgt + d_task on
+rus->eng.  The loss is on the English target tokens only; a Russian LM diff can help only
+through understanding the source, which a model this small barely does.  The gain the test
+asserts comes from the task diff (X -> English output), and it transfers to a source
+language the task never saw.  The paper's language-diff gains need real pretrained models.
 """
 
 from __future__ import annotations
@@ -25,17 +30,23 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
 from flax import nnx
 
 from jaxft.config.loader import load_config
+from jaxft.data.pipeline import build_dev_batches
+from jaxft.data.tokenizer import Tokenizer
 from jaxft.demo.corpus import build_corpus
 from jaxft.eval.translate import load_run
 from jaxft.peft import sparse
 from jaxft.peft.compose import compose_into
 from jaxft.train.loop import train
+from jaxft.train.step import make_loss_fn
+
+pytestmark = pytest.mark.slow  # ~90 s of CPU: five tiny training runs
 
 SRC, TGT, ENG, DEU = "fra_Latn", "rus_Cyrl", "eng_Latn", "deu_Latn"
 TASK_SRC, TASK_TGT = f"{SRC}-{ENG}", f"{TGT}-{ENG}"  # trained on / zero-shot evaluated on
@@ -62,7 +73,7 @@ def run(tmp: Path, name: str, *, train_sources, dev_sources, steps: int, lr: flo
         "run_dir": str(tmp / name),
         "model": {**MODEL, **(model or {})},
         "data": {"tokenizer": tokenizer or {"train_vocab_size": 512}, "train": train_sources, "dev": dev_sources,
-                 "seq_len": 64},
+                 "seq_len": 128},
         "optimizer": {"lr": lr, "schedule": schedule, "warmup_steps": 0 if lr == 0 else 5, "weight_decay": 0.0},
         "train": {"steps": steps, "global_batch": 8, "log_every": 10, "dev_batches": 2, "progress_bar": False},
         "checkpoint": {"every": 1000, "keep": 1, "async_save": False},
@@ -80,12 +91,12 @@ def run(tmp: Path, name: str, *, train_sources, dev_sources, steps: int, lr: flo
 def recipe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lang_adapt")
     corpus = tmp / "corpus"
-    build_corpus(corpus, n_train=150, n_dev=8, n_test=0, languages=[ENG, DEU, SRC, TGT])
+    build_corpus(corpus, n_train=150, n_dev=16, n_test=0, languages=[ENG, DEU, SRC, TGT])
     dev_task = [text_pairs(corpus, "dev", [TASK_SRC, TASK_TGT])]
 
     # 0. the base theta0: a small "pretrained multilingual model": monolingual LM in all four
     #    languages plus German<->English translation (it has never seen fra->eng or rus->eng).
-    base = run(tmp, "base", steps=120,
+    base = run(tmp, "base", steps=150,
                train_sources=[text_pairs(corpus, "train", [f"{DEU}-{ENG}", f"{ENG}-{DEU}"]),
                               *(mono(corpus, "train", lang, max_examples=60) for lang in (ENG, SRC, TGT))],
                dev_sources=dev_task)
@@ -106,24 +117,41 @@ def recipe(tmp_path_factory):
                peft={"method": "sparse", "sparse": {"phase1_steps": 30, "k": K_TASK},
                      "compose": [str(lang_src.run_dir / "sparse_diff")]})
 
-    # 3. zero-shot transfer: theta0 + d_lang_tgt + d_task; one step at lr 0 so the loop logs the
-    #    composed model's dev loss at step 0 and checkpoints it unchanged.  Also theta0 + d_task alone.
-    def composed(name: str, diffs: list[Path]):
-        return run(tmp, name, steps=1, lr=0.0, schedule="constant", **common,
-                   train_sources=[text_pairs(corpus, "train", [TASK_SRC])], dev_sources=dev_task,
-                   peft={"compose": [str(d) for d in diffs]})
-
+    # 3. zero-shot transfer: theta0 + d_lang_tgt + d_task, built by the trainer's `peft.compose` in a
+    #    one-step run at lr 0: the loop logs the composed model's dev loss at step 0 (`dev_before`)
+    #    and checkpoints it unchanged.
     diffs = {"lang_src": lang_src.run_dir / "sparse_diff", "lang_tgt": lang_tgt.run_dir / "sparse_diff",
              "task": task.run_dir / "sparse_diff"}
-    zero_shot = composed("zero_shot", [diffs["lang_tgt"], diffs["task"]])
-    task_only = composed("task_only", [diffs["task"]])
+    zero_shot = run(tmp, "zero_shot", steps=1, lr=0.0, schedule="constant", **common,
+                    train_sources=[text_pairs(corpus, "train", [TASK_SRC])], dev_sources=dev_task,
+                    peft={"compose": [str(diffs["lang_tgt"]), str(diffs["task"])]})
     losses = {"base": base.dev_after, "base+lang_src": task.dev_before, "base+lang_src+task": task.dev_after,
-              "base+task": task_only.dev_before, "base+lang_tgt+task": zero_shot.dev_before}
+              "base+lang_tgt+task": zero_shot.dev_before}
+    # controls, outside the trainer (cheaper than more runs): the task diff without a language diff
+    losses["base+task"] = composed_dev_losses(base.run_dir, [diffs["task"]], zero_shot.run_dir)
+    losses["base+lang_tgt+task (check)"] = composed_dev_losses(base.run_dir, [diffs["lang_tgt"], diffs["task"]],
+                                                               zero_shot.run_dir)
     print("\ndev loss (nats/target token):")
     for name, d in losses.items():
-        print(f"  {name:20s} {TASK_SRC}: {d[TASK_SRC]:.4f}  {TASK_TGT}: {d[TASK_TGT]:.4f}")
+        print(f"  {name:28s} {TASK_SRC}: {d[TASK_SRC]:.4f}  {TASK_TGT}: {d[TASK_TGT]:.4f}")
     (tmp / "dev_losses.json").write_text(json.dumps(losses, indent=1))
     return {"tmp": tmp, "base": base, "diffs": diffs, "zero_shot": zero_shot, "losses": losses}
+
+
+def composed_dev_losses(base_run: Path, diffs: list[Path], like_run: Path) -> dict[str, float]:
+    """Dev loss per direction of base + diffs on `like_run`'s dev sets, as the loop computes it."""
+    model = load_run(base_run)[0].model
+    compose_into(model, [str(d) for d in diffs])
+    cfg = load_config(like_run / "config.yaml")
+    dev = build_dev_batches(cfg.data, Tokenizer.load(cfg.data.tokenizer.path), batch_size=cfg.train.global_batch,
+                            base_dir=like_run, max_batches=cfg.train.dev_batches)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss_fn = jax.jit(make_loss_fn(graphdef, cfg.train))
+    out = {}
+    for name, batches in dev.items():
+        sums = [loss_fn(params, rest, batch)[1] for batch in batches]
+        out[name] = sum(float(x["loss_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
+    return out
 
 
 def params_of(run_dir: Path) -> nnx.State:
@@ -182,3 +210,6 @@ def test_zero_shot_composition_beats_the_base_on_the_target_language(recipe):
     losses = recipe["losses"]
     assert losses["base+lang_src+task"][TASK_SRC] < losses["base+lang_src"][TASK_SRC]  # the task diff trained
     assert losses["base+lang_tgt+task"][TASK_TGT] < losses["base"][TASK_TGT]  # ... and transfers
+    # the trainer's step-0 dev loss of its `peft.compose` model == composing by hand and evaluating
+    for d in (TASK_SRC, TASK_TGT):
+        assert losses["base+lang_tgt+task"][d] == pytest.approx(losses["base+lang_tgt+task (check)"][d], rel=1e-5)
