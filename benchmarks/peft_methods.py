@@ -16,13 +16,13 @@ steps (Linux: VmHWM after resetting it through /proc/self/clear_refs).  For
 torch that includes AdamW's lazily allocated moments and the grads; jaxft's
 state exists before the window, so its growth is step temporaries only.
 
-    python benchmarks/peft.py [--families decoder,t5 --d-model 512 --layers 4 --vocab 16000
+    python benchmarks/peft_methods.py [--families decoder,t5 --d-model 768 --layers 8 --vocab 32000
                                --batch 4 --seq 128 --steps 5]
 
-The defaults fit a 2-core CPU in a few minutes; the issue's ~100M-parameter
-setting is --d-model 768 --layers 8 --heads 12 --kv-heads 4 --mlp 2048 --vocab 32000
-(for a GPU).  Needs the test extra (torch, transformers, peft).  Prints JSON lines,
-then Markdown rows for benchmarks/RESULTS.md.
+Defaults: ~100M parameters (99.5M LLaMA-style, 90.7M mT5-style with 4+4 layers),
+about 6 minutes on 2 busy CPU cores; --d-model 512 --layers 4 --mlp 1408 --vocab 16000
+(~25M) takes about 2.5.  Needs the test extra (torch, transformers, peft).  Prints
+JSON lines, then Markdown rows for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def bench_jaxft(args, family: str, variant: str) -> dict:
 
     cfg = model_config(args, family)
     targets = (r"(attn|cross)/(q|k|v|o)/kernel$",)  # = PEFT's ["q","k","v","o"] on mT5 (cross-attention too)
-    peft_cfg = {"full": PeftConfig(), "lora": PeftConfig(method="lora", lora=LoraConfig(rank=8, alpha=16.0,
-                                                                                       targets=targets)),
+    lora = LoraConfig(rank=8, alpha=16.0, targets=targets)
+    peft_cfg = {"full": PeftConfig(), "lora": PeftConfig(method="lora", lora=lora),
                 "sparse": PeftConfig(method="sparse", sparse=SparseConfig(k=0.01, mask_type="random"))}[variant]
     opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
     tcfg = TrainConfig(global_batch=args.batch)
@@ -166,13 +166,10 @@ def bench_jaxft(args, family: str, variant: str) -> dict:
         parts = {"params": tree_bytes(s.params), "rest": tree_bytes(s.rest), "opt_state": tree_bytes(s.opt_state),
                  "mask": tree_bytes(s.mask)}
     return {"framework": "jaxft", "step_s": statistics.median(times), "min_step_s": min(times), "times": times,
-            "loss": holder["loss"],
-            "trainable": trainable, "state_bytes": sum(parts.values()), "state_parts": parts,
-            "compile_s": compile_s, "peak_rss_delta_bytes": rss_delta, "peak_rss_bytes": rss_peak(),
-            "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
-            "argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem else None,
-            "output_bytes": getattr(mem, "output_size_in_bytes", None) if mem else None,
-            "alias_bytes": getattr(mem, "alias_size_in_bytes", None) if mem else None}
+            "loss": holder["loss"], "trainable": trainable, "state_bytes": sum(parts.values()),
+            "state_parts": parts, "compile_s": compile_s, "peak_rss_delta_bytes": rss_delta,
+            "peak_rss_bytes": rss_peak(), **{f"{k}_bytes": getattr(mem, f"{k}_size_in_bytes", None)
+                                             for k in ("temp", "argument", "output", "alias")}}
 
 
 def torch_worker(args, family: str, variant: str) -> dict:
@@ -199,8 +196,6 @@ def torch_worker(args, family: str, variant: str) -> dict:
                            decoder_start_token_id=0, pad_token_id=0)
         model, targets = MT5ForConditionalGeneration(hf_cfg), ["q", "k", "v", "o"]
     if variant == "hf-lora":
-        here = os.path.dirname(os.path.abspath(__file__))  # this file is peft.py: let `import peft` find the library
-        sys.path[:] = [q for q in sys.path if os.path.abspath(q or ".") != here]
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
@@ -227,15 +222,15 @@ def torch_worker(args, family: str, variant: str) -> dict:
     opt_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                     if torch.is_tensor(t))
     return {"framework": "torch", "step_s": statistics.median(times), "min_step_s": min(times), "times": times,
-            "loss": holder["loss"],
-            "trainable": sum(p.numel() for p in params), "state_bytes": param_bytes + opt_bytes,
+            "loss": holder["loss"], "trainable": sum(p.numel() for p in params), "state_bytes": param_bytes + opt_bytes,
             "state_parts": {"params": param_bytes, "opt_state": opt_bytes}, "peak_rss_delta_bytes": rss_delta,
             "peak_rss_bytes": rss_peak()}
 
 
-def run_torch(family: str, variant: str) -> dict:
+def run_torch(args, family: str, variant: str) -> dict:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", f"{family}:{variant}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **({} if args.omp_wait == "default" else {"OMP_WAIT_POLICY": args.omp_wait.upper()}))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{family}:{variant} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -253,17 +248,19 @@ def row(r: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--families", default="decoder,t5")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4, help="decoder layers; t5 gets layers/2 encoder + layers/2 decoder")
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--layers", type=int, default=8, help="decoder layers; t5 gets layers/2 encoder + layers/2 decoder")
+    p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4, help="decoder family only (t5 is multi-head)")
-    p.add_argument("--mlp", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=16000)
+    p.add_argument("--mlp", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="target length (t5: source length too)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--omp-wait", choices=("passive", "active", "default"), default="passive",
+                   help="torch's OMP_WAIT_POLICY: OpenMP's spin-waiting collapses (10x) on a shared, busy CPU")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -281,7 +278,7 @@ def main() -> None:
         model = (f"{param_count(cfg) / 1e6:.1f}M {'llama' if family == 'decoder' else 'mt5'}, "
                  f"b{args.batch}x{args.seq} fp32 AdamW")
         results = {v: bench_jaxft(args, family, v) for v in JAX_VARIANTS}
-        results.update({v: run_torch(family, v) for v in HF_VARIANTS})
+        results.update({v: run_torch(args, family, v) for v in HF_VARIANTS})
         hf_lora = results["hf-lora"]["step_s"]
         for variant, r in results.items():
             r.update(date=time.strftime("%Y-%m-%d"), machine=machine, model=model, family=family, variant=variant,
