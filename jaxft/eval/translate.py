@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import jax
 from flax import nnx
 
 from jaxft.config.loader import load_config
@@ -108,11 +107,11 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
     the best one kept by evaluation during training)."""
     from jaxft.sharding import make_mesh, use_mesh
     from jaxft.train.checkpoint import Checkpointer
-    from jaxft.train.initial import initial_state, merge_restored
+    from jaxft.train.initial import checkpointed_part, initial_state, merge_restored
     from jaxft.train.loop import prepare_tokenizer
     from jaxft.peft import l1_strength
     from jaxft.train.optim import make_optimizer
-    from jaxft.train.state import make_init_fn, state_shardings
+    from jaxft.train.state import make_init_fn, sharded_abstract
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -123,11 +122,8 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn)
-        shardings = state_shardings(abstract, mesh)
-        from jaxft.train.initial import checkpointed_part
-        target = checkpointed_part(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                                abstract, shardings), cfg)
+        abstract, shardings = sharded_abstract(init_fn, mesh)
+        target = checkpointed_part(abstract, cfg)
         ckpt = Checkpointer(run_dir / ("best" if which == "best" else "checkpoints"), cfg.checkpoint)
         restored = ckpt.restore_latest(target)
         ckpt.close()

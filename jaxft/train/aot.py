@@ -17,7 +17,7 @@ from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.peft import l1_strength
 from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import make_init_fn, state_shardings
+from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
 
 
@@ -27,9 +27,7 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn)
-        shardings = state_shardings(abstract, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
         keys = model_input_keys(cfg.model)
         step = jit_train_step(make_train_step(graphdef, tx, cfg.train, schedule, keys), shardings, bsharding)

@@ -30,7 +30,7 @@ from jaxft.train.evaluation import BestKeeper
 from jaxft.train.metrics import MetricsWriter, Progress, device_peak_flops, read_jsonl
 from jaxft.peft import l1_strength
 from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import count_params, make_init_fn, state_shardings
+from jaxft.train.state import count_params, make_init_fn, sharded_abstract
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,9 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None) -> Trai
     sparse = cfg.peft.method == "sparse"
 
     with use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn)
-        shardings = state_shardings(abstract, mesh)
+        abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
-        restored = ckpt.restore_latest(initial.checkpointed_part(jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), cfg))
+        restored = ckpt.restore_latest(initial.checkpointed_part(abstract, cfg))
         seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
             if is_encoder_decoder(cfg.model) else {}
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,

@@ -120,6 +120,14 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def sharded_abstract(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of the state
+    `init_fn` builds: the restore target of a checkpoint and the input of AOT lowering."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = state_shardings(abstract, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
+
+
 def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
     """Sharded initialisation: abstract shapes -> shardings -> jitted init.
     No host ever materialises the full parameters.  Returns (state, shardings)."""
