@@ -372,3 +372,15 @@ class DecodeCache:
         return dataclasses.replace(self, layers=kv(self.layers), segment_ids_BS=rep(self.segment_ids_BS),
                                    positions_BS=rep(self.positions_BS), cross=kv(self.cross),
                                    enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
+
+
+def encoder_decoder_cache(layers, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int, dtype,
+                          project_kv) -> DecodeCache:
+    """Empty self-attention cache for ``max_len`` decoder tokens over the decoder
+    ``layers``, plus each layer's cross-attention k/v projected once from the
+    encoder output by ``project_kv(layer, enc_BSD) -> (k, v)`` (T5 and BART)."""
+    B = enc_BSD.shape[0]
+    _, H, K = layers[0].attn.k.kernel.shape
+    self_kv = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers)
+    cross = tuple(KVCache.of(*project_kv(layer, enc_BSD)) for layer in layers)
+    return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))

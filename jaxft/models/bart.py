@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask
+from jaxft.models.attention import (DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask,
+                                    encoder_decoder_cache)
 from jaxft.models.layers import MLP, Embed, Linear, make_norm, normal_param
 from jaxft.sharding import constrain
 
@@ -339,12 +340,8 @@ class Bart(nnx.Module):
     def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
         """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
         cross-attention k/v projected once from the encoder output."""
-        B = enc_BSD.shape[0]
-        _, H, K = self.decoder.layers[0].attn.k.kernel.shape
-        layers = tuple(KVCache.zeros(B, max_len, H, K, self.dtype) for _ in self.decoder.layers)
-        cross = tuple(KVCache.of(*layer.cross.project_kv(enc_BSD)) for layer in self.decoder.layers)
-        return DecodeCache.empty(layers, B, max_len, cross=cross,
-                                 enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))
+        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype,
+                                     lambda layer, e: layer.cross.project_kv(e))
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                     segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
