@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -108,3 +108,46 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical))
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Make `spec` valid for `shape`: a spec of another rank (e.g. Adafactor's
+    factored moments, which inherit their parameter's metadata) is replicated,
+    and a mesh axis that does not divide its dimension (a vocabulary of 32001
+    over tensor=2) is dropped for that dimension."""
+    if len(spec) > len(shape):
+        return P()
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % size == 0 else None)
+    return P(*out)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process sharded) array or nnx Variable as one host numpy array.
+    Every process must call this for a non-addressable array (it is a collective)."""
+    if isinstance(x, nnx.Variable):
+        x = x.get_value()
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def tree_shardings(abstract: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of an abstract pytree of nnx Variables (a model's
+    state, or a train state whose optimizer moments inherit their parameter's
+    logical axes), from the logical axis metadata, fitted to each leaf's shape."""
+    specs = nnx.get_partition_spec(abstract)
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), specs, abstract,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def sharded_abstract(fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of what `fn()`
+    builds: the restore target of a checkpoint and the input of AOT lowering."""
+    abstract = jax.eval_shape(fn)
+    shardings = tree_shardings(abstract, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings

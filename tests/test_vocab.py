@@ -12,7 +12,7 @@ from jaxft.data.tokenizer import train_tokenizer
 from jaxft.data.vocab import extend_tokenizer, lang_tag_pieces, t5_sentinel_pieces
 from jaxft.models.layers import Embed
 from jaxft.models.registry import build_model
-from jaxft.models.vocab import extend_embeddings
+from jaxft.models.embedding_resize import extend_embeddings
 
 WORDS = "the a cat dog house runs blue green quick slow river Haus Katze blau".split()
 

@@ -87,7 +87,7 @@ class Seq2SeqFeaturizer:
             raise DataError(
                 f"data.lang_tokens: {self.cfg.lang_tokens}: {what} {piece!r} is not a piece of tokenizer "
                 f"{self.tokenizer.path} ({self.key}); add it with jaxft.data.vocab.extend_tokenizer "
-                f"and grow the model with jaxft.models.vocab.extend_embeddings")
+                f"and grow the model with jaxft.models.embedding_resize.extend_embeddings")
         return i
 
     def _prefixes(self, source: SourceConfig) -> tuple[list[int], list[int]]:

@@ -2,7 +2,7 @@
 ``<mask>`` / sentinels, or new languages, appended to a SentencePiece model.
 
 Appending keeps every existing id, so a pretrained model only needs new
-embedding rows (``jaxft.models.vocab.extend_embeddings``) and a model config
+embedding rows (``jaxft.models.embedding_resize.extend_embeddings``) and a model config
 with ``vocab_size`` >= the new tokenizer's size.  The new pieces are
 USER_DEFINED: SentencePiece always encodes them as one piece, wherever they
 occur in the text.

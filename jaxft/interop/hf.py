@@ -29,7 +29,7 @@ from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
 from jaxft.models.registry import build_model
-from jaxft.sharding import use_mesh
+from jaxft.sharding import fit_spec, to_host, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[list, dict[str, NamedSharding]]:
     """``(flat abstract Param state, {path: NamedSharding})`` of ``build_model(cfg)``; no memory used."""
-    from jaxft.train.state import fit_spec
 
     def build():
         return build_model(cfg, rngs=nnx.Rngs(0))
@@ -222,15 +221,6 @@ def init_params_from(spec: str, cfg: ModelConfig, mesh: Mesh | None) -> nnx.Stat
 # --------------------------------------------------------------------------- export
 
 
-def _to_host(x: Any) -> np.ndarray:
-    if isinstance(x, nnx.Variable):
-        x = x.get_value()
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
             max_shard_size: int | str = "2GB", dtype: Any = None, model_type: str | None = None,
             extra_config: dict | None = None) -> Path:
@@ -243,7 +233,7 @@ def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenize
     its bos/eos/pad ids written.  Every process must call this (arrays are
     gathered one at a time); only process 0 writes.
     """
-    from jaxft.interop.tokenizer import copy_tokenizer, special_token_ids
+    from jaxft.interop.hf_tokenizer import copy_tokenizer, special_token_ids
 
     out_dir = Path(out_dir)
     family = family_for_model(cfg, model_type)
@@ -261,7 +251,7 @@ def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenize
 
     def hf_tensors():
         for t in tensors:
-            yield t.hf, np.asarray(t.to_hf(*(_to_host(flat[p]) for p in t.ours)), dtype=np_dtype)
+            yield t.hf, np.asarray(t.to_hf(*(to_host(flat[p]) for p in t.ours)), dtype=np_dtype)
 
     if jax.process_index() != 0:
         for _ in hf_tensors():  # take part in the gathers

@@ -1,15 +1,13 @@
-"""Self-attention: masks, RoPE (plain / linear / llama3 / yarn), ALiBi, GQA.
+"""Self-attention: RoPE (plain / linear / llama3 / yarn), ALiBi, GQA.
 
 The pieces are split so a KV cache slots in between them:
 
-- ``Attention`` (module) projects x to q/k/v, applies RoPE, calls ``attend``
-  and projects back;
+- ``Attention`` (module) projects x to q/k/v, applies RoPE, optionally writes
+  k/v to a ``KVCache`` and reads all cached slots, calls ``attend`` and
+  projects back: the full forward and incremental decoding are one code path;
 - ``attend(q, k, v, mask, bias)`` is the pure attention function;
-- ``attention_mask(...)`` builds the boolean mask from segment ids and token
-  indices (causal + same segment).
-
-- ``KVCache`` / ``DecodeCache`` hold keys and values for incremental decoding
-  (``Attention.extend`` writes the new tokens' k/v and attends to the cache).
+- the masks live in ``jaxft.models.masks`` and the caches (``KVCache``,
+  ``DecodeCache``) in ``jaxft.models.cache``; both are re-exported here.
 
 Shapes: B batch, L query length, S key length, H query heads, G kv heads,
 R = H // G heads per kv group, K head_dim, D d_model.
@@ -17,7 +15,6 @@ R = H // G heads per kv group, K head_dim, D d_model.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -26,60 +23,17 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig, RopeScalingConfig
-from jaxft.models.layers import Linear, softcap
+from jaxft.models.cache import CACHE_AXES, DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.layers import HEADS, Linear, softcap
+from jaxft.models.masks import (attention_mask, bidirectional_segment_mask, causal_segment_mask,
+                                cross_attention_mask, is_local_layer, sliding_window_mask)
 from jaxft.sharding import constrain
 
-# --------------------------------------------------------------------------- masks
-
-
-def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array,
-                   q_index_BL: jax.Array, kv_index_BS: jax.Array) -> jax.Array:
-    """mask_B1LS: query i sees key j iff j <= i (by index) and both share a segment id.
-
-    Padding (segment 0) is just one more segment: a padding token sees only
-    earlier padding, never a real token, and no row is ever fully masked
-    (the diagonal is always allowed), so no NaNs and no leakage.
-    """
-    same_BLS = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
-    causal_BLS = q_index_BL[:, :, None] >= kv_index_BS[:, None, :]
-    return (same_BLS & causal_BLS)[:, None, :, :]
-
-
-def cross_attention_mask(dec_segment_ids_BL: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
-    """mask_B1LS for encoder-decoder cross-attention over packed rows.
-
-    A real decoder token (segment k > 0) sees exactly the encoder tokens of
-    segment k.  A decoder padding token (segment 0) sees every encoder token:
-    its output has zero loss weight and no real token attends to it, so this
-    only keeps its softmax row from being fully masked.
-    """
-    same_BLS = (dec_segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]) & (
-        enc_segment_ids_BS[:, None, :] > 0)
-    pad_BL1 = (dec_segment_ids_BL == 0)[:, :, None]
-    return (same_BLS | pad_BL1)[:, None, :, :]
-
-
-def causal_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """Training-time mask over a full (packed) sequence: mask_B1LL."""
-    idx_BL = jnp.broadcast_to(jnp.arange(segment_ids_BL.shape[1]), segment_ids_BL.shape)
-    return attention_mask(segment_ids_BL, segment_ids_BL, idx_BL, idx_BL)
-
-
-def sliding_window_mask(mask_B1LS: jax.Array, q_positions_BL: jax.Array, kv_positions_BS: jax.Array,
-                        window: int) -> jax.Array:
-    """Restrict ``mask_B1LS`` to keys less than ``window`` positions back (Gemma 2 local layers).
-
-    Works on positions, so it composes with the causal + segment mask of packed
-    rows (positions restart per segment); the diagonal stays allowed.
-    """
-    near_BLS = (q_positions_BL[:, :, None] - kv_positions_BS[:, None, :]) < window
-    return mask_B1LS & near_BLS[:, None, :, :]
-
-
-def is_local_layer(layer: int, window: int | None, pattern: int) -> bool:
-    """Sliding-window layers: every layer but each ``pattern``-th (HF Gemma 2: the even ones)."""
-    return window is not None and (layer + 1) % pattern != 0
-
+__all__ = ["CACHE_AXES", "Attention", "DecodeCache", "KVCache", "alibi_bias", "alibi_slopes", "apply_rope",
+           "attend", "attention_mask", "bidirectional_segment_mask", "causal_segment_mask",
+           "cross_attention_mask", "encoder_decoder_cache", "is_local_layer", "rope_inv_freq",
+           "sliding_window_mask"]
+KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
 
 # --------------------------------------------------------------------------- RoPE
 
@@ -231,34 +185,19 @@ class Attention(nnx.Module):
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array) -> jax.Array:
-        q_BLHK = constrain(self.q(x_BLD), ("batch", "length", "heads", "head_dim"))
-        k_BLGK = constrain(self.k(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
-        v_BLGK = constrain(self.v(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
-        bias_BHLL = None
-        if self.position == "rope":
-            inv_freq = np.asarray(self.rope_inv_freq)
-            q_BLHK = apply_rope(q_BLHK, positions_BL, inv_freq, self.rope_factor)
-            k_BLGK = apply_rope(k_BLGK, positions_BL, inv_freq, self.rope_factor)
-        elif self.position == "alibi":
-            bias_BHLL = alibi_bias(positions_BL, positions_BL, self.n_heads)
-        elif self.position != "none":
-            raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
-        out_BLHK = attend(q_BLHK, k_BLGK, v_BLGK, mask_B1LS=mask_B1LL, bias_BHLS=bias_BHLL,
-                          logit_softcap=self.logit_softcap, scale=self.scale)
-        out_BLHK = constrain(out_BLHK, ("batch", "length", "heads", "head_dim"))
-        return self.o(out_BLHK)
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
+                 mask_B1LS: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention of the L tokens x_BLD -> (out_BLD, cache).
 
-    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
-               mask_B1LS: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Incremental decoding: write the L new tokens' k/v at slot ``index`` of ``cache``,
-        then attend their queries to all S cached slots (``mask_B1LS`` says which count).
-
-        ``kv_positions_BS`` are the token positions of the cache slots (ALiBi needs them).
+        Full forward: no ``cache``; the keys are the L tokens themselves (``kv_positions_BS``
+        = ``positions_BL``).  Incremental decoding: the tokens' k/v are written at slot
+        ``index`` of ``cache`` and the queries attend to all S cached slots, whose token
+        positions are ``kv_positions_BS`` (ALiBi needs them); ``mask_B1LS`` says which count.
         """
-        q_BLHK = constrain(self.q(x_BLD), ("batch", "length", "heads", "head_dim"))
-        k_BLGK = constrain(self.k(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
-        v_BLGK = constrain(self.v(x_BLD), ("batch", "length", "kv_heads", "head_dim"))
+        q_BLHK = constrain(self.q(x_BLD), HEADS)
+        k_BLGK = constrain(self.k(x_BLD), KV_HEADS)
+        v_BLGK = constrain(self.v(x_BLD), KV_HEADS)
         bias_BHLS = None
         if self.position == "rope":
             inv_freq = np.asarray(self.rope_inv_freq)
@@ -266,121 +205,9 @@ class Attention(nnx.Module):
             k_BLGK = apply_rope(k_BLGK, positions_BL, inv_freq, self.rope_factor)
         elif self.position == "alibi":
             bias_BHLS = alibi_bias(positions_BL, kv_positions_BS, self.n_heads)
-        cache = cache.write(k_BLGK, v_BLGK, index)
-        out_BLHK = attend(q_BLHK, cache.k, cache.v, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
+        elif self.position != "none":
+            raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
+        k_BSGK, v_BSGK, cache = through_cache(k_BLGK, v_BLGK, cache, index)
+        out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
                           logit_softcap=self.logit_softcap, scale=self.scale)
-        out_BLHK = constrain(out_BLHK, ("batch", "length", "heads", "head_dim"))
-        return self.o(out_BLHK), cache
-
-
-# --------------------------------------------------------------------------- KV cache
-
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """One attention layer's keys and values, k_BSGK / v_BSGK, in the compute dtype.
-
-    A plain pytree (not NNX state): it is carried through ``lax.while_loop`` and
-    gathered along the batch axis by beam search.  Sharded by logical axes:
-    batch over the data axes, kv heads over ``tensor``.
-    """
-
-    k: jax.Array
-    v: jax.Array
-
-    @classmethod
-    def zeros(cls, batch: int, length: int, heads: int, head_dim: int, dtype) -> KVCache:
-        zeros = constrain(jnp.zeros((batch, length, heads, head_dim), dtype), CACHE_AXES)
-        return cls(zeros, zeros)
-
-    @classmethod
-    def of(cls, k_BSGK: jax.Array, v_BSGK: jax.Array) -> KVCache:
-        return cls(constrain(k_BSGK, CACHE_AXES), constrain(v_BSGK, CACHE_AXES))
-
-    def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
-        """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
-        k = jax.lax.dynamic_update_slice_in_dim(self.k, k_BLGK.astype(self.k.dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(self.v, v_BLGK.astype(self.v.dtype), index, axis=1)
-        return KVCache.of(k, v)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeCache:
-    """Everything a model needs to decode one more token, for every layer.
-
-    - ``layers``: self-attention ``KVCache`` per decoder layer, S = max total length;
-    - ``segment_ids_BS``: 1 where a slot holds a real token, 0 for an empty slot or
-      (decoder-only) a left-padding slot of the prompt; ``positions_BS``: each
-      slot's token position (RoPE is applied before caching; ALiBi and T5's
-      relative bias are functions of query and key positions);
-    - ``index``: int32 scalar, the next slot to write; all rows write the same
-      slot, so prompts are left-aligned to a common end (see ``jaxft.eval.cache``);
-    - encoder-decoder only: ``cross`` (cross-attention k/v per layer, projected once
-      from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding).
-    """
-
-    layers: tuple[KVCache, ...]
-    segment_ids_BS: jax.Array
-    positions_BS: jax.Array
-    index: jax.Array
-    cross: tuple[KVCache, ...] = ()
-    enc_segment_ids_BS: jax.Array | None = None
-
-    @classmethod
-    def empty(cls, layers: tuple[KVCache, ...], batch: int, length: int, **cross) -> DecodeCache:
-        zeros_BS = constrain(jnp.zeros((batch, length), jnp.int32), ("batch", "length"))
-        return cls(tuple(layers), zeros_BS, zeros_BS, jnp.zeros((), jnp.int32), **cross)
-
-    def advance(self, positions_BL: jax.Array,
-                segment_ids_BL: jax.Array) -> tuple[DecodeCache, jax.Array, jax.Array]:
-        """Record L new tokens at ``index``; returns (cache with index += L, the self-attention
-        mask_B1LS of the new queries over all slots, kv_positions_BS).
-
-        The layers' k/v are written by the caller (``Attention.extend`` and friends), at the
-        *old* ``index``.  Causality is by slot, so empty slots ahead are never seen.
-        """
-        L, S = positions_BL.shape[1], self.positions_BS.shape[1]
-        seg_BS = jax.lax.dynamic_update_slice_in_dim(
-            self.segment_ids_BS, segment_ids_BL.astype(jnp.int32), self.index, axis=1)
-        pos_BS = jax.lax.dynamic_update_slice_in_dim(
-            self.positions_BS, positions_BL.astype(jnp.int32), self.index, axis=1)
-        q_slot_BL = jnp.broadcast_to(self.index + jnp.arange(L, dtype=jnp.int32), positions_BL.shape)
-        kv_slot_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), pos_BS.shape)
-        mask_B1LS = attention_mask(segment_ids_BL, seg_BS, q_slot_BL, kv_slot_BS)
-        new = dataclasses.replace(self, segment_ids_BS=seg_BS, positions_BS=pos_BS, index=self.index + L)
-        return new, mask_B1LS, pos_BS
-
-    def with_layers(self, layers: list[KVCache] | tuple[KVCache, ...]) -> DecodeCache:
-        return dataclasses.replace(self, layers=tuple(layers))
-
-    def gather_rows(self, rows_B: jax.Array) -> DecodeCache:
-        """Reorder the batch rows of the self-attention state (beam search).  ``cross`` and
-        ``enc_segment_ids_BS`` are left alone: beams only move within their own input."""
-        take = lambda a: jnp.take(a, rows_B, axis=0)  # noqa: E731
-        layers = tuple(KVCache.of(take(c.k), take(c.v)) for c in self.layers)
-        return dataclasses.replace(self, layers=layers, segment_ids_BS=take(self.segment_ids_BS),
-                                   positions_BS=take(self.positions_BS))
-
-    def repeat_rows(self, n: int) -> DecodeCache:
-        """Each row n times in a row (``jnp.repeat``): one copy per beam / sample."""
-        rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
-        kv = lambda cs: tuple(KVCache.of(rep(c.k), rep(c.v)) for c in cs)  # noqa: E731
-        return dataclasses.replace(self, layers=kv(self.layers), segment_ids_BS=rep(self.segment_ids_BS),
-                                   positions_BS=rep(self.positions_BS), cross=kv(self.cross),
-                                   enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
-
-
-def encoder_decoder_cache(layers, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int, dtype,
-                          project_kv) -> DecodeCache:
-    """Empty self-attention cache for ``max_len`` decoder tokens over the decoder
-    ``layers``, plus each layer's cross-attention k/v projected once from the
-    encoder output by ``project_kv(layer, enc_BSD) -> (k, v)`` (T5 and BART)."""
-    B = enc_BSD.shape[0]
-    _, H, K = layers[0].attn.k.kernel.shape
-    self_kv = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers)
-    cross = tuple(KVCache.of(*project_kv(layer, enc_BSD)) for layer in layers)
-    return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))
+        return self.o(constrain(out_BLHK, HEADS)), cache

@@ -47,36 +47,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import (DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask,
-                                    encoder_decoder_cache)
-from jaxft.models.layers import MLP, Embed, Linear, make_norm, normal_param
+from jaxft.models.attention import attend
+from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
+                                 mlp_from_config, norm_from_config, normal_param, remat_call)
+from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
 from jaxft.sharding import constrain
 
-ACT = ("batch", "length", "embed")
-HEADS = ("batch", "length", "heads", "head_dim")
 POSITIONS = ("learned", "sinusoidal")
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
-
-def _norm(cfg: ModelConfig):
-    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
-                     param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
-
-
-# --------------------------------------------------------------------------- masks and positions
-
-
-def bidirectional_segment_mask(segment_ids_BS: jax.Array) -> jax.Array:
-    """Encoder self-attention mask_B1SS: token i sees token j iff they share a segment id.
-
-    Padding (segment 0) sees only padding, never a real token, so no row is
-    fully masked (no NaNs) and no real token sees padding.
-    """
-    return (segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :])[:, None, :, :]
+# --------------------------------------------------------------------------- positions
 
 
 def sinusoidal_positions(positions_BL: jax.Array, features: int, offset: int) -> jax.Array:
@@ -114,8 +94,9 @@ class LearnedPositions(nnx.Module):
 class MultiHeadAttention(nnx.Module):
     """q/k/v/o projections around ``attend``; self- or cross-attention.
 
-    Split into ``project_q`` / ``project_kv`` / ``attend_out`` so a KV cache can
-    store k/v (self: per step; cross: once per encoder output).
+    ``kv`` projects keys/values (cross: once per encoder output), ``attend``
+    attends a query stream to given keys/values, ``__call__`` is self-attention
+    with or without a KV cache.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -129,86 +110,67 @@ class MultiHeadAttention(nnx.Module):
         self.o = Linear((H, K), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                         use_bias=cfg.attn_out_bias, **kw)
 
-    def project_q(self, x_BLD: jax.Array) -> jax.Array:
-        return constrain(self.q(x_BLD), HEADS)
-
-    def project_kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values k_BSHK, v_BSHK of a stream (what a KV cache stores)."""
         return constrain(self.k(x_BSD), HEADS), constrain(self.v(x_BSD), HEADS)
 
-    def attend_out(self, q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array,
-                   mask_B1LS: jax.Array) -> jax.Array:
+    def attend(self, x_BLD: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+        """Queries from x_BLD attend to the given keys/values; returns out_BLD."""
+        q_BLHK = constrain(self.q(x_BLD), HEADS)
         # HF scales q by head_dim**-0.5 before q @ k^T: attend's default scale, same math.
         out_BLHK = constrain(attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS), HEADS)
         return constrain(self.o(out_BLHK), ACT)
 
-    def __call__(self, x_BLD: jax.Array, kv_BSD: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
-        k_BSHK, v_BSHK = self.project_kv(kv_BSD)
-        return self.attend_out(self.project_q(x_BLD), k_BSHK, v_BSHK, mask_B1LS)
-
-
-def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
-    return MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
-               init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
-               dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention of x_BLD -> (out_BLD, cache).  Full forward: no ``cache``, the keys
+        are x's own.  Decoding: x's k/v are written at slot ``index`` of ``cache`` and the
+        queries attend to all its slots."""
+        k_BSHK, v_BSHK, cache = through_cache(*self.kv(x_BLD), cache, index)
+        return self.attend(x_BLD, k_BSHK, v_BSHK, mask_B1LS), cache
 
 
 # --------------------------------------------------------------------------- layers
 
 
-class EncoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = _norm(cfg)
+class Layer(nnx.Module):
+    """``x + attn(norm x)`` [``+ cross(norm x, enc)``, decoder] ``+ mlp(norm x)``."""
+
+    def __init__(self, cfg: ModelConfig, *, decoder: bool, rngs: nnx.Rngs):
+        self.attn_norm = norm_from_config(cfg)
         self.attn = MultiHeadAttention(cfg, rngs=rngs)
-        self.mlp_norm = _norm(cfg)
-        self.mlp = _mlp(cfg, rngs)
+        self.cross_norm = norm_from_config(cfg) if decoder else None
+        self.cross = MultiHeadAttention(cfg, rngs=rngs) if decoder else None
+        self.mlp_norm = norm_from_config(cfg)
+        self.mlp = mlp_from_config(cfg, rngs)
 
-    def __call__(self, x_BSD: jax.Array, mask_B1SS: jax.Array) -> jax.Array:
-        h_BSD = self.attn_norm(x_BSD)
-        x_BSD = constrain(x_BSD + self.attn(h_BSD, h_BSD, mask_B1SS), ACT)
-        return constrain(x_BSD + self.mlp(self.mlp_norm(x_BSD)), ACT)
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = _norm(cfg)
-        self.attn = MultiHeadAttention(cfg, rngs=rngs)
-        self.cross_norm = _norm(cfg)
-        self.cross = MultiHeadAttention(cfg, rngs=rngs)
-        self.mlp_norm = _norm(cfg)
-        self.mlp = _mlp(cfg, rngs)
-
-    def __call__(self, x_BLD: jax.Array, mask_B1LL: jax.Array, enc_BSD: jax.Array,
-                 cross_mask_B1LS: jax.Array) -> jax.Array:
-        h_BLD = self.attn_norm(x_BLD)
-        x_BLD = constrain(x_BLD + self.attn(h_BLD, h_BLD, mask_B1LL), ACT)
-        x_BLD = constrain(x_BLD + self.cross(self.cross_norm(x_BLD), enc_BSD, cross_mask_B1LS), ACT)
-        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT)
-
-    def extend(self, x_BLD: jax.Array, mask_B1LS: jax.Array, cache: KVCache, index: jax.Array,
-               cross: KVCache, cross_mask_B1LS: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Incremental decoding: self-attention writes/reads ``cache``; cross-attention reads
-        the encoder k/v ``cross`` projected once."""
-        h_BLD = self.attn_norm(x_BLD)
-        cache = cache.write(*self.attn.project_kv(h_BLD), index)
-        x_BLD = constrain(x_BLD + self.attn.attend_out(self.attn.project_q(h_BLD), cache.k, cache.v,
-                                                       mask_B1LS), ACT)
-        q_BLHK = self.cross.project_q(self.cross_norm(x_BLD))
-        x_BLD = constrain(x_BLD + self.cross.attend_out(q_BLHK, cross.k, cross.v, cross_mask_B1LS), ACT)
+    def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, enc_BSD: jax.Array | None = None,
+                 cross_mask_B1LS: jax.Array | None = None, cache: KVCache | None = None,
+                 index: jax.Array | None = None, cross: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The residual block -> (x_BLD, cache).  Full forward: no ``cache``, cross-attention
+        projects k/v from ``enc_BSD``.  Incremental decoding: self-attention writes/reads
+        ``cache``, cross-attention reads the encoder k/v ``cross`` projected once."""
+        h_BLD, cache = self.attn(self.attn_norm(x_BLD), mask_B1LS, cache, index)
+        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        if self.cross is not None:
+            k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else (cross.k, cross.v)
+            h_BLD = self.cross.attend(self.cross_norm(x_BLD), k_BSHK, v_BSHK, cross_mask_B1LS)
+            x_BLD = constrain(x_BLD + h_BLD, ACT)
         return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
 
 
-def _layer_call(layer, x, *args):
-    return layer(x, *args)
+def _layer_call(layer: Layer, x_BLD: jax.Array, *args) -> jax.Array:
+    return layer(x_BLD, *args)[0]
 
 
 class Stack(nnx.Module):
     """Positions + (embed_norm) + layers + final_norm: the encoder or the decoder."""
 
-    def __init__(self, cfg: ModelConfig, layer_cls: type, n_layers: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, n_layers: int, *, decoder: bool, rngs: nnx.Rngs):
         self.pos_embed = LearnedPositions(cfg, rngs=rngs) if cfg.position == "learned" else None
-        self.embed_norm = _norm(cfg) if cfg.embed_norm else None
-        self.layers = nnx.List([layer_cls(cfg, rngs=rngs) for _ in range(n_layers)])
-        self.final_norm = _norm(cfg)
+        self.embed_norm = norm_from_config(cfg) if cfg.embed_norm else None
+        self.layers = nnx.List([Layer(cfg, decoder=decoder, rngs=rngs) for _ in range(n_layers)])
+        self.final_norm = norm_from_config(cfg)
         self.position_offset, self.d_model = cfg.position_offset, cfg.d_model
         self.remat, self.dtype = cfg.remat, jnp.dtype(cfg.dtype)
 
@@ -227,24 +189,13 @@ class Stack(nnx.Module):
         return constrain(x_BLD, ACT)
 
     def __call__(self, x_BLD: jax.Array, *layer_args) -> jax.Array:
-        layer_call = _layer_call
-        if self.remat != "none":
-            layer_call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
+        layer_call = remat_call(_layer_call, self.remat)
         for layer in self.layers:
             x_BLD = layer_call(layer, x_BLD, *layer_args)
         return constrain(self.final_norm(x_BLD), ACT)
 
 
 # --------------------------------------------------------------------------- model
-
-
-def _default_positions(ids_BL: jax.Array, positions_BL, segment_ids_BL):
-    B, L = ids_BL.shape
-    if positions_BL is None:
-        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    if segment_ids_BL is None:
-        segment_ids_BL = jnp.ones((B, L), jnp.int32)
-    return positions_BL, segment_ids_BL
 
 
 class Bart(nnx.Module):
@@ -268,14 +219,13 @@ class Bart(nnx.Module):
         if cfg.dim_per_head * cfg.n_heads != cfg.d_model:
             raise ValueError(f"model.head_dim: bart needs n_heads * head_dim == d_model, got "
                              f"{cfg.n_heads} * {cfg.dim_per_head} != {cfg.d_model}")
-        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat: unknown {cfg.remat!r}; known: none, {', '.join(REMAT_POLICIES)}")
+        check_remat(cfg.remat)
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, param_dtype=pdt,
                            dtype=dt, rngs=rngs)
-        self.encoder = Stack(cfg, EncoderLayer, cfg.n_layers, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.n_layers, decoder=False, rngs=rngs)
         n_dec = cfg.n_layers if cfg.n_decoder_layers is None else cfg.n_decoder_layers
-        self.decoder = Stack(cfg, DecoderLayer, n_dec, rngs=rngs)
+        self.decoder = Stack(cfg, n_dec, decoder=True, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.d_model,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
             init_std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
@@ -312,17 +262,16 @@ class Bart(nnx.Module):
     def encode(self, enc_inputs_BS: jax.Array, enc_positions_BS: jax.Array | None = None,
                enc_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         """Source ids -> encoder output enc_BSD (after the encoder's final norm)."""
-        enc_positions_BS, enc_segment_ids_BS = _default_positions(
-            enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
+        enc_positions_BS, enc_segment_ids_BS = default_positions(
+            enc_inputs_BS.shape, enc_positions_BS, enc_segment_ids_BS)
         return self.encode_embedded(self.embed_tokens(enc_inputs_BS), enc_positions_BS,
                                     enc_segment_ids_BS)
 
     def decode(self, inputs_BL: jax.Array, positions_BL: jax.Array | None, segment_ids_BL: jax.Array | None,
                enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         """Decoder inputs + encoder output -> float32 logits_BLV."""
-        positions_BL, segment_ids_BL = _default_positions(inputs_BL, positions_BL, segment_ids_BL)
-        if enc_segment_ids_BS is None:
-            enc_segment_ids_BS = jnp.ones(enc_BSD.shape[:2], jnp.int32)
+        positions_BL, segment_ids_BL = default_positions(inputs_BL.shape, positions_BL, segment_ids_BL)
+        enc_segment_ids_BS = default_segment_ids(enc_BSD.shape, enc_segment_ids_BS)
         return self.decode_embedded(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL,
                                     enc_BSD, enc_segment_ids_BS)
 
@@ -330,8 +279,8 @@ class Bart(nnx.Module):
                  enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
                  positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        enc_positions_BS, enc_segment_ids_BS = _default_positions(
-            enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
+        enc_positions_BS, enc_segment_ids_BS = default_positions(
+            enc_inputs_BS.shape, enc_positions_BS, enc_segment_ids_BS)
         enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
         return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
 
@@ -340,8 +289,7 @@ class Bart(nnx.Module):
     def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
         """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
         cross-attention k/v projected once from the encoder output."""
-        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype,
-                                     lambda layer, e: layer.cross.project_kv(e))
+        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                     segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
@@ -349,15 +297,14 @@ class Bart(nnx.Module):
 
         Positions are explicit, so learned and sinusoidal tables are read at the new
         tokens' positions."""
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        segment_ids_BL = default_segment_ids(inputs_BL.shape, segment_ids_BL)
         index = cache.index
         cache, mask_B1LS, _ = cache.advance(positions_BL, segment_ids_BL)
         cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
         x_BLD = self.decoder.embed(self.embed_tokens(inputs_BL), positions_BL)
         layers = []
         for layer, layer_cache, cross in zip(self.decoder.layers, cache.layers, cache.cross):
-            x_BLD, layer_cache = layer.extend(x_BLD, mask_B1LS, layer_cache, index, cross, cross_mask_B1LS)
+            x_BLD, layer_cache = layer(x_BLD, mask_B1LS, None, cross_mask_B1LS, layer_cache, index, cross)
             layers.append(layer_cache)
         x_BLD = constrain(self.decoder.final_norm(x_BLD), ACT)
         return self.logits(x_BLD), cache.with_layers(layers)

@@ -31,55 +31,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import (Attention, DecodeCache, KVCache, causal_segment_mask, is_local_layer,
-                                    sliding_window_mask)
-from jaxft.models.layers import MLP, Embed, Linear, make_norm, softcap
+from jaxft.models.attention import Attention
+from jaxft.models.cache import DecodeCache, KVCache
+from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
+                                 mlp_from_config, norm_from_config, remat_call, softcap)
+from jaxft.models.masks import causal_segment_mask, is_local_layer, sliding_window_mask
 from jaxft.sharding import constrain
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-ACT = ("batch", "length", "embed")
-
-
-def _norm(cfg: ModelConfig):
-    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
-                     param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
 
 
 class DecoderLayer(nnx.Module):
     """``local``: a sliding-window layer (Gemma 2); ``Decoder`` hands it the windowed mask."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, local: bool = False):
-        self.attn_norm = _norm(cfg)
+        self.attn_norm = norm_from_config(cfg)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = _norm(cfg)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
-                       init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
-                       dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.mlp_norm = norm_from_config(cfg)
+        self.mlp = mlp_from_config(cfg, rngs)
         # Gemma 2 sandwich norms: x + post_norm(f(pre_norm(x))).
-        self.post_attn_norm = _norm(cfg) if cfg.post_norms else None
-        self.post_mlp_norm = _norm(cfg) if cfg.post_norms else None
+        self.post_attn_norm = norm_from_config(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = norm_from_config(cfg) if cfg.post_norms else None
         self.local = local
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array) -> jax.Array:
-        h_BLD = self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
-        if self.post_attn_norm is not None:
-            h_BLD = self.post_attn_norm(h_BLD)
-        x_BLD = constrain(x_BLD + h_BLD, ACT)
-        h_BLD = self.mlp(self.mlp_norm(x_BLD))
-        if self.post_mlp_norm is not None:
-            h_BLD = self.post_mlp_norm(h_BLD)
-        return constrain(x_BLD + h_BLD, ACT)
-
-    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
-               mask_B1LS: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
-        """``__call__`` for incremental decoding: attention reads and writes ``cache``."""
-        h_BLD, cache = self.attn.extend(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS,
-                                        cache, index)
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
+                 mask_B1LS: jax.Array, cache: KVCache | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The residual block -> (x_BLD, cache); attention as ``Attention.__call__`` (with a
+        ``cache`` for incremental decoding, none for the full forward)."""
+        h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS, cache, index)
         if self.post_attn_norm is not None:
             h_BLD = self.post_attn_norm(h_BLD)
         x_BLD = constrain(x_BLD + h_BLD, ACT)
@@ -90,7 +68,7 @@ class DecoderLayer(nnx.Module):
 
 
 def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
-    return layer(x_BLD, positions_BL, mask_B1LL)
+    return layer(x_BLD, positions_BL, positions_BL, mask_B1LL)[0]
 
 
 class Decoder(nnx.Module):
@@ -102,12 +80,11 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat: unknown {cfg.remat!r}; known: none, {', '.join(REMAT_POLICIES)}")
+        check_remat(cfg.remat)
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, param_dtype=pdt,
                            dtype=dt, rngs=rngs)
-        self.embed_norm = _norm(cfg) if cfg.embed_norm else None
+        self.embed_norm = norm_from_config(cfg) if cfg.embed_norm else None
         if cfg.sliding_window is not None and (cfg.sliding_window < 1 or cfg.sliding_window_pattern < 1):
             raise ValueError(f"model.sliding_window: must be >= 1 (and sliding_window_pattern >= 1), got "
                              f"{cfg.sliding_window} / {cfg.sliding_window_pattern}")
@@ -115,7 +92,7 @@ class Decoder(nnx.Module):
             DecoderLayer(cfg, rngs=rngs, local=is_local_layer(i, cfg.sliding_window, cfg.sliding_window_pattern))
             for i in range(cfg.n_layers)])
         self.sliding_window = cfg.sliding_window
-        self.final_norm = _norm(cfg)
+        self.final_norm = norm_from_config(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.d_model,), (cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
             init_std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
@@ -136,18 +113,12 @@ class Decoder(nnx.Module):
     def decode(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Residual stream after embedding -> float32 logits_BLV."""
-        B, L = x_BLD.shape[:2]
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+        positions_BL, segment_ids_BL = default_positions(x_BLD.shape, positions_BL, segment_ids_BL)
         mask_B1LL = causal_segment_mask(segment_ids_BL)
         local_mask_B1LL = None
         if self.sliding_window is not None:
             local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
-        layer_call = _layer_call
-        if self.remat != "none":
-            layer_call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat])
+        layer_call = remat_call(_layer_call, self.remat)
         for layer in self.layers:
             x_BLD = layer_call(layer, x_BLD, positions_BL, local_mask_B1LL if layer.local else mask_B1LL)
         return self.head_logits(x_BLD)
@@ -182,8 +153,7 @@ class Decoder(nnx.Module):
         real tokens (default), 0 for prompt left-padding.  Computes what ``__call__``
         computes for these positions of the whole sequence.
         """
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        segment_ids_BL = default_segment_ids(inputs_BL.shape, segment_ids_BL)
         index = cache.index
         cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
         local_mask_B1LS = None
@@ -193,6 +163,6 @@ class Decoder(nnx.Module):
         layers = []
         for layer, layer_cache in zip(self.layers, cache.layers):
             mask = local_mask_B1LS if layer.local else mask_B1LS
-            x_BLD, layer_cache = layer.extend(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
+            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
             layers.append(layer_cache)
         return self.head_logits(x_BLD), cache.with_layers(layers)

@@ -11,15 +11,18 @@ Conventions (flax gemma / nanodo):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.config.schema import ModelConfig
 from jaxft.sharding import constrain
 
 Axes = tuple[str | None, ...]
+ACT = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "head_dim")
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, std: float,
@@ -82,8 +85,6 @@ class Linear(nnx.Module):
                                 preferred_element_type=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
-        for adapter in getattr(self, "lora", {}).values():  # LoRA (jaxft.peft.lora) adds its low-rank term
-            y = adapter(x, y)
         return y
 
 
@@ -130,6 +131,12 @@ def make_norm(kind: str, features: int, *, eps: float, plus_one: bool,
     raise ValueError(f"model.norm: unknown norm {kind!r}; known: rmsnorm, layernorm")
 
 
+def norm_from_config(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    """The model's norm over d_model (``model.norm``, ``norm_eps``, ``norm_plus_one``)."""
+    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
+                     param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """Tanh-approximate GELU (HF ``gelu_pytorch_tanh`` / BLOOM's ``bloom_gelu_forward``)."""
     return jax.nn.gelu(x, approximate=True)
@@ -174,7 +181,47 @@ class MLP(nnx.Module):
         return self.down(h_BLF)
 
 
+def mlp_from_config(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
+    """The model's feed-forward block (``activation``, ``mlp_dim``, ``mlp_bias``, ``init_std``)."""
+    return MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
+               init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
+               dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2 soft capping ``tanh(x / cap) * cap`` (identity when cap is None)."""
     return x if cap is None else jnp.tanh(x / cap) * cap
 
+
+
+# --------------------------------------------------------------------------- stack helpers
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def check_remat(remat: str) -> None:
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat: unknown {remat!r}; known: none, {', '.join(REMAT_POLICIES)}")
+
+
+def remat_call(fn: Callable, remat: str) -> Callable:
+    """``fn`` (a per-layer call) under ``nnx.remat`` with policy ``model.remat`` ("none": as is)."""
+    return fn if remat == "none" else nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
+def default_segment_ids(shape_BL: tuple[int, ...], segment_ids_BL: jax.Array | None) -> jax.Array:
+    """``segment_ids_BL`` or, when None, one unpacked example per row (all ones)."""
+    return jnp.ones(tuple(shape_BL[:2]), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+
+
+def default_positions(shape_BL: tuple[int, ...], positions_BL: jax.Array | None,
+                      segment_ids_BL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(positions_BL, segment_ids_BL), one unpacked example per row where not given."""
+    if positions_BL is None:
+        B, L = shape_BL[:2]
+        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    return positions_BL, default_segment_ids(shape_BL, segment_ids_BL)

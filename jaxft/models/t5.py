@@ -31,8 +31,9 @@ Parameter paths (stable; the HF converter maps onto them)::
 
 Pieces are separable for a KV cache: ``T5Attention.kv`` projects keys/values
 (once per source for cross-attention), ``T5Attention.attend`` attends a query
-stream to given keys/values, and ``RelativeBias`` is a function of query and
-key *positions* (``rel = k_pos - q_pos``), so it serves packed rows and
+stream to given keys/values, ``T5Attention.__call__`` is self-attention with or
+without a cache, and ``RelativeBias`` is a function of query and key
+*positions* (``rel = k_pos - q_pos``), so it serves packed rows and
 one-token-at-a-time decoding alike.
 """
 
@@ -45,29 +46,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import (DecodeCache, KVCache, attend, causal_segment_mask, cross_attention_mask,
-                                    encoder_decoder_cache)
-from jaxft.models.layers import MLP, Embed, Linear, make_norm, normal_param
+from jaxft.models.attention import attend
+from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, default_positions,
+                                 default_segment_ids, norm_from_config, normal_param, remat_call)
+from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
 from jaxft.sharding import constrain
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-ACT = ("batch", "length", "embed")
-HEADS = ("batch", "length", "heads", "head_dim")
-
-# --------------------------------------------------------------------------- masks and buckets
-
-
-def bidirectional_segment_mask(segment_ids_BS: jax.Array) -> jax.Array:
-    """Encoder self-attention mask_B1SS: query i sees key j iff both share a segment id.
-
-    Padding (segment 0) sees only padding, never a real token, and no row is
-    fully masked (the diagonal is always allowed), so no NaNs and no leakage.
-    """
-    return (segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :])[:, None, :, :]
+# --------------------------------------------------------------------------- buckets
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
@@ -150,15 +136,13 @@ class T5Attention(nnx.Module):
         out_BLHK = attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=1.0)
         return self.o(constrain(out_BLHK, HEADS))
 
-    def __call__(self, x_BLD: jax.Array, kv_BSD: jax.Array, mask_B1LS: jax.Array,
-                 bias_BHLS: jax.Array | None = None) -> jax.Array:
-        k_BSHK, v_BSHK = self.kv(kv_BSD)
-        return self.attend(x_BLD, k_BSHK, v_BSHK, mask_B1LS, bias_BHLS)
-
-
-def _norm(cfg: ModelConfig):
-    return make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
-                     param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+    def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, bias_BHLS: jax.Array | None = None,
+                 cache: KVCache | None = None, index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention of x_BLD -> (out_BLD, cache).  Full forward: no ``cache``, the keys
+        are x's own.  Decoding: x's k/v are written at slot ``index`` of ``cache`` and the
+        queries attend to all its slots."""
+        k_BSHK, v_BSHK, cache = through_cache(*self.kv(x_BLD), cache, index)
+        return self.attend(x_BLD, k_BSHK, v_BSHK, mask_B1LS, bias_BHLS), cache
 
 
 def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
@@ -176,43 +160,34 @@ class T5Block(nnx.Module):
     """``x + attn(norm x)`` [``+ cross(norm x, enc)``] ``+ mlp(norm x)``."""
 
     def __init__(self, cfg: ModelConfig, *, decoder: bool, rngs: nnx.Rngs):
-        self.attn_norm = _norm(cfg)
+        self.attn_norm = norm_from_config(cfg)
         self.attn = T5Attention(cfg, rel_bias=cfg.relative_bias_per_layer, bidirectional=not decoder,
                                 rngs=rngs)
-        self.cross_norm = _norm(cfg) if decoder else None
+        self.cross_norm = norm_from_config(cfg) if decoder else None
         self.cross = T5Attention(cfg, rngs=rngs) if decoder else None
-        self.mlp_norm = _norm(cfg)
+        self.mlp_norm = norm_from_config(cfg)
         self.mlp = _mlp(cfg, rngs)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array,
-                 bias_BHLL: jax.Array | None, enc_BSD: jax.Array | None = None,
-                 cross_mask_B1LS: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
+                 mask_B1LS: jax.Array, bias_BHLS: jax.Array | None, enc_BSD: jax.Array | None = None,
+                 cross_mask_B1LS: jax.Array | None = None, cache: KVCache | None = None,
+                 index: jax.Array | None = None, cross: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The residual block -> (x_BLD, cache).  Full forward: no ``cache`` (``kv_positions_BS``
+        = ``positions_BL``), cross-attention projects k/v from ``enc_BSD``.  Incremental decoding:
+        self-attention writes/reads ``cache``, cross-attention reads the encoder k/v ``cross``."""
         if self.attn.rel_bias is not None:  # umT5: this layer's own table
-            bias_BHLL = self.attn.rel_bias(positions_BL, positions_BL)
-        h_BLD = self.attn_norm(x_BLD)
-        x_BLD = constrain(x_BLD + self.attn(h_BLD, h_BLD, mask_B1LL, bias_BHLL), ACT)
-        if self.cross is not None:
-            x_BLD = x_BLD + self.cross(self.cross_norm(x_BLD), enc_BSD, cross_mask_B1LS)
-            x_BLD = constrain(x_BLD, ACT)
-        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT)
-
-    def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
-               mask_B1LS: jax.Array, bias_BHLS: jax.Array | None, cache: KVCache, index: jax.Array,
-               cross: KVCache, cross_mask_B1LS: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Decoder block for incremental decoding: self-attention writes/reads ``cache``,
-        cross-attention reads the precomputed encoder k/v ``cross``."""
-        if self.attn.rel_bias is not None:
             bias_BHLS = self.attn.rel_bias(positions_BL, kv_positions_BS)
-        h_BLD = self.attn_norm(x_BLD)
-        cache = cache.write(*self.attn.kv(h_BLD), index)
-        x_BLD = constrain(x_BLD + self.attn.attend(h_BLD, cache.k, cache.v, mask_B1LS, bias_BHLS), ACT)
-        x_BLD = x_BLD + self.cross.attend(self.cross_norm(x_BLD), cross.k, cross.v, cross_mask_B1LS)
-        x_BLD = constrain(x_BLD, ACT)
+        h_BLD, cache = self.attn(self.attn_norm(x_BLD), mask_B1LS, bias_BHLS, cache, index)
+        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        if self.cross is not None:
+            k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else (cross.k, cross.v)
+            h_BLD = self.cross.attend(self.cross_norm(x_BLD), k_BSHK, v_BSHK, cross_mask_B1LS)
+            x_BLD = constrain(x_BLD + h_BLD, ACT)
         return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
 
 
 def _block_call(block: T5Block, *args):
-    return block(*args)
+    return block(*args)[0]
 
 
 class T5Stack(nnx.Module):
@@ -223,17 +198,15 @@ class T5Stack(nnx.Module):
         shared = not cfg.relative_bias_per_layer
         self.rel_bias = RelativeBias(cfg, bidirectional=not decoder, rngs=rngs) if shared else None
         self.layers = nnx.List([T5Block(cfg, decoder=decoder, rngs=rngs) for _ in range(n)])
-        self.final_norm = _norm(cfg)
+        self.final_norm = norm_from_config(cfg)
         self.remat = cfg.remat
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array,
                  enc_BSD: jax.Array | None = None, cross_mask_B1LS: jax.Array | None = None) -> jax.Array:
         bias_BHLL = None if self.rel_bias is None else self.rel_bias(positions_BL, positions_BL)
-        call = _block_call
-        if self.remat != "none":
-            call = nnx.remat(_block_call, policy=REMAT_POLICIES[self.remat])
+        call = remat_call(_block_call, self.remat)
         for layer in self.layers:
-            x_BLD = call(layer, x_BLD, positions_BL, mask_B1LL, bias_BHLL, enc_BSD, cross_mask_B1LS)
+            x_BLD = call(layer, x_BLD, positions_BL, positions_BL, mask_B1LL, bias_BHLL, enc_BSD, cross_mask_B1LS)
         return self.final_norm(x_BLD)
 
     def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
@@ -245,24 +218,13 @@ class T5Stack(nnx.Module):
         bias_BHLS = None if self.rel_bias is None else self.rel_bias(positions_BL, kv_positions_BS)
         layers = []
         for layer, layer_cache, cross in zip(self.layers, cache.layers, cache.cross):
-            x_BLD, layer_cache = layer.extend(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS,
-                                              layer_cache, index, cross, cross_mask_B1LS)
+            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None,
+                                       cross_mask_B1LS, layer_cache, index, cross)
             layers.append(layer_cache)
         return self.final_norm(x_BLD), cache.with_layers(layers)
 
 
 # --------------------------------------------------------------------------- model
-
-
-def _defaults(shape_BL: tuple[int, ...], positions_BL: jax.Array | None,
-              segment_ids_BL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """One unpacked example per row when positions / segment ids are not given."""
-    B, L = shape_BL[:2]
-    if positions_BL is None:
-        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    if segment_ids_BL is None:
-        segment_ids_BL = jnp.ones((B, L), jnp.int32)
-    return positions_BL, segment_ids_BL
 
 
 class T5(nnx.Module):
@@ -275,8 +237,7 @@ class T5(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.remat != "none" and cfg.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat: unknown {cfg.remat!r}; known: none, {', '.join(REMAT_POLICIES)}")
+        check_remat(cfg.remat)
         if cfg.position != "relative":
             raise ValueError(f"model.position: family t5 needs 'relative', got {cfg.position!r}")
         if cfg.activation not in ("relu", "geglu"):
@@ -306,7 +267,7 @@ class T5(nnx.Module):
     def encode_embedded(self, x_BSD: jax.Array, positions_BS: jax.Array | None = None,
                         segment_ids_BS: jax.Array | None = None) -> jax.Array:
         """``encode`` from already-embedded source tokens x_BSD (soft prompts, gradient tests)."""
-        positions_BS, segment_ids_BS = _defaults(x_BSD.shape, positions_BS, segment_ids_BS)
+        positions_BS, segment_ids_BS = default_positions(x_BSD.shape, positions_BS, segment_ids_BS)
         return self.encoder(constrain(x_BSD, ACT), positions_BS, bidirectional_segment_mask(segment_ids_BS))
 
     def decode(self, inputs_BL: jax.Array, positions_BL: jax.Array | None, segment_ids_BL: jax.Array | None,
@@ -319,9 +280,8 @@ class T5(nnx.Module):
                         segment_ids_BL: jax.Array | None, enc_BSD: jax.Array,
                         enc_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         """``decode`` from already-embedded decoder inputs x_BLD."""
-        positions_BL, segment_ids_BL = _defaults(x_BLD.shape, positions_BL, segment_ids_BL)
-        if enc_segment_ids_BS is None:
-            enc_segment_ids_BS = jnp.ones(enc_BSD.shape[:2], jnp.int32)
+        positions_BL, segment_ids_BL = default_positions(x_BLD.shape, positions_BL, segment_ids_BL)
+        enc_segment_ids_BS = default_segment_ids(enc_BSD.shape, enc_segment_ids_BS)
         x_BLD = self.decoder(constrain(x_BLD, ACT), positions_BL, causal_segment_mask(segment_ids_BL),
                              enc_BSD, cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
         return self.logits(x_BLD)
@@ -338,8 +298,7 @@ class T5(nnx.Module):
                  enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
                  positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
-        if enc_segment_ids_BS is None:
-            enc_segment_ids_BS = jnp.ones(enc_inputs_BS.shape, jnp.int32)
+        enc_segment_ids_BS = default_segment_ids(enc_inputs_BS.shape, enc_segment_ids_BS)
         return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
 
     # ----------------------------------------------------------------- incremental decoding
@@ -347,14 +306,12 @@ class T5(nnx.Module):
     def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
         """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
         cross-attention k/v projected once from the encoder output."""
-        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype,
-                                     lambda layer, e: layer.cross.kv(e))
+        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                     segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
         """L new decoder tokens against the cache -> (float32 logits_BLV, updated cache)."""
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones(inputs_BL.shape, jnp.int32)
+        segment_ids_BL = default_segment_ids(inputs_BL.shape, segment_ids_BL)
         x_BLD, cache = self.decoder.extend(constrain(self.embed(inputs_BL), ACT), positions_BL, cache,
                                            segment_ids_BL)
         return self.logits(x_BLD), cache

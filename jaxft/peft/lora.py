@@ -1,13 +1,16 @@
-"""LoRA as tree surgery plus a variable type; the model class is never forked.
+"""LoRA as tree surgery plus a variable type; the model class is never forked
+and knows nothing about LoRA.
 
-`apply_lora` attaches, under every targeted `Linear`, an adapter module at
-``<linear>/lora/<name>`` holding two `LoRAParam`s (an `nnx.Param` subclass:
-Param filters still see them, a `LoRAParam` filter selects only adapters):
+`apply_lora` puts, in place of every targeted `Linear`, a `LoRALinear` that
+takes over its ``kernel``/``bias`` Variables (same paths) and holds an adapter
+module at ``<linear>/lora/<name>`` with two `LoRAParam`s (an `nnx.Param`
+subclass: Param filters still see them, a `LoRAParam` filter selects only
+adapters):
 
     a  [*in_shape, rank]    logical axes in_axes + (None,)
     b  [rank, *out_shape]   logical axes (None,) + out_axes
 
-so each factor is sharded like the kernel it adapts.  `Linear.__call__` adds
+so each factor is sharded like the kernel it adapts.  `LoRALinear` adds
 ``scale * (x . a) . b`` for each attached adapter (``scale = alpha / rank``).
 ``b`` starts at zero, so a freshly adapted model computes the base model.
 Several named adapters can coexist (a frozen language adapter under a trained
@@ -37,6 +40,7 @@ from flax import nnx
 
 from jaxft.config.schema import LoraConfig, ModelConfig
 from jaxft.models.layers import Linear
+from jaxft.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 
 
-class LoRAParam(nnx.Param):
-    """A LoRA factor.  Subclasses `nnx.Param`: `nnx.Param` filters include it."""
+class LoRAParam(nnx.LoRAParam):
+    """A LoRA factor.  Subclasses flax's `nnx.LoRAParam`, an `nnx.Param`: Param filters include it."""
 
 
 class LoRA(nnx.Module):
@@ -81,24 +85,60 @@ class LoRA(nnx.Module):
         return y + d * jnp.asarray(self.scale, y.dtype)
 
 
-# --------------------------------------------------------------------------- tree helpers
+class LoRALinear(Linear):
+    """A `Linear` with named adapters ``lora/<name>``, each adding its low-rank term.
+    Made by `attach` from a `Linear`, whose ``kernel``/``bias`` Variables it takes over."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        for adapter in self.lora.values():
+            y = adapter(x, y)
+        return y
+
+
+# --------------------------------------------------------------------------- tree surgery
 
 
 def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
+def _retyped(module: nnx.Module, cls: type) -> nnx.Module:
+    """A ``cls`` holding ``module``'s attributes, the very same Variables (pickle's protocol)."""
+    new = cls.__new__(cls)
+    new.__setstate__(module.__getstate__())
+    return new
+
+
+def _slots(model: nnx.Module) -> dict[str, tuple[nnx.Module, str | int]]:
+    """``(parent module, key in it)`` of every `Linear` by its path: where `attach` swaps."""
+    modules = dict(nnx.iter_modules(model))
+    return {_path_str(p): (modules[p[:-1]], p[-1]) for p, m in modules.items() if p and isinstance(m, Linear)}
+
+
+def _get(parent: nnx.Module, key: str | int) -> nnx.Module:
+    return parent[key] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(parent, key)
+
+
+def _put(parent: nnx.Module, key: str | int, module: nnx.Module) -> None:
+    if isinstance(parent, (nnx.List, nnx.Dict)):
+        parent[key] = module
+    else:
+        setattr(parent, key, module)
+
+
 def linears(model: nnx.Module) -> dict[str, Linear]:
-    """Every `Linear` of the model by its path (``layers/0/attn/q``)."""
+    """Every `Linear` (incl. `LoRALinear`) of the model by its path (``layers/0/attn/q``)."""
     return {_path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
-def adapters(model: nnx.Module, name: str | None = None) -> Iterator[tuple[str, Linear, str, LoRA]]:
+def adapters(model: nnx.Module, name: str | None = None) -> Iterator[tuple[str, LoRALinear, str, LoRA]]:
     """``(linear path, linear, adapter name, adapter)`` for the adapters named ``name`` (all if None)."""
     for path, lin in linears(model).items():
-        for n, ad in list(getattr(lin, "lora", {}).items()):
-            if name is None or n == name:
-                yield path, lin, n, ad
+        if isinstance(lin, LoRALinear):
+            for n, ad in list(lin.lora.items()):
+                if name is None or n == name:
+                    yield path, lin, n, ad
 
 
 def _sharding_ctx():
@@ -106,17 +146,19 @@ def _sharding_ctx():
     return nnx.use_eager_sharding(False) if jax.sharding.get_abstract_mesh().empty else contextlib.nullcontext()
 
 
-def attach(lin: Linear, name: str, a: jax.Array, b: jax.Array, scale: float) -> LoRA:
-    """Attach adapter ``name`` (factors ``a``, ``b``) to ``lin``."""
+def _attach(parent: nnx.Module, key: str | int, name: str, a: jax.Array, b: jax.Array, scale: float) -> LoRA:
+    lin = _get(parent, key)
     kernel = lin.kernel.get_value()
     axes = tuple(lin.kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
     n = lin.n_in
     if tuple(a.shape[:-1]) + tuple(b.shape[1:]) != tuple(kernel.shape) or a.shape[-1] != b.shape[0]:
         raise ValueError(f"LoRA {name!r}: factors {list(a.shape)} x {list(b.shape)} do not fit the kernel "
                          f"{list(kernel.shape)}")
-    if not hasattr(lin, "lora"):
+    if not isinstance(lin, LoRALinear):
+        lin = _retyped(lin, LoRALinear)
         lin.lora = nnx.Dict()
-    if name in lin.lora:
+        _put(parent, key, lin)
+    elif name in lin.lora:
         raise ValueError(f"peft.lora.name: an adapter named {name!r} is already attached")
     dtype = kernel.dtype
     with _sharding_ctx():
@@ -124,6 +166,15 @@ def attach(lin: Linear, name: str, a: jax.Array, b: jax.Array, scale: float) -> 
                        out_axes=axes[n:], dtype=lin.dtype)
     lin.lora[name] = adapter
     return adapter
+
+
+def attach(model: nnx.Module, path: str, name: str, a: jax.Array, b: jax.Array, scale: float) -> LoRA:
+    """Attach adapter ``name`` (factors ``a``, ``b``) to the Linear at ``path`` of ``model``;
+    a plain `Linear` is replaced there by a `LoRALinear` with the same Variables."""
+    slots = _slots(model)
+    if path not in slots:
+        raise ValueError(f"LoRA {name!r}: no Linear at {path!r}")
+    return _attach(*slots[path], name, a, b, scale)
 
 
 # --------------------------------------------------------------------------- the trainer's hooks
@@ -149,7 +200,8 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     if not targets:
         raise ValueError(f"peft.lora.targets: {list(cfg.targets)} match no Linear kernel; kernels are e.g. "
                          f"{sorted(f'{p}/kernel' for p in linears(model))[:4]}")
-    for lin in targets.values():
+    slots = _slots(model)
+    for path, lin in targets.items():
         shape = lin.kernel.get_value().shape
         in_shape, out_shape = shape[:lin.n_in], shape[lin.n_in:]
         key = rngs.params()
@@ -158,7 +210,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
             a = jax.random.uniform(key, (*in_shape, cfg.rank), jnp.float32, -bound, bound)
         else:  # PEFT "gaussian": N(0, (1/r)^2)
             a = jax.random.normal(key, (*in_shape, cfg.rank), jnp.float32) / cfg.rank
-        attach(lin, cfg.name, a, jnp.zeros((cfg.rank, *out_shape), jnp.float32), cfg.alpha / cfg.rank)
+        _attach(*slots[path], cfg.name, a, jnp.zeros((cfg.rank, *out_shape), jnp.float32), cfg.alpha / cfg.rank)
     log.info("LoRA %r (rank %d, alpha %g) on %d Linear kernels", cfg.name, cfg.rank, cfg.alpha, len(targets))
     return model
 
@@ -174,12 +226,6 @@ def lora_trainable_filter(cfg: LoraConfig):
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _to_host(x: Any) -> np.ndarray:
-    from jaxft.interop.hf import _to_host as gather
-
-    return np.asarray(gather(x), np.float32)
 
 
 def _model_summary(cfg: ModelConfig) -> dict:
@@ -200,7 +246,8 @@ def save_adapter(out_dir: Path, model: nnx.Module, cfg: LoraConfig, model_cfg: M
     found = {path: ad for path, _, _, ad in adapters(model, cfg.name)}
     if not found:
         raise ValueError(f"peft.lora.name: the model has no adapter named {cfg.name!r}")
-    factors = {path: (_to_host(ad.a.get_value()), _to_host(ad.b.get_value())) for path, ad in found.items()}
+    factors = {path: (np.asarray(to_host(ad.a), np.float32), np.asarray(to_host(ad.b), np.float32))
+               for path, ad in found.items()}
     scales = {ad.scale for ad in found.values()}
     if len(scales) != 1:
         raise ValueError(f"LoRA {cfg.name!r}: adapters with different scales {sorted(scales)} cannot be saved")
@@ -243,12 +290,12 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path, *, name: str | None
     its term multiplied by ``scale``.  Whether it trains is the filter's business."""
     meta, factors = read_adapter(adapter_dir)
     name = name or meta["name"]
-    lins = linears(model)
-    missing = [p for p in factors if p not in lins]
+    slots = _slots(model)
+    missing = [p for p in factors if p not in slots]
     if missing:
         raise ValueError(f"{adapter_dir}: adapter modules not in this model: {missing[:4]}")
     for path, (a, b) in factors.items():
-        attach(lins[path], name, a, b, float(meta["scale"]) * scale)
+        _attach(*slots[path], name, a, b, float(meta["scale"]) * scale)
     return model
 
 
@@ -266,14 +313,17 @@ def _set_kernel(lin: Linear, value: jax.Array) -> None:
 def merge_lora(model: nnx.Module, name: str | None = None, *, drop: bool = False) -> nnx.Module:
     """Fold ``scale * a @ b`` of adapter ``name`` (all if None) into the kernels.
     The adapters stay, marked merged (not added again; `unmerge_lora` reverses),
-    unless ``drop``: then they are removed."""
-    for _, lin, n, ad in adapters(model, name):
+    unless ``drop``: then they are removed, and a `LoRALinear` left without
+    adapters becomes a plain `Linear` again (same Variables)."""
+    slots = _slots(model) if drop else {}
+    for path, lin, n, ad in list(adapters(model, name)):
         if not ad.merged:
             _set_kernel(lin, lin.kernel.get_value().astype(jnp.float32) + ad.delta())
         if drop:
             del lin.lora[n]
             if not len(lin.lora):
                 del lin.lora
+                _put(*slots[path], _retyped(lin, Linear))
         else:
             ad.merged = True
     return model

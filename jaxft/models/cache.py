@@ -1,0 +1,134 @@
+"""KV caches for incremental decoding: plain pytrees carried through ``lax.while_loop``.
+
+Shapes: B batch, L new tokens, S cache slots, G kv heads, K head_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.models.masks import attention_mask
+from jaxft.sharding import constrain
+
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One attention layer's keys and values, k_BSGK / v_BSGK, in the compute dtype.
+
+    A plain pytree (not NNX state): it is carried through ``lax.while_loop`` and
+    gathered along the batch axis by beam search.  Sharded by logical axes:
+    batch over the data axes, kv heads over ``tensor``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, heads: int, head_dim: int, dtype) -> KVCache:
+        zeros = constrain(jnp.zeros((batch, length, heads, head_dim), dtype), CACHE_AXES)
+        return cls(zeros, zeros)
+
+    @classmethod
+    def of(cls, k_BSGK: jax.Array, v_BSGK: jax.Array) -> KVCache:
+        return cls(constrain(k_BSGK, CACHE_AXES), constrain(v_BSGK, CACHE_AXES))
+
+    def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
+        """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
+        k = jax.lax.dynamic_update_slice_in_dim(self.k, k_BLGK.astype(self.k.dtype), index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v, v_BLGK.astype(self.v.dtype), index, axis=1)
+        return KVCache.of(k, v)
+
+
+def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | None,
+                  index: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Self-attention keys/values (k_BSGK, v_BSGK, cache): the L new tokens' own without a
+    cache (full forward); with one, written at slot ``index`` and read back from all S slots."""
+    if cache is None:
+        return k_BLGK, v_BLGK, None
+    cache = cache.write(k_BLGK, v_BLGK, index)
+    return cache.k, cache.v, cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """Everything a model needs to decode one more token, for every layer.
+
+    - ``layers``: self-attention ``KVCache`` per decoder layer, S = max total length;
+    - ``segment_ids_BS``: 1 where a slot holds a real token, 0 for an empty slot or
+      (decoder-only) a left-padding slot of the prompt; ``positions_BS``: each
+      slot's token position (RoPE is applied before caching; ALiBi and T5's
+      relative bias are functions of query and key positions);
+    - ``index``: int32 scalar, the next slot to write; all rows write the same
+      slot, so prompts are left-aligned to a common end (see ``jaxft.eval.cache``);
+    - encoder-decoder only: ``cross`` (cross-attention k/v per layer, projected once
+      from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding).
+    """
+
+    layers: tuple[KVCache, ...]
+    segment_ids_BS: jax.Array
+    positions_BS: jax.Array
+    index: jax.Array
+    cross: tuple[KVCache, ...] = ()
+    enc_segment_ids_BS: jax.Array | None = None
+
+    @classmethod
+    def empty(cls, layers: tuple[KVCache, ...], batch: int, length: int, **cross) -> DecodeCache:
+        zeros_BS = constrain(jnp.zeros((batch, length), jnp.int32), ("batch", "length"))
+        return cls(tuple(layers), zeros_BS, zeros_BS, jnp.zeros((), jnp.int32), **cross)
+
+    def advance(self, positions_BL: jax.Array,
+                segment_ids_BL: jax.Array) -> tuple[DecodeCache, jax.Array, jax.Array]:
+        """Record L new tokens at ``index``; returns (cache with index += L, the self-attention
+        mask_B1LS of the new queries over all slots, kv_positions_BS).
+
+        The layers' k/v are written by the caller (the attention modules), at the
+        *old* ``index``.  Causality is by slot, so empty slots ahead are never seen.
+        """
+        L, S = positions_BL.shape[1], self.positions_BS.shape[1]
+        seg_BS = jax.lax.dynamic_update_slice_in_dim(
+            self.segment_ids_BS, segment_ids_BL.astype(jnp.int32), self.index, axis=1)
+        pos_BS = jax.lax.dynamic_update_slice_in_dim(
+            self.positions_BS, positions_BL.astype(jnp.int32), self.index, axis=1)
+        q_slot_BL = jnp.broadcast_to(self.index + jnp.arange(L, dtype=jnp.int32), positions_BL.shape)
+        kv_slot_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), pos_BS.shape)
+        mask_B1LS = attention_mask(segment_ids_BL, seg_BS, q_slot_BL, kv_slot_BS)
+        new = dataclasses.replace(self, segment_ids_BS=seg_BS, positions_BS=pos_BS, index=self.index + L)
+        return new, mask_B1LS, pos_BS
+
+    def with_layers(self, layers: list[KVCache] | tuple[KVCache, ...]) -> DecodeCache:
+        return dataclasses.replace(self, layers=tuple(layers))
+
+    def gather_rows(self, rows_B: jax.Array) -> DecodeCache:
+        """Reorder the batch rows of the self-attention state (beam search).  ``cross`` and
+        ``enc_segment_ids_BS`` are left alone: beams only move within their own input."""
+        take = lambda a: jnp.take(a, rows_B, axis=0)  # noqa: E731
+        layers = tuple(KVCache.of(take(c.k), take(c.v)) for c in self.layers)
+        return dataclasses.replace(self, layers=layers, segment_ids_BS=take(self.segment_ids_BS),
+                                   positions_BS=take(self.positions_BS))
+
+    def repeat_rows(self, n: int) -> DecodeCache:
+        """Each row n times in a row (``jnp.repeat``): one copy per beam / sample."""
+        rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
+        kv = lambda cs: tuple(KVCache.of(rep(c.k), rep(c.v)) for c in cs)  # noqa: E731
+        return dataclasses.replace(self, layers=kv(self.layers), segment_ids_BS=rep(self.segment_ids_BS),
+                                   positions_BS=rep(self.positions_BS), cross=kv(self.cross),
+                                   enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
+
+
+def encoder_decoder_cache(layers, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int,
+                          dtype) -> DecodeCache:
+    """Empty self-attention cache for ``max_len`` decoder tokens over the decoder
+    ``layers``, plus each layer's cross-attention k/v projected once from the
+    encoder output by ``layer.cross.kv`` (T5 and BART)."""
+    B = enc_BSD.shape[0]
+    _, H, K = layers[0].attn.k.kernel.shape
+    self_kv = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers)
+    cross = tuple(KVCache.of(*layer.cross.kv(enc_BSD)) for layer in layers)
+    return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))
