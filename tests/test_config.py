@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import textwrap
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from jaxft.config import (
     load_config,
     validate,
 )
+from jaxft.config.schema import DecodeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -330,6 +332,43 @@ def test_config_diff(tmp_path):
     assert config_diff(a, b) == ["data.train[1].src_lang", "optimizer.lr", "train.trainable"]
     c = load_config(tmp_path / "a.yaml", ["data.train=[{src_lang: en}]"])
     assert config_diff(a, c) == ["data.train"]
+
+
+def test_eval_decode_section_set_and_show(tmp_path, capsys):
+    from jaxft.cli import main
+
+    path = write(tmp_path / "x.yaml", "eval:\n  decode: {max_len: 48}\n")
+    cfg = load_config(path, ["eval.decode.beam_size=5"])
+    assert cfg.eval.decode == DecodeConfig(max_len=48, beam_size=5)
+    assert cfg.eval.decode.strategy == "beam" and Config().eval.decode == DecodeConfig()  # eval defaults
+    assert main(["config", "show", str(path), "--set", "eval.decode.beam_size=5"]) == 0
+    out = capsys.readouterr().out
+    assert "eval:\n" in out and "  decode:\n    strategy: beam\n    max_len: 48\n" in out
+    assert error(write(tmp_path / "bad.yaml", "eval:\n  decode:\n    max_len: 0\n")) == (
+        f"{tmp_path / 'bad.yaml'}:2: decode.max_len: must be >= 1, got 0")
+
+
+def test_legacy_flat_eval_decode_keys(tmp_path, caplog):
+    old = write(tmp_path / "run/config.yaml", """
+        eval:
+          every: 2
+          strategy: greedy
+          beam_size: 2
+          length_penalty: 1.0
+          max_len: 48
+    """)
+    with caplog.at_level(logging.WARNING, logger="jaxft.config.loader"):
+        cfg = load_config(old)
+    assert cfg.eval.every == 2
+    assert cfg.eval.decode == DecodeConfig(strategy="greedy", beam_size=2, length_penalty=1.0, max_len=48)
+    assert str(old) in caplog.text and "eval.decode.max_len" in caplog.text
+    # each file is read in its own form: a new-form config over an old base
+    top = write(tmp_path / "top.yaml", "base: run/config.yaml\neval: {decode: {beam_size: 3}}\n")
+    assert load_config(top).eval.decode == DecodeConfig(strategy="greedy", beam_size=3, length_penalty=1.0,
+                                                        max_len=48)
+    assert load_config(top, ["eval.max_len=20"]).eval.decode.max_len == 20
+    both = write(tmp_path / "both.yaml", "eval:\n  decode: {beam_size: 3}\n  max_len: 48\n")
+    assert error(both) == f"{both}:3: eval.max_len: old flat key and eval.decode in one file; move it under eval.decode"
 
 
 @pytest.mark.parametrize("name, mesh", [("dp", (-1, 1, 1)), ("fsdp", (1, -1, 1)), ("fsdp_tp", (1, -1, 2))])

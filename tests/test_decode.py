@@ -52,7 +52,7 @@ def batch(cfg: ModelConfig, lengths=(7, 4, 2), width=7, seed=0, pad=0) -> tuple[
 
 
 def run(model, cfg: ModelConfig, config: DecodeConfig, ids, lengths, **kw):
-    src = "enc_inputs" if cache_lib.is_encoder_decoder(model) else "inputs"
+    src = "enc_inputs" if cache_lib.model_is_encoder_decoder(model) else "inputs"
     config = dataclasses.replace(config, decoder_start_id=cfg.decoder_start_id)
     return generate(model, config=config, **{src: ids, src.replace("inputs", "lengths"): lengths}, **kw)
 
@@ -60,7 +60,7 @@ def run(model, cfg: ModelConfig, config: DecodeConfig, ids, lengths, **kw):
 def full_logits(model, ids, lengths, gen_BT, start_id) -> np.ndarray:
     """Non-cached forward over the whole sequence: logits_BTV predicting gen_BT."""
     B, T = gen_BT.shape
-    if cache_lib.is_encoder_decoder(model):
+    if cache_lib.model_is_encoder_decoder(model):
         seg = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
         dec = np.concatenate([np.full((B, 1), start_id, np.int32), gen_BT[:, :-1]], 1)
         return np.asarray(model(jnp.asarray(ids), None, jnp.asarray(seg), jnp.asarray(dec)))
@@ -80,7 +80,7 @@ def test_cached_greedy_is_argmax_of_full_forward(family):
     cfg, model = model_for(FAMILIES[family][0], **FAMILIES[family][1])
     ids, lengths = batch(cfg)
     T = 8
-    out = run(model, cfg, DecodeConfig(max_len=T, eos_id=None, length_penalty=0.0), ids, lengths)
+    out = run(model, cfg, DecodeConfig(strategy="greedy", max_len=T, eos_id=None, length_penalty=0.0), ids, lengths)
     gen = np.asarray(out.tokens[:, 0])
     full = full_logits(model, ids, lengths, gen, cfg.decoder_start_id)
     np.testing.assert_array_equal(full.argmax(-1), gen)
@@ -90,7 +90,7 @@ def test_cached_greedy_is_argmax_of_full_forward(family):
     # teacher-forced through the cache, step by step: the same logits
     st = cache_lib.start(model, max_len=T, pad_id=0, **(
         dict(enc_inputs=ids, enc_lengths=lengths, decoder_start_id=cfg.decoder_start_id)
-        if cache_lib.is_encoder_decoder(model) else dict(inputs=ids, lengths=lengths)))
+        if cache_lib.model_is_encoder_decoder(model) else dict(inputs=ids, lengths=lengths)))
     c, tok, pos, steps = st.cache, st.token_B, st.position_B, []
     for t in range(T):
         logits, c = cache_lib.step(model, tok, pos, c)
@@ -104,7 +104,7 @@ def test_cached_greedy_is_argmax_of_full_forward(family):
 
 def with_eos_from_greedy(model, cfg, ids, lengths, step=2, **kw):
     """An EOS id the model actually produces: row 0's greedy token at ``step``."""
-    out = run(model, cfg, DecodeConfig(max_len=step + 1, eos_id=None), ids, lengths, **kw)
+    out = run(model, cfg, DecodeConfig(strategy="greedy", max_len=step + 1, eos_id=None), ids, lengths, **kw)
     return int(out.tokens[0, 0, step])
 
 
@@ -114,7 +114,8 @@ def test_beam_size_one_is_greedy(name):
     ids, lengths = batch(cfg)
     eos = with_eos_from_greedy(model, cfg, ids, lengths)
     for alpha, stop in ((0.0, "bound"), (0.6, "full")):
-        base = DecodeConfig(max_len=8, eos_id=eos, length_penalty=alpha, early_stopping=stop)
+        base = DecodeConfig(strategy="greedy", max_len=8, eos_id=eos, length_penalty=alpha,
+                            early_stopping=stop)
         greedy = run(model, cfg, base, ids, lengths)
         beam = run(model, cfg, dataclasses.replace(base, strategy="beam", beam_size=1), ids, lengths)
         np.testing.assert_array_equal(beam.tokens, greedy.tokens)
@@ -172,7 +173,7 @@ def test_filters_on_hand_made_logits():
 def test_sampling_limits_and_seeds(name):
     cfg, model = model_for(name)
     ids, lengths = batch(cfg)
-    greedy = run(model, cfg, DecodeConfig(max_len=6, eos_id=None), ids, lengths)
+    greedy = run(model, cfg, DecodeConfig(strategy="greedy", max_len=6, eos_id=None), ids, lengths)
     sample = DecodeConfig(strategy="sample", max_len=6, eos_id=None)
     for config in (dataclasses.replace(sample, top_k=1), dataclasses.replace(sample, temperature=1e-4),
                    dataclasses.replace(sample, temperature=0.0), dataclasses.replace(sample, top_p=1e-6)):
@@ -230,7 +231,7 @@ def test_length_sorted_batching_restores_order():
     assert [b.indices.tolist() for b in batches] == [[2, 4], [0, 3], [1]]
     assert [b.ids.shape for b in batches] == [(2, 12), (2, 8), (2, 4)]
     assert restore_order(batches, [["c", "e"], ["a", "d"], ["b", "x"]]) == list("abcde")
-    config = DecodeConfig(max_len=5, eos_id=None, pad_id=1, decoder_start_id=2)
+    config = DecodeConfig(strategy="greedy", max_len=5, eos_id=None, pad_id=1, decoder_start_id=2)
     got = decode_all(model, seqs, config=config, batch_size=2)
     for seq, [(tokens, score)] in zip(seqs, got):
         want = generate(model, enc_inputs=np.array([seq]), config=config)
@@ -294,8 +295,8 @@ def test_matches_transformers_generate(family, tmp_path):
     hf_ids = np.stack([np.roll(r, 6 - n) for r, n in zip(ids, lengths)]) if dec_only else ids  # HF: left pad
     hf_mask = np.stack([np.roll(r, 6 - n) for r, n in zip(mask, lengths)]) if dec_only else mask
     T = 7
-    ours_cfg = DecodeConfig(max_len=T, pad_id=pad, decoder_start_id=start, forced_ids=forced, eos_id=None,
-                            length_penalty_mode="hf")
+    ours_cfg = DecodeConfig(strategy="greedy", max_len=T, pad_id=pad, decoder_start_id=start, forced_ids=forced,
+                            eos_id=None, length_penalty_mode="hf")
     src = dict(inputs=ids, lengths=lengths) if dec_only else dict(enc_inputs=ids, enc_lengths=lengths)
     free = np.asarray(generate(model, config=ours_cfg, **src).tokens)[:, 0, len(forced):]
     counts = np.bincount(free.reshape(-1), minlength=cfg.vocab_size)
@@ -335,7 +336,7 @@ def test_sharded_decoding_matches_unsharded(name):
     cfg, model = model_for(name)
     ids, lengths = batch(cfg, lengths=(7, 3, 5, 1))
     eos = with_eos_from_greedy(model, cfg, ids, lengths, step=3)
-    configs = [DecodeConfig(max_len=6, eos_id=eos),
+    configs = [DecodeConfig(strategy="greedy", max_len=6, eos_id=eos),
                DecodeConfig(strategy="beam", beam_size=2, n_best=2, max_len=6, eos_id=eos)]
     want = [run(model, cfg, c, ids, lengths) for c in configs]
     graphdef, state = nnx.split(model)

@@ -21,51 +21,25 @@ import copy
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
 
 import jaxft
+from jaxft.config.checks import _origin_of, validate
+from jaxft.config.errors import ConfigError, Key, Origin, Origins, Tree, format_key
 from jaxft.config.schema import Config, ModelConfig, to_dict
 
-Key = tuple[str | int, ...]  # ("data", "train", 2, "src_lang")
-Tree = dict[str, Any]
-Origins = dict[Key, "Origin"]
+__all__ = ["ConfigError", "Origin", "config_diff", "dump_config", "format_key", "load_config", "validate"]
 
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a key was set: a file (and line), or ``--set``."""
-
-    source: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}" if self.line else self.source
-
-
-class ConfigError(ValueError):
-    """A config problem; ``str()`` is one line: ``file:line: key.path: message``."""
-
-    def __init__(self, message: str, key: Key = (), origin: Origin | None = None):
-        text = (f"{origin}: " if origin else "") + (f"{format_key(key)}: " if key else "") + message
-        super().__init__(re.sub(r"\s*\n\s*", " ", text))
-
-
-def format_key(key: Key) -> str:
-    """``("data", "train", 2, "src_lang")`` -> ``data.train[2].src_lang``."""
-    out = ""
-    for part in key:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- YAML
 
@@ -160,6 +134,7 @@ def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = No
     tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise ConfigError("the top level must be a mapping", origin=Origin(str(path), 1))
+    origins = _legacy_decode_keys(tree, origins, str(path))
     bases, here = tree.pop("base", None), origins.get(("base",))
     origins = {k: o for k, o in origins.items() if k[:1] != ("base",)}
     bases = [bases] if isinstance(bases, str) else ([] if bases is None else bases)
@@ -179,6 +154,9 @@ def _apply_override(tree: Tree, origins: Origins, text: str) -> tuple[Tree, Orig
     key: Key = tuple(int(i) if i else name for name, i in parts)
     if not sep or not key or not isinstance(key[0], str):
         raise ConfigError(f"expected key=value, got {text!r}", origin=here)
+    if key[:1] == ("eval",) and len(key) > 1 and key[1] in LEGACY_DECODE_KEYS:
+        log.warning("--set: %s is an old key, read as eval.decode.%s", format_key(key), format_key(key[1:]))
+        key = ("eval", "decode") + key[1:]
     value, value_origins = _parse(raw_value, "--set", key)
     value_origins = dict.fromkeys(value_origins, here)
     tree = copy.deepcopy(tree)
@@ -197,6 +175,28 @@ def _apply_override(tree: Tree, origins: Origins, text: str) -> tuple[Tree, Orig
         origins.setdefault(key[:n], here)
     origins.update(value_origins)
     return tree, origins
+
+
+LEGACY_DECODE_KEYS = ("strategy", "beam_size", "length_penalty", "max_len")  # eval.<k> -> eval.decode.<k>
+
+
+def _legacy_decode_keys(tree: Tree, origins: Origins, source: str) -> Origins:
+    """Old run dirs' flat ``eval.strategy`` / ``beam_size`` / ``length_penalty`` / ``max_len``
+    move under ``eval.decode`` (with a warning); a file with both forms is an error."""
+    section = tree.get("eval")
+    old = [k for k in LEGACY_DECODE_KEYS if k in section] if isinstance(section, dict) else []
+    if not old:
+        return origins
+    if "decode" in section:
+        raise ConfigError("old flat key and eval.decode in one file; move it under eval.decode",
+                          ("eval", old[0]), origins.get(("eval", old[0]), Origin(source)))
+    log.warning("%s: old keys %s, read as %s", source, ", ".join(f"eval.{k}" for k in old),
+                ", ".join(f"eval.decode.{k}" for k in old))
+    section["decode"] = {k: section.pop(k) for k in old}
+    moved = {("eval", "decode") + k[1:] if k[:1] == ("eval",) and len(k) > 1 and k[1] in old else k: o
+             for k, o in origins.items()}
+    moved[("eval", "decode")] = origins[("eval", old[0])]
+    return moved
 
 
 def _preset_dirs(config_path: Path) -> list[Path]:
@@ -313,83 +313,13 @@ def _build(cls: type, data: Mapping[str, Any], key: Key, where: Where) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key{hint}", key + (k,), where(key + (k,)))
         kwargs[k] = _convert(hints[k], v, key + (k,), where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own checks (__post_init__), e.g. eval.decode
+        raise ConfigError(str(e), origin=where(key)) from None
 
 
 # ---------------------------------------------------------------- validation
-
-
-class Check(NamedTuple):
-    """``ok(cfg)`` must hold; errors name ``keys[0]`` and the file of the first key that was set."""
-
-    keys: tuple[str, ...]
-    ok: Callable[[Config], bool]
-    message: str  # str.format'ed with c=cfg
-
-
-def _get(cfg: Any, key: str) -> Any:
-    return functools.reduce(lambda obj, name: getattr(obj, name, None), key.split("."), cfg)
-
-
-def _bound(key: str, op: Literal[">", ">="], low: float, below: float | None = None) -> Check:
-    """``key op low`` (and ``key < below``); ``None`` (an unset optional) passes."""
-    def ok(c: Config) -> bool:
-        v = _get(c, key)
-        return v is None or ((v > low if op == ">" else v >= low) and (below is None or v < below))
-    return Check((key,), ok, f"must be {op} {low}" if below is None else f"must be in [{low}, {below})")
-
-
-_CHECKS: tuple[Check, ...] = (
-    *(_bound(f"model.{k}", ">", 0) for k in (
-        "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_seq_len")),
-    _bound("model.rope_scaling.factor", ">", 0),
-    Check(("model.d_model", "model.n_heads", "model.head_dim"),
-          lambda c: c.model.head_dim is not None or c.model.d_model % c.model.n_heads == 0,
-          "must be a multiple of model.n_heads={c.model.n_heads} (or set model.head_dim)"),
-    Check(("model.n_kv_heads", "model.n_heads"), lambda c: c.model.n_heads % c.model.kv_heads == 0,
-          "must divide model.n_heads={c.model.n_heads}"),
-    *(Check((f"mesh.{k}",), lambda c, k=k: _get(c.mesh, k) == -1 or _get(c.mesh, k) >= 1,
-            "must be -1 (all remaining devices) or >= 1") for k in ("data", "fsdp", "tensor")),
-    Check(("mesh",), lambda c: [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1,
-          "must have at most one axis set to -1"),
-    _bound("data.seq_len", ">", 0),
-    _bound("data.temperature", ">", 0),
-    *(_bound(f"train.{k}", ">", 0) for k in ("steps", "global_batch", "microbatches", "log_every")),
-    Check(("train.global_batch", "train.microbatches"), lambda c: c.train.global_batch % c.train.microbatches == 0,
-          "must be a multiple of train.microbatches={c.train.microbatches}"),
-    *(_bound(f"train.{k}", ">=", 0) for k in ("dev_every", "z_loss")),
-    _bound("train.label_smoothing", ">=", 0, 1),
-    *(_bound(f"optimizer.{k}", ">=", 0) for k in ("lr", "warmup_steps", "end_lr_ratio", "weight_decay")),
-    *(_bound(f"optimizer.{k}", ">", 0) for k in ("decay_steps", "clip_norm")),
-    *(_bound(f"optimizer.{k}", ">=", 0, 1) for k in ("b1", "b2")),
-    Check(("optimizer.warmup_steps", "train.steps"), lambda c: c.optimizer.warmup_steps <= c.train.steps,
-          "must be <= train.steps={c.train.steps}"),
-    _bound("checkpoint.every", ">=", 0),
-    _bound("checkpoint.keep", ">", 0),
-)
-
-
-def _origin_of(key: Key, origins: Mapping[Key, Origin], fallback: Origin | None) -> Origin | None:
-    """The origin of ``key``, else of its closest set ancestor, else ``fallback``."""
-    for n in range(len(key), 0, -1):
-        if key[:n] in origins:
-            return origins[key[:n]]
-    return fallback
-
-
-def validate(cfg: Config, origins: Mapping[Key, Origin] | None = None, fallback: str | None = None) -> Config:
-    """Reject impossible values (``_CHECKS``); returns ``cfg`` unchanged when all hold."""
-    origins = origins or {}
-    for check in _CHECKS:
-        if check.ok(cfg):
-            continue
-        keys = [tuple(k.split(".")) for k in check.keys]
-        origin = next((origins[k] for k in keys if k in origins), None)
-        origin = origin or _origin_of(keys[0], origins, Origin(fallback) if fallback else None)
-        value = _get(cfg, check.keys[0])
-        value_text = "" if dataclasses.is_dataclass(value) else f", got {value!r}"
-        raise ConfigError(check.message.format(c=cfg) + value_text, keys[0], origin)
-    return cfg
 
 
 # -------------------------------------------------------------------- public

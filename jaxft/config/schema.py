@@ -215,6 +215,62 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+DECODE_STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding settings (`eval.decode`, `jaxft translate`, `jaxft.eval.decode.generate`).
+
+    ``eos_id`` / ``pad_id`` / ``decoder_start_id`` come from the tokenizer and the
+    model: ``Translator.translate`` overwrites them, callers of ``generate`` set them.
+    """
+
+    strategy: Literal["greedy", "beam", "sample"] = "beam"
+    max_len: int = 128  # generated tokens, forced ids and EOS included
+    min_len: int = 0  # EOS is masked until this many tokens were generated
+    beam_size: int = 4
+    n_best: int = 1  # hypotheses (beam) or samples (sample) returned per input
+    length_penalty: float = 0.6  # alpha; 0 = plain summed log-prob
+    length_penalty_mode: Literal["gnmt", "hf"] = "gnmt"  # ((5+len)/6)^alpha  |  len^alpha
+    early_stopping: Literal["bound", "full"] = "bound"  # beam: see jaxft.eval.beam
+    temperature: float = 1.0  # sample; 0 = greedy
+    top_k: int = 0  # sample; 0 = off
+    top_p: float = 1.0  # sample; 1 = off
+    forced_ids: tuple[int, ...] = ()  # the first output tokens of every row
+    eos_id: int | None = 1
+    pad_id: int = 0
+    decoder_start_id: int | None = None  # encoder-decoder: first decoder input (T5 0, mBART 2)
+
+    def __post_init__(self):
+        def bad(name: str, why: str):
+            raise ValueError(f"decode.{name}: {why}, got {getattr(self, name)!r}")
+        if self.strategy not in DECODE_STRATEGIES:
+            bad("strategy", f"must be one of {', '.join(DECODE_STRATEGIES)}")
+        if self.max_len < 1:
+            bad("max_len", "must be >= 1")
+        if not 0 <= self.min_len <= self.max_len:
+            bad("min_len", "must be in [0, max_len]")
+        if self.beam_size < 1:
+            bad("beam_size", "must be >= 1")
+        if self.n_best < 1 or (self.strategy == "beam" and self.n_best > self.beam_size):
+            bad("n_best", "must be >= 1 (and <= beam_size for beam search)")
+        if self.strategy == "greedy" and self.n_best != 1:
+            bad("n_best", "greedy returns one hypothesis")
+        if self.length_penalty_mode not in ("gnmt", "hf"):
+            bad("length_penalty_mode", "must be gnmt or hf")
+        if self.early_stopping not in ("bound", "full"):
+            bad("early_stopping", "must be bound or full")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if len(self.forced_ids) > self.max_len:
+            bad("forced_ids", "more forced ids than max_len")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Decoding + sacreBLEU evaluation of the dev directions (`jaxft eval`, and
@@ -224,10 +280,7 @@ class EvalConfig:
     directions: tuple[str, ...] = ()  # dev direction names; empty = all
     max_examples: int = 200  # per direction
     batch_size: int = 16
-    strategy: Literal["greedy", "beam", "sample"] = "beam"
-    beam_size: int = 4
-    length_penalty: float = 0.6
-    max_len: int = 128  # generated tokens
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     best_metric: Literal["chrf", "bleu", "chrfpp"] = "chrf"  # averaged over directions
     tier_high: tuple[str, ...] = ()  # languages or direction names per resource tier
     tier_mid: tuple[str, ...] = ()

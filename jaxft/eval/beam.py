@@ -28,17 +28,14 @@ input has stopped or ``max_len`` tokens were generated.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
+from jaxft.config.schema import DecodeConfig
 from jaxft.eval.cache import DecodeStart, step
 from jaxft.eval.sampling import NEG_INF, length_penalty, process_log_probs
+from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
-
-if TYPE_CHECKING:
-    from jaxft.eval.decode import DecodeConfig, DecodeOutput
 
 
 def _gather_beams(x_BK, idx_BN):
@@ -48,8 +45,6 @@ def _gather_beams(x_BK, idx_BN):
 
 
 def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConfig) -> DecodeOutput:
-    from jaxft.eval.decode import DecodeOutput
-
     k, L = cfg.beam_size, cfg.max_len
     B = start.token_B.shape[0]
     R = B * k

@@ -37,7 +37,8 @@ class DecodeStart:
     position_B: jax.Array  # int32: its position
 
 
-def is_encoder_decoder(model) -> bool:
+def model_is_encoder_decoder(model) -> bool:
+    """Whether a built model has an encoder (``jaxft.models.registry.is_encoder_decoder`` asks its config)."""
     return hasattr(model, "encode")
 
 
@@ -68,7 +69,7 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
           enc_lengths: jax.Array | None = None, decoder_start_id: int | None = None) -> DecodeStart:
     """Prefill / encode; room for ``max_len`` generated tokens.  See the module docstring."""
     if enc_inputs is not None:
-        if not is_encoder_decoder(model):
+        if not model_is_encoder_decoder(model):
             raise ValueError("generate: enc_inputs given, but the model is decoder-only (pass inputs)")
         if decoder_start_id is None:
             raise ValueError("generate: encoder-decoder decoding needs decoder_start_id "
@@ -82,7 +83,7 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
         return DecodeStart(cache, jnp.full((B,), decoder_start_id, jnp.int32), jnp.zeros((B,), jnp.int32))
     if inputs is None:
         raise ValueError("generate: pass inputs (decoder-only prompts) or enc_inputs (encoder-decoder)")
-    if is_encoder_decoder(model):
+    if model_is_encoder_decoder(model):
         raise ValueError("generate: the model is encoder-decoder; pass the source as enc_inputs")
     inputs = jnp.asarray(inputs, jnp.int32)
     B, P = inputs.shape

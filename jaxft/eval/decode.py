@@ -8,6 +8,9 @@ Public API::
     out = generate(model, inputs=prompt_BP, config=cfg, rng=key)  # decoder-only
     out.tokens [B, n, max_len], out.scores [B, n], out.lengths [B, n]
 
+``DecodeConfig`` is ``jaxft.config.schema.DecodeConfig`` (the ``eval.decode`` config
+section, re-exported here); ``DecodeOutput`` lives in ``jaxft.eval.types``.
+
 Inputs are right-padded with ``pad_id`` (lengths counted from it, or passed as
 ``lengths`` / ``enc_lengths``).  ``tokens`` holds only generated tokens: forced
 ids first, then the output, the EOS (when one was produced, counted in
@@ -32,74 +35,22 @@ in corpus order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.config.schema import DecodeConfig
 from jaxft.eval import cache as cache_lib
 from jaxft.eval.beam import beam_search
 from jaxft.eval.sampling import length_penalty, process_log_probs, sample
+from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
 
-STRATEGIES = ("greedy", "beam", "sample")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    strategy: Literal["greedy", "beam", "sample"] = "greedy"
-    max_len: int = 128  # generated tokens, forced ids and EOS included
-    min_len: int = 0  # EOS is masked until this many tokens were generated
-    beam_size: int = 4
-    n_best: int = 1  # hypotheses (beam) or samples (sample) returned per input
-    length_penalty: float = 0.6  # alpha; 0 = plain summed log-prob
-    length_penalty_mode: Literal["gnmt", "hf"] = "gnmt"  # ((5+len)/6)^alpha  |  len^alpha
-    early_stopping: Literal["bound", "full"] = "bound"  # beam: see jaxft.eval.beam
-    temperature: float = 1.0  # sample; 0 = greedy
-    top_k: int = 0  # sample; 0 = off
-    top_p: float = 1.0  # sample; 1 = off
-    forced_ids: tuple[int, ...] = ()  # the first output tokens of every row
-    eos_id: int | None = 1
-    pad_id: int = 0
-    decoder_start_id: int | None = None  # encoder-decoder: first decoder input (T5 0, mBART 2)
-
-    def __post_init__(self):
-        def bad(field: str, why: str):
-            raise ValueError(f"decode.{field}: {why}, got {getattr(self, field)!r}")
-        if self.strategy not in STRATEGIES:
-            bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
-        if self.max_len < 1:
-            bad("max_len", "must be >= 1")
-        if not 0 <= self.min_len <= self.max_len:
-            bad("min_len", "must be in [0, max_len]")
-        if self.beam_size < 1:
-            bad("beam_size", "must be >= 1")
-        if self.n_best < 1 or (self.strategy == "beam" and self.n_best > self.beam_size):
-            bad("n_best", "must be >= 1 (and <= beam_size for beam search)")
-        if self.strategy == "greedy" and self.n_best != 1:
-            bad("n_best", "greedy returns one hypothesis")
-        if self.length_penalty_mode not in ("gnmt", "hf"):
-            bad("length_penalty_mode", "must be gnmt or hf")
-        if self.early_stopping not in ("bound", "full"):
-            bad("early_stopping", "must be bound or full")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if len(self.forced_ids) > self.max_len:
-            bad("forced_ids", "more forced ids than max_len")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeOutput:
-    tokens: jax.Array  # [B, n, max_len] int32
-    scores: jax.Array  # [B, n] float32, best first for beam search
-    lengths: jax.Array  # [B, n] int32: generated tokens incl. forced ids and EOS
+__all__ = ["DecodeConfig", "DecodeOutput", "LengthBatch", "decode_all", "generate", "length_sorted_batches",
+           "restore_order", "strip"]
 
 
 def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array, rng: jax.Array,
@@ -241,7 +192,7 @@ def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: Deco
     in corpus order.  ``forced``: per-input forced first tokens (e.g. per-direction language
     codes), all of the same length."""
     if encoder_decoder is None:
-        encoder_decoder = cache_lib.is_encoder_decoder(model)
+        encoder_decoder = cache_lib.model_is_encoder_decoder(model)
     rng = jax.random.key(0) if rng is None else rng
     results = []
     batches = length_sorted_batches(seqs, batch_size, pad_id=config.pad_id, length_multiple=length_multiple)

@@ -1,0 +1,85 @@
+"""Value checks on a built config: impossible values are refused with one line
+naming the key and the file/line that set it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+from jaxft.config.errors import ConfigError, Key, Origin
+from jaxft.config.schema import Config
+
+
+class Check(NamedTuple):
+    """``ok(cfg)`` must hold; errors name ``keys[0]`` and the file of the first key that was set."""
+
+    keys: tuple[str, ...]
+    ok: Callable[[Config], bool]
+    message: str  # str.format'ed with c=cfg
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return functools.reduce(lambda obj, name: getattr(obj, name, None), key.split("."), cfg)
+
+
+def _bound(key: str, op: Literal[">", ">="], low: float, below: float | None = None) -> Check:
+    """``key op low`` (and ``key < below``); ``None`` (an unset optional) passes."""
+    def ok(c: Config) -> bool:
+        v = _get(c, key)
+        return v is None or ((v > low if op == ">" else v >= low) and (below is None or v < below))
+    return Check((key,), ok, f"must be {op} {low}" if below is None else f"must be in [{low}, {below})")
+
+
+_CHECKS: tuple[Check, ...] = (
+    *(_bound(f"model.{k}", ">", 0) for k in (
+        "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_seq_len")),
+    _bound("model.rope_scaling.factor", ">", 0),
+    Check(("model.d_model", "model.n_heads", "model.head_dim"),
+          lambda c: c.model.head_dim is not None or c.model.d_model % c.model.n_heads == 0,
+          "must be a multiple of model.n_heads={c.model.n_heads} (or set model.head_dim)"),
+    Check(("model.n_kv_heads", "model.n_heads"), lambda c: c.model.n_heads % c.model.kv_heads == 0,
+          "must divide model.n_heads={c.model.n_heads}"),
+    *(Check((f"mesh.{k}",), lambda c, k=k: _get(c.mesh, k) == -1 or _get(c.mesh, k) >= 1,
+            "must be -1 (all remaining devices) or >= 1") for k in ("data", "fsdp", "tensor")),
+    Check(("mesh",), lambda c: [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1,
+          "must have at most one axis set to -1"),
+    _bound("data.seq_len", ">", 0),
+    _bound("data.temperature", ">", 0),
+    *(_bound(f"train.{k}", ">", 0) for k in ("steps", "global_batch", "microbatches", "log_every")),
+    Check(("train.global_batch", "train.microbatches"), lambda c: c.train.global_batch % c.train.microbatches == 0,
+          "must be a multiple of train.microbatches={c.train.microbatches}"),
+    *(_bound(f"train.{k}", ">=", 0) for k in ("dev_every", "z_loss")),
+    _bound("train.label_smoothing", ">=", 0, 1),
+    *(_bound(f"optimizer.{k}", ">=", 0) for k in ("lr", "warmup_steps", "end_lr_ratio", "weight_decay")),
+    *(_bound(f"optimizer.{k}", ">", 0) for k in ("decay_steps", "clip_norm")),
+    *(_bound(f"optimizer.{k}", ">=", 0, 1) for k in ("b1", "b2")),
+    Check(("optimizer.warmup_steps", "train.steps"), lambda c: c.optimizer.warmup_steps <= c.train.steps,
+          "must be <= train.steps={c.train.steps}"),
+    _bound("checkpoint.every", ">=", 0),
+    _bound("checkpoint.keep", ">", 0),
+)
+
+
+def _origin_of(key: Key, origins: Mapping[Key, Origin], fallback: Origin | None) -> Origin | None:
+    """The origin of ``key``, else of its closest set ancestor, else ``fallback``."""
+    for n in range(len(key), 0, -1):
+        if key[:n] in origins:
+            return origins[key[:n]]
+    return fallback
+
+
+def validate(cfg: Config, origins: Mapping[Key, Origin] | None = None, fallback: str | None = None) -> Config:
+    """Reject impossible values (``_CHECKS``); returns ``cfg`` unchanged when all hold."""
+    origins = origins or {}
+    for check in _CHECKS:
+        if check.ok(cfg):
+            continue
+        keys = [tuple(k.split(".")) for k in check.keys]
+        origin = next((origins[k] for k in keys if k in origins), None)
+        origin = origin or _origin_of(keys[0], origins, Origin(fallback) if fallback else None)
+        value = _get(cfg, check.keys[0])
+        value_text = "" if dataclasses.is_dataclass(value) else f", got {value!r}"
+        raise ConfigError(check.message.format(c=cfg) + value_text, keys[0], origin)
+    return cfg
