@@ -42,11 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jaxft.config.loader import load_config
-    from jaxft.train.loop import dev_table, train
+    from jaxft.eval.during_training import train_and_evaluate
+    from jaxft.train.loop import dev_table
 
     init_distributed(args)
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, base_dir=args.config.resolve().parent)
+    result = train_and_evaluate(cfg, base_dir=args.config.resolve().parent)
     if result.dev_after:
         print(dev_table(result))
     print(f"run dir: {result.run_dir.resolve()}")
@@ -117,7 +118,7 @@ def _load_translator(source: str, which: str):
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from jaxft.eval.decode import DecodeConfig
+    from jaxft.config.schema import DecodeConfig
 
     translator, _ = _load_translator(args.source, args.checkpoint)
     stream = open(args.input, encoding="utf-8-sig") if args.input else sys.stdin
@@ -164,6 +165,14 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     out = diff_checkpoints(args.finetuned, args.base, args.out, sparse_k=args.sparse_k)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from jaxft.runs.export import export_run
+
+    out = export_run(args.run_dir, args.out, which=args.checkpoint, fmt=args.format, dtype=args.dtype)
+    print(f"wrote {out} ({args.format} format, {args.checkpoint} checkpoint of {args.run_dir})")
     return 0
 
 
@@ -220,15 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt-lang", required=True)
     p.add_argument("--input", type=Path, help="UTF-8 text, one sentence per line (default: stdin)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="run dirs: which checkpoint")
-    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="beam")
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha")
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--min-len", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--n-best", type=int, default=1)
+    from jaxft.config.schema import DECODE_STRATEGIES, DecodeConfig
+
+    decode = DecodeConfig()  # flag defaults = the eval.decode defaults
+    p.add_argument("--strategy", choices=DECODE_STRATEGIES, default=decode.strategy)
+    p.add_argument("--beam-size", type=int, default=decode.beam_size)
+    p.add_argument("--length-penalty", type=float, default=decode.length_penalty, help="GNMT alpha")
+    p.add_argument("--max-len", type=int, default=decode.max_len)
+    p.add_argument("--min-len", type=int, default=decode.min_len)
+    p.add_argument("--temperature", type=float, default=decode.temperature)
+    p.add_argument("--top-k", type=int, default=decode.top_k)
+    p.add_argument("--top-p", type=float, default=decode.top_p)
+    p.add_argument("--n-best", type=int, default=decode.n_best)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_translate)
 
@@ -260,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: dense")
     p.set_defaults(func=_cmd_diff)
 
+    p = sub.add_parser("export", help="write a run's model (LoRA merged) as a jaxft or HF folder; "
+                                      "the run dir is only read")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out", type=Path, help="a new folder (not inside the run dir)")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
+    p.add_argument("--format", choices=("jaxft", "hf"), default="jaxft")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="hf format: stored dtype")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=_cmd_demo)
@@ -271,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         if args.debug or os.environ.get("JAXFT_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -9,14 +9,14 @@ import yaml
 
 from jaxft.cli import main
 from jaxft.config.loader import load_config
-from jaxft.eval.decode import DecodeConfig
+from jaxft.config.schema import DecodeConfig
 from jaxft.eval.translate import evaluate, load_run
-from jaxft.train.loop import train
-from jaxft.train.metrics import read_jsonl
+from jaxft.eval.during_training import train_and_evaluate as train
+from jaxft.train.metric_sinks import read_jsonl
 
 from trainutil import write_run_config
 
-EVAL = {"eval.every": 3, "eval.strategy": "greedy", "eval.max_len": 12, "eval.max_examples": 4,
+EVAL = {"eval.every": 3, "eval.decode": {"strategy": "greedy", "max_len": 12}, "eval.max_examples": 4,
         "eval.batch_size": 8}
 
 

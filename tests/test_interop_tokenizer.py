@@ -9,7 +9,7 @@ import sentencepiece as spm
 from jaxft.config.schema import TokenizerConfig
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
 from jaxft.interop import HFJsonTokenizer, load_hf_tokenizer
-from jaxft.interop.tokenizer import copy_tokenizer, special_token_ids
+from jaxft.interop.hf_tokenizer import copy_tokenizer, special_token_ids
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

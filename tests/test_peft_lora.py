@@ -204,16 +204,20 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path):
     run = Path(cfg.run_dir)
     model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
     full_bytes = 12 * sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))  # params + Adam moments
-    state_dir = run / "checkpoints" / "6" / "state"
+    step_dir = run / "checkpoints" / "6"
+    items = [step_dir / "params", step_dir / "train"]  # no "rest" item: the base is rebuilt from the config
+    assert not (step_dir / "rest").exists()
     # Bytes of the arrays the checkpoint stores, from orbax's own metadata (the
     # on-disk data-file sizes vary with write timing, so they are not used).
     import orbax.checkpoint as ocp
-    stored = ocp.StandardCheckpointer().metadata(state_dir)
-    stored = getattr(stored, "item_metadata", stored)
-    array_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(stored)
-                      if hasattr(m, "shape"))
+    array_bytes = 0
+    for item in items:
+        stored = ocp.StandardCheckpointer().metadata(item)
+        stored = getattr(stored, "item_metadata", stored)
+        array_bytes += sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(stored)
+                           if hasattr(m, "shape"))
     assert 0 < array_bytes < full_bytes / 10
-    tree = (state_dir / "_METADATA").read_text()
+    tree = "".join((item / "_METADATA").read_text() for item in items)
     assert '"lora"' in tree and '"kernel"' not in tree and '"embedding"' not in tree
     adapter = run / "adapter"
     assert (adapter / "adapter.json").is_file() and (adapter / "adapter.safetensors").is_file()

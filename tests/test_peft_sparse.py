@@ -274,24 +274,30 @@ def sparse_reference(tmp_path_factory):
 
 
 def final_state_and_theta0(cfg):
-    """(final checkpointed TrainState, theta0 params), restored / rebuilt the way the trainer does."""
-    from jaxft.train import initial
-    from jaxft.train.checkpoint import Checkpointer
-    from jaxft.train.state import make_init_fn, state_shardings
+    """(final checkpointed params and mask, theta0 params), restored / rebuilt the way the trainer does."""
+    from types import SimpleNamespace
+
+    from jaxft.peft.methods import method_for
+    from jaxft.runs.checkpoint import Checkpointer
+    from jaxft.runs.model import init_variables, start_from
+    from jaxft.train.state import make_init_fn, sharded_abstract
 
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
+    init_fn, _ = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn)
-        shardings = state_shardings(abstract, mesh)
-        ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint)
-        step, state, _ = ckpt.restore_latest(initial.checkpointed_part(jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), cfg))
+        abstract, _ = sharded_abstract(init_fn, mesh)
+        ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint, read_only=True)
+        step, items = ckpt.restore_latest({"params": abstract.params, "train": {
+            "step": abstract.step, "opt_state": abstract.opt_state, "mask": abstract.mask}})
         ckpt.close()
-        theta0 = initial.initial_state(init_fn, shardings, graphdef, cfg, mesh).params
+        method = method_for(cfg.peft, cfg.train, cfg.model)
+        graphdef, params0, rest0 = init_variables(cfg, method, mesh)
+        model = nnx.merge(graphdef, params0, rest0)
+        start_from(model, cfg, mesh)
+        theta0 = nnx.split(model, method.trainable_filter(), ...)[1]
     assert step == cfg.train.steps
-    return state, theta0
+    return SimpleNamespace(params=items["params"], mask=items["train"]["mask"]), theta0
 
 
 def test_lt_sft_run_freezes_unselected_entries_bitwise(sparse_reference):

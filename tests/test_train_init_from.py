@@ -7,7 +7,7 @@ import pytest
 from jaxft.config.loader import load_config
 from jaxft.interop.hf import init_params_from
 from jaxft.train.loop import train
-from jaxft.train.metrics import read_jsonl
+from jaxft.train.metric_sinks import read_jsonl
 
 from trainutil import write_run_config
 
@@ -29,12 +29,12 @@ def test_training_starts_from_hf_weights(tmp_path):
     cfg = load_config(path, ["model.max_seq_len=128", "model.norm_eps=1e-6"])
     result = train(cfg, base_dir=tmp_path)
     # The frozen embedding table is still exactly the HF one after training.
-    from jaxft.train.checkpoint import Checkpointer
-    ckpt = Checkpointer(result.run_dir / "checkpoints", cfg.checkpoint)
+    from jaxft.runs.checkpoint import Checkpointer
+    ckpt = Checkpointer(result.run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     import orbax.checkpoint as ocp
-    restored = ckpt.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    restored = ckpt.manager.restore(2, args=ocp.args.Composite(rest=ocp.args.StandardRestore()))["rest"]
     ckpt.close()
-    emb = np.asarray(restored["rest"]["embed"]["embedding"]["value"])
+    emb = np.asarray(restored["embed"]["embedding"]["value"])
     hf_emb = transformers.LlamaForCausalLM.from_pretrained(hf_dir).model.embed_tokens.weight.detach().numpy()
     np.testing.assert_array_equal(emb, hf_emb)
     loaded = init_params_from(cfg.model.init_from, cfg.model, None)

@@ -14,8 +14,8 @@ import pytest
 
 from jaxft.config.loader import load_config
 from jaxft.train.loop import train
-from jaxft.train.metrics import read_jsonl
-from jaxft.train.resume import ResumeError
+from jaxft.train.metric_sinks import read_jsonl
+from jaxft.runs.resume import ResumeError
 
 from trainutil import write_run_config
 
@@ -68,7 +68,7 @@ def test_truncated_latest_checkpoint_falls_back_with_warning(reference, caplog):
     tmp, ref = reference
     cfg = load_config(write_run_config(tmp, steps=6, name="corrupt"))
     train(cfg, base_dir=tmp, stop_after=4)  # checkpoints at 2 and 4
-    ckpt4 = Path(cfg.run_dir) / "checkpoints" / "4" / "state"
+    ckpt4 = Path(cfg.run_dir) / "checkpoints" / "4" / "params"
     victims = [p for p in ckpt4.rglob("*") if p.is_file() and p.stat().st_size > 0 and "manifest" not in p.name
                and p.suffix != ".json"]
     assert victims
@@ -102,9 +102,11 @@ def test_incompatible_config_is_refused_and_nothing_is_written(reference):
 def test_kill_9_then_resume_matches_uninterrupted(reference):
     tmp, ref = reference
     path = write_run_config(tmp, steps=6, name="killed", extra={"checkpoint.every": 1})
-    env = dict(os.environ, JAXFT_STEP_DELAY="0.5")
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    slow = [sys.executable, "-c", f"import trainutil; trainutil.train_slowly({str(path)!r}, 0.5)"]
     cmd = [sys.executable, "-m", "jaxft.cli", "train", str(path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(slow, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = tmp / "killed" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (ckpt_dir / "3").is_dir():

@@ -39,3 +39,33 @@ def write_run_config(tmp: Path, *, steps: int = 6, extra: dict | None = None, na
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
+
+
+class SleepHook:
+    """A train-loop hook that sleeps after every step: slows a run down for tests that kill it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_start(self, run, state):
+        pass
+
+    def after_step(self, run, step, state, metrics):
+        import time
+
+        time.sleep(self.seconds)
+
+    def on_end(self, run, state, end):
+        pass
+
+    def close(self, run):
+        pass
+
+
+def train_slowly(config_path: str, seconds: float) -> None:
+    """`jaxft train CONFIG` with a SleepHook (run as a subprocess by kill tests)."""
+    from jaxft.config.loader import load_config
+    from jaxft.train.loop import train
+
+    path = Path(config_path)
+    train(load_config(path), base_dir=path.resolve().parent, hooks=[SleepHook(seconds)])

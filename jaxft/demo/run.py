@@ -13,7 +13,8 @@ from pathlib import Path
 import jaxft
 from jaxft.config.loader import load_config
 from jaxft.demo.corpus import build_corpus
-from jaxft.train.loop import TrainResult, dev_table, train
+from jaxft.eval.during_training import train_and_evaluate as train
+from jaxft.train.loop import TrainResult, dev_table
 
 CONFIGS = Path(jaxft.__file__).resolve().parents[1] / "configs" / "experiments"
 PARTS = (("decoder", "demo_decoder.yaml", "Decoder-only (LLaMA-style) model"),

@@ -16,13 +16,12 @@ from typing import Sequence
 
 from flax import nnx
 
-from jaxft.config.loader import load_config
-from jaxft.config.schema import Config, DataConfig, EvalConfig, ModelConfig, SourceConfig
+from jaxft.config.schema import Config, DataConfig, DecodeConfig, ModelConfig, SourceConfig
 from jaxft.data.pipeline import read_directions
 from jaxft.data.seq2seq import Seq2SeqFeaturizer
 from jaxft.data.sources import Example
 from jaxft.data.tasks import render
-from jaxft.eval.decode import DecodeConfig, decode_all
+from jaxft.eval.decode import decode_all
 from jaxft.eval.metrics import score_direction
 from jaxft.eval.report import EvalReport
 from jaxft.models.registry import build_model, is_encoder_decoder
@@ -74,16 +73,12 @@ class Translator:
         return [self.tokenizer.decode(best[0][0][n_forced:]) for best in results]
 
 
-def decode_config(cfg: EvalConfig, **overrides) -> DecodeConfig:
-    return DecodeConfig(strategy=cfg.strategy, beam_size=cfg.beam_size, length_penalty=cfg.length_penalty,
-                        max_len=cfg.max_len, **overrides)
-
-
 def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: DecodeConfig | None = None,
              max_examples: int | None = None) -> EvalReport:
-    """Decode the dev directions (`eval.directions`, default all) and score them with sacreBLEU."""
+    """Decode the dev directions (`eval.directions`, default all) with ``decode`` (default
+    `eval.decode`) and score them with sacreBLEU."""
     ecfg = cfg.eval
-    decode = decode or decode_config(ecfg)
+    decode = decode or ecfg.decode
     limit = max_examples or ecfg.max_examples
     scores = {}
     for direction in read_directions(cfg.data, base_dir, split="dev"):
@@ -104,42 +99,20 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
 
 def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Config]:
     """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, or
-    the best one kept by evaluation during training)."""
-    from jaxft.sharding import make_mesh, use_mesh
-    from jaxft.train.checkpoint import Checkpointer
-    from jaxft.train.initial import checkpointed_part, initial_state, merge_restored
-    from jaxft.train.loop import prepare_tokenizer
-    from jaxft.peft import l1_strength
-    from jaxft.train.optim import make_optimizer
-    from jaxft.train.state import make_init_fn, sharded_abstract
+    the best one kept by evaluation during training), opened read-only, without an optimizer."""
+    from jaxft.runs.model import restore_model
+    from jaxft.runs.tokenizer import run_tokenizer
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: not a run dir (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    tokenizer = prepare_tokenizer(cfg.data, run_dir, run_dir)
-    mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
-    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
-    with use_mesh(mesh):
-        abstract, shardings = sharded_abstract(init_fn, mesh)
-        target = checkpointed_part(abstract, cfg)
-        ckpt = Checkpointer(run_dir / ("best" if which == "best" else "checkpoints"), cfg.checkpoint)
-        restored = ckpt.restore_latest(target)
-        ckpt.close()
-        if restored is None:
-            raise FileNotFoundError(f"{run_dir}: no readable {which} checkpoint")
-        _, state, _ = restored
-        if state.rest is None:
-            state = merge_restored(state, initial_state(init_fn, shardings, graphdef, cfg, mesh), cfg)
-        model = nnx.merge(graphdef, state.params, state.rest)
-    return Translator(model, tokenizer, cfg.model, cfg.data), cfg
+    restored = restore_model(Path(run_dir), which)
+    cfg = restored.config
+    tokenizer = run_tokenizer(cfg.data, Path(run_dir), Path(run_dir))
+    return Translator(restored.model(), tokenizer, cfg.model, cfg.data), cfg
 
 
 def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Translator:
     """An HF checkpoint folder (or hub id): model, tokenizer, and the family's language-token convention."""
     from jaxft.interop.hf import load_hf, read_hf_config, resolve_path
-    from jaxft.interop.tokenizer import load_hf_tokenizer
+    from jaxft.interop.hf_tokenizer import load_hf_tokenizer
 
     directory = resolve_path(str(path))
     model_cfg, params = load_hf(directory)

@@ -9,7 +9,7 @@ t5, mt5, umt5, mbart (mBART-50), m2m_100 (M2M100 / NLLB-200) (encoder-decoder).
 
 from jaxft.interop.hf import (hf_config_to_model_config, init_params_from, load_hf, load_hf_params,
                               model_config_to_hf_config, save_hf)
-from jaxft.interop.tokenizer import HFJsonTokenizer, load_hf_tokenizer
+from jaxft.interop.hf_tokenizer import HFJsonTokenizer, load_hf_tokenizer
 
 __all__ = ["HFJsonTokenizer", "hf_config_to_model_config", "init_params_from", "load_hf", "load_hf_params",
            "load_hf_tokenizer", "model_config_to_hf_config", "save_hf"]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.config.schema import ModelConfig, to_dict
 from jaxft.interop.hf import abstract_params, load_hf, path_str, read_hf_config, resolve_path, save_hf
-from jaxft.interop.tokenizer import TOKENIZER_FILES
+from jaxft.interop.hf_tokenizer import TOKENIZER_FILES
 
 MODEL_YAML, PARAMS, HF_CONFIG, TOKENIZER = "model.yaml", "params", "hf_config.json", "tokenizer"
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -112,7 +112,7 @@ def save_checkpoint(like: Checkpoint, params: nnx.State, out: str | Path) -> Pat
                     shutil.copyfile(src, out / name)
         return out
     from jaxft.interop.hf import read_hf_config, save_hf
-    from jaxft.interop.tokenizer import TOKENIZER_FILES
+    from jaxft.interop.hf_tokenizer import TOKENIZER_FILES
 
     hf = read_hf_config(like.path)
     extra = {k: hf[k] for k in convert._PASSTHROUGH if hf.get(k) is not None}

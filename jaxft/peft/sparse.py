@@ -31,11 +31,12 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxft.config.schema import SparseConfig
@@ -181,6 +182,32 @@ def select_mask(params: nnx.State, theta0: nnx.State, cfg: SparseConfig, *, seed
         else:
             out.append(jnp.full_like(leaf, kind == "dense", dtype=jnp.bool_))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------- L1 pull (phase 1)
+
+
+class L1PullState(NamedTuple):
+    anchor: optax.Params  # the parameters at init (theta0)
+
+
+def l1_pull(strength: float) -> optax.GradientTransformation:
+    """grads += strength * sign(theta - theta0): the (sub)gradient of strength * |theta - theta0|_1,
+    theta0 being the params this transformation was initialised with."""
+
+    def init_fn(params):
+        # a real copy: the anchor must not alias the (donated) params buffers
+        return L1PullState(anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("l1_pull needs the params")
+        updates = jax.tree.map(lambda g, p, a: g + (strength * jnp.sign(p - a)).astype(g.dtype),
+                               updates, params, state.anchor)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
 
 
 # --------------------------------------------------------------------------- diffs on disk

@@ -15,7 +15,7 @@ import jax
 from jaxft.config.schema import Config
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
-from jaxft.peft import l1_strength
+from jaxft.peft.methods import method_for
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
@@ -24,7 +24,7 @@ from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
 def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> jax.stages.Lowered:
     mesh = make_mesh(cfg.mesh, devices)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, l1=l1_strength(cfg.peft))
+    tx = method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer(make_optimizer(cfg.optimizer, cfg.train.steps))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
     with use_mesh(mesh):
         abstract, shardings = sharded_abstract(init_fn, mesh)

@@ -9,21 +9,22 @@ from its parts (scale_by_adam -> per-parameter decay -> learning rate -> group
 scale: the same arithmetic as optax.adamw); without groups the optimizer and its
 state are exactly what they were before groups existed.
 
-`l1` (sparse fine-tuning): an L1 pull towards the parameters the optimizer was
-initialised with, added to the gradients before clipping.  It stores a copy of
-those parameters in the optimizer state (one parameter-sized buffer).
+`l1` (sparse fine-tuning, `jaxft.peft.sparse.l1_pull`): an L1 pull towards the
+parameters the optimizer was initialised with, added to the gradients before
+clipping.  It stores a copy of those parameters in the optimizer state.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxft.config.schema import OptimizerConfig, ParamGroup
+from jaxft.peft.sparse import l1_pull
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -99,28 +100,6 @@ def scale_by_group(groups: Sequence[ParamGroup]) -> optax.GradientTransformation
         return jax.tree.map(lambda u, s: u if s == 1.0 else (u * s).astype(u.dtype), updates, scales), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-class L1PullState(NamedTuple):
-    anchor: optax.Params  # the parameters at init (theta0)
-
-
-def l1_pull(strength: float) -> optax.GradientTransformation:
-    """grads += strength * sign(theta - theta0): the (sub)gradient of strength * |theta - theta0|_1,
-    theta0 being the params this transformation was initialised with."""
-
-    def init_fn(params):
-        # a real copy: the anchor must not alias the (donated) params buffers
-        return L1PullState(anchor=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("l1_pull needs the params")
-        updates = jax.tree.map(lambda g, p, a: g + (strength * jnp.sign(p - a)).astype(g.dtype),
-                               updates, params, state.anchor)
-        return updates, state
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0) -> optax.GradientTransformation:

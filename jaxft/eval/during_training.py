@@ -1,0 +1,69 @@
+"""Evaluation during training, as a train-loop hook: every `eval.every` steps
+(and at the last step) decode the dev directions, log BLEU / chrF / chrF++ per
+direction, and keep the best checkpoint by `eval.best_metric` in
+`<run_dir>/best` (besides the last N).
+
+The hook lives here, above `jaxft.train`, because it decodes and scores;
+`train_and_evaluate` is `train` with this hook added when `eval.every` is set
+(what `jaxft train` runs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from flax import nnx
+
+from jaxft.config.schema import CheckpointConfig, Config, to_dict
+from jaxft.runs.checkpoint import Checkpointer
+from jaxft.train.hooks import Hook
+from jaxft.train.loop import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+class EvalHook(Hook):
+    evaluates = True
+
+    def on_start(self, run, state):
+        best_file = run.dirs.best_json
+        self.best = json.loads(best_file.read_text())["value"] if best_file.exists() else None
+        self.ckpt = Checkpointer(run.dirs.best, CheckpointConfig(keep=1, async_save=False))
+
+    def after_step(self, run, step, state, metrics):
+        if step % run.cfg.eval.every == 0 or step == run.cfg.train.steps:
+            self.evaluate(run, step, state)
+
+    def evaluate(self, run, step: int, state) -> dict:
+        from jaxft.eval.translate import Translator, evaluate
+
+        cfg = run.cfg
+        model = nnx.merge(run.graphdef, state.params, state.rest)
+        report = evaluate(Translator(model, run.tokenizer, cfg.model, cfg.data), cfg, base_dir=run.base_dir)
+        per_direction = {d: {"bleu": s.bleu, "chrf": s.chrf, "chrfpp": s.chrfpp} for d, s in report.scores.items()}
+        averages = report.averages()
+        run.writer.write(step, {"scores": per_direction, "average": averages}, kind="eval")
+        value = averages[cfg.eval.best_metric]
+        log.info("eval step %d: %s %.2f (best %s)", step, cfg.eval.best_metric, value, self.best)
+        if self.best is None or value > self.best:
+            self.best = value
+            self.ckpt.save(step, run.checkpoint_items(state), run.pipeline.get_state(), to_dict(cfg), run.meta)
+            self.ckpt.wait()
+            if run.is_main:
+                run.dirs.best_json.write_text(json.dumps({"step": step, "metric": cfg.eval.best_metric,
+                                                          "value": value}))
+        report.write(run.dirs.eval_report(step))
+        return averages
+
+    def close(self, run):
+        if hasattr(self, "ckpt"):
+            self.ckpt.close()
+
+
+def train_and_evaluate(cfg: Config, *, base_dir: Path, stop_after: int | None = None,
+                       hooks: Sequence[Hook] = ()) -> TrainResult:
+    """`jaxft.train.loop.train`, evaluating during training when `eval.every` is set."""
+    extra = [EvalHook()] if cfg.eval.every else []
+    return train(cfg, base_dir=base_dir, stop_after=stop_after, hooks=[*extra, *hooks])

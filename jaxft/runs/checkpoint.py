@@ -1,0 +1,131 @@
+"""Checkpoints: one orbax CheckpointManager per folder, with separate items
+
+    params   the trainable parameters
+    rest     the frozen parameters and other variables (absent when a PEFT run
+             stores only what trains: the base is rebuilt from the config)
+    train    step, optimizer state and the update mask: what only training needs
+    data     the data iterator state (all processes' slots, gathered)
+    config   the resolved config
+    meta     small JSON facts about the run (the dev loss before training)
+
+so inference restores `params` (+ `rest`) and never builds an optimizer.
+
+Training resumes from the newest step that restores cleanly: an unreadable
+newest checkpoint is moved to `unreadable_checkpoints/` (never deleted) and the
+previous one is used.  A read-only Checkpointer (inference, exports, `init_from:
+run:`) skips unreadable steps with a warning and changes nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxft.config.schema import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("params", "rest", "train", "data", "config", "meta")
+OLD_ITEM = "state"  # jaxft 0.1 stored the whole train state as one item
+
+
+class CheckpointFormatError(ValueError):
+    pass
+
+
+def gather_json(local: dict[str, Any]) -> dict[str, Any]:
+    """Merge a JSON-able dict from every process (keys must not collide)."""
+    if jax.process_count() == 1:
+        return dict(local)
+    raw = np.frombuffer(json.dumps(local, sort_keys=True).encode(), dtype=np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: raw.size] = raw
+    everything = multihost_utils.process_allgather(padded)
+    merged: dict[str, Any] = {}
+    for size, buf in zip(np.asarray(sizes).reshape(-1), np.asarray(everything)):
+        merged.update(json.loads(bytes(buf[: int(size)]).decode()))
+    return merged
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
+        cfg = cfg or CheckpointConfig()
+        self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save and not read_only,
+            create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        if self.read_only and not self.directory.is_dir():
+            return []
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, items: dict[str, Any], data_state: dict[str, Any], config: dict[str, Any],
+             meta: dict[str, Any] | None = None) -> None:
+        """`items`: pytrees by item name (`params`, `train`, and `rest` unless it is rebuilt)."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory}: opened read-only")
+        # orbax refuses empty trees (a full finetuning run has no frozen `rest`): they are not stored
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items() if v is not None and jax.tree.leaves(v)}
+        args.update(data=ocp.args.JsonSave(gather_json(data_state)), config=ocp.args.JsonSave(config),
+                    meta=ocp.args.JsonSave(meta or {}))
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def read_config(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def check_format(self, step: int) -> None:
+        step_dir = self.directory / str(step)
+        if (step_dir / OLD_ITEM).is_dir() and not (step_dir / "params").is_dir():
+            raise CheckpointFormatError(
+                f"{step_dir}: written by jaxft 0.1 (one 'state' item); this version stores params and "
+                "optimizer state as separate items and cannot read it: retrain, or load it with jaxft 0.1 "
+                "and export the model (`jaxft convert`)")
+
+    def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """(step, {item: value}) of the newest checkpoint whose `targets` items (abstract
+        pytrees by item name; `data` and `meta` are always restored, as JSON) restore, or None."""
+        for step in reversed(self.steps()):
+            self.check_format(step)
+            try:
+                args = {k: ocp.args.StandardRestore(v) for k, v in targets.items() if jax.tree.leaves(v)}
+                args.update(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+                out = self.manager.restore(step, args=ocp.args.Composite(**args))
+                empty = {k: v for k, v in targets.items() if not jax.tree.leaves(v)}  # never stored
+                return step, {**empty, **{k: out[k] for k in (*args,)}}
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
+                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+                if not self.read_only:
+                    self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Move an unreadable step out of the manager's folder (kept for
+        inspection, never deleted) so training can write that step again."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+            log.warning("moved the unreadable checkpoint to %s", aside)
+        multihost_utils.sync_global_devices(f"jaxft:set_aside:{step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

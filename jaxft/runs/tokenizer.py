@@ -1,0 +1,41 @@
+"""The tokenizer a run uses: `data.tokenizer.path` (a SentencePiece model, an HF
+folder, or `hf:<folder or org/name>`), else the one the run trained into
+`<run_dir>/tokenizer.model` (training it is `jaxft.train.setup`'s job)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxft.config.schema import DataConfig
+from jaxft.data.tokenizer import Tokenizer
+from jaxft.runs.layout import RunDir
+
+
+def configured_tokenizer(cfg: DataConfig, base_dir: Path) -> Tokenizer | None:
+    """`data.tokenizer.path` loaded, or None when the run trains its own."""
+    path_cfg = cfg.tokenizer.path
+    if not path_cfg:
+        return None
+    if path_cfg.startswith("hf:"):  # an HF folder or hub id: its tokenizer with the family's ids
+        from jaxft.interop.hf import resolve_path
+        from jaxft.interop.hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(resolve_path(path_cfg[3:]))
+    path = Path(path_cfg)
+    path = path if path.is_absolute() else base_dir / path
+    if not path.exists():
+        raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist")
+    if path.is_dir():
+        from jaxft.interop.hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(path)
+    return Tokenizer.load(path)
+
+
+def run_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokenizer:
+    """The configured tokenizer, else the run's trained one (which must exist)."""
+    tok = configured_tokenizer(cfg, base_dir)
+    if tok is not None:
+        return tok
+    path = RunDir(run_dir).tokenizer
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no data.tokenizer.path and no trained {path.name} in the run dir")
+    return Tokenizer.load(path)

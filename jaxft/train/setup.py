@@ -1,0 +1,196 @@
+"""Setting a run up: everything the step loop needs, built once.
+
+`setup(cfg, base_dir)` checks the run dir can be (re)used, prepares the
+tokenizer, the mesh, the optimizer and the PEFT method, the jitted steps, the
+data pipeline and dev batches, and the starting state (restored, or theta0).
+It returns a `Run`; `jaxft.train.loop.train` drives it with hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxft.config.schema import Config, DataConfig
+from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, training_texts
+from jaxft.data.tokenizer import Tokenizer, train_tokenizer
+from jaxft.data.vocab import required_pieces
+from jaxft.models.registry import is_encoder_decoder, model_input_keys
+from jaxft.peft.methods import PeftMethod, StepContext, method_for
+from jaxft.runs import resume
+from jaxft.runs.checkpoint import Checkpointer
+from jaxft.runs.layout import RunDir
+from jaxft.runs.model import start_from
+from jaxft.runs.tokenizer import configured_tokenizer
+from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+from jaxft.train.metric_sinks import MetricsWriter
+from jaxft.train.optim import make_optimizer, make_schedule
+from jaxft.train.state import TrainState, copy_state, count_params, make_init_fn, sharded_abstract
+from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """A set-up run: configuration, compiled steps, data, and the state to start from."""
+
+    cfg: Config
+    dirs: RunDir
+    base_dir: Path
+    mesh: Any
+    tokenizer: Tokenizer
+    method: PeftMethod
+    tx: Any
+    graphdef: Any
+    shardings: TrainState
+    batch_sharding: Any
+    train_step: Any
+    eval_step: Any
+    pipeline: Any
+    dev: dict[str, list]
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    state: TrainState  # where the loop starts (consumed: the step donates it)
+    start: int
+    theta0: TrainState | None
+    meta: dict[str, Any]  # small JSON facts checkpointed with the run (dev loss before training)
+    end: int = 0  # the last step this process runs (set by the loop)
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def step_context(self) -> StepContext:
+        return StepContext(theta0=self.theta0, optimizer=self.tx, shardings=self.shardings,
+                           copy=lambda s: copy_state(s, self.shardings), graphdef=self.graphdef,
+                           run_dir=self.dirs.root, seed=self.cfg.train.seed)
+
+    def checkpoint_items(self, state: TrainState) -> dict[str, Any]:
+        return {"params": state.params, "rest": state.rest if self.method.checkpoint_base else None,
+                "train": {"step": state.step, "opt_state": state.opt_state, "mask": state.mask}}
+
+    def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> one global array per key."""
+        rows = self.cfg.train.global_batch
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (rows,) + v.shape[1:])
+                for k, v in batch.items()}
+
+
+def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokenizer:
+    """Load `data.tokenizer.path`, or train one from the training sources into the run dir."""
+    tok = configured_tokenizer(cfg, base_dir)
+    if tok is not None:
+        return tok
+    tcfg = cfg.tokenizer
+    if not tcfg.train_vocab_size:
+        raise ValueError("data.tokenizer: set `path` to a SentencePiece model or `train_vocab_size` to train one")
+    path = RunDir(run_dir).tokenizer
+    if jax.process_index() == 0 and not path.exists():
+        log.info("training a %d-piece %s tokenizer on the training sources -> %s",
+                 tcfg.train_vocab_size, tcfg.model_type, path)
+        symbols = list(dict.fromkeys(required_pieces(cfg, base_dir) + list(tcfg.user_defined_symbols)))
+        try:
+            train_tokenizer(training_texts(cfg, base_dir), path, tcfg, user_defined_symbols=symbols)
+        except RuntimeError as e:  # sentencepiece reports bad sizes as RuntimeError
+            raise ValueError(f"data.tokenizer.train_vocab_size: sentencepiece cannot train "
+                             f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
+    multihost_utils.sync_global_devices("jaxft:tokenizer")
+    return Tokenizer.load(path)
+
+
+def _check_shapes(cfg: Config, tokenizer: Tokenizer, mesh) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces ({tokenizer.path})")
+    tcfg = cfg.train
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (tcfg.global_batch // tcfg.microbatches) % dp:
+        raise ValueError(f"train.global_batch / train.microbatches = {tcfg.global_batch // tcfg.microbatches} rows "
+                         f"per microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
+
+
+def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
+    """theta0 as a sharded TrainState, its optimizer state initialised from theta0 itself."""
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    model = nnx.merge(graphdef, state.params, state.rest)
+    if not start_from(model, cfg, mesh):
+        return state
+    _, params, rest = nnx.split(model, method.trainable_filter(), ...)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, rest=rest, opt_state=opt_state)
+
+
+def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh):
+    """(state, start step, theta0, meta): the newest readable checkpoint, else theta0."""
+    ckpt, shardings, graphdef, tx = (run_parts[k] for k in ("ckpt", "shardings", "graphdef", "tx"))
+    abstract, _ = sharded_abstract(init_fn, mesh)
+    targets = {"params": abstract.params, "train": {"step": abstract.step, "opt_state": abstract.opt_state,
+                                                    "mask": abstract.mask}}
+    if method.checkpoint_base:
+        targets["rest"] = abstract.rest
+    restored = ckpt.restore_latest(targets)
+    needs = method.needs_theta0(restored is not None)
+    theta0 = _theta0(init_fn, shardings, graphdef, tx, method, cfg, mesh) if needs else None
+    if restored is None:
+        # a method that keeps theta0 alive trains on a copy (the step donates its input)
+        state = copy_state(theta0, shardings) if method.keeps_theta0 else theta0
+        return state, 0, theta0 if method.keeps_theta0 else None, {}, None
+    start, items = restored
+    rest = items["rest"] if method.checkpoint_base else theta0.rest
+    train = items["train"]
+    state = TrainState(step=train["step"], params=items["params"], rest=rest, opt_state=train["opt_state"],
+                       mask=train["mask"])
+    return state, start, theta0 if method.keeps_theta0 else None, items.get("meta") or {}, items["data"]
+
+
+def setup(cfg: Config, *, base_dir: Path) -> Run:
+    """Everything a run needs.  Refuses (before writing anything) a run dir whose
+    checkpoints were made with an incompatible config."""
+    dirs = RunDir(Path(cfg.run_dir))
+    ckpt = Checkpointer(dirs.checkpoints, cfg.checkpoint)
+    resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written
+    if jax.process_index() == 0:
+        dirs.root.mkdir(parents=True, exist_ok=True)
+        resume.write_config(cfg, dirs.root)
+    tokenizer = prepare_tokenizer(cfg.data, dirs.root, base_dir)
+    mesh = make_mesh(cfg.mesh)
+    _check_shapes(cfg, tokenizer, mesh)
+    tcfg = cfg.train
+    method = method_for(cfg.peft, tcfg, cfg.model)
+    tx = method.wrap_optimizer(make_optimizer(cfg.optimizer, tcfg.steps))
+    init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft)
+    seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
+        if is_encoder_decoder(cfg.model) else {}
+    with use_mesh(mesh):
+        _, shardings = sharded_abstract(init_fn, mesh)
+        bsharding = batch_sharding(mesh)
+        parts = {"ckpt": ckpt, "shardings": shardings, "graphdef": graphdef, "tx": tx}
+        state, start, theta0, meta, data_state = _start_state(parts, init_fn, cfg, method, mesh)
+        pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
+                                        process_index=jax.process_index(), process_count=jax.process_count(),
+                                        **seq2seq)
+        if data_state is not None:
+            pipeline.set_state(data_state)
+            log.info("resumed %s from step %d", dirs.root, start)
+        log.info("model: %s params (%s trainable), mesh %s", f"{count_params(state.params) + count_params(state.rest):,}",
+                 f"{count_params(state.params):,}", dict(mesh.shape))
+        keys = model_input_keys(cfg.model)
+        schedule = make_schedule(cfg.optimizer, tcfg.steps)
+        train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
+        eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
+        dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
+                                max_batches=tcfg.dev_batches, **seq2seq)
+    return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,
+               graphdef=graphdef, shardings=shardings, batch_sharding=bsharding, train_step=train_step,
+               eval_step=eval_step, pipeline=pipeline, dev=dev, ckpt=ckpt,
+               writer=MetricsWriter(dirs.root, enabled=jax.process_index() == 0), state=state, start=start,
+               theta0=theta0, meta=meta)
+
