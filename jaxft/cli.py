@@ -149,13 +149,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_arg(path: str | Path):
+    """A run dir opens read-only as its restored model; other folders are read by jaxft.peft.compose."""
+    from jaxft.runs.export import run_checkpoint
+    from jaxft.runs.layout import RunDir
+
+    return run_checkpoint(path) if RunDir(Path(path)).is_run() else path
+
+
 def _cmd_compose(args: argparse.Namespace) -> int:
     from jaxft.peft.compose import compose_checkpoint, parse_compose_args
 
     base, items = parse_compose_args(args.items, args.add)
     if not items:
         raise ValueError("compose: give at least one diff or adapter (BASE + DIFF, or --add DIFF)")
-    out = compose_checkpoint(base, items, args.out, revert=args.revert)
+    out = compose_checkpoint(_checkpoint_arg(base), items, args.out, revert=args.revert)
     print(f"wrote {out} ({base} {'-' if args.revert else '+'} {' + '.join(items)})")
     return 0
 
@@ -163,7 +171,8 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from jaxft.peft.compose import diff_checkpoints
 
-    out = diff_checkpoints(args.finetuned, args.base, args.out, sparse_k=args.sparse_k)
+    out = diff_checkpoints(_checkpoint_arg(args.finetuned), _checkpoint_arg(args.base), args.out,
+                           sparse_k=args.sparse_k)
     print(f"wrote {out}")
     return 0
 
@@ -256,16 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="jaxft compose BASE + DIFF [* SCALE] + ... --out OUT  (quote '*' in a "
                                    "shell; 'DIFF*SCALE' as one word and --add DIFF[*SCALE] also work)")
     p.add_argument("items", nargs="+", metavar="BASE [+ DIFF [* SCALE]]",
-                   help="a jaxft folder (params/ + model.yaml) or an HF folder, then '+ DIFF' items")
+                   help="a jaxft folder (params/ + model.yaml), an HF folder or a run dir (read only), "
+                        "then '+ DIFF' items")
     p.add_argument("--add", action="append", default=[], metavar="DIFF[*SCALE]",
                    help="another sparse diff or LoRA adapter dir (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder, in BASE's format")
+    p.add_argument("--out", type=Path, required=True, help="output folder, in BASE's format (a jaxft folder for a run dir)")
     p.add_argument("--revert", action="store_true", help="subtract the diffs instead of adding them")
     p.set_defaults(func=_cmd_compose)
 
     p = sub.add_parser("diff", help="fine-tuning difference FINETUNED - BASE as a composable diff")
-    p.add_argument("finetuned", help="jaxft or HF folder")
-    p.add_argument("base", help="jaxft or HF folder of the same architecture")
+    p.add_argument("finetuned", help="jaxft folder, HF folder or run dir")
+    p.add_argument("base", help="jaxft folder, HF folder or run dir of the same architecture")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sparse-k", type=float, default=None,
                    help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); "

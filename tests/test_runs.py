@@ -136,3 +136,15 @@ def test_one_dispatch_point_for_peft_methods():
     with pytest.raises(ValueError, match="peft.method: unknown 'dora'"):
         method_for(PeftConfig(method="dora"), TrainConfig())
 
+
+
+def test_diff_and_compose_take_run_dirs_read_only(runs, tmp_path):
+    _, full, lora = runs
+    before = {run: snapshot(run) for run in (full, lora)}
+    delta, composed = tmp_path / "delta", tmp_path / "composed"
+    assert main(["diff", str(full), str(lora), "--out", str(delta)]) == 0  # dense: full - lora (merged)
+    assert main(["compose", str(lora), "+", str(delta), "--out", str(composed)]) == 0
+    ids = (np.arange(16, dtype=np.int32).reshape(2, 8) * 5) % 500 + 3
+    np.testing.assert_allclose(logits(_model_from(load_checkpoint(composed)), ids),
+                               logits(restore_model(full).model(), ids), rtol=1e-5, atol=1e-5)
+    assert {run: snapshot(run) for run in (full, lora)} == before

@@ -74,7 +74,7 @@ def compose_into(model: nnx.Module, specs: Sequence[str], *, key: str = "peft.co
 
 @dataclasses.dataclass
 class Checkpoint:
-    kind: str  # "jaxft" | "hf"
+    kind: str  # "jaxft" | "hf" | "run" (a run dir's restored model; written back as a jaxft folder)
     path: Path
     cfg: ModelConfig
     params: nnx.State
@@ -100,6 +100,11 @@ def save_checkpoint(like: Checkpoint, params: nnx.State, out: str | Path) -> Pat
     from jaxft.interop import convert
 
     out = Path(out)
+    if like.kind == "run":  # a run dir's model (`jaxft.runs.export.run_checkpoint`) -> a jaxft folder
+        convert.save_params(out / convert.PARAMS, params)
+        if jax.process_index() == 0:
+            convert.write_model_yaml(out / convert.MODEL_YAML, like.cfg)
+        return out
     if like.kind == "jaxft":
         convert.save_params(out / convert.PARAMS, params)
         if jax.process_index() == 0:
@@ -134,10 +139,10 @@ def _model_from(ckpt: Checkpoint) -> nnx.Module:
     return nnx.merge(graphdef, ckpt.params, rest)
 
 
-def compose_checkpoint(base: str | Path, items: Sequence[str], out: str | Path, *,
+def compose_checkpoint(base: str | Path | Checkpoint, items: Sequence[str], out: str | Path, *,
                        revert: bool = False) -> Path:
     """`jaxft compose`: BASE + each item ("path[*scale]"), or minus each with `revert`."""
-    ckpt = load_checkpoint(base)
+    ckpt = base if isinstance(base, Checkpoint) else load_checkpoint(base)
     sign = -1.0 if revert else 1.0
     signed = []
     for spec in items:
@@ -147,11 +152,11 @@ def compose_checkpoint(base: str | Path, items: Sequence[str], out: str | Path, 
     return save_checkpoint(ckpt, nnx.state(model, nnx.Param), out)
 
 
-def diff_checkpoints(finetuned: str | Path, base: str | Path, out: str | Path, *,
+def diff_checkpoints(finetuned: str | Path | Checkpoint, base: str | Path | Checkpoint, out: str | Path, *,
                      sparse_k: float | None = None) -> Path:
     """`jaxft diff`: finetuned - base, dense (default) or the top `sparse_k` entries by |delta|
     (a count >= 1 or a proportion < 1 of all entries)."""
-    ft, b = load_checkpoint(finetuned), load_checkpoint(base)
+    ft, b = (c if isinstance(c, Checkpoint) else load_checkpoint(c) for c in (finetuned, base))
     ft_paths, ft_leaves, _ = sparse.flat_with_paths(ft.params)
     b_paths, b_leaves, _ = sparse.flat_with_paths(b.params)
     if ft_paths != b_paths or any(x.shape != y.shape for x, y in zip(ft_leaves, b_leaves)):
@@ -169,7 +174,8 @@ def diff_checkpoints(finetuned: str | Path, base: str | Path, out: str | Path, *
     if jax.process_index() == 0:
         meta_path = path / sparse.DIFF_JSON
         meta: dict[str, Any] = json.loads(meta_path.read_text())
-        meta.update(source={"finetuned": str(finetuned), "base": str(base)})
+        meta.update(source={"finetuned": str(getattr(finetuned, "path", finetuned)),
+                            "base": str(getattr(base, "path", base))})
         meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return path
 

@@ -47,6 +47,15 @@ def plain_params(model: nnx.Module) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
 
+def run_checkpoint(run_dir: str | Path, which: str = "latest"):
+    """A run dir's model as a `jaxft.peft.compose.Checkpoint` (LoRA merged), opened read-only:
+    what `jaxft compose` / `jaxft diff` take when given a run dir."""
+    from jaxft.peft.compose import Checkpoint
+
+    restored = restore_model(Path(run_dir), which)
+    return Checkpoint("run", Path(run_dir), restored.config.model, plain_params(restored.model()))
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, which: str = "latest", fmt: str = "jaxft",
                dtype: str | None = None) -> Path:
     """Write the run's model to `out` in `fmt`; returns `out`."""
