@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import LoraConfig, ModelConfig
+from jaxft.interop.hf import path_str
 from jaxft.models.layers import Linear
 from jaxft.sharding import to_host
 
@@ -99,10 +100,6 @@ class LoRALinear(Linear):
 # --------------------------------------------------------------------------- tree surgery
 
 
-def _path_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _retyped(module: nnx.Module, cls: type) -> nnx.Module:
     """A ``cls`` holding ``module``'s attributes, the very same Variables (pickle's protocol)."""
     new = cls.__new__(cls)
@@ -113,7 +110,7 @@ def _retyped(module: nnx.Module, cls: type) -> nnx.Module:
 def _slots(model: nnx.Module) -> dict[str, tuple[nnx.Module, str | int]]:
     """``(parent module, key in it)`` of every `Linear` by its path: where `attach` swaps."""
     modules = dict(nnx.iter_modules(model))
-    return {_path_str(p): (modules[p[:-1]], p[-1]) for p, m in modules.items() if p and isinstance(m, Linear)}
+    return {path_str(p): (modules[p[:-1]], p[-1]) for p, m in modules.items() if p and isinstance(m, Linear)}
 
 
 def _get(parent: nnx.Module, key: str | int) -> nnx.Module:
@@ -129,7 +126,7 @@ def _put(parent: nnx.Module, key: str | int, module: nnx.Module) -> None:
 
 def linears(model: nnx.Module) -> dict[str, Linear]:
     """Every `Linear` (incl. `LoRALinear`) of the model by its path (``layers/0/attn/q``)."""
-    return {_path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
+    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
 def adapters(model: nnx.Module, name: str | None = None) -> Iterator[tuple[str, LoRALinear, str, LoRA]]:
