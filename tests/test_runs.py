@@ -148,3 +148,10 @@ def test_diff_and_compose_take_run_dirs_read_only(runs, tmp_path):
     np.testing.assert_allclose(logits(_model_from(load_checkpoint(composed)), ids),
                                logits(restore_model(full).model(), ids), rtol=1e-5, atol=1e-5)
     assert {run: snapshot(run) for run in (full, lora)} == before
+
+
+def test_train_without_the_eval_hook_refuses_eval_every(tmp_path):
+    cfg = load_config(write_run_config(tmp_path, steps=2, extra={"eval.every": 1}))
+    with pytest.raises(ValueError, match="eval.every: evaluation during training needs the evaluation hook"):
+        train(cfg, base_dir=tmp_path)
+    assert not Path(cfg.run_dir).exists()  # refused before anything was written
