@@ -37,17 +37,23 @@ def build_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int) -> 
     return method.transform_model(build_model(model_cfg, rngs=rngs), rngs)
 
 
+def split_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int, *,
+                      abstract: bool = False) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable, rest) of the train model; `abstract`: shapes only, nothing allocated."""
+    def build():
+        return build_train_model(model_cfg, method, seed)
+
+    return nnx.split(nnx.eval_shape(build) if abstract else build(), method.trainable_filter(), ...)
+
+
 def init_variables(cfg: Config, method: PeftMethod, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Sharded fresh init (no host holds the full parameters): (graphdef, trainable, rest)."""
     def fn():
-        _, params, rest = nnx.split(build_train_model(cfg.model, method, cfg.train.seed), method.trainable_filter(), ...)
-        return params, rest
+        return split_train_model(cfg.model, method, cfg.train.seed)[1:]
 
     _, shardings = sharded_abstract(fn, mesh)
     params, rest = jax.jit(fn, out_shardings=shardings)()
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_train_model(cfg.model, method, cfg.train.seed)),
-                               method.trainable_filter(), ...)
-    return graphdef, params, rest
+    return split_train_model(cfg.model, method, cfg.train.seed, abstract=True)[0], params, rest
 
 
 def start_from(model: nnx.Module, cfg: Config, mesh: Mesh) -> bool:
@@ -123,8 +129,7 @@ def restore_model(run_dir: str | Path, which: str = "latest", *, mesh: Mesh | No
     mesh = mesh or make_mesh(cfg.mesh)
     with use_mesh(mesh):
         def fn():
-            model = build_train_model(cfg.model, method, cfg.train.seed)
-            _, params, rest = nnx.split(model, method.trainable_filter(), ...)
+            _, params, rest = split_train_model(cfg.model, method, cfg.train.seed)
             return {"params": params, "rest": rest}
 
         targets, _ = sharded_abstract(fn, mesh)
@@ -141,8 +146,7 @@ def restore_model(run_dir: str | Path, which: str = "latest", *, mesh: Mesh | No
         rest = items.get("rest")
         if rest is None:
             rest = initial_rest(cfg, method, mesh)
-        graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_train_model(cfg.model, method, cfg.train.seed)),
-                                   method.trainable_filter(), ...)
+        graphdef = split_train_model(cfg.model, method, cfg.train.seed, abstract=True)[0]
     return RestoredModel(graphdef, items["params"], rest, cfg, step, run_dir)
 
 

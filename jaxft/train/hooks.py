@@ -43,12 +43,15 @@ class PeftHook(Hook):
     """The PEFT method's per-step hook (LT-SFT's phase switch) and, at the end of
     the whole run, its export (adapter / sparse diff)."""
 
+    def on_start(self, run, state):
+        self.ctx = run.step_context()
+
     def after_step(self, run, step, state, metrics):
-        return run.method.on_step(step, state, run.step_context())
+        return run.method.on_step(step, state, self.ctx)
 
     def on_end(self, run, state, end):
         if end == run.cfg.train.steps:
-            out = run.method.export(state, run.step_context())
+            out = run.method.export(state, self.ctx)
             if out is not None:
                 log.info("wrote %s", out)
 

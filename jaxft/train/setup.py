@@ -32,7 +32,8 @@ from jaxft.runs.tokenizer import configured_tokenizer
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.metric_sinks import MetricsWriter
 from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import TrainState, copy_state, count_params, make_init_fn, sharded_abstract
+from jaxft.train.state import (TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
+                               sharded_abstract)
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,7 @@ class Run:
                            run_dir=self.dirs.root, seed=self.cfg.train.seed)
 
     def checkpoint_items(self, state: TrainState) -> dict[str, Any]:
-        return {"params": state.params, "rest": state.rest if self.method.checkpoint_base else None,
-                "train": {"step": state.step, "opt_state": state.opt_state, "mask": state.mask}}
+        return checkpoint_items(state, self.method.checkpoint_base)
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> one global array per key."""
@@ -130,13 +130,9 @@ def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cf
 
 def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh):
     """(state, start step, theta0, meta): the newest readable checkpoint, else theta0."""
-    ckpt, shardings, graphdef, tx = (run_parts[k] for k in ("ckpt", "shardings", "graphdef", "tx"))
-    abstract, _ = sharded_abstract(init_fn, mesh)
-    targets = {"params": abstract.params, "train": {"step": abstract.step, "opt_state": abstract.opt_state,
-                                                    "mask": abstract.mask}}
-    if method.checkpoint_base:
-        targets["rest"] = abstract.rest
-    restored = ckpt.restore_latest(targets)
+    ckpt, abstract, shardings, graphdef, tx = (run_parts[k] for k in ("ckpt", "abstract", "shardings", "graphdef",
+                                                                       "tx"))
+    restored = ckpt.restore_latest(checkpoint_items(abstract, method.checkpoint_base))
     needs = method.needs_theta0(restored is not None)
     theta0 = _theta0(init_fn, shardings, graphdef, tx, method, cfg, mesh) if needs else None
     if restored is None:
@@ -170,9 +166,9 @@ def setup(cfg: Config, *, base_dir: Path) -> Run:
     seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
         if is_encoder_decoder(cfg.model) else {}
     with use_mesh(mesh):
-        _, shardings = sharded_abstract(init_fn, mesh)
+        abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
-        parts = {"ckpt": ckpt, "shardings": shardings, "graphdef": graphdef, "tx": tx}
+        parts = {"ckpt": ckpt, "abstract": abstract, "shardings": shardings, "graphdef": graphdef, "tx": tx}
         state, start, theta0, meta, data_state = _start_state(parts, init_fn, cfg, method, mesh)
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
                                         process_index=jax.process_index(), process_count=jax.process_count(),

@@ -18,11 +18,11 @@ from jax.sharding import Mesh
 from jaxft.config.schema import ModelConfig, PeftConfig, TrainConfig
 from jaxft.interop.hf import path_str  # noqa: F401 - re-exported: parameter paths as "a/b/c"
 from jaxft.peft.methods import method_for
-from jaxft.runs.model import build_train_model
+from jaxft.runs.model import split_train_model
 from jaxft.sharding import sharded_abstract, tree_shardings
 
 state_shardings = tree_shardings  # NamedShardings of a TrainState (moments inherit their params' axes)
-__all__ = ["TrainState", "make_init_fn", "init_train_state", "sharded_abstract", "state_shardings", "copy_state",
+__all__ = ["TrainState", "make_init_fn", "init_train_state", "sharded_abstract", "state_shardings", "checkpoint_items", "copy_state",
            "count_params", "path_str"]
 
 
@@ -43,15 +43,13 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
     """Returns (init_fn, graphdef).  `init_fn()` builds the whole TrainState;
     call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract)."""
     method = method_for(peft_cfg, train_cfg, model_cfg)
-    is_trainable = method.trainable_filter()
 
     def init_fn() -> TrainState:
-        model = build_train_model(model_cfg, method, seed)
-        _, params, rest = nnx.split(model, is_trainable, ...)
+        _, params, rest = split_train_model(model_cfg, method, seed)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=tx.init(params), mask=method.init_extra(params))
 
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_train_model(model_cfg, method, seed)), is_trainable, ...)
+    graphdef = split_train_model(model_cfg, method, seed, abstract=True)[0]
     abstract = jax.eval_shape(init_fn)
     if not jax.tree.leaves(abstract.params):
         raise ValueError(f"train.trainable / train.frozen: no parameter is trainable "
@@ -66,6 +64,15 @@ def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[Tra
     shardings = state_shardings(abstract, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, shardings
+
+
+def checkpoint_items(state: TrainState, checkpoint_base: bool) -> dict[str, Any]:
+    """The checkpoint items of a (concrete or abstract) state: `params`, `train` (step,
+    optimizer state, mask) and, unless the method rebuilds the frozen part, `rest`."""
+    items = {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state, "mask": state.mask}}
+    if checkpoint_base:
+        items["rest"] = state.rest
+    return items
 
 
 def copy_state(state: Any, shardings: Any) -> Any:
