@@ -58,6 +58,11 @@ _CHECKS: tuple[Check, ...] = (
     Check(("optimizer.warmup_steps", "train.steps"), lambda c: c.optimizer.warmup_steps <= c.train.steps,
           "must be <= train.steps={c.train.steps}"),
     _bound("checkpoint.every", ">=", 0),
+    _bound("checkpoint.every_minutes", ">=", 0),
+    _bound("optimizer.adafactor_decay_rate", ">", 0, 1),
+    _bound("train.max_nonfinite", ">", 0),
+    _bound("train.spike_factor", ">=", 0),
+    _bound("train.spike_window", ">", 0),
     _bound("checkpoint.keep", ">", 0),
 )
 

@@ -188,6 +188,7 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    adafactor_decay_rate: float = 0.8  # Adafactor's second-moment decay (T5 / optax default)
     clip_norm: float | None = 1.0
     groups: tuple[ParamGroup, ...] = ()  # first matching group wins; unmatched params use the defaults
 
@@ -206,11 +207,21 @@ class TrainConfig:
     trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths ("layers/0/attn/q/kernel")
     frozen: tuple[str, ...] = ()  # regexes; win over `trainable`
     progress_bar: bool = True
+    # A step whose loss or gradients are not finite never updates the state (its
+    # update is dropped and counted).  skip: go on, but stop with an error after
+    # `max_nonfinite` such steps in a row; stop: stop at the first one.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = 10
+    # Warn when a step's loss exceeds spike_factor x the median of the last
+    # spike_window losses (0 = off).
+    spike_factor: float = 5.0
+    spike_window: int = 100
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 100
+    every: int = 100  # steps (0 = only at the end and on preemption)
+    every_minutes: float = 0.0  # also after this many minutes since the last save (0 = off)
     keep: int = 3
     async_save: bool = True
 

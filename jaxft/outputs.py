@@ -1,0 +1,132 @@
+"""Safe outputs: every command that writes goes through `safe_output`.
+
+    with safe_output(out, inputs=(src,), overwrite=args.overwrite) as tmp:
+        write everything into tmp (a folder, or a file when `kind="file"`)
+
+- an output that is, contains or lies inside an input is refused (so a
+  command can never write over what it reads);
+- an existing output is refused unless `overwrite`;
+- everything is written to a hidden sibling (`.<name>.partial`) and renamed
+  into place only when complete, so an interrupted or failed command leaves
+  the old output (or nothing) behind, never a half-written one.  With
+  `overwrite`, the old output is moved aside first and removed only after the
+  new one is in place.
+
+The temporary name is the same on every process, so collective writes (orbax)
+work; only process 0 renames.  Errors are `OutputError` (a `ValueError`: the
+CLI prints one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+
+class OutputError(ValueError):
+    pass
+
+
+def _process_index() -> int:
+    try:
+        import jax
+
+        return jax.process_index()
+    except Exception:  # noqa: BLE001 - no jax backend: a single process
+        return 0
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+
+
+def check_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite: bool = False,
+                 flag: str = "output") -> Path:
+    """Refuse `out` when it is, contains or lies inside one of `inputs`, or exists
+    (unless `overwrite`).  Returns `out` resolved.  `flag` names the argument in errors."""
+    target = _resolved(out)
+    for src in inputs:
+        if src is None or str(src).startswith("hf:"):
+            continue
+        s = _resolved(src)
+        if target == s:
+            raise OutputError(f"{flag} {out}: is an input of this command ({src}); choose a new path")
+        if s in target.parents:
+            raise OutputError(f"{flag} {out}: lies inside an input of this command ({src}); choose a path outside it")
+        if target in s.parents:
+            raise OutputError(f"{flag} {out}: contains an input of this command ({src}); choose a new path")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{flag} {out}: already exists; choose a new path or pass --overwrite")
+        if target.is_dir() and not target.is_symlink() and not _looks_like_ours(target):
+            raise OutputError(f"{flag} {out}: is a folder jaxft did not write ({_describe(target)}); "
+                              "refusing to replace it even with --overwrite")
+    return target
+
+
+_OURS = ("params", "model.yaml", "config.json", "eval.json", "sparse_diff.json", "adapter_config.json",
+         "diff.json", "manifest.json")
+
+
+def _looks_like_ours(folder: Path) -> bool:
+    """An existing folder --overwrite may replace: empty, or holding files jaxft writes."""
+    names = {p.name for p in folder.iterdir()}
+    return not names or bool(names & set(_OURS)) or any(n.endswith(".safetensors") for n in names)
+
+
+def _describe(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+@contextlib.contextmanager
+def safe_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite: bool = False,
+                kind: Literal["dir", "file"] = "dir", flag: str = "output") -> Iterator[Path]:
+    """Yield a temporary path to write `out` into; rename it into place on success.
+    For `kind="dir"` the temporary folder exists (empty) when yielded; for files
+    only its parent does."""
+    target = check_output(out, inputs, overwrite=overwrite, flag=flag)
+    main = _process_index() == 0
+    tmp = target.parent / f".{target.name}.partial"
+    old = target.parent / f".{target.name}.old"
+    if main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # our own leftover of an interrupted command
+        if kind == "dir":
+            tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        if main:
+            _remove(tmp)
+        raise
+    if not main:
+        return
+    if target.exists() or target.is_symlink():  # overwrite (checked above)
+        _remove(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _remove(old)
+    else:
+        os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a part."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
