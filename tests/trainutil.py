@@ -69,3 +69,31 @@ def train_slowly(config_path: str, seconds: float) -> None:
 
     path = Path(config_path)
     train(load_config(path), base_dir=path.resolve().parent, hooks=[SleepHook(seconds)])
+
+
+class SignalHook(SleepHook):
+    """Sends `sig` to this process after step `at` (an in-process preemption)."""
+
+    def __init__(self, at: int, sig):
+        super().__init__(0.0)
+        self.at, self.sig = at, sig
+
+    def after_step(self, run, step, state, metrics):
+        import os
+
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+def cli_train_slowly(config_path: str, seconds: float, *extra: str) -> int:
+    """`jaxft train CONFIG` through the CLI, with a SleepHook after every step."""
+    import jaxft.eval.during_training as during_training
+    from jaxft.cli import main
+
+    plain = during_training.train
+
+    def slow_train(cfg, **kw):
+        return plain(cfg, **{**kw, "hooks": [*kw.get("hooks", ()), SleepHook(seconds)]})
+
+    during_training.train = slow_train
+    return main(["train", config_path, *extra])

@@ -12,8 +12,10 @@ so inference restores `params` (+ `rest`) and never builds an optimizer.
 
 Training resumes from the newest step that restores cleanly: an unreadable
 newest checkpoint is moved to `unreadable_checkpoints/` (never deleted) and the
-previous one is used.  A read-only Checkpointer (inference, exports, `init_from:
-run:`) skips unreadable steps with a warning and changes nothing on disk.
+previous one is used.  When none restores, that is an error naming them and
+nothing is moved (`jaxft train --restart` sets them aside and starts over).  A
+read-only Checkpointer (inference, exports, `init_from: run:`) skips unreadable
+steps with a warning and changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ OLD_ITEM = "state"  # jaxft 0.1 stored the whole train state as one item
 
 class CheckpointFormatError(ValueError):
     pass
+
+
+class UnreadableCheckpoints(ValueError):
+    """Checkpoints exist but none can be restored."""
 
 
 def gather_json(local: dict[str, Any]) -> dict[str, Any]:
@@ -94,23 +100,50 @@ class Checkpointer:
                 "optimizer state as separate items and cannot read it: retrain, or load it with jaxft 0.1 "
                 "and export the model (`jaxft convert`)")
 
-    def restore_latest(self, targets: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    def restore_latest(self, targets: dict[str, Any], *, restart: bool = False
+                       ) -> tuple[int, dict[str, Any]] | None:
         """(step, {item: value}) of the newest checkpoint whose `targets` items (abstract
-        pytrees by item name; `data` and `meta` are always restored, as JSON) restore, or None."""
+        pytrees by item name; `data` and `meta` are always restored, as JSON) restore, or
+        None when there is no checkpoint.
+
+        Training (not read-only): unreadable steps newer than the one restored are
+        moved to `unreadable_checkpoints/` (never deleted) so they can be written
+        again.  When checkpoints exist but none restores, that is an
+        `UnreadableCheckpoints` error and nothing is moved, unless `restart`: then
+        they are all set aside and None is returned (train from scratch).  Read-only:
+        unreadable steps are skipped with a warning; none readable is the same error."""
+        failed: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             self.check_format(step)
             try:
-                args = {k: ocp.args.StandardRestore(v) for k, v in targets.items() if jax.tree.leaves(v)}
-                args.update(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-                out = self.manager.restore(step, args=ocp.args.Composite(**args))
-                empty = {k: v for k, v in targets.items() if not jax.tree.leaves(v)}  # never stored
-                return step, {**empty, **{k: out[k] for k in (*args,)}}
+                out = self._restore(step, targets)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
-                if not self.read_only:
-                    self._set_aside(step)
-        return None
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("checkpoint %s/%d cannot be restored (%s); trying the previous one",
+                            self.directory, step, why)
+                failed.append((step, why))
+                continue
+            if not self.read_only:
+                for bad, _ in failed:
+                    self._set_aside(bad)
+            return step, out
+        if not failed:
+            return None
+        if restart and not self.read_only:
+            for bad, _ in failed:
+                self._set_aside(bad)
+            return None
+        steps = ", ".join(str(s) for s, _ in failed)
+        hint = "" if self.read_only else "; nothing was moved; `jaxft train --restart` sets them aside and starts over"
+        raise UnreadableCheckpoints(f"{self.directory}: no checkpoint can be restored (steps {steps}; "
+                                    f"newest: {failed[0][1]}){hint}")
+
+    def _restore(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+        args = {k: ocp.args.StandardRestore(v) for k, v in targets.items() if jax.tree.leaves(v)}
+        args.update(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        empty = {k: v for k, v in targets.items() if not jax.tree.leaves(v)}  # never stored
+        return {**empty, **{k: out[k] for k in (*args,)}}
 
     def _set_aside(self, step: int) -> None:
         """Move an unreadable step out of the manager's folder (kept for

@@ -2,20 +2,26 @@
 
 A run dir remembers its config in every checkpoint.  Keys that only change
 bookkeeping (logging, checkpoint cadence, the mesh - orbax reshards on
-restore - and the number of steps) may differ on resume; any other change
+restore - and the number of steps; the lr schedule keeps its length, see
+`fix_schedule_length`) may differ on resume; any other change
 (model shape, data, optimizer, batch, seeds) would silently produce a
 different run, so it is refused with a one-line error and nothing is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 from jaxft.config.schema import Config, to_dict
+from jaxft.outputs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +56,65 @@ def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[tu
     return diffs
 
 
-def check_compatible(ckpt, cfg: Config, run_dir: Path) -> None:
-    steps = ckpt.steps()
-    if not steps:
-        return
-    saved = None
-    for step in reversed(steps):
+def _saved_config(ckpt) -> dict[str, Any] | None:
+    for step in reversed(ckpt.steps()):
         try:
-            saved = ckpt.read_config(step)
-            break
+            return ckpt.read_config(step)
         except Exception:  # noqa: BLE001 - unreadable checkpoints are handled by restore
             continue
+    return None
+
+
+def fix_schedule_length(cfg: Config, saved: dict[str, Any] | None) -> Config:
+    """The lr schedule's length is fixed when a run starts: `optimizer.decay_steps`
+    unset -> the run's first `train.steps` (kept in its checkpoints), so raising
+    `train.steps` on resume trains on at the schedule's end value instead of
+    silently re-timing the steps already scheduled."""
+    if cfg.optimizer.decay_steps is not None:
+        return cfg
+    length = cfg.train.steps
+    if saved is not None:
+        opt, train = saved.get("optimizer", {}), saved.get("train", {})
+        length = opt.get("decay_steps") or train.get("steps") or length
+        if length != cfg.train.steps:
+            log.info("optimizer.decay_steps: the lr schedule keeps the length the run started with (%d steps)",
+                     length)
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, decay_steps=int(length)))
+
+
+def _unset_length(saved: dict[str, Any]) -> bool:
+    """A run written before the schedule length was stored (its length was its train.steps)."""
+    return saved.get("optimizer", {}).get("decay_steps") is None
+
+
+def check_compatible(ckpt, cfg: Config, run_dir: Path) -> Config:
+    """`cfg` with its schedule length fixed (`fix_schedule_length`); raises
+    ResumeError when the run dir's checkpoints were made with a different run."""
+    saved = _saved_config(ckpt)
+    cfg = fix_schedule_length(cfg, saved)
     if saved is None:
-        return
+        return cfg
+    saved = {**saved, "optimizer": {**saved.get("optimizer", {}),
+                                    "decay_steps": saved.get("train", {}).get("steps") if _unset_length(saved)
+                                    else saved["optimizer"]["decay_steps"]}}
     diffs = incompatible_keys(saved, to_dict(cfg))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:4])
         more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
         raise ResumeError(f"{run_dir}: cannot resume, the config differs from the run's checkpoints in "
                           f"{shown}{more}; use a new run_dir or the original config")
+    return cfg
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def set_aside_history(dirs) -> None:
+    """`jaxft train --restart`: the metrics of the abandoned attempt move next to its
+    unreadable checkpoints (never deleted)."""
+    if jax.process_index() == 0 and dirs.metrics.exists():
+        aside = dirs.unreadable / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(dirs.metrics, aside)
+        log.warning("--restart: moved the old metrics.jsonl to %s", aside)

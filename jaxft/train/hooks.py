@@ -7,16 +7,24 @@
 
 The standard hooks run in this order: the PEFT method's per-step hook and
 export, metrics (logged one step late so the host never stalls the device),
-dev loss, any extra hooks (evaluation during training, tests), checkpoints.
+the divergence guard (reads the metrics just fetched), dev loss, any extra
+hooks (evaluation during training, tests), checkpoints.  Before the hooks of a
+step run, the loop sets `run.save_now` (step / time cadence, preemption, the
+last step): the metrics hook then writes that step's line before the
+checkpoint, so a resumed run never lacks a line.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import statistics
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxft.config.schema import to_dict
 from jaxft.models.flops import train_flops_per_token
@@ -73,21 +81,27 @@ class MetricsHook(Hook):
         self.t_last, self.step_last = time.perf_counter(), run.start
 
     def after_step(self, run, step, state, metrics):
+        run.fetched = []
         if self.pending is not None:
             self._flush(run, *self.pending)
         self.pending = (step, metrics)
+        if run.save_now:  # the line of a checkpointed step is written before its checkpoint
+            self._flush(run, *self.pending, force=True)
+            self.pending = None
 
     def on_end(self, run, state, end):
+        run.fetched = []
         if self.pending is not None:
             self._flush(run, *self.pending)
             self.pending = None
         self.progress.close()
 
-    def _flush(self, run, step: int, metrics: dict) -> None:
+    def _flush(self, run, step: int, metrics: dict, force: bool = False) -> None:
         tcfg = run.cfg.train
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         self.losses[step] = m["loss"]
-        if step % tcfg.log_every == 0 or step == run.end:
+        run.fetched.append((step, m))
+        if step % tcfg.log_every == 0 or step == run.end or m.get("skipped") or force:
             dt = time.perf_counter() - self.t_last
             steps_done = max(step - self.step_last, 1)
             m["seq_tokens_per_s"] = steps_done * tcfg.global_batch * run.cfg.data.seq_len / dt
@@ -95,6 +109,57 @@ class MetricsHook(Hook):
             self.t_last, self.step_last = time.perf_counter(), step
             run.writer.write(step, m)
             self.progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
+
+
+class DivergedError(ValueError):
+    """Training stopped on non-finite losses (`train.nonfinite`)."""
+
+
+class GuardHook(Hook):
+    """Non-finite steps and loss spikes.  The step itself drops the update of a
+    step whose loss or gradients are not finite (`skipped` = 1 in its metrics),
+    so the state, and every checkpoint, keeps finite weights; this hook stops the
+    run after `train.max_nonfinite` such steps in a row (`train.nonfinite: skip`)
+    or the first one (`stop`), and warns when a loss exceeds `train.spike_factor`
+    x the median of the last `train.spike_window` losses."""
+
+    def on_start(self, run, state):
+        tcfg = run.cfg.train
+        self.limit = 1 if tcfg.nonfinite == "stop" else tcfg.max_nonfinite
+        self.in_a_row = 0
+        self.window: collections.deque = collections.deque(maxlen=tcfg.spike_window)
+
+    def after_step(self, run, step, state, metrics):
+        for fetched_step, m in run.fetched:
+            self._check(run, fetched_step, m)
+        run.unhealthy = self.in_a_row > 0
+
+    def on_end(self, run, state, end):
+        self.after_step(run, end, state, None)
+
+    def _check(self, run, step: int, m: dict) -> None:
+        tcfg = run.cfg.train
+        if m.get("skipped"):
+            self.in_a_row += 1
+            run.meta["skipped_steps"] = run.meta.get("skipped_steps", 0) + 1
+            log.warning("step %d: loss %s or gradients not finite; the update was dropped (%d in a row)",
+                        step, m["loss"], self.in_a_row)
+            if self.in_a_row >= self.limit:
+                raise DivergedError(
+                    f"step {step}: training diverged ({self.in_a_row} non-finite step(s) in a row, "
+                    f"train.nonfinite={tcfg.nonfinite}, train.max_nonfinite={tcfg.max_nonfinite}); "
+                    f"stopped without saving; the newest checkpoint in {run.dirs.checkpoints} holds finite weights")
+            return
+        self.in_a_row = 0
+        loss = m["loss"]
+        if tcfg.spike_factor and len(self.window) >= min(10, self.window.maxlen):
+            median = statistics.median(self.window)
+            if median > 0 and loss > tcfg.spike_factor * median:
+                run.meta["loss_spikes"] = run.meta.get("loss_spikes", 0) + 1
+                log.warning("step %d: loss spike: %.4f > %g x the running median %.4f", step, loss,
+                            tcfg.spike_factor, median)
+        if math.isfinite(loss):
+            self.window.append(loss)
 
 
 def local_rows(batch: dict) -> dict:
@@ -138,11 +203,28 @@ class DevLossHook(Hook):
             run.writer.write(end, {"dev_loss": self.after}, kind="dev")
 
 
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 class CheckpointHook(Hook):
-    """Every `checkpoint.every` steps and at the last step of this process."""
+    """When the loop says so (`run.save_now`: every `checkpoint.every` steps or
+    `checkpoint.every_minutes`, on preemption, and at the last step of this
+    process).  Nothing is saved while the guard sees non-finite losses, and
+    weights that are not finite are never saved, so rotation can never delete
+    the last checkpoint with healthy weights."""
 
     def after_step(self, run, step, state, metrics):
-        if step % run.cfg.checkpoint.every == 0 or step == run.end:
+        if run.save_now:
+            if run.unhealthy:
+                log.warning("step %d: not checkpointing while the loss is not finite (the newest checkpoint "
+                            "keeps the last healthy weights)", step)
+                return
+            if not bool(_all_finite(state.params)):
+                raise DivergedError(f"step {step}: the weights are not finite; not saving them; the newest "
+                                    f"checkpoint in {run.dirs.checkpoints} is kept")
             run.ckpt.save(step, run.checkpoint_items(state), run.pipeline.get_state(), to_dict(run.cfg), run.meta)
 
     def close(self, run):

@@ -1,7 +1,11 @@
 """Metric sinks (JSONL, TensorBoard, console progress) and the MFU estimate.
 
-Only process 0 writes.  JSONL lines are appended, so a resumed run keeps the
-history of the interrupted one; readers take the last line per step.
+Only process 0 writes.  metrics.jsonl is strict JSON (a non-finite value is
+written as null).  A resumed run first cuts the file back to the steps up to
+the checkpoint it resumes from (a line cut short by a kill, and lines of steps
+that will be trained again, are dropped; the file is replaced atomically), then
+appends: across any kill, every logged step has exactly one line.
+TensorBoard events of the dropped steps are purged the same way (purge_step).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,12 +55,37 @@ def device_peak_flops() -> float:
 
 
 def _plain(value: Any) -> Any:
-    """Arrays / numpy scalars -> floats, recursively through dicts."""
+    """Arrays / numpy scalars -> floats (None when not finite), recursively through dicts."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, str) or np.ndim(value) != 0:
+    if value is None or isinstance(value, str) or np.ndim(value) != 0:
         return value
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def cut_back(path: Path, last_step: int) -> int:
+    """Keep the lines of steps <= `last_step` that parse (none when `last_step` is 0);
+    returns how many lines were dropped.  The file is replaced atomically."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                keep = last_step > 0 and int(row["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False  # a line cut short by a kill
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        tmp = path.parent / f".{path.name}.partial"
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def _flat(value: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -69,17 +99,23 @@ def _flat(value: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    """`resume_step`: the step the run (re)starts from; later lines are dropped first."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        dropped = cut_back(run_dir / "metrics.jsonl", resume_step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) after step %d (the step this run resumes from)",
+                     dropped, resume_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
             log.warning("tensorboardX is not installed: no TensorBoard events")
 
@@ -87,7 +123,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = _plain(scalars)
-        self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}, ensure_ascii=False) + "\n")
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}, ensure_ascii=False,
+                                     allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in _flat(clean, f"{kind}/").items():

@@ -64,6 +64,9 @@ class Run:
     theta0: TrainState | None
     meta: dict[str, Any]  # small JSON facts checkpointed with the run (dev loss before training)
     end: int = 0  # the last step this process runs (set by the loop)
+    save_now: bool = False  # set by the loop before a step's hooks: checkpoint this step
+    fetched: list = dataclasses.field(default_factory=list)  # (step, metrics) the metrics hook fetched this step
+    unhealthy: bool = False  # the guard saw non-finite losses up to the last fetched step
 
     @property
     def is_main(self) -> bool:
@@ -132,7 +135,7 @@ def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh
     """(state, start step, theta0, meta): the newest readable checkpoint, else theta0."""
     ckpt, abstract, shardings, graphdef, tx = (run_parts[k] for k in ("ckpt", "abstract", "shardings", "graphdef",
                                                                        "tx"))
-    restored = ckpt.restore_latest(checkpoint_items(abstract, method.checkpoint_base))
+    restored = ckpt.restore_latest(checkpoint_items(abstract, method.checkpoint_base), restart=run_parts["restart"])
     needs = method.needs_theta0(restored is not None)
     theta0 = _theta0(init_fn, shardings, graphdef, tx, method, cfg, mesh) if needs else None
     if restored is None:
@@ -147,12 +150,12 @@ def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh
     return state, start, theta0 if method.keeps_theta0 else None, items.get("meta") or {}, items["data"]
 
 
-def setup(cfg: Config, *, base_dir: Path) -> Run:
+def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     """Everything a run needs.  Refuses (before writing anything) a run dir whose
-    checkpoints were made with an incompatible config."""
+    checkpoints were made with an incompatible config.  `restart`: see `train`."""
     dirs = RunDir(Path(cfg.run_dir))
     ckpt = Checkpointer(dirs.checkpoints, cfg.checkpoint)
-    resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written
+    cfg = resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written
     if jax.process_index() == 0:
         dirs.root.mkdir(parents=True, exist_ok=True)
         resume.write_config(cfg, dirs.root)
@@ -168,8 +171,11 @@ def setup(cfg: Config, *, base_dir: Path) -> Run:
     with use_mesh(mesh):
         abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
-        parts = {"ckpt": ckpt, "abstract": abstract, "shardings": shardings, "graphdef": graphdef, "tx": tx}
+        parts = {"ckpt": ckpt, "abstract": abstract, "shardings": shardings, "graphdef": graphdef, "tx": tx,
+                 "restart": restart}
         state, start, theta0, meta, data_state = _start_state(parts, init_fn, cfg, method, mesh)
+        if restart and start == 0:
+            resume.set_aside_history(dirs)
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
                                         process_index=jax.process_index(), process_count=jax.process_count(),
                                         **seq2seq)
@@ -187,6 +193,7 @@ def setup(cfg: Config, *, base_dir: Path) -> Run:
     return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,
                graphdef=graphdef, shardings=shardings, batch_sharding=bsharding, train_step=train_step,
                eval_step=eval_step, pipeline=pipeline, dev=dev, ckpt=ckpt,
-               writer=MetricsWriter(dirs.root, enabled=jax.process_index() == 0), state=state, start=start,
+               writer=MetricsWriter(dirs.root, enabled=jax.process_index() == 0, resume_step=start),
+               state=state, start=start,
                theta0=theta0, meta=meta)
 

@@ -96,12 +96,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         if state.mask is not None:
             updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        # a step whose loss or gradients are not finite changes nothing but the step
+        # counter (the data it read is consumed): its update is dropped, params and
+        # optimizer state stay finite; the loop's guard counts and stops (train.nonfinite)
+        finite = jnp.isfinite(aux["loss_sum"]) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": aux["loss_sum"] / denom,
             "z_loss": aux["z_loss_sum"] / denom,
             "tokens": aux["weight_sum"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "skipped": 1.0 - finite.astype(jnp.float32),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -1,0 +1,107 @@
+"""kill -9 stress test: a tiny `jaxft train` run killed at random moments, then
+resumed, must give the losses of an uninterrupted run (bitwise, CPU) and exactly
+one metrics line per step, and metrics.jsonl must stay strict JSON.
+
+For each trial: a fresh run dir; `jaxft train` is started and SIGKILLed after a
+uniformly random delay in [0, T] (T = the measured wall time of one whole
+uninterrupted run, start-up included, so kills land in start-up, tokenizer
+training, compilation, steps, asynchronous checkpoint writes and the final dev
+loss alike); then `jaxft train` runs again to completion (and, with
+--second-kill, is first killed once more at another random moment).
+
+    python benchmarks/kill_stress.py [--trials 20 --steps 12 --seed 0 --second-kill]
+
+Prints one line per trial and a Markdown row for benchmarks/RESULTS.md.  Uses
+async checkpointing with checkpoint.every=1 (the most kill windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from trainutil import write_run_config  # noqa: E402
+
+
+def jaxft_train(cfg: Path, env: dict, kill_after: float | None = None) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    if kill_after is None and proc.returncode != 0:
+        raise RuntimeError(f"jaxft train failed ({proc.returncode}): {err[-2000:]}")
+    return proc.returncode, time.perf_counter() - t0
+
+
+def strict_rows(path: Path) -> list[dict]:
+    def refuse(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in strict_rows(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--second-kill", action="store_true", help="kill the resumed run once more before finishing")
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    extra = {"checkpoint.every": 1, "checkpoint.async_save": True, "checkpoint.keep": 2}
+    tmp = Path(tempfile.mkdtemp(prefix="kill_stress_"))
+    ref_cfg = write_run_config(tmp, steps=args.steps, name="reference", extra=extra)
+    _, full = jaxft_train(ref_cfg, env)
+    ref = train_losses(tmp / "reference")
+    assert [s for s, _ in ref] == list(range(1, args.steps + 1)), ref
+    print(f"reference: {args.steps} steps in {full:.1f} s (start-up included)", flush=True)
+    failures, killed_mid = 0, 0
+    for trial in range(args.trials):
+        cfg = write_run_config(tmp, steps=args.steps, name=f"trial{trial}", extra=extra)
+        moments = [rng.uniform(0, full)] + ([rng.uniform(0, full)] if args.second_kill else [])
+        rcs = [jaxft_train(cfg, env, kill_after=m)[0] for m in moments]
+        killed_mid += sum(rc == -signal.SIGKILL for rc in rcs)
+        jaxft_train(cfg, env)
+        ckpts = sorted(int(p.name) for p in (tmp / f"trial{trial}" / "checkpoints").iterdir() if p.name.isdigit())
+        try:
+            got = train_losses(tmp / f"trial{trial}")
+            ok = got == ref
+            why = "" if ok else (f"steps {[s for s, _ in got]}" if [s for s, _ in got] != [s for s, _ in ref]
+                                 else "losses differ")
+        except ValueError as e:
+            ok, why = False, str(e)
+        failures += not ok
+        print(f"trial {trial:2d}: kill at {', '.join(f'{m:5.1f}' for m in moments)} s (exit {rcs}) -> "
+              f"{'OK' if ok else 'FAIL ' + why}; checkpoints {ckpts}", flush=True)
+    print(f"\n{args.trials - failures}/{args.trials} trials identical to the uninterrupted run "
+          f"({killed_mid} kills landed before the run ended)")
+    print(f"| {time.strftime('%Y-%m-%d')} | {platform.machine()} cpu, {os.cpu_count()} cores | {args.trials} trials, "
+          f"{args.steps} steps, kill in [0, {full:.0f}] s{' x2' if args.second_kill else ''} | "
+          f"{args.trials - failures}/{args.trials} | {killed_mid} |")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
