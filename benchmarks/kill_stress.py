@@ -9,9 +9,11 @@ training, compilation, steps, asynchronous checkpoint writes and the final dev
 loss alike); then `jaxft train` runs again to completion (and, with
 --second-kill, is first killed once more at another random moment).
 
-    python benchmarks/kill_stress.py [--trials 20 --steps 12 --seed 0 --second-kill]
+    python benchmarks/kill_stress.py [--trials 20 --steps 12 --seed 0 --second-kill --signal kill|term]
 
-Prints one line per trial and a Markdown row for benchmarks/RESULTS.md.  Uses
+With `--signal term` the signal is SIGTERM: every interrupted run must exit 75
+(checkpoint written) and the seconds from signal to exit are reported (median /
+max).  Prints one line per trial and a Markdown row for benchmarks/RESULTS.md.  Uses
 async checkpointing with checkpoint.every=1 (the most kill windows).
 """
 
@@ -23,6 +25,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,19 +38,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 from trainutil import write_run_config  # noqa: E402
 
 
-def jaxft_train(cfg: Path, env: dict, kill_after: float | None = None) -> tuple[int, float]:
+def jaxft_train(cfg: Path, env: dict, kill_after: float | None = None, sig: int = signal.SIGKILL
+                ) -> tuple[int, float, float | None]:
+    """(exit status, wall seconds, seconds from the signal to the exit or None)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    to_exit = None
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+            t_sig = time.perf_counter()
+            proc.send_signal(sig)
+            proc.wait()
+            to_exit = time.perf_counter() - t_sig
     _, err = proc.communicate()
-    if kill_after is None and proc.returncode != 0:
+    if (kill_after is None or sig != signal.SIGKILL) and proc.returncode not in (0, 75):
         raise RuntimeError(f"jaxft train failed ({proc.returncode}): {err[-2000:]}")
-    return proc.returncode, time.perf_counter() - t0
+    return proc.returncode, time.perf_counter() - t0, to_exit
 
 
 def strict_rows(path: Path) -> list[dict]:
@@ -66,6 +75,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--second-kill", action="store_true", help="kill the resumed run once more before finishing")
+    ap.add_argument("--signal", choices=("kill", "term"), default="kill",
+                    help="term: SIGTERM instead (exit 75 expected; reports the time from signal to exit)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -73,16 +84,23 @@ def main() -> int:
     extra = {"checkpoint.every": 1, "checkpoint.async_save": True, "checkpoint.keep": 2}
     tmp = Path(tempfile.mkdtemp(prefix="kill_stress_"))
     ref_cfg = write_run_config(tmp, steps=args.steps, name="reference", extra=extra)
-    _, full = jaxft_train(ref_cfg, env)
+    sig = signal.SIGKILL if args.signal == "kill" else signal.SIGTERM
+    _, full, _ = jaxft_train(ref_cfg, env)
     ref = train_losses(tmp / "reference")
     assert [s for s, _ in ref] == list(range(1, args.steps + 1)), ref
     print(f"reference: {args.steps} steps in {full:.1f} s (start-up included)", flush=True)
-    failures, killed_mid = 0, 0
+    failures, killed_mid, to_exit = 0, 0, []
     for trial in range(args.trials):
         cfg = write_run_config(tmp, steps=args.steps, name=f"trial{trial}", extra=extra)
         moments = [rng.uniform(0, full)] + ([rng.uniform(0, full)] if args.second_kill else [])
-        rcs = [jaxft_train(cfg, env, kill_after=m)[0] for m in moments]
-        killed_mid += sum(rc == -signal.SIGKILL for rc in rcs)
+        runs = [jaxft_train(cfg, env, kill_after=m, sig=sig) for m in moments]
+        rcs = [r[0] for r in runs]
+        to_exit += [r[2] for r in runs if r[2] is not None and r[0] != 0]
+        killed_mid += sum(rc in (-signal.SIGKILL, 75) for rc in rcs)
+        if sig == signal.SIGTERM and any(rc not in (0, 75) for rc in rcs):
+            failures += 1
+            print(f"trial {trial:2d}: FAIL exit {rcs} after SIGTERM")
+            continue
         jaxft_train(cfg, env)
         ckpts = sorted(int(p.name) for p in (tmp / f"trial{trial}" / "checkpoints").iterdir() if p.name.isdigit())
         try:
@@ -96,10 +114,11 @@ def main() -> int:
         print(f"trial {trial:2d}: kill at {', '.join(f'{m:5.1f}' for m in moments)} s (exit {rcs}) -> "
               f"{'OK' if ok else 'FAIL ' + why}; checkpoints {ckpts}", flush=True)
     print(f"\n{args.trials - failures}/{args.trials} trials identical to the uninterrupted run "
-          f"({killed_mid} kills landed before the run ended)")
-    print(f"| {time.strftime('%Y-%m-%d')} | {platform.machine()} cpu, {os.cpu_count()} cores | {args.trials} trials, "
-          f"{args.steps} steps, kill in [0, {full:.0f}] s{' x2' if args.second_kill else ''} | "
-          f"{args.trials - failures}/{args.trials} | {killed_mid} |")
+          f"({killed_mid} signals landed before the run ended)")
+    timing = (f"{statistics.median(to_exit):.2f} / {max(to_exit):.2f}" if to_exit else "-")
+    print(f"| {time.strftime('%Y-%m-%d')} | {platform.machine()} cpu, {os.cpu_count()} cores | SIG{args.signal.upper()}, "
+          f"{args.trials} trials, {args.steps} steps, at [0, {full:.0f}] s{' x2' if args.second_kill else ''} | "
+          f"{args.trials - failures}/{args.trials} | {killed_mid} | {timing} |")
     return 1 if failures else 0
 
 

@@ -1,7 +1,9 @@
 """`jaxft` command line: parse arguments, load the config, call the library.
 
 All logic lives in importable modules; errors in user input print one line
-(`jaxft: <file/key>: <what is wrong>`) and exit with status 2.
+(`jaxft: <file/key>: <what is wrong>`) and exit with status 2.  `jaxft train`
+exits 75 after SIGTERM (checkpoint written: resume me), 130 after Ctrl-C
+(checkpoint written), 3 when training diverged (train.nonfinite).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("jaxft")
+DIVERGED_EXIT = 3  # `jaxft train` stopped on non-finite losses (train.nonfinite)
 
 
 def _setup_logging() -> None:
@@ -45,9 +48,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxft.eval.during_training import train_and_evaluate
     from jaxft.train.loop import dev_table
 
+    from jaxft.train.cadence import INTERRUPTED_EXIT
+    from jaxft.train.hooks import DivergedError
+
     init_distributed(args)
     cfg = load_config(args.config, args.overrides)
-    result = train_and_evaluate(cfg, base_dir=args.config.resolve().parent)
+    try:
+        result = train_and_evaluate(cfg, base_dir=args.config.resolve().parent, restart=args.restart)
+    except DivergedError as e:
+        print(f"jaxft: {cfg.run_dir}: {e}", file=sys.stderr)
+        return DIVERGED_EXIT
+    except KeyboardInterrupt:
+        print("jaxft: interrupted (a second Ctrl-C): no checkpoint was written for the current step",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
+    if result.exit_status:
+        print(f"jaxft: stopped by a signal after step {result.step}, checkpoint written; run the same "
+              f"command to resume (exit status {result.exit_status})", file=sys.stderr)
+        return result.exit_status
     if result.dev_after:
         print(dev_table(result))
     print(f"run dir: {result.run_dir.resolve()}")
@@ -63,18 +81,20 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxft.config.schema import TokenizerConfig
+    from jaxft.data.readers import read_text_lines
     from jaxft.data.tokenizer import train_tokenizer
+    from jaxft.outputs import safe_output
 
     def texts():
         for path in args.inputs:
-            with open(path, encoding="utf-8-sig") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
+            yield from (line for line in read_text_lines(path) if line.strip())
 
     cfg = TokenizerConfig(train_vocab_size=args.vocab_size, model_type=args.model_type,
                           character_coverage=args.character_coverage)
-    tok = train_tokenizer(texts(), args.out, cfg)
+    corpus = ", ".join(str(p) for p in args.inputs)
+    # train_tokenizer writes the one .model file (no .vocab): trained into the temporary sibling, renamed on success
+    with safe_output(args.out, inputs=args.inputs, overwrite=args.overwrite, kind="file", flag="--out") as tmp:
+        tok = train_tokenizer(texts(), tmp, cfg, setting="--vocab-size", corpus=corpus)
     print(f"wrote {args.out} ({tok.vocab_size} pieces)")
     return 0
 
@@ -100,29 +120,38 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from jaxft.interop import convert
 
     if args.convert_command == "hf-to-jaxft":
-        cfg, out = convert.hf_to_jaxft(args.src, args.out, dtype=args.dtype)
+        cfg, out = convert.hf_to_jaxft(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
     else:
         cfg, out = convert.jaxft_to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                       model_type=args.model_type)
+                                       model_type=args.model_type, overwrite=args.overwrite)
     print(f"wrote {out} ({convert.describe(cfg)})")
     return 0
 
 
 def _load_translator(source: str, which: str):
+    """A run dir or HF folder; hub ids only as `hf:<org/name>` (a missing path is an error)."""
     from jaxft.eval.translate import load_hf_dir, load_run
+    from jaxft.interop.hf import not_found
 
-    path = Path(source[3:] if source.startswith("hf:") else source)
-    if source.startswith("hf:") or (path / "config.json").exists():
-        return load_hf_dir(path if path.exists() else source[3:]), None
+    if source.startswith("hf:"):
+        return load_hf_dir(source), None
+    path = Path(source)
+    if not path.exists():
+        raise not_found(source, "run dir or HF checkpoint folder")
+    if (path / "config.json").is_file():
+        return load_hf_dir(path), None
     return load_run(path, which=which)
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
     from jaxft.config.schema import DecodeConfig
+    from jaxft.data.readers import read_text_lines
 
+    lines = list(read_text_lines(args.input)) if args.input else None  # a bad file fails before the model loads
     translator, _ = _load_translator(args.source, args.checkpoint)
-    stream = open(args.input, encoding="utf-8-sig") if args.input else sys.stdin
-    lines = [line.rstrip("\n") for line in stream]
+    if lines is None:
+        stdin = getattr(sys.stdin, "buffer", None)
+        lines = list(read_text_lines(stdin, "<stdin>")) if stdin else [line.rstrip("\n") for line in sys.stdin]
     decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
                           max_len=args.max_len, min_len=args.min_len, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, n_best=args.n_best if args.strategy != "greedy" else 1)
@@ -135,17 +164,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from jaxft.config.loader import load_config
-    from jaxft.eval.translate import evaluate, load_run
+    from jaxft.eval.translate import evaluate, evaluation_inputs, load_run
+    from jaxft.outputs import check_output
 
     cfg = load_config(args.config, args.overrides)
-    translator, _ = load_run(Path(args.run_dir or cfg.run_dir), which=args.checkpoint)
+    run_dir, base_dir = Path(args.run_dir or cfg.run_dir), args.config.resolve().parent
+    inputs = evaluation_inputs(cfg, base_dir=base_dir, run_dir=run_dir, config_path=args.config)
+    if args.out:  # refused before decoding; the run dir is only read
+        check_output(args.out, inputs, overwrite=args.overwrite, flag="--out")
+    translator, _ = load_run(run_dir, which=args.checkpoint)
     if args.max_examples:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_examples=args.max_examples))
-    report = evaluate(translator, cfg, base_dir=args.config.resolve().parent)
-    out = Path(args.out or Path(args.run_dir or cfg.run_dir) / "eval" / args.checkpoint)
-    json_path, md_path = report.write(out)
+    report = evaluate(translator, cfg, base_dir=base_dir)
     print(report.to_markdown())
-    print(f"wrote {json_path} and {md_path}")
+    if args.out:
+        json_path, md_path = report.write(args.out, inputs=inputs, overwrite=args.overwrite, flag="--out")
+        print(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -158,21 +192,25 @@ def _checkpoint_arg(path: str | Path):
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
-    from jaxft.peft.compose import compose_checkpoint, parse_compose_args
+    from jaxft.outputs import check_output
+    from jaxft.peft.compose import compose_checkpoint, compose_inputs, parse_compose_args
 
     base, items = parse_compose_args(args.items, args.add)
     if not items:
         raise ValueError("compose: give at least one diff or adapter (BASE + DIFF, or --add DIFF)")
-    out = compose_checkpoint(_checkpoint_arg(base), items, args.out, revert=args.revert)
+    check_output(args.out, compose_inputs(base, items), overwrite=args.overwrite, flag="--out")  # before loading
+    out = compose_checkpoint(_checkpoint_arg(base), items, args.out, revert=args.revert, overwrite=args.overwrite)
     print(f"wrote {out} ({base} {'-' if args.revert else '+'} {' + '.join(items)})")
     return 0
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    from jaxft.outputs import check_output
     from jaxft.peft.compose import diff_checkpoints
 
+    check_output(args.out, [args.finetuned, args.base], overwrite=args.overwrite, flag="--out")  # before loading
     out = diff_checkpoints(_checkpoint_arg(args.finetuned), _checkpoint_arg(args.base), args.out,
-                           sparse_k=args.sparse_k)
+                           sparse_k=args.sparse_k, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -180,7 +218,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from jaxft.runs.export import export_run
 
-    out = export_run(args.run_dir, args.out, which=args.checkpoint, fmt=args.format, dtype=args.dtype)
+    out = export_run(args.run_dir, args.out, which=args.checkpoint, fmt=args.format, dtype=args.dtype,
+                     overwrite=args.overwrite)
     print(f"wrote {out} ({args.format} format, {args.checkpoint} checkpoint of {args.run_dir})")
     return 0
 
@@ -195,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="host:port of process 0 (multi-process runs off TPU)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--restart", action="store_true",
+                   help="when no checkpoint of the run dir can be restored, set them (and metrics.jsonl) aside "
+                        "in unreadable_checkpoints/ and train from step 0 (default: that is an error)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="inspect configs")
@@ -207,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
     q = tsub.add_parser("train", help="train a SentencePiece model on text files")
     q.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text files, one sentence per line")
-    q.add_argument("--out", type=Path, required=True, help="output .model path")
+    q.add_argument("--out", type=Path, required=True, help="output .model path (a new file)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     q.add_argument("--character-coverage", type=float, default=0.9995)
@@ -220,20 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and jaxft layouts")
     vsub = p.add_subparsers(dest="convert_command", required=True, metavar="SUBCOMMAND")
     q = vsub.add_parser("hf-to-jaxft", help="HF folder (config.json + safetensors) -> orbax params + model.yaml")
-    q.add_argument("src", help="HF checkpoint folder (or hub id org/name)")
-    q.add_argument("out", type=Path)
+    q.add_argument("src", help="HF checkpoint folder, or hf:org/name for a hub model")
+    q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (float32)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
     q.set_defaults(func=_cmd_convert)
     q = vsub.add_parser("jaxft-to-hf", help="folder written by hf-to-jaxft -> HF folder transformers loads")
     q.add_argument("src", type=Path)
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="stored dtype")
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--model-type", default=None, help="HF model_type (default: inferred)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
     q.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("translate", help="translate lines (file or stdin -> stdout) with a run dir or an HF checkpoint")
-    p.add_argument("source", help="a run dir, an HF folder, or hf:<org/name>")
+    p.add_argument("source", help="a run dir, an HF folder, or hf:<org/name> (a Hugging Face hub model)")
     p.add_argument("--src-lang", required=True)
     p.add_argument("--tgt-lang", required=True)
     p.add_argument("--input", type=Path, help="UTF-8 text, one sentence per line (default: stdin)")
@@ -253,12 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_translate)
 
-    p = sub.add_parser("eval", help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run on the dev directions")
+    p = sub.add_parser("eval", help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run on the dev "
+                                    "directions; prints the report, the run dir is only read")
     _add_config_args(p)
     p.add_argument("--run-dir", help="default: the config's run_dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.add_argument("--max-examples", type=int, help="per direction (default: eval.max_examples)")
-    p.add_argument("--out", help="output folder for eval.json / eval.md (default: <run_dir>/eval/<checkpoint>)")
+    p.add_argument("--out", help="also write eval.json / eval.md to this new folder (outside the run dir, "
+                                 "the config and its data; default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out report folder")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compose", help="add sparse diffs / LoRA adapters to a base checkpoint",
@@ -269,14 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "then '+ DIFF' items")
     p.add_argument("--add", action="append", default=[], metavar="DIFF[*SCALE]",
                    help="another sparse diff or LoRA adapter dir (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="output folder, in BASE's format (a jaxft folder for a run dir)")
+    p.add_argument("--out", type=Path, required=True, help="a new output folder, in BASE's format (a jaxft folder "
+                   "for a run dir); never BASE, a diff, or inside one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--revert", action="store_true", help="subtract the diffs instead of adding them")
     p.set_defaults(func=_cmd_compose)
 
     p = sub.add_parser("diff", help="fine-tuning difference FINETUNED - BASE as a composable diff")
     p.add_argument("finetuned", help="jaxft folder, HF folder or run dir")
     p.add_argument("base", help="jaxft folder, HF folder or run dir of the same architecture")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--sparse-k", type=float, default=None,
                    help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); "
                         "default: dense")
@@ -289,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.add_argument("--format", choices=("jaxft", "hf"), default="jaxft")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="hf format: stored dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
@@ -300,14 +352,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    debug = args.debug or os.environ.get("JAXFT_DEBUG")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        if args.debug or os.environ.get("JAXFT_DEBUG"):
+    except (ValueError, OSError, KeyError) as e:  # bad input: one line, status 2
+        if debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jaxft: {msg}", file=sys.stderr)
+        print(f"jaxft: {_error_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"jaxft: internal error: {type(e).__name__}: {_error_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _error_line(e: BaseException) -> str:
+    """The first line of an error's message; an OSError as `<filename>: <strerror>`."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}{f' -> {e.filename2}' if e.filename2 else ''}: {e.strerror}"
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@
 
 - an output that is, contains or lies inside an input is refused (so a
   command can never write over what it reads);
-- an existing output is refused unless `overwrite`;
+- an existing output is refused unless `overwrite`, and even then a folder
+  jaxft did not write (one holding none of the files jaxft writes) is never
+  replaced, nor a file by a folder or a folder by a file;
 - everything is written to a hidden sibling (`.<name>.partial`) and renamed
   into place only when complete, so an interrupted or failed command leaves
   the old output (or nothing) behind, never a half-written one.  With
-  `overwrite`, the old output is moved aside first and removed only after the
-  new one is in place.
+  `overwrite`, the old output is moved aside (`.<name>.old`) first and removed
+  only after the new one is in place; a later command puts back an old output
+  that an interruption left aside.
 
-The temporary name is the same on every process, so collective writes (orbax)
-work; only process 0 renames.  Errors are `OutputError` (a `ValueError`: the
+Paths are compared resolved (symlinks followed).  The temporary name is the
+same on every process, so collective writes (orbax) work; only process 0
+creates, renames and removes.  Errors are `OutputError` (a `ValueError`: the
 CLI prints one line and exits 2).
 """
 
@@ -25,28 +29,31 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
+Kind = Literal["dir", "file"]
+
 
 class OutputError(ValueError):
     pass
 
 
-def _process_index() -> int:
+def is_main_process() -> bool:
     try:
         import jax
 
-        return jax.process_index()
+        return jax.process_index() == 0
     except Exception:  # noqa: BLE001 - no jax backend: a single process
-        return 0
+        return True
 
 
 def _resolved(path: str | Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite: bool = False,
-                 flag: str = "output") -> Path:
-    """Refuse `out` when it is, contains or lies inside one of `inputs`, or exists
-    (unless `overwrite`).  Returns `out` resolved.  `flag` names the argument in errors."""
+def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, overwrite: bool = False,
+                 kind: Kind = "dir", flag: str = "output") -> Path:
+    """Refuse `out` when it is, contains or lies inside one of `inputs` (None and
+    "hf:" hub ids are skipped), or exists (unless `overwrite`, and then only a
+    `kind` jaxft wrote).  Returns `out` resolved.  `flag` names the argument in errors."""
     target = _resolved(out)
     for src in inputs:
         if src is None or str(src).startswith("hf:"):
@@ -55,20 +62,27 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrit
         if target == s:
             raise OutputError(f"{flag} {out}: is an input of this command ({src}); choose a new path")
         if s in target.parents:
-            raise OutputError(f"{flag} {out}: lies inside an input of this command ({src}); choose a path outside it")
+            raise OutputError(f"{flag} {out}: lies inside an input of this command ({src}); "
+                              "choose a path outside it")
         if target in s.parents:
             raise OutputError(f"{flag} {out}: contains an input of this command ({src}); choose a new path")
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{flag} {out}: already exists; choose a new path or pass --overwrite")
-        if target.is_dir() and not target.is_symlink() and not _looks_like_ours(target):
-            raise OutputError(f"{flag} {out}: is a folder jaxft did not write ({_describe(target)}); "
-                              "refusing to replace it even with --overwrite")
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not overwrite:
+        raise OutputError(f"{flag} {out}: already exists; choose a new path or pass --overwrite")
+    if target.is_dir() != (kind == "dir"):
+        what, other = ("a folder", "a file") if target.is_dir() else ("a file", "a folder")
+        raise OutputError(f"{flag} {out}: is {what}; refusing to replace it with {other} even with --overwrite")
+    if kind == "dir" and not _looks_like_ours(target):
+        raise OutputError(f"{flag} {out}: is a folder jaxft did not write ({_describe(target)}); "
+                          "refusing to replace it even with --overwrite")
     return target
 
 
-_OURS = ("params", "model.yaml", "config.json", "eval.json", "sparse_diff.json", "adapter_config.json",
-         "diff.json", "manifest.json")
+# names that mark a folder as a jaxft output: a jaxft folder, an HF folder, a sparse diff,
+# a LoRA adapter (jaxft or HF PEFT), an evaluation report
+_OURS = ("params", "model.yaml", "hf_config.json", "config.json", "eval.json", "diff.json", "adapter.json",
+         "adapter_config.json", "model.safetensors.index.json")
 
 
 def _looks_like_ours(folder: Path) -> bool:
@@ -82,16 +96,22 @@ def _describe(folder: Path) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def _siblings(target: Path) -> tuple[Path, Path]:
+    return target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
+
+
 @contextlib.contextmanager
-def safe_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite: bool = False,
-                kind: Literal["dir", "file"] = "dir", flag: str = "output") -> Iterator[Path]:
+def safe_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, overwrite: bool = False,
+                kind: Kind = "dir", flag: str = "output") -> Iterator[Path]:
     """Yield a temporary path to write `out` into; rename it into place on success.
     For `kind="dir"` the temporary folder exists (empty) when yielded; for files
-    only its parent does."""
-    target = check_output(out, inputs, overwrite=overwrite, flag=flag)
-    main = _process_index() == 0
-    tmp = target.parent / f".{target.name}.partial"
-    old = target.parent / f".{target.name}.old"
+    only its parent does.  A failure inside the `with` removes the temporary path
+    and leaves `out` as it was."""
+    main = is_main_process()
+    tmp, old = _siblings(_resolved(out))
+    if main and old.exists() and not os.path.lexists(_resolved(out)):
+        os.replace(old, _resolved(out))  # an interrupted overwrite left the old output aside: restore it
+    target = check_output(out, inputs, overwrite=overwrite, kind=kind, flag=flag)
     if main:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # our own leftover of an interrupted command
@@ -103,9 +123,14 @@ def safe_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite
         if main:
             _remove(tmp)
         raise
-    if not main:
-        return
-    if target.exists() or target.is_symlink():  # overwrite (checked above)
+    if main:
+        _commit(tmp, target, old)
+
+
+def _commit(tmp: Path, target: Path, old: Path) -> None:
+    if not os.path.lexists(tmp):
+        raise OutputError(f"{target}: nothing was written")
+    if os.path.lexists(target):  # overwrite (checked in check_output)
         _remove(old)
         os.replace(target, old)
         os.replace(tmp, target)
@@ -117,7 +142,7 @@ def safe_output(out: str | Path, inputs: Iterable[str | Path] = (), *, overwrite
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
+    elif os.path.lexists(path):
         path.unlink()
 
 
@@ -125,8 +150,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a part."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

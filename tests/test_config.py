@@ -261,6 +261,27 @@ def test_impossible_value_messages_and_origins(tmp_path):
     assert load_config(write(tmp_path / "hd.yaml", "model: {d_model: 100, n_heads: 8, head_dim: 16}\n"))
 
 
+def test_seq_len_limited_by_learned_positions_only(tmp_path):
+    learned = "model:\n  family: bart\n  position: learned\n  max_seq_len: 64\n"
+    data = "data:\n  train: [{path: t.txt, task: infilling, src_lang: de}]\n"
+    top = write(tmp_path / "top.yaml", learned + data + "  seq_len: 65\n")
+    assert error(top) == (f"{top}:7: data.seq_len: must be <= model.max_seq_len=64 (the learned position "
+                          f"table of model.position: learned has that many rows), got 65")
+    enc = write(tmp_path / "enc.yaml", learned + data + "  seq_len: 64\n  encoder_seq_len: 100\n")
+    assert error(enc).startswith(f"{enc}:8: data.encoder_seq_len: must be <= model.max_seq_len=64 ")
+    # only max_seq_len set (data.seq_len defaults to 256): the error points at the line that set it
+    assert error(write(tmp_path / "m.yaml", learned + data)).startswith(f"{tmp_path / 'm.yaml'}:4: data.seq_len: ")
+    assert error(tmp_path / "m.yaml", ("data.seq_len=65",)).startswith("--set: data.seq_len: must be <= ")
+    assert load_config(tmp_path / "m.yaml", ("data.seq_len=64", "data.encoder_seq_len=64"))
+    assert load_config(write(tmp_path / "preset.yaml", learned))  # no data sources: data.seq_len is unused
+    # not a limit: RoPE / ALiBi, T5 relative buckets, sinusoidal (NLLB); nor encoder_seq_len of a decoder-only model
+    for family, position, seq_len in (("decoder", "rope", 512), ("decoder", "alibi", 512), ("decoder", "learned", 64),
+                                      ("t5", "relative", 512), ("bart", "sinusoidal", 512)):
+        path = write(tmp_path / "ok.yaml", f"model: {{family: {family}, position: {position}}}\n" + data)
+        sets = (f"data.seq_len={seq_len}", "data.encoder_seq_len=1024", "model.max_seq_len=64")
+        assert load_config(path, sets).data.encoder_seq_len == 1024
+
+
 def test_validate_directly():
     assert validate(Config()) == Config()
     bad = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, steps=-3))

@@ -7,7 +7,7 @@ import pytest
 from jaxft.config.schema import DataConfig, SourceConfig, TokenizerConfig
 from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, read_directions, training_texts
 from jaxft.data.sources import DataError
-from jaxft.data.tasks import Featurizer
+from jaxft.data.tasks import Featurizer, OverlongError
 from jaxft.data.tokenizer import train_tokenizer
 
 WORDS = "the a cat dog house runs blue green quick slow river Haus Katze blau ilé ajá".split()
@@ -41,7 +41,8 @@ def tok(tmp_path_factory):
 def _cfg(**kw):
     train = (SourceConfig(type="tsv", path="{split}.{src}-{tgt}.tsv", directions=("en-de", "en-yo")),
              SourceConfig(type="text", task="lm", path="mono.txt", tgt_lang="de"))
-    base = dict(train=train, dev=train[:1], seq_len=48, temperature=2.0, seed=7,
+    # the test tokenizer is almost character-level: 128 tokens fit every example
+    base = dict(train=train, dev=train[:1], seq_len=128, temperature=2.0, seed=7,
                 prompt_template="{src_name} to {tgt_name}: {src} =")
     return DataConfig(**{**base, **kw})
 
@@ -62,7 +63,7 @@ def test_shapes_dtypes_rates_and_stats(tok, data_dir):
     p = build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir)
     b = next(p)
     assert set(b) == set(KEYS)
-    assert all(b[k].shape == (4, 48) for k in KEYS)
+    assert all(b[k].shape == (4, 128) for k in KEYS)
     assert all(b[k].dtype == (np.float32 if k == "weights" else np.int32) for k in KEYS)
     rates = {r["direction"]: r for r in p.rates}
     assert [r["examples"] for r in rates.values()] == [120, 15, 40]
@@ -133,7 +134,7 @@ def test_two_processes_give_the_rows_of_one(tok, data_dir):
     parts = [_batches(p, 4) for p in procs]
     for step in range(4):
         for k in KEYS:
-            assert parts[0][step][k].shape == (2, 48)
+            assert parts[0][step][k].shape == (2, 128)
             np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), one[step][k])
     # a merged state restores each process; a process whose slots are missing refuses it
     merged = {**procs[0].get_state(), **procs[1].get_state()}
@@ -152,16 +153,73 @@ def test_process_layout_errors(tok, data_dir):
         build_train_pipeline(_cfg(), tok, global_batch=4, base_dir=data_dir, process_index=2, process_count=2)
 
 
-def test_overlong_policies_in_the_pipeline(tok, data_dir):
-    p = build_train_pipeline(_cfg(seq_len=12), tok, global_batch=2, base_dir=data_dir)
-    _batches(p, 3)
-    assert sum(s["tokenized_overlong_skipped"] for s in p.stats.values()) > 0
+def _fitting(tok, cfg, data_dir, split="train"):
+    """Per direction: the featurized examples that fit (``Featurizer`` applied lazily, one by one)."""
+    out = {}
+    for d in read_directions(cfg, data_dir, split=split):
+        f = Featurizer(tok, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
+                       target_template=cfg.target_template, overlong="skip")
+        out[d.name] = [tuple(tuple(x[k].tolist()) for k in ("inputs", "targets", "weights"))
+                       for x in map(f, d.examples) if x is not None]
+    return out
+
+
+def test_overlong_skip_up_front(tok, data_dir):
+    cfg = _cfg(seq_len=64)
+    fitting = _fitting(tok, cfg, data_dir)
+    kept = {name: len(v) for name, v in fitting.items()}
+    assert 0 < kept["en-de"] < 120 and 0 < kept["en-yo"] < 15 and kept["mono"] == 40
+    p = build_train_pipeline(cfg, tok, global_batch=2, base_dir=data_dir)
+    rates = {r["direction"]: r for r in p.rates}
+    assert {n: r["examples"] for n, r in rates.items()} == kept
+    assert rates["en-yo"]["overlong_skipped"] == 15 - kept["en-yo"] and rates["mono"]["overlong_skipped"] == 0
+    sizes = np.array(list(kept.values()))  # temperature rates from the examples that are trained on
+    np.testing.assert_allclose([r["target"] for r in rates.values()], sizes ** 0.5 / (sizes ** 0.5).sum())
+    table = p.rates_table().splitlines()
+    assert table[0].split()[:4] == ["direction", "examples", "over-long", "skipped"]
+    assert table[3].split()[:3] == ["en-yo", str(kept["en-yo"]), str(15 - kept["en-yo"])]
+    assert p.stats["en-de"]["overlong_skipped"] == 120 - kept["en-de"] and p.stats["en-de"]["examples"] == 120
+    every = {x for v in fitting.values() for x in v}
+    drawn = 0
+    for b in _batches(p, 20):  # the drawn stream holds only examples that fit; none is skipped when drawn
+        for r in range(2):
+            seg = b["segment_ids"][r]
+            for sid in range(1, int(seg.max()) + 1):
+                idx = np.flatnonzero(seg == sid)
+                assert tuple(tuple(b[k][r][idx].tolist()) for k in ("inputs", "targets", "weights")) in every
+                drawn += 1
+    assert drawn > 40 and all(s["tokenized_overlong_skipped"] == 0 for s in p.stats.values())
+    # truncate: nothing dropped up front, cut when drawn (unchanged)
     t = build_train_pipeline(_cfg(seq_len=12, overlong="truncate"), tok, global_batch=2, base_dir=data_dir)
     b = next(t)
-    assert sum(s["tokenized_truncated"] for s in t.stats.values()) > 0 and b["weights"].sum() > 0
-    e = build_train_pipeline(_cfg(seq_len=12, overlong="error"), tok, global_batch=2, base_dir=data_dir)
-    with pytest.raises(DataError, match="data.seq_len=12"):
-        _batches(e, 3)
+    assert [r["examples"] for r in t.rates] == [120, 15, 40] and b["weights"].sum() > 0
+    assert sum(s["tokenized_truncated"] for s in t.stats.values()) > 0
+    assert sum(s["overlong_skipped"] for s in t.stats.values()) == 0
+    with pytest.raises(DataError, match=r"^data.train\[0\].directions\[0\]: all 120 examples of 'en-de' are "
+                                        r"over-long, e.g. \S+train.en-de.tsv:2: example of \d+ tokens"):
+        build_train_pipeline(_cfg(seq_len=30), tok, global_batch=2, base_dir=data_dir)
+
+
+def test_overlong_error_at_build_time_names_file_and_line(tok, data_dir, tmp_path):
+    cfg = _cfg(seq_len=64, overlong="error")
+    f = Featurizer(tok, seq_len=64, prompt_template=cfg.prompt_template, target_template="{tgt}", overlong="skip")
+    lengths = f.lengths(read_directions(cfg, data_dir, split="train")[0].examples)[:, 0]
+    i = int(np.flatnonzero(lengths > 64)[0])  # the first over-long example: line i + 2 (after the header)
+    with pytest.raises(OverlongError) as info:
+        build_train_pipeline(cfg, tok, global_batch=2, base_dir=data_dir)
+    assert str(info.value) == (
+        f"{data_dir / 'train.en-de.tsv'}:{i + 2}: example of {lengths[i]} tokens > data.seq_len=64 "
+        f"(data.train[0].directions[0]; {(lengths > 64).sum() - 1} more in this source; "
+        f"data.overlong: skip or truncate would handle it)")
+    # the line, not the example index: a blank line before it is no example
+    (tmp_path / "lm.txt").write_text("short\n\n" + "a\tb\n" + " ".join(WORDS * 3) + "\nshort again\n")
+    lm = (SourceConfig(type="text", task="lm", path="lm.txt", tgt_lang="de"),)
+    with pytest.raises(OverlongError, match=rf"^{tmp_path / 'lm.txt'}:4: example of \d+ tokens > data.seq_len=64 "
+                                            rf"\(data.train\[0\]; data.overlong"):
+        build_train_pipeline(_cfg(seq_len=64, overlong="error", train=lm), tok, global_batch=2, base_dir=tmp_path)
+    # dev: the whole file is checked when the batches are built, not only the examples used
+    with pytest.raises(OverlongError, match=rf"^{data_dir / 'dev.en-de.tsv'}:{i + 2}: "):
+        build_dev_batches(cfg, tok, batch_size=1, base_dir=data_dir, max_batches=1)
 
 
 def test_dev_batches(tok, data_dir, caplog):

@@ -267,3 +267,58 @@ def test_seq2seq_dev_batches(tok, data_dir):
     assert batches[0]["segment_ids"][0].tolist() == [1] * m + [0] * (64 - m)
     with pytest.raises(ValueError, match="decoder_start_id"):
         build_dev_batches(cfg, tok, batch_size=8, base_dir=data_dir, max_batches=1, encoder_decoder=True)
+
+
+# ------------------------------------------------------- over-long up front
+
+
+@pytest.mark.parametrize("task,mode", [("translation", "t5_tag"), ("translation", "lang_code"),
+                                       ("prompt", "t5_tag"), ("span_corruption", "none"), ("infilling", "lang_code")])
+def test_lengths_agree_with_the_featurizer(tok, task, mode):
+    mono = task in ("span_corruption", "infilling")
+    src = SourceConfig(type="text" if mono else "tsv", task=task, path="x", name="s",
+                       src_lang=None if mono else "en", tgt_lang=None if task == "prompt" else "de")
+    f = Seq2SeqFeaturizer(tok, DataConfig(seq_len=512, lang_tokens=mode, lang_code_style="mbart50"), src,
+                          decoder_start_id=3)
+    rng = random.Random(3)
+    texts = [_sentence(rng) + ". " + _sentence(rng) + "." for _ in range(30)] + ["", "a", "the cat"]
+    # sentence joins that re-tokenize when permuted: "the。a" permuted is one piece longer, and with
+    # the noise of index 21 (two spans of one token) the noised source would exceed the bound uncut
+    texts += ["Katze blau。the cat。Haus", "blau! Katze", "the。a"]
+    examples = [Example("" if mono else t[::-1] or "x", t or "a", "en", "de", task) for t in texts]
+    lengths = f.lengths(examples)
+    assert lengths.shape == (len(examples), 2) and f.limits == (512, 512)
+    for ex, (n_src, n_tgt) in zip(examples, lengths.tolist()):
+        for index in ([*range(6), 21, 22] if mono else [0]):  # the noise differs per stream index
+            src_ids, tgt_ids = f.tokens(ex, index)
+            assert len(tgt_ids) == n_tgt
+            assert len(src_ids) <= n_src if task == "infilling" else len(src_ids) == n_src
+
+
+def test_seq2seq_overlong_skip_and_error_up_front(tok, data_dir):
+    cfg = _cfg(seq_len=8, encoder_seq_len=10)
+    kept = {}
+    for d in read_directions(cfg, data_dir, split="train"):  # the featurizer applied lazily, one by one
+        f = Seq2SeqFeaturizer(tok, cfg, d.config, decoder_start_id=0, key=d.key)
+        kept[d.name] = sum(f(ex, i) is not None for i, ex in enumerate(d.examples))
+    assert 0 < kept["en-de"] < 120 and 0 < kept["mono.de"] < 60
+    p = _pipe(tok, data_dir, cfg=cfg, global_batch=2)
+    rates = {r["direction"]: r for r in p.rates}
+    assert {n: r["examples"] for n, r in rates.items()} == kept
+    assert p.stats["mono.de"]["overlong_skipped"] == 60 - kept["mono.de"]
+    assert p.rates_table().splitlines()[3].split()[:3] == ["mono.de", str(kept["mono.de"]), str(60 - kept["mono.de"])]
+    batches = _batches(p, 10)
+    assert all(s["tokenized_overlong_skipped"] == 0 for s in p.stats.values())
+    assert sum(s["tokenized_examples"] for s in p.stats.values()) > 20
+    assert all(b["enc_segment_ids"].max() >= 1 for b in batches)
+    # error: at build time, naming file:line and both lengths
+    d = read_directions(cfg, data_dir, split="train")[0]
+    f = Seq2SeqFeaturizer(tok, cfg, d.config, decoder_start_id=0)
+    i = int(np.flatnonzero((f.lengths(d.examples) > np.array([10, 8])).any(axis=1))[0])
+    with pytest.raises(OverlongError, match=rf"^{data_dir / 'train.en-de.tsv'}:{i + 2}: example of \d+ source tokens "
+                                            rf"\(data.encoder_seq_len=10\) and \d+ target tokens \(data.seq_len=8\) "
+                                            rf"is too long \(data.train\[0\].directions\[0\]; \d+ more"):
+        _pipe(tok, data_dir, cfg=_cfg(seq_len=8, encoder_seq_len=10, overlong="error"), global_batch=2)
+    with pytest.raises(OverlongError, match=rf"^{data_dir / 'dev.en-de.tsv'}:{i + 2}: example of "):
+        build_dev_batches(_cfg(seq_len=8, encoder_seq_len=10, overlong="error"), tok, batch_size=2,
+                          base_dir=data_dir, max_batches=1, encoder_decoder=True, decoder_start_id=0)

@@ -3,7 +3,7 @@ import pytest
 
 from jaxft.config.schema import TokenizerConfig
 from jaxft.data.sources import Example
-from jaxft.data.tasks import Featurizer, OverlongError, pad_row, render
+from jaxft.data.tasks import Featurizer, OverlongError, pad_row, render, token_counts
 from jaxft.data.tokenizer import train_tokenizer
 
 PROMPT = "Translate from {src_name} to {tgt_name}:\n{src}\n"
@@ -90,3 +90,32 @@ def test_bad_settings(tok):
         _feat(tok, overlong="drop")
     with pytest.raises(ValueError, match="seq_len"):
         _feat(tok, seq_len=1)
+
+
+class _Batching:
+    """A tokenizer with ``encode_batch`` (used by ``token_counts`` when present)."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+        self.bos_id, self.eos_id, self.path = tok.bos_id, tok.eos_id, tok.path
+
+    def encode(self, text):
+        raise AssertionError("encode_batch should be used")
+
+    def encode_batch(self, texts):
+        self.calls += 1
+        return [self.tok.encode(t) for t in texts]
+
+
+def test_lengths_agree_with_tokens(tok):
+    examples = [EX, Example("q red", "a", None, None, "prompt"), Example("", "the red cat", None, "en", "lm"),
+                Example("the red cat " * 9, "the big mat " * 7, "eng_Latn", "deu_Latn", "translation")]
+    f = _feat(tok, seq_len=512)
+    expected = [len(f.tokens(ex)[0]) - 1 for ex in examples]
+    assert f.lengths(examples).tolist() == [[n] for n in expected] and f.limits == (512,)
+    batching = _Batching(tok)
+    assert _feat(batching, seq_len=512).lengths(examples).tolist() == [[n] for n in expected]
+    assert batching.calls == 2  # prompts, then targets; "" is never sent
+    assert token_counts(tok, []).shape == (0,)
+    assert token_counts(tok, ["", "the"]).tolist() == [0, len(tok.encode("the"))]
+    assert _feat(tok, seq_len=8).describe([30]) == "example of 30 tokens > data.seq_len=8"

@@ -1,11 +1,14 @@
 """Two local processes x 4 CPU devices (gloo collectives) train exactly like
-one process x 8 devices, including a checkpoint written by the two processes
-and restored by them in a second launch."""
+one process x 8 devices, including a preemption checkpoint written by the two
+processes (after SIGTERM to one of them) and restored by them in a second launch."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,7 @@ from jaxft.train.metric_sinks import read_jsonl
 from trainutil import write_run_config
 
 pytestmark = pytest.mark.slow
-CONSTANT_LR = {"optimizer.schedule": "constant"}  # so extending train.steps keeps the schedule
+CONSTANT_LR = {"optimizer.schedule": "constant"}
 
 
 def free_port() -> int:
@@ -25,29 +28,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(cfg_path, overrides=()):
+def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step: int | None = None,
+               expect: int = 0):
+    """`jaxft train` in two processes; optionally each step slowed by `slow` seconds and
+    process 1 (only) sent SIGTERM once step `sigterm_after_step`'s metrics line exists."""
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     sets = [a for o in overrides for a in ("--set", o)]
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxft.cli", "train", str(cfg_path), *sets,
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = []
+    for i in range(2):
+        args = ["train", str(cfg_path), *sets, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                "--process-id", str(i)]
+        code = f"import sys, trainutil; sys.exit(trainutil.cli_train_slowly({args[1]!r}, {slow}, *{args[2:]!r}))"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    if sigterm_after_step is not None:
+        metrics = Path(load_config(cfg_path).run_dir) / "metrics.jsonl"
+        line = f'"step": {sigterm_after_step}, "kind": "train"'
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and line in metrics.read_text()):
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == expect, err[-3000:]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    single = train(load_config(write_run_config(tmp_path, steps=6, name="single", extra=CONSTANT_LR)),
+def test_two_processes_match_one_process_across_a_preemption(tmp_path):
+    """SIGTERM to ONE of two processes: JAX's preemption sync makes both stop after
+    the same step, write one checkpoint together and exit 75; a second launch
+    restores it in both and ends with the losses of a 1-process run."""
+    single = train(load_config(write_run_config(tmp_path, steps=8, name="single", extra=CONSTANT_LR)),
                    base_dir=tmp_path)
-    multi_cfg = write_run_config(tmp_path, steps=4, name="multi", extra=CONSTANT_LR)
-    launch_two(multi_cfg)  # steps 1-4, checkpoints at 2 and 4
-    launch_two(multi_cfg, ["train.steps=6"])  # restores step 4 in both processes, runs 5-6
+    multi_cfg = write_run_config(tmp_path, steps=8, name="multi", extra={**CONSTANT_LR, "checkpoint.every": 100})
+    launch_two(multi_cfg, slow=0.3, sigterm_after_step=2, expect=75)
+    saved = [int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 2 < saved[0] < 8, saved
+    launch_two(multi_cfg)  # restores the preemption checkpoint in both processes, runs to step 8
     rows = [r for r in read_jsonl(tmp_path / "multi" / "metrics.jsonl") if r["kind"] == "train"]
-    losses = {r["step"]: r["loss"] for r in rows}
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
-        assert losses[step] == pytest.approx(single.losses[step], rel=1e-5, abs=1e-6), step
+    assert [r["step"] for r in rows] == list(range(1, 9))  # one line per step across the preemption
+    for r in rows:
+        assert r["loss"] == pytest.approx(single.losses[r["step"]], rel=1e-5, abs=1e-6), r["step"]
     dev = [r for r in read_jsonl(tmp_path / "multi" / "metrics.jsonl") if r["kind"] == "dev"]
     assert dev[-1]["dev_loss"] == pytest.approx(single.dev_after, rel=1e-5)

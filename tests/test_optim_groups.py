@@ -138,3 +138,20 @@ def test_l1_anchor_is_sharded_like_params_and_trains_on_a_mesh():
                                   theta0["lm_head"]["kernel"].get_value())
         np.testing.assert_array_equal(jax.device_get(state.opt_state[0].anchor["lm_head"]["kernel"].get_value()),
                                       theta0["lm_head"]["kernel"].get_value())
+
+
+def test_adafactor_uses_adafactor_decay_rate_not_b2():
+    """Default config: Adafactor's second-moment decay exponent is 0.8 (T5 / optax), not b2=0.999.
+    (Step 1 is the same for any exponent (beta2_1 = 0), so compare three steps.)"""
+    cfg = OptimizerConfig(name="adafactor", **BASE)
+    assert cfg.adafactor_decay_rate == 0.8 and cfg.b2 == 0.999
+    ours = run(make_optimizer(cfg, 10), toy_params(), loss_fn, steps=3)
+    expected = run(optax.adafactor(0.1, decay_rate=0.8, clipping_threshold=None), toy_params(), loss_fn, steps=3)
+    with_b2 = run(optax.adafactor(0.1, decay_rate=0.999, clipping_threshold=None), toy_params(), loss_fn, steps=3)
+    for x, y, z in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), jax.tree.leaves(with_b2)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(x, z, rtol=1e-6, atol=1e-7)
+    other = run(make_optimizer(OptimizerConfig(name="adafactor", adafactor_decay_rate=0.999, **BASE), 10),
+                toy_params(), loss_fn, steps=3)
+    for x, z in zip(jax.tree.leaves(other), jax.tree.leaves(with_b2)):
+        np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-7)

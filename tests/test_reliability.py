@@ -4,6 +4,7 @@ exact metrics across kills, and a fixed lr schedule on resume."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from jaxft.train.loop import train
 from jaxft.train.metric_sinks import cut_back, read_jsonl
 
 from trainutil import SignalHook, write_run_config
+
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -100,35 +102,61 @@ def test_nonfinite_steps_are_dropped_then_the_run_stops_with_status_3(tmp_path, 
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
-def test_all_checkpoints_unreadable_is_an_error_unless_restart(tmp_path):
-    path = write_run_config(tmp_path, steps=4, name="bad")
-    cfg = load_config(path)
-    train(cfg, base_dir=tmp_path, stop_after=2)  # checkpoint at 2
+def test_all_checkpoints_unreadable_is_an_error_unless_restart(reference, tmp_path):
+    tmp, ref = reference
     run = tmp_path / "bad"
-    for p in (run / "checkpoints" / "2").rglob("*"):
+    shutil.copytree(ref.run_dir, run)  # a finished 6-step run, checkpoints at 2, 4, 6
+    path = write_run_config(tmp, steps=6, name="bad-config")
+    path.write_text(path.read_text().replace(str(tmp / "bad-config"), str(run)))
+    cfg = load_config(path)
+    for p in (run / "checkpoints").rglob("*"):
         if p.is_file() and p.stat().st_size > 0 and p.suffix != ".json" and "manifest" not in p.name:
             p.write_bytes(b"\0" * 10)
     before = tree_bytes(run)
-    with pytest.raises(UnreadableCheckpoints, match=r"checkpoints: no checkpoint can be restored \(steps 2;"):
-        train(cfg, base_dir=tmp_path)
+    with pytest.raises(UnreadableCheckpoints, match=r"checkpoints: no checkpoint can be restored \(steps 6, 4, 2;"):
+        train(cfg, base_dir=tmp)
     assert tree_bytes(run) == before  # nothing moved or written
-    result = train(cfg, base_dir=tmp_path, restart=True)
-    assert sorted(result.losses) == [1, 2, 3, 4]
+    result = train(cfg, base_dir=tmp, restart=True)
+    assert result.losses == ref.losses  # from step 0 again, exactly the original run
     aside = sorted(p.name for p in (run / "unreadable_checkpoints").iterdir())
-    assert aside[0].startswith("2-") and aside[1].startswith("metrics-")
-    assert [r["step"] for r in train_lines(run)] == [1, 2, 3, 4]
+    assert [a.split("-")[0] for a in aside] == ["2", "4", "6", "metrics"]
+    assert [r["step"] for r in train_lines(run)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_more_steps_on_resume_keep_the_schedule_length(tmp_path):
-    path = write_run_config(tmp_path, steps=4, name="longer")
-    train(load_config(path), base_dir=tmp_path)
-    longer = train(load_config(path, ["train.steps=6"]), base_dir=tmp_path)
-    lr = {r["step"]: r["lr"] for r in train_lines(tmp_path / "longer")}
-    end_lr = 3e-3 * 0.1  # optimizer.lr x end_lr_ratio: the 4-step schedule has ended
-    assert lr[5] == pytest.approx(end_lr) and lr[6] == pytest.approx(end_lr)
-    assert lr[3] > lr[4] > end_lr - 1e-12  # steps 1-4 unchanged: warmup then decay over 4 steps
-    assert sorted(longer.losses) == [5, 6]
-    assert "decay_steps: 4" in (tmp_path / "longer" / "config.yaml").read_text()
+def test_more_steps_on_resume_keep_the_schedule_length():
+    from jaxft.config.schema import Config, OptimizerConfig, TrainConfig, to_dict
+    from jaxft.runs.resume import check_compatible
+    from jaxft.train.optim import make_schedule
+
+    class Saved:  # a run dir whose checkpoints hold `config`
+        def __init__(self, config):
+            self.config = config
+
+        def steps(self):
+            return [4]
+
+        def read_config(self, step):
+            return self.config
+
+    first = check_compatible(_NoCheckpoints(), Config(train=TrainConfig(steps=4)), Path("r"))
+    assert first.optimizer.decay_steps == 4  # fixed when the run starts, stored in its config
+    longer = check_compatible(Saved(to_dict(first)), Config(train=TrainConfig(steps=6)), Path("r"))
+    assert longer.optimizer.decay_steps == 4 and longer.train.steps == 6
+    schedule = make_schedule(longer.optimizer, longer.train.steps)
+    end_lr = OptimizerConfig().lr * OptimizerConfig().end_lr_ratio
+    assert float(schedule(4)) == pytest.approx(end_lr) and float(schedule(5)) == pytest.approx(end_lr)
+    # a run written before the length was stored keeps its own train.steps as the length
+    legacy = to_dict(Config(train=TrainConfig(steps=4)))
+    assert check_compatible(Saved(legacy), Config(train=TrainConfig(steps=6)), Path("r")).optimizer.decay_steps == 4
+    # an explicit, different length on resume is a change of the run: refused
+    with pytest.raises(ValueError, match=r"optimizer.decay_steps: 4 -> 6"):
+        check_compatible(Saved(to_dict(first)), Config(optimizer=OptimizerConfig(decay_steps=6),
+                                                       train=TrainConfig(steps=6)), Path("r"))
+
+
+class _NoCheckpoints:
+    def steps(self):
+        return []
 
 
 def test_cut_back_keeps_exactly_the_lines_up_to_the_resume_step(tmp_path):
@@ -191,3 +219,14 @@ def test_train_loop_script_resumes_only_on_status_75(tmp_path):
     done = subprocess.run(["bash", str(script), "cfg.yaml"], env={**env, "FINAL": "75", "MAX_RESTARTS": "4"},
                           capture_output=True, text=True)
     assert done.returncode == 75 and len(counter.read_text().splitlines()) == 5
+
+
+def test_train_refuses_a_foreign_non_empty_run_dir(tmp_path, capsys):
+    path = write_run_config(tmp_path, steps=2, name="x", extra={})
+    cfg_text = path.read_text().replace(f"run_dir: {tmp_path / 'x'}", f"run_dir: {tmp_path}")
+    path.write_text(cfg_text)  # run_dir = the folder holding the config and the corpus
+    before = tree_bytes(tmp_path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a jaxft run dir (no config.yaml)" in err[0]
+    assert tree_bytes(tmp_path) == before

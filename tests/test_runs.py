@@ -1,12 +1,13 @@
 """Run dirs: inference restores params without an optimizer, every reading command
-leaves the run dir exactly as it was (even with an unreadable newest checkpoint),
-exports are written atomically to new paths, and pre-split checkpoints get a
-one-line error."""
+(translate, eval, compose, diff, export) leaves the run dir byte-identical (even
+with an unreadable newest checkpoint, or none that fits the model), exports are
+written atomically to new paths, and pre-split checkpoints get a one-line error."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -27,11 +28,27 @@ from jaxft.runs.export import export_run
 from jaxft.runs.model import restore_model
 from jaxft.train.loop import train
 
+from test_outputs import tree_digest
 from trainutil import write_run_config
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+QUICK = ["--set", "eval.decode.strategy=greedy", "--set", "eval.decode.max_len=6", "--max-examples", "2"]  # eval
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every path under `root`: its content digest and mtime (nothing added, moved or changed)."""
+    return {rel: (digest, (root / rel).lstat().st_mtime_ns) for rel, digest in tree_digest(root).items()}
+
+
+def copy_run(run: Path, to: Path, **model) -> Path:
+    """A copy of a run dir whose config.yaml names the copy (and `model` keys changed)."""
+    shutil.copytree(run, to)
+    cfg = yaml.safe_load((to / "config.yaml").read_text())
+    cfg["run_dir"] = str(to)
+    cfg["model"].update(model)
+    (to / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return to
 
 
 def corrupt_params(step_dir: Path) -> None:
@@ -70,11 +87,7 @@ def test_restore_model_builds_no_optimizer(runs, monkeypatch):
 
 def test_reading_commands_never_change_the_run_dir(runs, tmp_path, caplog):
     tmp, full, _ = runs
-    run = tmp_path / "copy"
-    shutil.copytree(full, run)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["run_dir"] = str(run)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = copy_run(full, tmp_path / "copy")
     good = restore_model(run)
     corrupt_params(run / "checkpoints" / "4")
     before = snapshot(run)
@@ -85,13 +98,14 @@ def test_reading_commands_never_change_the_run_dir(runs, tmp_path, caplog):
     ids = np.arange(6, dtype=np.int32).reshape(1, 6) + 3
     assert not np.array_equal(logits(translator.model, ids), logits(good.model(), ids))  # step 2, not 4
     assert main(["export", str(run), str(tmp_path / "exported")]) == 0
-    assert main(["eval", str(tmp / "full.yaml"), "--run-dir", str(run), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", str(tmp / "full.yaml"), "--run-dir", str(run), "--out", str(tmp_path / "ev"), *QUICK]) == 0
     assert snapshot(run) == before  # nothing moved aside, nothing written
     assert not (run / "unreadable_checkpoints").exists()
 
 
 def test_export_jaxft_and_hf_match_the_run(runs, tmp_path):
     _, full, lora = runs
+    before = {run: snapshot(run) for run in (full, lora)}
     ids = (np.arange(16, dtype=np.int32).reshape(2, 8) * 7) % 500 + 3
     for run in (full, lora):
         want = logits(restore_model(run).model(), ids)
@@ -103,6 +117,7 @@ def test_export_jaxft_and_hf_match_the_run(runs, tmp_path):
     np.testing.assert_allclose(logits(_model_from(hf), ids),
                                logits(restore_model(lora).model(), ids), rtol=1e-5, atol=1e-5)
     assert not list(tmp_path.glob(".*partial"))
+    assert {run: snapshot(run) for run in (full, lora)} == before
 
 
 def test_export_refuses_existing_or_input_paths(runs, tmp_path, capsys):
@@ -138,16 +153,47 @@ def test_one_dispatch_point_for_peft_methods():
 
 
 
-def test_diff_and_compose_take_run_dirs_read_only(runs, tmp_path):
-    _, full, lora = runs
+def test_every_reading_command_leaves_the_run_dirs_byte_identical(runs, tmp_path, capsys):
+    tmp, full, lora = runs
     before = {run: snapshot(run) for run in (full, lora)}
+    (tmp_path / "in.txt").write_text("Wednesday, April 26, 1978\nJapan, India, or Ireland\n")
+    assert main(["translate", str(full), "--src-lang", "eng_Latn", "--tgt-lang", "deu_Latn", "--input",
+                 str(tmp_path / "in.txt"), "--strategy", "greedy", "--max-len", "6", "--batch-size", "8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["eval", str(tmp / "full.yaml"), *QUICK]) == 0  # prints the report, writes nothing
+    assert "BLEU" in (out := capsys.readouterr().out) and "wrote" not in out
+    assert main(["eval", str(tmp / "full.yaml"), *QUICK, "--out", str(full / "eval")]) == 2
+    assert main(["eval", str(tmp / "full.yaml"), *QUICK, "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "eval.json").is_file()
     delta, composed = tmp_path / "delta", tmp_path / "composed"
     assert main(["diff", str(full), str(lora), "--out", str(delta)]) == 0  # dense: full - lora (merged)
+    assert main(["compose", str(lora), "+", str(delta), "--out", str(lora)]) == 2
     assert main(["compose", str(lora), "+", str(delta), "--out", str(composed)]) == 0
     ids = (np.arange(16, dtype=np.int32).reshape(2, 8) * 5) % 500 + 3
     np.testing.assert_allclose(logits(_model_from(load_checkpoint(composed)), ids),
                                logits(restore_model(full).model(), ids), rtol=1e-5, atol=1e-5)
-    assert {run: snapshot(run) for run in (full, lora)} == before
+    assert {run: snapshot(run) for run in (full, lora)} == before  # export: test_export_jaxft_and_hf_match_the_run
+
+
+def test_checkpoints_that_do_not_fit_the_model_are_an_error_and_stay(runs, tmp_path, capsys):
+    """No checkpoint restores for the config's model shape: every reading command fails with one
+    line naming the run dir, and moves nothing (only training sets checkpoints aside)."""
+    tmp, full, _ = runs
+    run = copy_run(full, tmp_path / "misfit", mlp_dim=96)
+    before = snapshot(run)
+    (tmp_path / "in.txt").write_text("Japan\n")
+    for argv in (["translate", str(run), "--src-lang", "eng_Latn", "--tgt-lang", "deu_Latn", "--input",
+                  str(tmp_path / "in.txt")],
+                 ["export", str(run), str(tmp_path / "exported")],
+                 ["eval", str(tmp / "full.yaml"), "--run-dir", str(run), "--out", str(tmp_path / "ev")],
+                 ["diff", str(run), str(full), "--out", str(tmp_path / "delta")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jaxft: ")]
+        assert len(errors) == 1 and str(run) in errors[0] and "checkpoint" in errors[0], errors
+    assert snapshot(run) == before
+    assert not (run / "unreadable_checkpoints").exists()
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "misfit"]  # no output, no temporary folder
 
 
 def test_train_without_the_eval_hook_refuses_eval_every(tmp_path):

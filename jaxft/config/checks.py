@@ -32,6 +32,10 @@ def _bound(key: str, op: Literal[">", ">="], low: float, below: float | None = N
     return Check((key,), ok, f"must be {op} {low}" if below is None else f"must be in [{low}, {below})")
 
 
+def _learned_with_data(c: Config) -> bool:
+    return c.model.position == "learned" and bool(c.data.train or c.data.dev)
+
+
 _CHECKS: tuple[Check, ...] = (
     *(_bound(f"model.{k}", ">", 0) for k in (
         "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_seq_len")),
@@ -64,6 +68,23 @@ _CHECKS: tuple[Check, ...] = (
     _bound("train.spike_factor", ">=", 0),
     _bound("train.spike_window", ">", 0),
     _bound("checkpoint.keep", ">", 0),
+    # Sequence lengths vs model.max_seq_len: a hard limit only for learned absolute
+    # position embeddings (model.position: learned, mBART), whose table has
+    # max_seq_len (+ position_offset) rows and would be read past its end (JAX
+    # clamps the index: silently wrong positions).  Elsewhere max_seq_len is the
+    # pretraining context, not a limit: RoPE / ALiBi and sinusoidal (M2M100 / NLLB)
+    # positions are computed for any position, and T5's relative buckets saturate
+    # at relative_max_distance (mT0 fine-tunes mT5 with 1024-token inputs).  Only
+    # checked when data sources are configured (a preset alone uses no data.seq_len).
+    Check(("data.seq_len", "model.max_seq_len", "model.position"),
+          lambda c: not _learned_with_data(c) or c.data.seq_len <= c.model.max_seq_len,
+          "must be <= model.max_seq_len={c.model.max_seq_len} (the learned position table of "
+          "model.position: learned has that many rows)"),
+    Check(("data.encoder_seq_len", "model.max_seq_len", "model.position"),
+          lambda c: (not _learned_with_data(c) or c.model.family == "decoder"
+                     or c.data.encoder_seq_len is None or c.data.encoder_seq_len <= c.model.max_seq_len),
+          "must be <= model.max_seq_len={c.model.max_seq_len} (the learned position table of "
+          "model.position: learned has that many rows)"),
 )
 
 

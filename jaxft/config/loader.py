@@ -34,7 +34,7 @@ import yaml
 
 import jaxft
 from jaxft.config.checks import _origin_of, validate
-from jaxft.config.errors import ConfigError, Key, Origin, Origins, Tree, format_key
+from jaxft.config.errors import ConfigError, Key, Origin, Origins, Tree, format_key, utf8_position
 from jaxft.config.schema import Config, ModelConfig, to_dict
 
 __all__ = ["ConfigError", "Origin", "config_diff", "dump_config", "format_key", "load_config", "validate"]
@@ -61,7 +61,6 @@ _Loader.add_implicit_resolver(
 
 def _parse(text: str, source: str, prefix: Key = ()) -> tuple[Any, Origins]:
     """YAML text -> plain data, plus the origin (file, line) of every mapping key and list item."""
-    loader = _Loader(text)
     origins: Origins = {}
 
     def build(node: yaml.Node, key: Key) -> Any:
@@ -86,6 +85,13 @@ def _parse(text: str, source: str, prefix: Key = ()) -> tuple[Any, Origins]:
             return [build(item, key + (i,)) for i, item in enumerate(node.value)]
         return loader.construct_object(node, deep=True)
 
+    try:
+        loader = _Loader(text)  # checks every character first
+    except yaml.reader.ReaderError as e:
+        what = "a NUL byte (is it a binary file?)" if e.character == 0 else f"character U+{e.character:04X}"
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"invalid YAML: {what} (control characters are not allowed)",
+                          origin=Origin(source, line)) from None
     try:
         node = loader.get_single_node()
         return (None if node is None else build(node, prefix)), origins
@@ -127,9 +133,15 @@ def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = No
         chain = " -> ".join(str(p) for p in (*stack, real))
         raise ConfigError(f"cycle in base files: {chain}", ("base",) if ref else (), ref or Origin(str(path)))
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {str(path)!r}: {e.strerror}", ("base",) if ref else (), ref) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = utf8_position(raw, e)
+        raise ConfigError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); save it as UTF-8",
+                          origin=Origin(str(path), line)) from None
     tree, origins = _parse(text, str(path))
     tree = {} if tree is None else tree
     if not isinstance(tree, dict):
@@ -252,6 +264,17 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
             node[k] = os.path.normpath(Path(origin.source).resolve().parent / value)
 
 
+def _check_init_from(tree: Tree, origins: Origins) -> None:
+    """``model.init_from`` names its kind: ``hf:`` (a Hugging Face folder, or hub id ``org/name``)
+    or ``run:``; a bare path is refused here, naming the file and line, never guessed at."""
+    model = tree.get("model")
+    spec = model.get("init_from") if isinstance(model, dict) else None
+    if isinstance(spec, str) and not spec.startswith(("hf:", "run:")):
+        raise ConfigError(f"expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r} (write "
+                          f"hf:{spec} for a Hugging Face folder or hub model, run:{spec} for a jaxft run dir)",
+                          ("model", "init_from"), origins.get(("model", "init_from")))
+
+
 # -------------------------------------------------------------------- typing
 
 
@@ -333,6 +356,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         tree, origins = _apply_override(tree, origins, text)
     tree, origins = _apply_preset(tree, origins, path)
     _resolve_paths(tree, origins)
+    _check_init_from(tree, origins)
     fallback = Origin(str(path))
     cfg = _build(Config, tree, (), lambda key: _origin_of(key, origins, fallback))
     return validate(cfg, origins, str(path))

@@ -143,10 +143,15 @@ def realised_rates(mixture: Mixture, num_examples: int, *, start: int = 0,
 
 
 def format_rates_table(names: Sequence[str], examples: Sequence[int],
-                       target: Sequence[float], realised: Sequence[float]) -> str:
-    """A plain-text table: direction, examples, target rate, realised rate."""
+                       target: Sequence[float], realised: Sequence[float],
+                       overlong_skipped: Sequence[int] | None = None) -> str:
+    """A plain-text table: direction, examples, target rate, realised rate (and, when
+    given, the examples skipped as over-long before the rates were computed)."""
     head = ("direction", "examples", "target", "realised")
     rows = [(n, str(e), f"{t:.4f}", f"{r:.4f}") for n, e, t, r in zip(names, examples, target, realised)]
+    if overlong_skipped is not None:
+        head = (*head[:2], "over-long skipped", *head[2:])
+        rows = [(*row[:2], str(k), *row[2:]) for row, k in zip(rows, overlong_skipped)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: "  ".join(  # noqa: E731
         c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))

@@ -26,6 +26,15 @@ segment k on both sides, so cross-attention can match segments.  The noise of
 ``span_corruption`` / ``infilling`` is seeded by ``(data.seed, stream index)``
 (dev: the example's position in its file), so it is part of the deterministic,
 resumable stream.
+
+Over-long examples (``data.overlong``, see ``jaxft.data.tasks`` and
+``jaxft.data.seq2seq``) are dealt with when the pipeline is built: every
+example's token length is measured once (``example_lengths``, with the
+featurizer's own tokenization); with ``error`` the first over-long example
+raises ``OverlongError`` naming its ``file:line``; with ``skip`` over-long
+examples are dropped before the mixture, so temperature rates use the counts
+that are trained on, and the counts are reported per direction (the rates
+table, ``stats``).  ``truncate`` cuts when an example is drawn, as before.
 """
 
 from __future__ import annotations
@@ -43,8 +52,9 @@ from jaxft.config.schema import DataConfig, SourceConfig
 from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realised_rates,
                                 shuffled_repeat, temperature_rates)
 from jaxft.data import seq2seq
+from jaxft.data.readers import READERS, Reader
 from jaxft.data.sources import DataError, Example, ReadStats, keyed_sources, read_source
-from jaxft.data.tasks import FEATURES, Featurizer, pad_row
+from jaxft.data.tasks import FEATURES, Featurizer, OverlongError, pad_row
 from jaxft.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,8 @@ class Direction:
     config: SourceConfig
     examples: list[Example]
     read_stats: ReadStats
+    overlong_skipped: int = 0  # dropped up front (data.overlong: skip)
+    positions: np.ndarray | None = None  # of ``examples`` in the source as read; None: 0, 1, ...
 
     @property
     def name(self) -> str:
@@ -94,6 +106,67 @@ def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction, *,
     return Featurizer(tokenizer, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
                       target_template=cfg.target_template, overlong=cfg.overlong,
                       source=f"{direction.name} ({direction.key})")
+
+
+AnyFeaturizer = Featurizer | seq2seq.Seq2SeqFeaturizer
+
+
+def example_lengths(featurizer: AnyFeaturizer, examples: Sequence[Example]) -> np.ndarray:
+    """``[n, len(featurizer.limits)]`` token lengths of ``examples``, measured once as the
+    featurizer measures them when it draws (the one length pass over a source)."""
+    return featurizer.lengths(examples)
+
+
+def _locate(d: Direction, index: int, bad_lines: str) -> str:
+    """``file:line`` of example ``index`` of ``d`` (the source read again: for error messages)."""
+
+    class Locate(Reader):
+        where: str | None = None
+
+        def bad(self, where: str, reason: str, file: str) -> None:
+            self.stats.skipped[reason] += 1  # already reported when the source was read
+
+        def add(self, where: str, file: str, src: str, tgt: str) -> bool:
+            n = len(self.examples)
+            more = super().add(where, file, src, tgt)
+            if n == index and len(self.examples) == n + 1:  # this line became example `index`
+                self.where = where
+                return False
+            return more
+
+    r = Locate(d.config, d.key, bad_lines)
+    try:
+        READERS[d.config.type](r)
+    except DataError:
+        pass
+    src = d.config
+    return r.where or f"{src.path or src.src_path or f'tfds:{src.tfds_name}'}: example {index + 1}"
+
+
+def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, bad_lines: str = "skip") -> Direction:
+    """``data.overlong`` up front: ``error`` raises ``OverlongError`` (file:line, lengths) for the
+    first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
+    ``positions``); ``truncate`` returns ``d`` (cut when drawn)."""
+    if overlong == "truncate":
+        return d
+    lengths = example_lengths(featurizer, d.examples)
+    over = np.flatnonzero((lengths > np.asarray(featurizer.limits)).any(axis=1))
+    if not len(over):
+        return d
+    if overlong == "error":
+        i = int(over[0])
+        more = f"; {len(over) - 1} more in this source" if len(over) > 1 else ""
+        raise OverlongError(f"{_locate(d, i, bad_lines)}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
+                            f"data.overlong: skip or truncate would handle it)")
+    keep = np.ones(len(d.examples), bool)
+    keep[over] = False
+    positions = np.flatnonzero(keep)
+    if not len(positions):
+        raise DataError(f"{d.key}: all {len(d.examples)} examples of {d.name!r} are over-long, e.g. "
+                        f"{_locate(d, int(over[0]), bad_lines)}: {featurizer.describe(lengths[over[0]])} "
+                        f"(data.overlong: skip; raise data.seq_len or use truncate)")
+    return dataclasses.replace(d, examples=[d.examples[i] for i in positions], overlong_skipped=len(over),
+                               positions=positions)
 
 
 def _unpacked_row(seq_len: int):
@@ -165,22 +238,26 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
         n = REALISED_RATE_EXAMPLES
         realised = realised_rates(self.mixture, n)
         return [
-            {"direction": d.name, "examples": len(d.examples), "target": float(t), "realised": float(q)}
+            {"direction": d.name, "examples": len(d.examples), "overlong_skipped": d.overlong_skipped,
+             "target": float(t), "realised": float(q)}
             for d, t, q in zip(self.directions, self.mixture.rates, realised)
         ]
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Read counts (per file) and tokenization counts (this process, so far)."""
+        """Read counts (per file), over-long examples skipped up front, and tokenization
+        counts (this process, so far)."""
         return {
-            d.name: {**d.read_stats.to_dict(), **{f"tokenized_{k}": v for k, v in f.stats.to_dict().items()}}
+            d.name: {**d.read_stats.to_dict(), "overlong_skipped": d.overlong_skipped,
+                     **{f"tokenized_{k}": v for k, v in f.stats.to_dict().items()}}
             for d, f in zip(self.directions, self.featurizers)
         }
 
     def rates_table(self) -> str:
         r = self.rates
         return format_rates_table([x["direction"] for x in r], [x["examples"] for x in r],
-                                  [x["target"] for x in r], [x["realised"] for x in r])
+                                  [x["target"] for x in r], [x["realised"] for x in r],
+                                  [x["overlong_skipped"] for x in r])
 
 
 def _check_seq2seq(encoder_decoder: bool, decoder_start_id: int | None) -> int | None:
@@ -209,13 +286,16 @@ def build_train_pipeline(
     if not cfg.train:
         raise DataError("data.train: no training sources configured")
     directions = read_directions(cfg, base_dir, split="train")
+    featurizers = [_featurizer(cfg, tokenizer, d, decoder_start_id=start_id) for d in directions]
+    directions = [apply_overlong(d, f, cfg.overlong, bad_lines=cfg.bad_lines)
+                  for d, f in zip(directions, featurizers)]
     sizes = [d.config.weight or len(d.examples) for d in directions]
     rates = temperature_rates(sizes, cfg.temperature)
     datasets = [shuffled_repeat(d.examples, derive_seed(cfg.seed, 1, i)) for i, d in enumerate(directions)]
     mixture = Mixture(datasets, rates, seed=cfg.seed)
     per = global_batch // process_count
     pipeline = TrainPipeline(
-        mixture, [_featurizer(cfg, tokenizer, d, decoder_start_id=start_id) for d in directions], directions,
+        mixture, featurizers, directions,
         global_batch=global_batch, slots=range(process_index * per, (process_index + 1) * per),
         seq_len=cfg.seq_len, packing=cfg.packing,
         encoder_seq_len=(cfg.encoder_seq_len or cfg.seq_len) if encoder_decoder else None,
@@ -231,8 +311,9 @@ def build_dev_batches(
     """Per dev direction: up to ``max_batches`` batches [batch_size, seq_len], unpacked.
 
     The first ``max_batches * batch_size`` examples in file order (after the
-    over-long policy); the last batch is padded with all-zero rows.  With
-    ``encoder_decoder``, seq2seq rows as in training.
+    over-long policy, applied to the whole file up front); the last batch is
+    padded with all-zero rows.  With ``encoder_decoder``, seq2seq rows as in
+    training.
     """
     start_id = _check_seq2seq(encoder_decoder, decoder_start_id)
     if start_id is None:
@@ -245,15 +326,18 @@ def build_dev_batches(
     for i, d in enumerate(read_directions(cfg, base_dir, split="dev")):
         featurize = _featurizer(cfg, tokenizer, d, decoder_start_id=start_id,
                                 seed=derive_seed(cfg.seed, _DEV_NOISE_STREAM, i))
+        d = apply_overlong(d, featurize, cfg.overlong, bad_lines=cfg.bad_lines)
+        if d.overlong_skipped:
+            log.warning("dev %s: skipped %d over-long examples (of %d)", d.name, d.overlong_skipped,
+                        d.overlong_skipped + len(d.examples))
+        positions = range(len(d.examples)) if d.positions is None else d.positions
         rows = []
-        for n, ex in enumerate(d.examples):
+        for n, ex in zip(positions, d.examples):  # noise seeded by the position in the file, as before
             if len(rows) == max_batches * batch_size:
                 break
-            features = featurize(ex) if start_id is None else featurize(ex, index=n)
+            features = featurize(ex) if start_id is None else featurize(ex, index=int(n))
             if features is not None:
                 rows.append(pad(features))
-        if featurize.stats.overlong_skipped:
-            log.warning("dev %s: skipped %d over-long examples", d.name, featurize.stats.overlong_skipped)
         empty = {k: np.zeros_like(v) for k, v in pad({k: [] for k in features_of}).items()}
         batches = []
         for start in range(0, len(rows), batch_size):

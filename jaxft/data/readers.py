@@ -7,6 +7,7 @@ The policy table and the public entry point (``read_source``) are in
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jaxft.config.errors import invalid_utf8
 from jaxft.config.schema import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,24 @@ def _clean(text: str) -> str:
     return text.strip().strip("\ufeff").strip()
 
 
+def read_text_lines(path: str | Path, name: str | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file (or binary stream) without line ends or a leading
+    byte-order mark, read lazily; invalid UTF-8 raises ``DataError`` naming ``file:line``."""
+    name = str(path) if name is None else name
+    with (open(path, "rb") if isinstance(path, (str, Path)) else contextlib.nullcontext(path)) as f:
+        for n, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(str(invalid_utf8(name, raw, e, n - 1))) from None
+            yield line.removeprefix("\ufeff") if n == 1 else line
+
+
 def _read_lines(path: str, r: Reader, what: str) -> list[bytes]:
     p = Path(path)
+    if p.is_dir():
+        raise r.fail(path, f"{what} is a folder, not a file")
     if not p.is_file():
         raise r.fail(path, f"{what} does not exist")
     lines = p.read_bytes().split(b"\n")
@@ -237,7 +255,7 @@ def _read_jsonl(r: Reader) -> None:
             continue
         try:
             rec = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             rec = None
         if not isinstance(rec, dict):
             r.bad(where, "json", path)

@@ -25,10 +25,20 @@ Over-long (source > ``data.encoder_seq_len`` (None -> ``seq_len``) or
 target > ``data.seq_len`` tokens), by ``data.overlong``: ``skip`` (counted),
 ``truncate`` (each side cut to its length, language token and eos kept;
 noise tasks cut the text before noising so both sides fit) or ``error``.
+The pipeline applies ``skip`` / ``error`` up front from ``lengths``, which
+must agree with ``tokens``: exact for translation and prompt, and for
+span corruption (its lengths depend only on the text's token count, not on
+where the noise falls); for infilling the source is measured un-noised, an
+upper bound of the noised source (the noise never lengthens it: each masked
+span of >= 1 token becomes one ``<mask>``, and the permuted text's tokens are
+cut to the original's count), so an example is over-long exactly when
+``truncate`` would cut it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +48,7 @@ from jaxft.data import noise
 from jaxft.data.langcodes import LangCodeError, lang_code_token, t5_tag
 from jaxft.data.mixture import derive_seed
 from jaxft.data.readers import DataError, Example
-from jaxft.data.tasks import OverlongError, TaskStats
+from jaxft.data.tasks import OverlongError, TaskStats, token_counts
 from jaxft.data.tokenizer import Tokenizer
 
 SEQ2SEQ_TASKS = ("translation", "prompt", "span_corruption", "infilling")
@@ -46,6 +56,16 @@ FEATURES = ("enc_inputs", "inputs", "targets", "weights")
 ROW_KEYS = ("enc_inputs", "enc_segment_ids", "enc_positions",
             "inputs", "targets", "weights", "segment_ids", "positions")
 NOISE_STREAM = 3  # derive_seed(data.seed, NOISE_STREAM, index): the noise of stream example `index`
+
+
+@functools.lru_cache(maxsize=65536)
+def span_corruption_lengths(n: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(source, target) token counts, without eos, of span corruption of ``n`` tokens: the noise
+    and span counts depend on ``n`` only, not on the generator."""
+    mask = noise.random_spans_noise_mask(n, noise_density, mean_noise_span_length, np.random.default_rng(0))
+    n_noise = int(mask.sum())
+    spans = int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1])) if n else 0
+    return n - n_noise + spans, n_noise + spans
 
 
 class Seq2SeqFeaturizer:
@@ -110,6 +130,33 @@ class Seq2SeqFeaturizer:
             raise DataError(f"{self.key}: data.lang_code_style: {self.cfg.lang_code_style}: {e}") from None
         return [self._piece(codes[0], "language code")], [self._piece(codes[1], "language code")]
 
+    # ------------------------------------------------------------ lengths
+
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """The limits the columns of ``lengths`` are checked against: (source, target)."""
+        return (self.enc_len, self.dec_len)
+
+    def lengths(self, examples: Sequence[Example]) -> np.ndarray:
+        """``[n, 2]`` int: (source, target) lengths as ``tokens`` measures them before the
+        policy (infilling: the un-noised source, see the module docstring)."""
+        tok, eos = self.tokenizer, 1
+        if self.task == "span_corruption":
+            n = token_counts(tok, [ex.tgt for ex in examples])
+            d, m = self.cfg.noise_density, self.cfg.mean_noise_span_length
+            pairs = np.asarray([span_corruption_lengths(int(k), d, m) for k in n], np.int64).reshape(-1, 2)
+            src, tgt = pairs[:, 0], pairs[:, 1]
+        elif self.task == "infilling":
+            src = tgt = token_counts(tok, [ex.tgt for ex in examples])
+        else:
+            src, tgt = token_counts(tok, [ex.src for ex in examples]), token_counts(tok, [ex.tgt for ex in examples])
+        return np.stack([len(self.src_prefix) + src + eos, len(self.tgt_prefix) + tgt + eos], axis=1)
+
+    def describe(self, lengths: Sequence[int]) -> str:
+        """The over-long part of an error message, from one row of ``lengths``."""
+        return (f"example of {int(lengths[0])} source tokens (data.encoder_seq_len={self.enc_len}) and "
+                f"{int(lengths[1])} target tokens (data.seq_len={self.dec_len}) is too long")
+
     def _overlong(self, n_src: int, n_tgt: int) -> bool:
         """Applies the policy; True if the example is skipped."""
         if n_src <= self.enc_len and n_tgt <= self.dec_len:
@@ -118,10 +165,8 @@ class Seq2SeqFeaturizer:
             self.stats.overlong_skipped += 1
             return True
         if self.cfg.overlong == "error":
-            raise OverlongError(
-                f"source {self.source!r}: example of {n_src} source tokens (data.encoder_seq_len="
-                f"{self.enc_len}) and {n_tgt} target tokens (data.seq_len={self.dec_len}) is too long "
-                f"(data.overlong: skip or truncate would handle it)")
+            raise OverlongError(f"source {self.source!r}: {self.describe([n_src, n_tgt])} "
+                                f"(data.overlong: skip or truncate would handle it)")
         self.stats.truncated += 1
         return False
 
@@ -135,8 +180,8 @@ class Seq2SeqFeaturizer:
             self.stats.truncated += 1
             ids = original = ids[:budget]
             text = tok.decode(ids)
-        if self.task == "infilling":
-            ids = tok.encode(noise.permute_sentences(text, rng))[: budget if cut else None]
+        if self.task == "infilling":  # re-tokenizing at sentence joins can add a piece: keep the count
+            ids = tok.encode(noise.permute_sentences(text, rng))[: budget if cut else len(original)]
         if self.task == "span_corruption":
             mask = noise.random_spans_noise_mask(len(ids), self.cfg.noise_density,
                                                  self.cfg.mean_noise_span_length, rng)

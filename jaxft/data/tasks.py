@@ -14,7 +14,9 @@ when the tokenizer defines none.  Prompts per task:
 * ``lm``: no prompt; the whole text is target.
 
 The example's length is ``len(inputs)`` = ``len(tokens) - 1``.  Over
-``data.seq_len`` (``data.overlong``):
+``data.seq_len`` (``data.overlong``; the pipeline applies ``skip`` and
+``error`` up front, when it is built, from ``Featurizer.lengths``, so in
+training nothing is skipped or raised when drawn):
 
 * ``skip``: dropped and counted (``TaskStats.overlong_skipped``);
 * ``truncate``: the prompt is cut first (its end: the instruction at its
@@ -27,6 +29,7 @@ The example's length is ``len(inputs)`` = ``len(tokens) - 1``.  Over
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,25 @@ class TaskStats:
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+_COUNT_CHUNK = 8192  # texts per tokenizer call while measuring (bounds the memory of batch encoding)
+
+
+def token_counts(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """``len(tokenizer.encode(t))`` per text (0 for ""), batched when the
+    tokenizer has ``encode_batch(texts) -> list[list[int]]``."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    out = np.zeros(len(texts), np.int64)
+    for start in range(0, len(texts), _COUNT_CHUNK):
+        chunk = texts[start : start + _COUNT_CHUNK]
+        todo = [i for i, t in enumerate(chunk) if t]
+        if batch is not None:
+            ids = batch([chunk[i] for i in todo])
+        else:
+            ids = [tokenizer.encode(chunk[i]) for i in todo]
+        out[[start + i for i in todo]] = [len(x) for x in ids]
+    return out
 
 
 def render(example: Example, prompt_template: str, target_template: str) -> tuple[str, str]:
@@ -87,6 +109,23 @@ class Featurizer:
         self.templates = (prompt_template, target_template)
         self.stats = TaskStats()
 
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """The limits the columns of ``lengths`` are checked against."""
+        return (self.seq_len,)
+
+    def lengths(self, examples: Sequence[Example]) -> np.ndarray:
+        """``[n, 1]`` int: each example's length as ``tokens`` measures it (before the policy)."""
+        rendered = [render(ex, *self.templates) for ex in examples]
+        n_bos = 0 if self.tokenizer.bos_id is None else 1
+        prompt = token_counts(self.tokenizer, [p for p, _ in rendered])
+        target = token_counts(self.tokenizer, [t for _, t in rendered])
+        return (n_bos + prompt + target)[:, None]
+
+    def describe(self, lengths: Sequence[int]) -> str:
+        """The over-long part of an error message, from one row of ``lengths``."""
+        return f"example of {int(lengths[0])} tokens > data.seq_len={self.seq_len}"
+
     def tokens(self, example: Example) -> tuple[list[int], list[int]] | None:
         """(tokens, loss mask) after the over-long policy; None if skipped."""
         tok = self.tokenizer
@@ -94,16 +133,14 @@ class Featurizer:
         head = ([tok.bos_id] if tok.bos_id is not None else []) + (tok.encode(prompt) if prompt else [])
         body = tok.encode(target)
         eos = [tok.eos_id]
-        length = len(head) + len(body) + 1 - 1  # tokens - 1
+        length = len(head) + len(body) + 1 - 1  # tokens - 1 (``lengths`` must agree)
         if length > self.seq_len:
             if self.overlong == "skip":
                 self.stats.overlong_skipped += 1
                 return None
             if self.overlong == "error":
-                raise OverlongError(
-                    f"source {self.source!r}: example of {length} tokens > data.seq_len="
-                    f"{self.seq_len} (data.overlong: skip or truncate would handle it)"
-                )
+                raise OverlongError(f"source {self.source!r}: {self.describe([length])} "
+                                    f"(data.overlong: skip or truncate would handle it)")
             self.stats.truncated += 1
             budget = self.seq_len + 1  # tokens that fit
             n_bos = 1 if tok.bos_id is not None else 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +25,38 @@ log = logging.getLogger(__name__)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read, or one that cannot be trained; one line."""
+
+
+def sentencepiece_message(error: BaseException) -> str:
+    """SentencePiece's error text without its ``INTERNAL: src/x.cc(12) [check]`` prefix, on one line."""
+    text = re.sub(r"^\w+: ", "", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    text = re.sub(r"^src/[\w./]+\(\d+\) \[.*?\] ?", "", text)
+    return text.strip() or type(error).__name__
+
+
+def load_processor(path: str | Path) -> spm.SentencePieceProcessor:
+    """A SentencePiece model file, or a ``TokenizerError`` naming it and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise TokenizerError(f"{path}: is a folder, not a SentencePiece model file")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model {path} does not exist")
+    if path.stat().st_size == 0:
+        raise TokenizerError(f"{path}: not a SentencePiece model (the file is empty)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (RuntimeError, OSError) as e:
+        why = sentencepiece_message(e)
+        why = "cannot be parsed" if why.startswith("could not parse ModelProto") else why
+        raise TokenizerError(f"{path}: not a SentencePiece model ({why}; is the file corrupt?)") from None
+    if sp.GetPieceSize() == 0:
+        raise TokenizerError(f"{path}: not a SentencePiece model (it has no pieces)")
+    return sp
+
+
 class Tokenizer:
     """A loaded SentencePiece model. ``encode`` adds no bos/eos."""
 
@@ -32,12 +66,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} does not exist")
-        sp = spm.SentencePieceProcessor()
-        sp.Load(str(path))
-        return cls(sp, str(path))
+        return cls(load_processor(path), str(path))
 
     @property
     def vocab_size(self) -> int:
@@ -83,58 +112,94 @@ def train_tokenizer(
     cfg: TokenizerConfig,
     *,
     user_defined_symbols: Sequence[str] = (),
+    setting: str = "data.tokenizer.train_vocab_size",
+    corpus: str = "the training data",
 ) -> Tokenizer:
     """Train a SentencePiece model on ``texts`` and write it to ``out_path``.
 
     Deterministic: the same texts and config give a byte-identical model (one
     thread, the first ``cfg.max_sentences`` texts in order, no sentence
-    sampling or shuffling).
+    sampling or shuffling).  Errors are one-line ``TokenizerError``s naming
+    ``setting`` (the vocabulary size's flag or config key) and ``corpus``; an
+    error raised while reading ``texts`` propagates unchanged.
     """
     if not cfg.train_vocab_size:
         raise ValueError("data.tokenizer.train_vocab_size must be set to train a tokenizer")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    read_error: list[BaseException] = []
+    count = [0]
 
     def sentences():
-        n = 0
-        for t in texts:
-            t = t.strip()
-            if not t:
-                continue
-            yield t
-            n += 1
-            if n >= cfg.max_sentences:
-                return
+        try:
+            for t in texts:
+                t = t.strip()
+                if not t:
+                    continue
+                yield t
+                count[0] += 1
+                if count[0] >= cfg.max_sentences:
+                    return
+        except GeneratorExit:
+            raise
+        except BaseException as e:  # SentencePiece would turn it into a RuntimeError
+            read_error.append(e)
+            raise
 
     if hasattr(spm, "set_random_generator_seed"):
         spm.set_random_generator_seed(0)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=sentences(),
-        model_writer=model,
-        vocab_size=cfg.train_vocab_size,
-        model_type=cfg.model_type,
-        character_coverage=cfg.character_coverage,
-        byte_fallback=cfg.byte_fallback,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        user_defined_symbols=list(user_defined_symbols),
-        input_sentence_size=0,  # already cut to max_sentences above: no sampling
-        shuffle_input_sentence=False,
-        num_threads=1,
-        # Small corpora cannot always fill the requested vocabulary; a smaller
-        # one is better than a failed run (the model's vocab_size only needs
-        # to be at least the tokenizer's).
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    out_path.write_bytes(model.getvalue())
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=cfg.train_vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=list(user_defined_symbols),
+            input_sentence_size=0,  # already cut to max_sentences above: no sampling
+            shuffle_input_sentence=False,
+            num_threads=1,
+            # Small corpora cannot always fill the requested vocabulary; a smaller
+            # one is better than a failed run (the model's vocab_size only needs
+            # to be at least the tokenizer's).
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if read_error:
+            raise read_error[0] from None
+        raise _training_error(e, cfg, len(user_defined_symbols), count[0], setting, corpus) from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.parent / f".{out_path.name}.partial"  # a kill mid-write never leaves a cut model
+    partial.write_bytes(model.getvalue())
+    os.replace(partial, out_path)
     tok = Tokenizer.load(out_path)
     if tok.vocab_size < cfg.train_vocab_size:
         log.warning(
-            "tokenizer %s has %d pieces, fewer than data.tokenizer.train_vocab_size=%d "
-            "(corpus too small)", out_path, tok.vocab_size, cfg.train_vocab_size
+            "tokenizer %s has %d pieces, fewer than %s=%d (corpus too small)",
+            out_path, tok.vocab_size, setting, cfg.train_vocab_size
         )
     return tok
+
+
+def _training_error(error: RuntimeError, cfg: TokenizerConfig, n_symbols: int, n_sentences: int,
+                    setting: str, corpus: str) -> TokenizerError:
+    """SentencePiece's training failure as one line naming the setting, the text and why."""
+    size = f"{setting}={cfg.train_vocab_size}"
+    why = sentencepiece_message(error)
+    if n_sentences == 0:
+        return TokenizerError(f"{size}: {corpus} has no non-blank line to train a tokenizer on")
+    m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", why)
+    if m:
+        need, special = int(m.group(2)), 4 + n_symbols
+        n_bytes = 256 if cfg.byte_fallback else 0
+        parts = f"{need - special - n_bytes} distinct characters at character_coverage {cfg.character_coverage:g}" \
+                f", plus {special} special" + (f" and {n_bytes} byte-fallback" if n_bytes else "") + " pieces"
+        return TokenizerError(f"{size} is too small for {corpus}: SentencePiece needs at least {need} pieces "
+                              f"for it ({parts}); raise the vocabulary size or lower the character coverage")
+    return TokenizerError(f"{size}: SentencePiece cannot train a tokenizer on {corpus}: {why}")

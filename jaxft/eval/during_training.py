@@ -16,7 +16,9 @@ from typing import Sequence
 
 from flax import nnx
 
+from jaxft.config.errors import read_json
 from jaxft.config.schema import CheckpointConfig, Config, to_dict
+from jaxft.outputs import atomic_write_text
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.train.hooks import Hook
 from jaxft.train.loop import TrainResult, train
@@ -29,7 +31,7 @@ class EvalHook(Hook):
 
     def on_start(self, run, state):
         best_file = run.dirs.best_json
-        self.best = json.loads(best_file.read_text())["value"] if best_file.exists() else None
+        self.best = read_json(best_file, "best.json").get("value") if best_file.exists() else None
         self.ckpt = Checkpointer(run.dirs.best, CheckpointConfig(keep=1, async_save=False))
 
     def after_step(self, run, step, state, metrics):
@@ -52,8 +54,8 @@ class EvalHook(Hook):
             self.ckpt.save(step, run.checkpoint_items(state), run.pipeline.get_state(), to_dict(cfg), run.meta)
             self.ckpt.wait()
             if run.is_main:
-                run.dirs.best_json.write_text(json.dumps({"step": step, "metric": cfg.eval.best_metric,
-                                                          "value": value}))
+                atomic_write_text(run.dirs.best_json, json.dumps({"step": step, "metric": cfg.eval.best_metric,
+                                                                  "value": value}))
         report.write(run.dirs.eval_report(step))
         return averages
 
@@ -63,7 +65,7 @@ class EvalHook(Hook):
 
 
 def train_and_evaluate(cfg: Config, *, base_dir: Path, stop_after: int | None = None,
-                       hooks: Sequence[Hook] = ()) -> TrainResult:
+                       hooks: Sequence[Hook] = (), restart: bool = False) -> TrainResult:
     """`jaxft.train.loop.train`, evaluating during training when `eval.every` is set."""
     extra = [EvalHook()] if cfg.eval.every else []
-    return train(cfg, base_dir=base_dir, stop_after=stop_after, hooks=[*extra, *hooks])
+    return train(cfg, base_dir=base_dir, stop_after=stop_after, hooks=[*extra, *hooks], restart=restart)

@@ -19,7 +19,8 @@ listed as ``untiered``.
 
 All averages are macro averages over directions (each direction weighs the
 same, whatever its number of segments) of the unrounded scores.
-``write(out_dir)`` writes ``eval.json`` and ``eval.md`` atomically.
+``write(out_dir)`` writes ``eval.json`` and ``eval.md`` as one folder, atomically
+(`jaxft.outputs.safe_output`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from jaxft.data.langcodes import LangCodeError, flores_code
 from jaxft.eval.metrics import DirectionScores
+from jaxft.outputs import atomic_write_text, is_main_process, safe_output
 
 METRICS = ("bleu", "chrf", "chrfpp")
 _HEADERS = {"bleu": "BLEU", "chrf": "chrF", "chrfpp": "chrF++"}
@@ -164,30 +165,23 @@ class EvalReport:
         parts = [f"`{sig}` ({', '.join(ds)})" for sig, ds in sigs.items()]
         return f"{_HEADERS[metric]} " + ", ".join(parts)
 
-    def write(self, out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-        """Write ``eval.json`` and ``eval.md`` in ``out_dir``; returns their paths.
+    def write(self, out_dir: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+              overwrite: bool = True, flag: str = "output") -> tuple[pathlib.Path, pathlib.Path]:
+        """Write ``eval.json`` and ``eval.md`` as the folder ``out_dir``; returns their paths.
 
-        Both texts are built before either file is touched, and each file is
-        written to a temporary file in ``out_dir`` and renamed over the old
-        one, so a failure leaves the previous results intact.
+        Through `jaxft.outputs.safe_output`: ``out_dir`` may not be, contain or lie
+        inside one of ``inputs`` (`jaxft eval --out`: the run dir, the config and
+        its data); an existing ``out_dir`` is replaced only with ``overwrite`` (the
+        default: training rewrites ``eval/step_<n>`` when a resumed run evaluates
+        that step again) and only when it is a report folder jaxft wrote.  Both texts
+        are built before anything is touched and the folder is renamed into place
+        when complete, so a failure leaves the previous results intact.  Only
+        process 0 writes; ``flag`` names ``out_dir`` in errors.
         """
+        texts = {"eval.json": self.to_json(), "eval.md": self.to_markdown()}
+        with safe_output(out_dir, inputs, overwrite=overwrite, flag=flag) as tmp:
+            if is_main_process():
+                for name, text in texts.items():
+                    atomic_write_text(tmp / name, text)
         out = pathlib.Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        texts = {out / "eval.json": self.to_json(), out / "eval.md": self.to_markdown()}
-        for path, text in texts.items():
-            atomic_write_text(path, text)
         return out / "eval.json", out / "eval.md"
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise

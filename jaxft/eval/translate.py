@@ -97,6 +97,25 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
     return EvalReport(scores, tiers or None)
 
 
+def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path: Path | None = None) -> list[Path]:
+    """What `jaxft eval` reads, so that `--out` can be refused inside (or over) any of it: the run
+    dir, the config file, the data files of `data.train` / `data.dev`, the tokenizer and the
+    base model (`model.init_from`, `peft.compose`)."""
+    from jaxft.data.sources import expand_sources
+    from jaxft.peft.compose import parse_spec
+
+    found: list[Path] = [Path(run_dir)] + ([Path(config_path)] if config_path else [])
+    for split in ("train", "dev"):
+        sources = cfg.data.train if split == "train" else cfg.data.dev
+        for src in expand_sources(sources, Path(base_dir), section=f"data.{split}", split=split):
+            found += [Path(p) for p in (src.path, src.src_path, src.tgt_path, src.tfds_data_dir) if p]
+    init_from = cfg.model.init_from or ""
+    named = [(cfg.data.tokenizer.path or "").removeprefix("hf:"), init_from.partition(":")[2]]
+    named += [parse_spec(spec)[0] for spec in cfg.peft.compose]
+    found += [Path(base_dir) / p for p in named if p]  # an absolute p stays itself
+    return found
+
+
 def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Config]:
     """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, or
     the best one kept by evaluation during training), opened read-only, without an optimizer."""
@@ -110,7 +129,7 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
 
 
 def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Translator:
-    """An HF checkpoint folder (or hub id): model, tokenizer, and the family's language-token convention."""
+    """An HF checkpoint folder (or `hf:org/name`, a hub id): model, tokenizer, and the family's language-token convention."""
     from jaxft.interop.hf import load_hf, read_hf_config, resolve_path
     from jaxft.interop.hf_tokenizer import load_hf_tokenizer
 

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.config.schema import ModelConfig, to_dict
+from jaxft.outputs import check_output, safe_output
 from jaxft.interop.hf import abstract_params, load_hf, path_str, read_hf_config, resolve_path, save_hf
 from jaxft.interop.hf_tokenizer import TOKENIZER_FILES
 
@@ -80,27 +81,37 @@ def read_model_yaml(path: str | Path) -> ModelConfig:
     return load_config(path).model
 
 
-def hf_to_jaxft(src: str | Path, out: str | Path, *, dtype: Any = None) -> tuple[ModelConfig, Path]:
-    """HF folder (or hub id) -> jaxft folder.  Returns ``(cfg, out)``."""
+def hf_to_jaxft(src: str | Path, out: str | Path, *, dtype: Any = None,
+                overwrite: bool = False) -> tuple[ModelConfig, Path]:
+    """HF folder (or `hf:org/name`, a hub id) -> the new jaxft folder `out` (`jaxft.outputs.safe_output`: never
+    over the source; an existing `out` only with `overwrite`).  Returns ``(cfg, out)``."""
+    check_output(out, [_local(src)], overwrite=overwrite, flag="OUT")  # before a download
     directory = resolve_path(src)
-    cfg, state = load_hf(directory, dtype=dtype)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_params(out / PARAMS, state)
-    write_model_yaml(out / MODEL_YAML, cfg)
-    (out / HF_CONFIG).write_text(json.dumps(read_hf_config(directory), indent=2) + "\n")
-    files = [n for n in TOKENIZER_FILES if (directory / n).is_file()]
-    if files:
-        (out / TOKENIZER).mkdir(exist_ok=True)
-        for name in files:
-            shutil.copyfile(directory / name, out / TOKENIZER / name)
-    return cfg, out
+    with safe_output(out, [_local(src), directory], overwrite=overwrite, flag="OUT") as tmp:
+        cfg, state = load_hf(directory, dtype=dtype)
+        save_params(tmp / PARAMS, state)
+        if jax.process_index() == 0:
+            write_model_yaml(tmp / MODEL_YAML, cfg)
+            (tmp / HF_CONFIG).write_text(json.dumps(read_hf_config(directory), indent=2) + "\n")
+            files = [n for n in TOKENIZER_FILES if (directory / n).is_file()]
+            if files:
+                (tmp / TOKENIZER).mkdir()
+                for name in files:
+                    shutil.copyfile(directory / name, tmp / TOKENIZER / name)
+    return cfg, Path(out)
+
+
+def _local(src: str | Path) -> Path | None:
+    """`src` as a local path when it is one (not a hub id)."""
+    return Path(src) if Path(src).expanduser().exists() else None
 
 
 def jaxft_to_hf(src: str | Path, out: str | Path, *, dtype: Any = None, max_shard_size: int | str = "2GB",
-                model_type: str | None = None) -> tuple[ModelConfig, Path]:
-    """jaxft folder (``hf_to_jaxft``'s layout) -> HF folder that ``transformers`` loads."""
+                model_type: str | None = None, overwrite: bool = False) -> tuple[ModelConfig, Path]:
+    """jaxft folder (``hf_to_jaxft``'s layout) -> the new HF folder `out` that ``transformers``
+    loads (`jaxft.outputs.safe_output`, as `hf_to_jaxft`)."""
     src = Path(src)
+    check_output(out, [src], overwrite=overwrite, flag="OUT")
     if not (src / MODEL_YAML).is_file() or not (src / PARAMS).is_dir():
         raise FileNotFoundError(f"{src}: expected {MODEL_YAML} and {PARAMS}/ (the layout `jaxft convert "
                                 "hf-to-jaxft` writes)")
@@ -112,8 +123,9 @@ def jaxft_to_hf(src: str | Path, out: str | Path, *, dtype: Any = None, max_shar
         extra = {k: hf[k] for k in _PASSTHROUGH if hf.get(k) is not None}
         model_type = model_type or hf.get("model_type")
     tokenizer = src / TOKENIZER if (src / TOKENIZER).is_dir() else None
-    save_hf(cfg, state, out, tokenizer_path=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
-            model_type=model_type, extra_config=extra)
+    with safe_output(out, [src], overwrite=overwrite, flag="OUT") as tmp:
+        save_hf(cfg, state, tmp, tokenizer_path=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
+                model_type=model_type, extra_config=extra)
     return cfg, Path(out)
 
 

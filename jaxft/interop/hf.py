@@ -25,8 +25,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxft.config.errors import FileFormatError, read_json
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, family_for_hf, family_for_model
+from jaxft.interop.families.common import Tensor
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
 from jaxft.models.registry import build_model
 from jaxft.sharding import fit_spec, to_host, use_mesh
@@ -44,29 +46,80 @@ _NOT_ARCHITECTURE = ("preset", "max_seq_len", "init_std", "param_dtype", "dtype"
 # --------------------------------------------------------------------------- paths and configs
 
 
-def resolve_path(path_or_id: str | Path) -> Path:
-    """A local checkpoint folder, or a hub id (``org/name``) fetched with huggingface_hub."""
-    path = Path(path_or_id).expanduser()
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name``: what a Hugging Face hub id looks like (it may also be a relative path)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith(".")
+
+
+def not_found(text: str, what: str = "checkpoint folder") -> FileNotFoundError:
+    """``<text>: no such <what>``, suggesting ``hf:<text>`` when it looks like a hub id."""
+    hint = f" (for the Hugging Face hub model {text!r}, write hf:{text})" if looks_like_hub_id(text) else ""
+    return FileNotFoundError(f"{text}: no such {what}{hint}")
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A local checkpoint folder.  ``hf:<folder>`` is one too, and ``hf:<org/name>`` naming no
+    local folder is fetched from the Hugging Face hub (``download_from_hub``); without the
+    ``hf:`` prefix nothing is ever downloaded: a missing path is an error."""
+    text = str(spec)
+    hub = text.startswith("hf:")
+    text = text[3:] if hub else text
+    path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise FileNotFoundError(f"{path}: expected a folder with config.json and *.safetensors")
-    text = str(path_or_id)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith("."):
-        raise FileNotFoundError(f"{text}: no such checkpoint folder")
+    if not hub:
+        raise not_found(text)
+    if not looks_like_hub_id(text):
+        raise FileNotFoundError(f"hf:{text}: no such folder, and not a hub id (org/name)")
+    return download_from_hub(text)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of hub model ``repo_id`` (config, safetensors, tokenizer files)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{text}: no such folder, and huggingface_hub is not installed to fetch it "
-                                "from the hub (pip install huggingface_hub, or download it first)") from None
-    return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        raise FileNotFoundError(f"hf:{repo_id}: no such folder, and huggingface_hub is not installed to fetch "
+                                "it from the hub (pip install huggingface_hub, or download it first)") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - network / hub errors of many types: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"hf:{repo_id}: cannot fetch it from the Hugging Face hub: {first}") from None
 
 
 def read_hf_config(directory: str | Path) -> dict:
+    """``config.json`` of an HF folder; errors (not JSON, not an object, no model_type) name the file."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json")
-    return json.loads(path.read_text())
+    config = read_json(path, "config.json")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise FileFormatError(f"{path}: no 'model_type' (is this a Hugging Face model's config.json?)")
+    return config
+
+
+def _config_error(directory: str | Path, e: Exception) -> FileFormatError:
+    """A family's complaint about ``config.json`` (or a malformed value in it), naming the file."""
+    msg = str(e).removeprefix("config.json: ") if isinstance(e, ValueError) else \
+        f"unexpected value ({type(e).__name__}: {e})"
+    return FileFormatError(f"{Path(directory) / 'config.json'}: {msg}")
+
+
+def _family(directory: str | Path, hf_config: dict) -> Family:
+    try:
+        return family_for_hf(hf_config)
+    except ValueError as e:
+        raise _config_error(directory, e) from None
+
+
+def _model_config(directory: str | Path, hf_config: dict) -> ModelConfig:
+    try:
+        return hf_config_to_model_config(hf_config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise _config_error(directory, e) from None
 
 
 def hf_config_to_model_config(hf_config: dict) -> ModelConfig:
@@ -128,6 +181,34 @@ def _present(name: str, reader: CheckpointReader, family: Family) -> bool:
                                  for p in ("model.", *family.base_prefixes))
 
 
+def _hf_shape(t: Tensor, abstract: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape ``t.to_hf`` gives for our parameters' shapes (the HF tensor's expected
+    shape), computed on zero-stride arrays; None if it cannot be worked out."""
+    try:
+        zeros = [np.broadcast_to(np.zeros((), np.uint8), abstract[p].shape) for p in t.ours]
+        return tuple(np.shape(t.to_hf(*zeros)))
+    except Exception:  # noqa: BLE001 - the check after to_ours still applies
+        return None
+
+
+def _read_tensor(t: Tensor, name: str, reader: CheckpointReader, abstract: dict[str, Any]) -> tuple:
+    """The HF tensor ``name`` in our layout(s); a wrong shape names the file, tensor and both shapes."""
+    arr, file = reader.get(name), reader.files[name]
+    want = _hf_shape(t, abstract)
+    if want is not None and tuple(arr.shape) != want:
+        raise ValueError(f"{file}: tensor {name!r} has shape {list(arr.shape)} but the model of config.json "
+                         f"needs {list(want)} (config.json and weights disagree)")
+    try:
+        parts = t.to_ours(arr)
+    except ValueError as e:  # a reshape that cannot fit, or a check of its values
+        raise ValueError(f"{file}: tensor {name!r} (shape {list(arr.shape)}): {e}") from None
+    for path, part in zip(t.ours, parts):
+        if part.shape != abstract[path].shape:
+            raise ValueError(f"{file}: tensor {name!r} of shape {list(arr.shape)} does not fit "
+                             f"{path} {list(abstract[path].shape)} (config.json and weights disagree)")
+    return parts
+
+
 def _hf_name(name: str, reader: CheckpointReader, family: Family) -> str:
     if name in reader:
         return name
@@ -142,7 +223,7 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
     """The HF checkpoint in ``directory`` as the Param state of ``build_model(cfg)``."""
     directory = Path(directory)
     hf_config = hf_config if hf_config is not None else read_hf_config(directory)
-    family = family_for_hf(hf_config)
+    family = _family(directory, hf_config)
     flat, shardings = abstract_params(cfg, mesh)
     abstract = {path_str(p): v for p, v in flat}
     tensors = family.tensors(cfg)
@@ -162,15 +243,10 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
                 t = dataclasses.replace(t, hf=t.fallback)
         name = _hf_name(t.hf, reader, family)
         used.add(name)
-        arr = reader.get(name)
-        parts = t.to_ours(arr)
+        parts = _read_tensor(t, name, reader, abstract)
         for path, part in zip(t.ours, parts):
-            want = abstract[path]
-            if part.shape != want.shape:
-                raise ValueError(f"{directory}: tensor {name!r} of shape {list(arr.shape)} does not fit "
-                                 f"{path} {list(want.shape)} (config.json and weights disagree)")
-            values[path] = _place(np.asarray(part, dtype=want.dtype), shardings.get(path))
-        del arr, parts
+            values[path] = _place(np.asarray(part, dtype=abstract[path].dtype), shardings.get(path))
+        del parts
     ignorable = [re.compile(r) for r in family.ignorable]
     unused = [k for k in reader.keys() if k not in used and not _IGNORABLE.search(k)
               and not (k == "lm_head.weight" and cfg.tie_embeddings) and not any(r.search(k) for r in ignorable)]
@@ -182,7 +258,7 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
 
 def load_hf(path_or_id: str | Path, *, dtype: Any = None, mesh: Mesh | None = None,
             ) -> tuple[ModelConfig, nnx.State]:
-    """``(ModelConfig, Param state)`` of an HF checkpoint folder (or hub id).
+    """``(ModelConfig, Param state)`` of an HF checkpoint folder (or ``hf:<org/name>`` hub id).
 
     ``dtype`` sets ``param_dtype`` (default float32: master weights for
     finetuning); the compute ``dtype`` keeps ModelConfig's default.  With a
@@ -190,7 +266,7 @@ def load_hf(path_or_id: str | Path, *, dtype: Any = None, mesh: Mesh | None = No
     """
     directory = resolve_path(path_or_id)
     hf_config = read_hf_config(directory)
-    cfg = hf_config_to_model_config(hf_config)
+    cfg = _model_config(directory, hf_config)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=_dtype_name(dtype))
     return cfg, load_hf_params(directory, cfg, mesh=mesh, hf_config=hf_config)
@@ -201,9 +277,9 @@ def init_params_from(spec: str, cfg: ModelConfig, mesh: Mesh | None) -> nnx.Stat
     ``param_dtype``, sharded over ``mesh``).  The checkpoint's architecture must match ``cfg``."""
     if not isinstance(spec, str) or not spec.startswith("hf:"):
         raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>', got {spec!r}")
-    directory = resolve_path(spec[3:])
+    directory = resolve_path(spec)
     hf_config = read_hf_config(directory)
-    loaded = hf_config_to_model_config(hf_config)
+    loaded = _model_config(directory, hf_config)
 
     def arch(c: ModelConfig) -> dict:
         c = dataclasses.replace(c, n_kv_heads=c.kv_heads, head_dim=c.dim_per_head)

@@ -21,7 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxft.data.tokenizer import Tokenizer
+from jaxft.config.errors import FileFormatError, read_json
+from jaxft.data.tokenizer import Tokenizer, load_processor
 from jaxft.interop.sp_adapters import load_sentencepiece
 
 SENTENCEPIECE_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
@@ -43,7 +44,7 @@ def _special_tokens(directory: Path) -> dict[str, str]:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
         path = directory / name
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path, name)
             for kind in ("bos", "eos", "pad", "unk"):
                 token = _token_content(data.get(f"{kind}_token"))
                 if token is not None:
@@ -66,11 +67,17 @@ class HFJsonTokenizer:
                 from None
         directory = Path(directory)
         path = directory / "tokenizer.json" if directory.is_dir() else directory
-        tok = JsonTokenizer.from_file(str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        try:
+            tok = JsonTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileFormatError(f"{path}: not a valid tokenizer.json ({why})") from None
         ids = {k: tok.token_to_id(v) for k, v in _special_tokens(path.parent).items()}
         config = path.parent / "config.json"
         if config.is_file():  # model config as the fallback for token ids
-            hf = json.loads(config.read_text())
+            hf = read_json(config, "config.json")
             for kind in ("bos", "eos", "pad"):
                 if ids.get(kind) is None and isinstance(hf.get(f"{kind}_token_id"), int):
                     ids[kind] = hf[f"{kind}_token_id"]
@@ -121,9 +128,7 @@ def load_hf_tokenizer(path: str | Path) -> Tokenizer | HFJsonTokenizer:
 
 
 def _sentencepiece(path: Path):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path))
+    return load_processor(path)
 
 
 def _sp_special_pieces(sp) -> dict[str, tuple[int, str]]:

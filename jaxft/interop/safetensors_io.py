@@ -9,32 +9,40 @@ most one tensor in host memory per read.  Writing follows
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from jaxft.config.errors import FileFormatError, read_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
 class CheckpointReader:
-    """Name -> file index over a single or sharded safetensors checkpoint."""
+    """Name -> file index over a single or sharded safetensors checkpoint.  A file that is
+    not a readable safetensors file (truncated, corrupt) raises a one-line ``FileFormatError``
+    naming it."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise FileFormatError(f"{index}: no 'weight_map' object (tensor name -> file name)")
             self.files = {name: self.directory / f for name, f in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file}: listed in {index} but missing")
         elif (self.directory / SINGLE).is_file():
-            with safe_open(self.directory / SINGLE, framework="numpy") as f:
+            with _open(self.directory / SINGLE) as f:
                 self.files = {name: self.directory / SINGLE for name in f.keys()}
         else:
             found = sorted(p.name for p in self.directory.glob("*.bin"))
@@ -52,8 +60,66 @@ class CheckpointReader:
         """One tensor, read in full (the streaming unit)."""
         if name not in self.files:
             raise KeyError(f"{self.directory}: checkpoint has no tensor {name!r}")
-        with self._safe_open(self.files[name], framework="numpy") as f:
-            return f.get_tensor(name)
+        path = self.files[name]
+        with _open(path) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - SafetensorError and friends: one line naming the file
+                if name not in f.keys():
+                    raise FileFormatError(f"{path}: has no tensor {name!r} (the index says it does)") from None
+                raise FileFormatError(f"{path}: cannot read tensor {name!r}: {_first_line(e)}") from None
+
+
+def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (``safetensors.numpy.load_file`` with one-line
+    errors naming the file)."""
+    with _open(Path(path)) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """``safe_open`` (numpy); a file it refuses raises a one-line error saying why."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="numpy")
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError is a plain Exception
+        raise FileFormatError(f"{path}: {diagnose(path) or 'not a valid safetensors file'} "
+                              f"({_first_line(e)})") from None
+    with handle as f:
+        yield f
+
+
+def diagnose(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (truncated header or data), or None."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated or not a safetensors file: {size} bytes, shorter than the 8-byte header size"
+        n = struct.unpack("<Q", head)[0]
+        if size < 8 + n:
+            return (f"truncated or not a safetensors file: the header should be {n} bytes "
+                    f"but only {size - 8} follow")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return "not a safetensors file (the header is not JSON)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+            and isinstance(v["data_offsets"][1], int)] if isinstance(header, dict) else []
+    if ends and size < 8 + n + max(ends):
+        return f"truncated: the header says the file is {8 + n + max(ends)} bytes but it has {size}"
+    return None
 
 
 def parse_size(size: int | str) -> int:

@@ -18,13 +18,13 @@ without bos/eos, ``decode`` dropping special tokens, ``bos_id``/``eos_id``/
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
+from jaxft.config.errors import FileFormatError, read_json
 from jaxft.data.langcodes import FLORES200, MBART50
 from jaxft.data.tokenizer import Tokenizer
 
@@ -117,7 +117,7 @@ class FairseqSentencePieceTokenizer(Tokenizer):
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, path.name) if path.is_file() else {}
 
 
 def _fairseq_codes(directory: Path) -> tuple[str, ...]:
@@ -145,7 +145,10 @@ def load_sentencepiece(path: str | Path) -> Tokenizer:
     if path.name == "spiece.model":
         has_sentinels = plain.piece_id("<extra_id_0>") is not None
         extra = _json(path.parent / "tokenizer_config.json").get("extra_ids", 100)
-        return T5SentencePieceTokenizer(sp, str(path), 0 if has_sentinels else int(extra))
+        if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+            raise FileFormatError(f"{path.parent / 'tokenizer_config.json'}: extra_ids={extra!r}: "
+                                  "expected a count >= 0")
+        return T5SentencePieceTokenizer(sp, str(path), 0 if has_sentinels else extra)
     if path.name == "sentencepiece.bpe.model" and (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2):
         return FairseqSentencePieceTokenizer(sp, str(path), _fairseq_codes(path.parent))
     return plain

@@ -6,6 +6,8 @@
 - `compose_checkpoint(base, items, out)`: `jaxft compose`; BASE is a jaxft folder
   (`jaxft convert hf-to-jaxft`: params/ + model.yaml) or an HF folder
   (config.json + safetensors), and the result is written in the same format.
+  Both write through `jaxft.outputs.safe_output`: OUT may not be, contain or lie
+  inside an input, and an existing OUT is replaced only with `overwrite`.
 - `diff_checkpoints(finetuned, base, out, sparse_k)`: `jaxft diff`; fine-tuning
   transfer vectors delta = finetuned - base, dense or the top-K entries by
   |delta|, in `save_diff`'s format, so `jaxft compose` (or `peft.compose`)
@@ -24,6 +26,7 @@ import jax
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig, SparseConfig
+from jaxft.outputs import safe_output
 from jaxft.peft import sparse
 
 ADAPTER_JSON = "adapter.json"
@@ -96,25 +99,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def save_checkpoint(like: Checkpoint, params: nnx.State, out: str | Path) -> Path:
-    """Write `params` in `like`'s format, carrying its config and tokenizer files along."""
+    """Write `params` in `like`'s format into the folder `out` (which exists: `safe_output`'s
+    temporary folder), carrying its config and tokenizer files along."""
     from jaxft.interop import convert
 
     out = Path(out)
-    if like.kind == "run":  # a run dir's model (`jaxft.runs.export.run_checkpoint`) -> a jaxft folder
+    if like.kind in ("run", "jaxft"):  # a run dir's model (`jaxft.runs.export.run_checkpoint`) -> a jaxft folder
         convert.save_params(out / convert.PARAMS, params)
-        if jax.process_index() == 0:
+        if jax.process_index() != 0:
+            return out
+        if like.kind == "run":
             convert.write_model_yaml(out / convert.MODEL_YAML, like.cfg)
-        return out
-    if like.kind == "jaxft":
-        convert.save_params(out / convert.PARAMS, params)
-        if jax.process_index() == 0:
-            shutil.copyfile(like.path / convert.MODEL_YAML, out / convert.MODEL_YAML)
-            for name in (convert.HF_CONFIG, convert.TOKENIZER):
-                src = like.path / name
-                if src.is_dir():
-                    shutil.copytree(src, out / name, dirs_exist_ok=True)
-                elif src.is_file():
-                    shutil.copyfile(src, out / name)
+            return out
+        shutil.copyfile(like.path / convert.MODEL_YAML, out / convert.MODEL_YAML)
+        for name in (convert.HF_CONFIG, convert.TOKENIZER):
+            src = like.path / name
+            if src.is_dir():
+                shutil.copytree(src, out / name, dirs_exist_ok=True)
+            elif src.is_file():
+                shutil.copyfile(src, out / name)
         return out
     from jaxft.interop.hf import read_hf_config, save_hf
     from jaxft.interop.hf_tokenizer import TOKENIZER_FILES
@@ -139,45 +142,64 @@ def _model_from(ckpt: Checkpoint) -> nnx.Module:
     return nnx.merge(graphdef, ckpt.params, rest)
 
 
+def _source(c: str | Path | Checkpoint) -> Path:
+    return c.path if isinstance(c, Checkpoint) else Path(c)
+
+
+def compose_inputs(base: str | Path | Checkpoint, items: Sequence[str]) -> list[Path]:
+    """What `jaxft compose` reads: the base and every diff / adapter (`--out` may overlap none)."""
+    return [_source(base)] + [Path(parse_spec(spec)[0]) for spec in items]
+
+
 def compose_checkpoint(base: str | Path | Checkpoint, items: Sequence[str], out: str | Path, *,
-                       revert: bool = False) -> Path:
-    """`jaxft compose`: BASE + each item ("path[*scale]"), or minus each with `revert`."""
-    ckpt = base if isinstance(base, Checkpoint) else load_checkpoint(base)
-    sign = -1.0 if revert else 1.0
-    signed = []
-    for spec in items:
-        path, scale = parse_spec(spec)
-        signed.append(f"{path}*{sign * scale!r}")
-    model = compose_into(_model_from(ckpt), signed, key="compose")
-    return save_checkpoint(ckpt, nnx.state(model, nnx.Param), out)
+                       revert: bool = False, overwrite: bool = False) -> Path:
+    """`jaxft compose`: BASE + each item ("path[*scale]"), or minus each with `revert`, written
+    to the new folder `out` (`jaxft.outputs.safe_output`: never over an input; an existing
+    `out` only with `overwrite`)."""
+    inputs = compose_inputs(base, items)
+    with safe_output(out, inputs, overwrite=overwrite, flag="--out") as tmp:
+        ckpt = base if isinstance(base, Checkpoint) else load_checkpoint(base)
+        sign = -1.0 if revert else 1.0
+        signed = []
+        for spec in items:
+            path, scale = parse_spec(spec)
+            signed.append(f"{path}*{sign * scale!r}")
+        model = compose_into(_model_from(ckpt), signed, key="compose")
+        save_checkpoint(ckpt, nnx.state(model, nnx.Param), tmp)
+    return Path(out)
 
 
 def diff_checkpoints(finetuned: str | Path | Checkpoint, base: str | Path | Checkpoint, out: str | Path, *,
-                     sparse_k: float | None = None) -> Path:
+                     sparse_k: float | None = None, overwrite: bool = False) -> Path:
     """`jaxft diff`: finetuned - base, dense (default) or the top `sparse_k` entries by |delta|
-    (a count >= 1 or a proportion < 1 of all entries)."""
-    ft, b = (c if isinstance(c, Checkpoint) else load_checkpoint(c) for c in (finetuned, base))
+    (a count >= 1 or a proportion < 1 of all entries), written to the new folder `out`
+    (`jaxft.outputs.safe_output`, as `compose_checkpoint`)."""
+    with safe_output(out, [_source(finetuned), _source(base)], overwrite=overwrite, flag="--out") as tmp:
+        ft, b = (c if isinstance(c, Checkpoint) else load_checkpoint(c) for c in (finetuned, base))
+        _check_same_architecture(ft, b)
+        if sparse_k is None:
+            cfg = SparseConfig(k=0, dense=(".*",))
+            mask = jax.tree.map(lambda x: True, ft.params)
+        else:
+            cfg = SparseConfig(k=sparse_k, mask_type="lt")
+            mask = sparse.select_mask(ft.params, b.params, cfg, seed=0)
+        sparse.save_diff(tmp, ft.params, b.params, mask, cfg)
+        if jax.process_index() == 0:
+            meta_path = tmp / sparse.DIFF_JSON
+            meta: dict[str, Any] = json.loads(meta_path.read_text())
+            meta.update(source={"finetuned": str(ft.path), "base": str(b.path)})
+            meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return Path(out)
+
+
+def _check_same_architecture(ft: Checkpoint, b: Checkpoint) -> None:
     ft_paths, ft_leaves, _ = sparse.flat_with_paths(ft.params)
     b_paths, b_leaves, _ = sparse.flat_with_paths(b.params)
     if ft_paths != b_paths or any(x.shape != y.shape for x, y in zip(ft_leaves, b_leaves)):
         bad = next((p for p, x, y in zip(ft_paths, ft_leaves, b_leaves) if x.shape != y.shape), None)
-        raise ValueError(f"diff: {finetuned} and {base} are not the same architecture"
+        raise ValueError(f"diff: {ft.path} and {b.path} are not the same architecture"
                          + (f" ({bad}: {ft_leaves[ft_paths.index(bad)].shape} vs "
                             f"{b_leaves[b_paths.index(bad)].shape})" if bad else ""))
-    if sparse_k is None:
-        cfg = SparseConfig(k=0, dense=(".*",))
-        mask = jax.tree.map(lambda x: True, ft.params)
-    else:
-        cfg = SparseConfig(k=sparse_k, mask_type="lt")
-        mask = sparse.select_mask(ft.params, b.params, cfg, seed=0)
-    path = sparse.save_diff(Path(out), ft.params, b.params, mask, cfg)
-    if jax.process_index() == 0:
-        meta_path = path / sparse.DIFF_JSON
-        meta: dict[str, Any] = json.loads(meta_path.read_text())
-        meta.update(source={"finetuned": str(getattr(finetuned, "path", finetuned)),
-                            "base": str(getattr(base, "path", base))})
-        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    return path
 
 
 def parse_compose_args(tokens: Sequence[str], add: Sequence[str]) -> tuple[str, list[str]]:

@@ -270,13 +270,14 @@ def save_adapter(out_dir: Path, model: nnx.Module, cfg: LoraConfig, model_cfg: M
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """``(adapter.json, {linear path: (a, b)})`` of a saved adapter."""
-    from safetensors.numpy import load_file
+    from jaxft.config.errors import read_json
+    from jaxft.interop.safetensors_io import load_tensors
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / META_FILE).is_file() or not (adapter_dir / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{adapter_dir}: not a LoRA adapter folder (needs {META_FILE} and {ADAPTER_FILE})")
-    meta = json.loads((adapter_dir / META_FILE).read_text())
-    tensors = load_file(str(adapter_dir / ADAPTER_FILE))
+    meta = read_json(adapter_dir / META_FILE, "LoRA adapter metadata")
+    tensors = load_tensors(adapter_dir / ADAPTER_FILE)
     paths = sorted(k.removesuffix("/lora/a") for k in tensors if k.endswith("/lora/a"))
     return meta, {p: (tensors[f"{p}/lora/a"], tensors[f"{p}/lora/b"]) for p in paths}
 

@@ -302,16 +302,17 @@ def is_diff_dir(path: str | Path) -> bool:
 
 def load_diff(path: str | Path) -> SparseDiff:
     """A diff dir written by `save_diff` (or its diff.json)."""
-    from safetensors.numpy import load_file
+    from jaxft.config.errors import read_json
+    from jaxft.interop.safetensors_io import load_tensors
 
     path = Path(path)
     directory = path.parent if path.name == DIFF_JSON else path
     if not (directory / DIFF_JSON).is_file():
         raise FileNotFoundError(f"{directory}: no {DIFF_JSON} (not a sparse diff written by jaxft)")
-    meta = json.loads((directory / DIFF_JSON).read_text())
+    meta = read_json(directory / DIFF_JSON, "sparse diff metadata")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / DIFF_JSON}: format {meta.get('format')!r} is not {FORMAT!r}")
-    arrays = load_file(str(directory / DIFF_TENSORS))
+    arrays = load_tensors(directory / DIFF_TENSORS)
     tensors = {}
     for p, info in meta["tensors"].items():
         shape = tuple(info["shape"])

@@ -8,9 +8,10 @@ or composed run is exported as the finished parameters.  Formats:
   writes: usable as `jaxft compose` / `jaxft diff` input or `model.init_from`;
 - `hf`: config.json + safetensors (+ tokenizer files) that `transformers` loads.
 
-The output is written next to its final path and renamed into place, so a
-failed export leaves nothing half-written; an existing OUT is refused, as is an
-OUT inside the run dir.
+The output goes through `jaxft.outputs.safe_output`: written next to its final
+path and renamed into place, so a failed export leaves nothing half-written; an
+OUT that is, contains or lies inside the run dir (or the tokenizer it reads) is
+refused, as is an existing OUT unless `overwrite`.
 """
 
 from __future__ import annotations
@@ -18,24 +19,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jax
 from flax import nnx
 
+from jaxft.outputs import check_output, is_main_process, safe_output
 from jaxft.runs.model import restore_model
 from jaxft.runs.layout import RunDir
 
 FORMATS = ("jaxft", "hf")
-
-
-def check_output(out: Path, *inputs: Path) -> None:
-    """An output path must be new and must not be (or lie inside) an input."""
-    out = Path(out).resolve()
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; choose a new output path")
-    for src in inputs:
-        src = Path(src).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise ValueError(f"{out}: the output may not be {src} or lie inside it (an input)")
 
 
 def plain_params(model: nnx.Module) -> nnx.State:
@@ -57,37 +47,32 @@ def run_checkpoint(run_dir: str | Path, which: str = "latest"):
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, which: str = "latest", fmt: str = "jaxft",
-               dtype: str | None = None) -> Path:
+               dtype: str | None = None, overwrite: bool = False) -> Path:
     """Write the run's model to `out` in `fmt`; returns `out`."""
-    from jaxft.interop import convert
-    from jaxft.interop.hf import save_hf
-
     if fmt not in FORMATS:
         raise ValueError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     run_dir, out = Path(run_dir), Path(out)
-    check_output(out, run_dir)
+    check_output(out, [run_dir], overwrite=overwrite, flag="OUT")  # before the (slow) restore
     restored = restore_model(run_dir, which)
     cfg = restored.config
     params = plain_params(restored.model())
     tokenizer = cfg.data.tokenizer.path or None
     tok_path = RunDir(run_dir).tokenizer if tokenizer is None else Path(tokenizer.removeprefix("hf:"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial"  # the same name on every process (writes are collective)
-    if jax.process_index() == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover of an interrupted export
-    try:
-        if fmt == "hf":
-            save_hf(cfg.model, params, tmp, tokenizer_path=tok_path if tok_path.exists() else None, dtype=dtype)
-        else:
-            convert.save_params(tmp / convert.PARAMS, params)
-            convert.write_model_yaml(tmp / convert.MODEL_YAML, cfg.model)
-            if tok_path.is_file():
-                (tmp / convert.TOKENIZER).mkdir(exist_ok=True)
-                shutil.copyfile(tok_path, tmp / convert.TOKENIZER / tok_path.name)
-        if jax.process_index() == 0:
-            tmp.rename(out)
-    except BaseException:
-        if jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with safe_output(out, [run_dir, tok_path], overwrite=overwrite, flag="OUT") as tmp:
+        _write(tmp, cfg, params, tok_path, fmt, dtype)
     return out
+
+
+def _write(tmp: Path, cfg, params: nnx.State, tok_path: Path, fmt: str, dtype: str | None) -> None:
+    from jaxft.interop import convert
+    from jaxft.interop.hf import save_hf
+
+    if fmt == "hf":
+        save_hf(cfg.model, params, tmp, tokenizer_path=tok_path if tok_path.exists() else None, dtype=dtype)
+        return
+    convert.save_params(tmp / convert.PARAMS, params)
+    if is_main_process():
+        convert.write_model_yaml(tmp / convert.MODEL_YAML, cfg.model)
+        if tok_path.is_file():
+            (tmp / convert.TOKENIZER).mkdir(exist_ok=True)
+            shutil.copyfile(tok_path, tmp / convert.TOKENIZER / tok_path.name)

@@ -85,7 +85,8 @@ def params_from(spec: str, cfg: Config, mesh: Mesh) -> nnx.State:
             diff = [k for k in shape(cfg.model) if shape(cfg.model)[k] != shape(base.config.model)[k]]
             raise ValueError(f"model.init_from: {spec} has a different model ({', '.join('model.' + d for d in diff)})")
         return nnx.state(base.model(), nnx.Param)
-    raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r}")
+    raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r} "
+                     f"(write hf:{spec} for a Hugging Face folder or hub model, run:{spec} for a jaxft run dir)")
 
 
 def initial_rest(cfg: Config, method: PeftMethod, mesh: Mesh) -> nnx.State:

@@ -19,15 +19,29 @@ def configured_tokenizer(cfg: DataConfig, base_dir: Path) -> Tokenizer | None:
     if path_cfg.startswith("hf:"):  # an HF folder or hub id: its tokenizer with the family's ids
         from jaxft.interop.hf import resolve_path
         from jaxft.interop.hf_tokenizer import load_hf_tokenizer
-        return load_hf_tokenizer(resolve_path(path_cfg[3:]))
+        return load_hf_tokenizer(resolve_path(path_cfg))
     path = Path(path_cfg)
     path = path if path.is_absolute() else base_dir / path
     if not path.exists():
-        raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist")
+        raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist{_hub_hint(path, base_dir)}")
     if path.is_dir():
         from jaxft.interop.hf_tokenizer import load_hf_tokenizer
         return load_hf_tokenizer(path)
     return Tokenizer.load(path)
+
+
+def _hub_hint(path: Path, base_dir: Path) -> str:
+    """A hint when the missing path, as written in the config, looks like a hub id ``org/name``."""
+    from jaxft.interop.hf import looks_like_hub_id
+
+    try:
+        written = path.relative_to(Path(base_dir).resolve()).as_posix()
+    except ValueError:
+        try:
+            written = path.relative_to(base_dir).as_posix()
+        except ValueError:
+            return ""
+    return f" (for the Hugging Face hub model {written!r}, write hf:{written})" if looks_like_hub_id(written) else ""
 
 
 def run_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokenizer:

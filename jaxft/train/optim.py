@@ -127,7 +127,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0) -
     elif cfg.name == "adafactor":
         # optax.adafactor adds its (lr-independent) decay just before flipping the sign
         wd = None if grouped else (cfg.weight_decay or None)
-        parts.append(optax.adafactor(schedule, decay_rate=cfg.b2, weight_decay_rate=wd,
+        parts.append(optax.adafactor(schedule, decay_rate=cfg.adafactor_decay_rate, weight_decay_rate=wd,
                                      weight_decay_mask=decay_mask, clipping_threshold=None))
         if grouped:
             parts.append(add_group_decay(cfg.weight_decay, cfg.groups, sign=-1.0))

@@ -87,9 +87,12 @@ class Run:
                 for k, v in batch.items()}
 
 
-def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokenizer:
-    """Load `data.tokenizer.path`, or train one from the training sources into the run dir."""
-    tok = configured_tokenizer(cfg, base_dir)
+def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured: Tokenizer | None = None
+                      ) -> Tokenizer:
+    """`configured` (`data.tokenizer.path`, loaded before the run dir is created, so a bad
+    tokenizer file leaves nothing behind), or one trained from the training sources into
+    the run dir."""
+    tok = configured if configured is not None else configured_tokenizer(cfg, base_dir)
     if tok is not None:
         return tok
     tcfg = cfg.tokenizer
@@ -100,11 +103,7 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokeniz
         log.info("training a %d-piece %s tokenizer on the training sources -> %s",
                  tcfg.train_vocab_size, tcfg.model_type, path)
         symbols = list(dict.fromkeys(required_pieces(cfg, base_dir) + list(tcfg.user_defined_symbols)))
-        try:
-            train_tokenizer(training_texts(cfg, base_dir), path, tcfg, user_defined_symbols=symbols)
-        except RuntimeError as e:  # sentencepiece reports bad sizes as RuntimeError
-            raise ValueError(f"data.tokenizer.train_vocab_size: sentencepiece cannot train "
-                             f"{tcfg.train_vocab_size} pieces: {str(e).splitlines()[0]}") from e
+        train_tokenizer(training_texts(cfg, base_dir), path, tcfg, user_defined_symbols=symbols)
     multihost_utils.sync_global_devices("jaxft:tokenizer")
     return Tokenizer.load(path)
 
@@ -154,12 +153,18 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     """Everything a run needs.  Refuses (before writing anything) a run dir whose
     checkpoints were made with an incompatible config.  `restart`: see `train`."""
     dirs = RunDir(Path(cfg.run_dir))
+    if dirs.root.is_dir() and not dirs.is_run() and any(dirs.root.iterdir()):
+        raise ValueError(f"run_dir {dirs.root}: exists, is not empty and is not a jaxft run dir (no config.yaml); "
+                         "choose a new run_dir")
     ckpt = Checkpointer(dirs.checkpoints, cfg.checkpoint)
     cfg = resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written
+    configured = configured_tokenizer(cfg.data, base_dir)
+    fresh = not ckpt.steps()  # a resumed run's config.yaml is rewritten only once a checkpoint restored
     if jax.process_index() == 0:
         dirs.root.mkdir(parents=True, exist_ok=True)
-        resume.write_config(cfg, dirs.root)
-    tokenizer = prepare_tokenizer(cfg.data, dirs.root, base_dir)
+        if fresh:
+            resume.write_config(cfg, dirs.root)
+    tokenizer = prepare_tokenizer(cfg.data, dirs.root, base_dir, configured)
     mesh = make_mesh(cfg.mesh)
     _check_shapes(cfg, tokenizer, mesh)
     tcfg = cfg.train
@@ -176,6 +181,8 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
         state, start, theta0, meta, data_state = _start_state(parts, init_fn, cfg, method, mesh)
         if restart and start == 0:
             resume.set_aside_history(dirs)
+        if not fresh and jax.process_index() == 0:
+            resume.write_config(cfg, dirs.root)
         pipeline = build_train_pipeline(cfg.data, tokenizer, global_batch=tcfg.global_batch, base_dir=base_dir,
                                         process_index=jax.process_index(), process_count=jax.process_count(),
                                         **seq2seq)
