@@ -32,7 +32,6 @@ from test_outputs import tree_digest
 from trainutil import write_run_config
 
 
-
 QUICK = ["--set", "eval.decode.strategy=greedy", "--set", "eval.decode.max_len=6", "--max-examples", "2"]  # eval
 
 
