@@ -24,7 +24,7 @@ demo: $(VENV)/.runtime
 	$(VENV)/bin/jaxft demo --out runs/demo
 
 test: $(VENV)/.test
-	$(PYBIN) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope
+	$(PYBIN) -m pytest -q -p no:cacheprovider -n 2
 
 clean:
 	rm -rf $(VENV) runs

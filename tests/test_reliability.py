@@ -230,3 +230,26 @@ def test_train_refuses_a_foreign_non_empty_run_dir(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a jaxft run dir (no config.yaml)" in err[0]
     assert tree_bytes(tmp_path) == before
+
+
+def test_guard_stop_mode_stops_at_the_first_nonfinite_step_and_skip_mode_resets_its_count():
+    from jaxft.config.schema import Config, TrainConfig
+    from jaxft.train.hooks import DivergedError
+
+    def guard_run(**train):
+        run = SimpleNamespace(cfg=Config(train=TrainConfig(**train)), meta={}, dirs=SimpleNamespace(checkpoints="c"),
+                              fetched=[], unhealthy=False)
+        guard = GuardHook()
+        guard.on_start(run, None)
+        return run, guard
+
+    run, guard = guard_run(nonfinite="stop")
+    run.fetched = [(1, {"loss": 2.0, "skipped": 0.0}), (2, {"loss": float("nan"), "skipped": 1.0})]
+    with pytest.raises(DivergedError, match=r"step 2: training diverged \(1 non-finite step\(s\) in a row"):
+        guard.after_step(run, 2, None, None)
+    run, guard = guard_run(nonfinite="skip", max_nonfinite=2)
+    for step, skipped in [(1, 1.0), (2, 0.0), (3, 1.0)]:  # never two in a row
+        run.fetched = [(step, {"loss": float("nan") if skipped else 2.0, "skipped": skipped})]
+        guard.after_step(run, step, None, None)
+        assert run.unhealthy == bool(skipped)
+    assert run.meta["skipped_steps"] == 2
