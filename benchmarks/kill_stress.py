@@ -93,7 +93,12 @@ def main() -> int:
     for trial in range(args.trials):
         cfg = write_run_config(tmp, steps=args.steps, name=f"trial{trial}", extra=extra)
         moments = [rng.uniform(0, full)] + ([rng.uniform(0, full)] if args.second_kill else [])
-        runs = [jaxft_train(cfg, env, kill_after=m, sig=sig) for m in moments]
+        ckpt_dir = tmp / f"trial{trial}" / "checkpoints"
+        runs, at_signal = [], []
+        for m in moments:
+            runs.append(jaxft_train(cfg, env, kill_after=m, sig=sig))
+            at_signal.append(max((int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()), default=0)
+                             if ckpt_dir.is_dir() else None)
         rcs = [r[0] for r in runs]
         to_exit += [r[2] for r in runs if r[2] is not None and r[0] != 0]
         killed_mid += sum(rc in (-signal.SIGKILL, 75) for rc in rcs)
@@ -102,7 +107,7 @@ def main() -> int:
             print(f"trial {trial:2d}: FAIL exit {rcs} after SIGTERM")
             continue
         jaxft_train(cfg, env)
-        ckpts = sorted(int(p.name) for p in (tmp / f"trial{trial}" / "checkpoints").iterdir() if p.name.isdigit())
+
         try:
             got = train_losses(tmp / f"trial{trial}")
             ok = got == ref
@@ -112,7 +117,7 @@ def main() -> int:
             ok, why = False, str(e)
         failures += not ok
         print(f"trial {trial:2d}: kill at {', '.join(f'{m:5.1f}' for m in moments)} s (exit {rcs}) -> "
-              f"{'OK' if ok else 'FAIL ' + why}; checkpoints {ckpts}", flush=True)
+              f"{'OK' if ok else 'FAIL ' + why}; newest checkpoint after the signal: {at_signal}", flush=True)
     print(f"\n{args.trials - failures}/{args.trials} trials identical to the uninterrupted run "
           f"({killed_mid} signals landed before the run ended)")
     timing = (f"{statistics.median(to_exit):.2f} / {max(to_exit):.2f}" if to_exit else "-")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger("jaxft")
@@ -349,8 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _early_sigterm(signum, frame):
+    """SIGTERM before training installed its own handler (imports, JAX start-up): nothing
+    was written yet, so stop at once with the "resume me" status."""
+    print("jaxft: SIGTERM during start-up, before anything was written; exit status 75 (resume)", file=sys.stderr)
+    raise SystemExit(75)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    early = args.command == "train" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _early_sigterm) if early else None  # cadence.py's while training
+    try:
+        return _run(args)
+    finally:
+        if early:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     _setup_logging()
     debug = args.debug or os.environ.get("JAXFT_DEBUG")
     try:
