@@ -351,17 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _early_sigterm(signum, frame):
-    """SIGTERM before training installed its own handler (imports, JAX start-up): nothing
-    was written yet, so stop at once with the "resume me" status."""
-    print("jaxft: SIGTERM during start-up, before anything was written; exit status 75 (resume)", file=sys.stderr)
-    raise SystemExit(75)
+class _EarlySignal:
+    """SIGTERM before training installed its own handler (imports, JAX start-up): only
+    recorded (raising inside an import could be swallowed by it); jaxft.train.cadence
+    takes `received` over when it installs its handler and stops before step 1."""
+
+    received: int | None = None
+
+    def __call__(self, signum, frame):
+        self.received = signum
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     early = args.command == "train" and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _early_sigterm) if early else None  # cadence.py's while training
+    previous = signal.signal(signal.SIGTERM, _EarlySignal()) if early else None  # cadence.py's while training
     try:
         return _run(args)
     finally:

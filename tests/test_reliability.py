@@ -253,3 +253,19 @@ def test_guard_stop_mode_stops_at_the_first_nonfinite_step_and_skip_mode_resets_
         guard.after_step(run, step, None, None)
         assert run.unhealthy == bool(skipped)
     assert run.meta["skipped_steps"] == 2
+
+
+def test_a_sigterm_recorded_during_start_up_stops_before_step_1(reference):
+    """`jaxft train` records a SIGTERM that arrives before training installs its handler;
+    the cadence takes it over: exit 75 before any step, nothing trained."""
+    from jaxft.cli import _EarlySignal
+
+    tmp, _ = reference
+    early = _EarlySignal()
+    early(signal.SIGTERM, None)
+    previous = signal.signal(signal.SIGTERM, early)
+    try:
+        result = train(load_config(write_run_config(tmp, steps=6, name="early")), base_dir=tmp)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_status == PREEMPTED_EXIT and result.step == 0 and result.losses == {}

@@ -68,6 +68,9 @@ class Cadence:
         sigs = [signal.SIGINT] if self.jax_service else [signal.SIGTERM, signal.SIGINT]
         for sig in sigs:
             self._old[sig] = signal.signal(sig, self._handle)
+            early = getattr(self._old[sig], "received", None)  # the CLI's start-up recorder (jaxft.cli)
+            if early is not None:
+                self._handle(early, None)
         try:
             yield self
         finally:
