@@ -1,9 +1,8 @@
 """`jaxft` command line: parse arguments, load the config, call the library.
 
-All logic lives in importable modules; errors in user input print one line
-(`jaxft: <file/key>: <what is wrong>`) and exit with status 2.  `jaxft train`
-exits 75 after SIGTERM (checkpoint written: resume me), 130 after Ctrl-C
-(checkpoint written), 3 when training diverged (train.nonfinite).
+All logic lives in importable modules; errors in user input print one line (`jaxft: <file/key>: <what
+is wrong>`), exit 2.  `jaxft train` exits 75 after SIGTERM (checkpoint written: resume me), 130 after
+Ctrl-C (checkpoint written), 3 when training diverged (train.nonfinite).  docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -352,10 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _EarlySignal:
-    """SIGTERM before training installed its own handler (imports, JAX start-up): only
-    recorded (raising inside an import could be swallowed by it); jaxft.train.cadence
-    takes `received` over when it installs its handler and stops before step 1."""
-
+    """A SIGTERM during start-up, only recorded: jaxft.train.cadence takes it over (exit 75 before step 1)."""
     received: int | None = None
 
     def __call__(self, signum, frame):
