@@ -64,8 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return INTERRUPTED_EXIT
     if result.exit_status:
-        print(f"jaxft: stopped by a signal after step {result.step}, checkpoint written; run the same "
-              f"command to resume (exit status {result.exit_status})", file=sys.stderr)
+        done = f"after step {result.step}, checkpoint written" if result.losses else "before training this time"
+        print(f"jaxft: stopped by a signal {done}; run it again to resume (exit {result.exit_status})", file=sys.stderr)
         return result.exit_status
     if result.dev_after:
         print(dev_table(result))
