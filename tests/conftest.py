@@ -24,6 +24,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _owner = os.getpid()
     atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache, ignore_errors=True))
 
+# Line indexes and converted Arrow files of data sources (jaxft.data.index) go to a
+# session folder, not ~/.cache/jaxft.
+if "JAXFT_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _data_cache = tempfile.mkdtemp(prefix="jaxft-test-data-cache-")
+    os.environ["JAXFT_CACHE"] = _data_cache
+    _data_owner = os.getpid()
+    atexit.register(lambda: os.getpid() == _data_owner and shutil.rmtree(_data_cache, ignore_errors=True))
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -118,7 +118,11 @@ class SourceConfig:
     Relative paths resolve against the folder of the config file that set them.
     """
 
-    type: Literal["tsv", "jsonl", "text", "tfds"] = "tsv"
+    # tsv / jsonl / text: files read through a cached line index; tfds: tfds.data_source;
+    # arrayrecord: ArrayRecord shards of JSON records (`jaxft data prepare` writes them);
+    # parquet: Parquet files (converted once to a cached Arrow file); hf: a Hugging Face
+    # dataset (`path`: a save_to_disk folder; or `hf_name` [+ `hf_config`], `hf_split`)
+    type: Literal["tsv", "jsonl", "text", "tfds", "arrayrecord", "parquet", "hf"] = "tsv"
     # lm: causal LM on monolingual text (decoder-only); span_corruption (T5) and
     # infilling (mBART text infilling + sentence permutation) on monolingual
     # text (encoder-decoder)
@@ -138,6 +142,9 @@ class SourceConfig:
     tfds_name: str | None = None
     tfds_split: str = "train"
     tfds_data_dir: str | None = None
+    hf_name: str | None = None  # a hub id (or a local dataset folder / builder) for datasets.load_dataset
+    hf_config: str | None = None
+    hf_split: str = "train"
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,17 @@ class DataConfig:
     target_template: str = "{tgt}"
     bad_lines: Literal["skip", "error"] = "skip"  # malformed lines: counted skip or error
     overlong: Literal["skip", "truncate", "error"] = "skip"
+    # Sources with at most this many records get their token lengths measured when the
+    # pipeline is built (over-long examples skipped / reported before the rates are set);
+    # larger ones are dealt with when drawn (counted in the periodic log).
+    overlong_scan: int = 100000
     seed: int = 0
+    index_dir: str | None = None  # line-index cache; None: $JAXFT_CACHE/index or ~/.cache/jaxft/index
+    # Worker processes that tokenize and pack the batches ahead of the step (0: on the
+    # training thread); each holds up to `prefetch` batches.  Batches are identical for
+    # any number of workers.
+    workers: int = 0
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)

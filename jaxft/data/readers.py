@@ -1,7 +1,10 @@
-"""Per-format readers (TSV, JSONL, text, TFDS) -> Examples, with the bad-line policy.
+"""Records -> Examples: the Example type, the bad-record policy, per-format parsing, and
+``Source``, random access to one expanded source's examples.
 
-The policy table and the public entry point (``read_source``) are in
-``jaxft.data.sources``.
+Sources stay on disk: a ``Source`` holds an index (``jaxft.data.index`` for TSV / JSONL /
+text files; the formats' own for ArrayRecord, TFDS, Parquet and Hugging Face datasets,
+``jaxft.data.records``), never a list of its examples.  The policy table and the public
+entry points (``open_source``, ``read_source``) are in ``jaxft.data.sources``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,16 @@ class Example:
     src_lang: str | None
     tgt_lang: str | None
     task: str  # "translation" | "prompt" | "lm" | "span_corruption" | "infilling"
+    where: str = dataclasses.field(default="", compare=False)  # "file:line" / "dataset:index"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A record of a lazily checked source that the bad-record policy skips (``data.bad_lines:
+    skip``); ``reason`` is a key of ``REASONS``."""
+
+    reason: str
+    where: str
 
 
 @dataclasses.dataclass
@@ -57,39 +70,15 @@ class ReadStats:
                 "skipped": dict(sorted(self.skipped.items()))}
 
 
-class Reader:
-    """Shared bookkeeping for one source: stats, bad-line policy, limits."""
-
-    def __init__(self, src: SourceConfig, key: str, bad_lines: str):
-        self.src, self.key, self.policy = src, key, bad_lines
-        self.stats = ReadStats(source=src.name or "?")
-        self.examples: list[Example] = []
-        self._logged = collections.Counter()
-
-    def fail(self, where: str, msg: str) -> DataError:
-        return DataError(f"{where}: {msg} ({self.key})")
-
-    def bad(self, where: str, reason: str, file: str) -> None:
-        msg = f"{where}: {REASONS[reason]}"
-        if self.policy == "error":
-            raise DataError(f"{msg} ({self.key}; data.bad_lines: skip would skip it)")
-        self.stats.skipped[reason] += 1
-        if self._logged[file] < _LOGGED_PER_FILE:
-            self._logged[file] += 1
-            log.warning("skipping %s", msg)
-
-    def add(self, where: str, file: str, src: str, tgt: str) -> bool:
-        """Adds an example; False once ``max_examples`` is reached."""
-        src, tgt = _clean(src), _clean(tgt)
-        if not tgt or (self.src.task not in MONOLINGUAL_TASKS and not src):
-            self.bad(where, "empty", file)
-            return True
-        self.examples.append(Example(src, tgt, self.src.src_lang, self.src.tgt_lang, self.src.task))
-        return self.src.max_examples is None or len(self.examples) < self.src.max_examples
-
-
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
     return text.strip().strip("\ufeff").strip()
+
+
+def decode(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def read_text_lines(path: str | Path, name: str | None = None) -> Iterator[str]:
@@ -106,78 +95,7 @@ def read_text_lines(path: str | Path, name: str | None = None) -> Iterator[str]:
             yield line.removeprefix("\ufeff") if n == 1 else line
 
 
-def _read_lines(path: str, r: Reader, what: str) -> list[bytes]:
-    p = Path(path)
-    if p.is_dir():
-        raise r.fail(path, f"{what} is a folder, not a file")
-    if not p.is_file():
-        raise r.fail(path, f"{what} does not exist")
-    lines = p.read_bytes().split(b"\n")
-    if lines and lines[-1] in (b"", b"\r"):
-        lines.pop()
-    if not any(_clean(line.decode("utf-8", "replace")) for line in lines):
-        raise r.fail(path, "file is empty")
-    return [line.rstrip(b"\r") for line in lines]
-
-
-def _decode(raw: bytes) -> str | None:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _read_tsv(r: Reader) -> None:
-    path = r.src.path
-    lines = _read_lines(path, r, "file")
-    src_f, tgt_f = r.src.src_field, r.src.tgt_field
-    lm = r.src.task in MONOLINGUAL_TASKS
-    start = 0
-    if r.src.header:
-        head = _decode(lines[0])
-        if head is None:
-            raise r.fail(f"{path}:1", "header row is not valid UTF-8")
-        names = [_clean(c) for c in head.split("\t")]
-        n_cols, start = len(names), 1
-
-        def col(field: str | None, default: int, which: str) -> int:
-            if field is None:
-                if default >= n_cols:
-                    raise r.fail(path, f"header has {n_cols} column(s), need {default + 1}")
-                return default
-            if field not in names:
-                raise r.fail(path, f"column {field!r} not in header {names} ({r.key}.{which})")
-            return names.index(field)
-    else:
-        first = _decode(lines[0]) or ""
-        n_cols = len(first.split("\t"))
-
-        def col(field: str | None, default: int, which: str) -> int:
-            idx = default if field is None else int(field) if str(field).isdigit() else -1
-            if not 0 <= idx < n_cols:
-                raise r.fail(path, f"column {field!r} not in 0..{n_cols - 1} ({r.key}.{which})")
-            return idx
-
-    tgt_c = col(tgt_f if not lm else (tgt_f or src_f), 0 if lm else 1, "tgt_field")
-    src_c = None if lm else col(src_f, 0, "src_field")
-    if start >= len(lines):
-        raise r.fail(path, "file is empty (header only)")
-    for n, raw in enumerate(lines[start:], start + 1):
-        r.stats.records += 1
-        where = f"{path}:{n}"
-        text = _decode(raw)
-        if text is None:
-            r.bad(where, "utf8", path)
-            continue
-        if not _clean(text):
-            r.stats.skipped["blank"] += 1
-            continue
-        cols = text.split("\t")
-        if len(cols) != n_cols:
-            r.bad(where, "columns", path)
-            continue
-        if not r.add(where, path, "" if lm else cols[src_c], cols[tgt_c]):
-            break
+# ------------------------------------------------------------- record fields
 
 
 def _pick(rec: dict, field: str) -> Any:
@@ -187,9 +105,10 @@ def _pick(rec: dict, field: str) -> Any:
     return nested.get(field) if isinstance(nested, dict) else None
 
 
-def _fields(r: Reader, rec: dict) -> tuple[str | None, str | None]:
-    """(src, tgt) texts of one record under the source's field rules."""
-    s = r.src
+def record_fields(s: SourceConfig, rec: Any) -> tuple[Any, Any]:
+    """(src, tgt) values of one dict-like record under the source's field rules (None: missing)."""
+    if not hasattr(rec, "get") or not hasattr(rec, "__contains__"):
+        return None, None
     if s.task in MONOLINGUAL_TASKS:
         return "", _pick(rec, s.tgt_field or s.src_field or "text")
     if s.src_field or s.tgt_field or s.task == "translation":
@@ -208,107 +127,231 @@ def _fields(r: Reader, rec: dict) -> tuple[str | None, str | None]:
     return rec.get("inputs"), rec.get("targets")
 
 
-_INVALID_UTF8 = object()
+INVALID_UTF8 = object()
 
 
-def _as_text(value: Any) -> Any:
-    """str, None (missing / not text) or ``_INVALID_UTF8``."""
+def as_text(value: Any) -> Any:
+    """str, None (missing / not text) or ``INVALID_UTF8``: text fields may come as bytes or
+    numpy scalars (TFDS, ArrayRecord)."""
     if isinstance(value, bytes):
-        text = _decode(value)
-        return _INVALID_UTF8 if text is None else text
+        text = decode(value)
+        return INVALID_UTF8 if text is None else text
     if hasattr(value, "tobytes") and getattr(value, "dtype", None) is not None and value.dtype.kind == "S":
-        return _decode(value.tobytes())
+        return as_text(value.tobytes())
     if hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return _as_text(value.item())
+        return as_text(value.item())
     return value if isinstance(value, str) else None
 
 
-def _take_record(r: Reader, rec: Any, where: str, file: str, first: bool) -> bool:
-    src, tgt = _fields(r, rec)
-    src, tgt = _as_text(src), _as_text(tgt)
-    if _INVALID_UTF8 in (src, tgt):
-        r.bad(where, "utf8", file)
-        return True
+def record_texts(s: SourceConfig, rec: Any) -> tuple[str, str] | str:
+    """(src, tgt) texts of one dict-like record, or the reason it is bad (``field`` / ``utf8``)."""
+    src, tgt = record_fields(s, rec)
+    src, tgt = as_text(src), as_text(tgt)
+    if INVALID_UTF8 in (src, tgt):
+        return "utf8"
     if src is None or tgt is None:
-        if first:
-            keys = sorted(rec) if isinstance(rec, dict) else []
-            raise r.fail(where, f"record lacks the configured src/tgt fields (keys: {keys}); "
-                         f"set {r.key}.src_field / tgt_field")
-        r.bad(where, "field", file)
-        return True
-    return r.add(where, file, src, tgt)
+        return "field"
+    return src, tgt
 
 
-def _read_jsonl(r: Reader) -> None:
-    path = r.src.path
-    first = True
-    for n, raw in enumerate(_read_lines(path, r, "file"), 1):
-        r.stats.records += 1
-        where = f"{path}:{n}"
-        text = _decode(raw)
+def missing_fields_error(key: str, where: str, rec: Any) -> DataError:
+    """The error for a first record that lacks the configured fields (a config mistake, not bad data)."""
+    keys = sorted(rec) if hasattr(rec, "keys") else []
+    return DataError(f"{where}: record lacks the configured src/tgt fields (keys: {keys}); "
+                     f"set {key}.src_field / tgt_field")
+
+
+# ----------------------------------------------------------------- sources
+
+
+class Source:
+    """Random access to the examples of one expanded source (``jaxft.data.sources.expand_sources``).
+
+    ``source[i]`` is an ``Example`` or, for a source whose records are checked only when read
+    (``checked_up_front`` False: ArrayRecord, TFDS, Parquet, HF datasets), a ``Skipped``
+    record under ``data.bad_lines: skip`` (``error`` raises ``DataError`` naming
+    ``dataset:index``).  Sources are picklable (worker processes re-open their files) and
+    hold an index, never the examples.
+    """
+
+    checked_up_front = True  # every index is a usable Example (the index build applied the policy)
+
+    def __init__(self, config: SourceConfig, key: str, bad_lines: str):
+        if bad_lines not in ("skip", "error"):
+            raise ValueError(f"data.bad_lines must be skip or error, got {bad_lines!r}")
+        self.config, self.key, self.bad_lines = config, key, bad_lines
+        self.stats = ReadStats(source=config.name or "?")
+        self._logged = collections.Counter()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Example | Skipped:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Example | Skipped]:
+        return (self[i] for i in range(len(self)))
+
+    def where(self, i: int) -> str:
+        """``file:line`` or ``dataset:index`` of example ``i``."""
+        raise NotImplementedError
+
+    def fail(self, where: str, msg: str) -> DataError:
+        return DataError(f"{where}: {msg} ({self.key})")
+
+    def bad(self, where: str, reason: str, file: str, *, count: bool = True) -> Skipped:
+        """The bad-record policy: ``error`` raises naming ``where``; ``skip`` logs the first 3
+        per file (and counts the reason in ``stats`` when ``count``)."""
+        msg = f"{where}: {REASONS[reason]}"
+        if self.bad_lines == "error":
+            raise DataError(f"{msg} ({self.key}; data.bad_lines: skip would skip it)")
+        if count:
+            self.stats.skipped[reason] += 1
+        if self._logged[file] < _LOGGED_PER_FILE:
+            self._logged[file] += 1
+            log.warning("skipping %s", msg)
+        return Skipped(reason, where)
+
+    def example(self, src: str, tgt: str, where: str) -> Example | str:
+        """The cleaned Example, or ``"empty"``."""
+        src, tgt = clean(src), clean(tgt)
+        if not tgt or (self.config.task not in MONOLINGUAL_TASKS and not src):
+            return "empty"
+        c = self.config
+        return Example(src, tgt, c.src_lang, c.tgt_lang, c.task, where)
+
+    def from_record(self, rec: Any, where: str, file: str) -> Example | Skipped:
+        """A dict-like record -> Example, or the policy applied (lazily checked sources)."""
+        texts = record_texts(self.config, rec)
+        out = self.example(*texts, where) if isinstance(texts, tuple) else texts
+        return self.bad(where, out, file, count=False) if isinstance(out, str) else out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_logged"] = collections.Counter()
+        return state
+
+
+# ------------------------------------------------------------ line formats
+
+
+class LineFormat:
+    """How one line (one line of each of two line-aligned files for text pairs) of a TSV,
+    JSONL or text source becomes ``(src, tgt)`` texts: ``parse`` returns them, the reason a
+    line is bad (a key of ``REASONS``), or None for a blank line."""
+
+    header_lines = 0
+
+    def __init__(self, source: Source):
+        self.source, self.config = source, source.config
+        self.lm = self.config.task in MONOLINGUAL_TASKS
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        c = self.config
+        return (c.path,) if c.path is not None else (c.src_path, c.tgt_path)
+
+    def parse(self, *raws: bytes) -> tuple[str, str] | str | None:
+        raise NotImplementedError
+
+
+def _first_line(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.readline().rstrip(b"\n").rstrip(b"\r")
+
+
+class TsvFormat(LineFormat):
+    def __init__(self, source: Source):
+        super().__init__(source)
+        c, fail, path = self.config, source.fail, self.config.path
+        if c.header:
+            head = decode(_first_line(path))
+            if head is None:
+                raise fail(f"{path}:1", "header row is not valid UTF-8")
+            names = [clean(x) for x in head.split("\t")]
+            self.n_cols, self.header_lines = len(names), 1
+
+            def col(field: str | None, default: int, which: str) -> int:
+                if field is None:
+                    if default >= self.n_cols:
+                        raise fail(path, f"header has {self.n_cols} column(s), need {default + 1}")
+                    return default
+                if field not in names:
+                    raise fail(path, f"column {field!r} not in header {names} ({source.key}.{which})")
+                return names.index(field)
+        else:
+            self.n_cols = len((decode(_first_line(path)) or "").split("\t"))
+
+            def col(field: str | None, default: int, which: str) -> int:
+                idx = default if field is None else int(field) if str(field).isdigit() else -1
+                if not 0 <= idx < self.n_cols:
+                    raise fail(path, f"column {field!r} not in 0..{self.n_cols - 1} ({source.key}.{which})")
+                return idx
+
+        src_f, tgt_f = c.src_field, c.tgt_field
+        self.tgt_c = col(tgt_f if not self.lm else (tgt_f or src_f), 0 if self.lm else 1, "tgt_field")
+        self.src_c = None if self.lm else col(src_f, 0, "src_field")
+
+    def parse(self, raw: bytes) -> tuple[str, str] | str | None:
+        text = decode(raw)
         if text is None:
-            r.bad(where, "utf8", path)
-            continue
-        text = _clean(text)
+            return "utf8"
+        if not clean(text):
+            return None
+        cols = text.split("\t")
+        if len(cols) != self.n_cols:
+            return "columns"
+        return ("" if self.src_c is None else cols[self.src_c]), cols[self.tgt_c]
+
+
+class FirstRecordLacksFields(Exception):
+    """Raised by ``JsonlFormat.parse`` for a first JSON object without the configured fields."""
+
+    def __init__(self, record: dict):
+        super().__init__("first record lacks the configured fields")
+        self.record = record
+
+
+class JsonlFormat(LineFormat):
+    def __init__(self, source: Source):
+        super().__init__(source)
+        self.seen_object = False  # a first object without the fields is a config error
+
+    def parse(self, raw: bytes) -> tuple[str, str] | str | None:
+        text = decode(raw)
+        if text is None:
+            return "utf8"
+        text = clean(text)
         if not text:
-            r.stats.skipped["blank"] += 1
-            continue
+            return None
         try:
             rec = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
-            rec = None
+            return "json"
         if not isinstance(rec, dict):
-            r.bad(where, "json", path)
-            continue
-        more = _take_record(r, rec, where, path, first)
-        first = False
-        if not more:
-            break
+            return "json"
+        out = record_texts(self.config, rec)
+        if out == "field" and not self.seen_object:
+            raise FirstRecordLacksFields(rec)
+        self.seen_object = True
+        return out
 
 
-def _read_text(r: Reader) -> None:
-    s = r.src
-    if s.path is not None:  # monolingual, one text per line
-        pairs: Iterator = ((None, line) for line in _read_lines(s.path, r, "file"))
-        files = s.path
-    else:
-        src_lines = _read_lines(s.src_path, r, "source file")
-        tgt_lines = _read_lines(s.tgt_path, r, "target file")
-        if len(src_lines) != len(tgt_lines):
-            raise r.fail(s.src_path, f"has {len(src_lines)} lines but {s.tgt_path} has "
-                         f"{len(tgt_lines)}; text pair files must be line-aligned")
-        pairs, files = zip(src_lines, tgt_lines), s.src_path
-    for n, (raw_s, raw_t) in enumerate(pairs, 1):
-        r.stats.records += 1
-        where = f"{s.path}:{n}" if s.path else f"{s.src_path}:{n} / {s.tgt_path}:{n}"
-        src = "" if raw_s is None else _decode(raw_s)
-        tgt = _decode(raw_t)
-        if src is None or tgt is None:
-            r.bad(where, "utf8", files)
-            continue
-        if not _clean(src) and not _clean(tgt):
-            r.stats.skipped["blank"] += 1
-            continue
-        if not r.add(where, files, src, tgt):
-            break
+class TextFormat(LineFormat):
+    """Monolingual text (``path``: one text per line) or line-aligned pairs (``src_path`` +
+    ``tgt_path``)."""
+
+    def parse(self, *raws: bytes) -> tuple[str, str] | str | None:
+        texts = [decode(r) for r in raws]
+        if None in texts:
+            return "utf8"
+        if not any(clean(t) for t in texts):
+            return None
+        return ("", texts[0]) if len(texts) == 1 else (texts[0], texts[1])
 
 
-def _read_tfds(r: Reader) -> None:
-    import tensorflow_datasets as tfds  # heavy import; only when used
-
-    s = r.src
-    try:
-        ds = tfds.data_source(s.tfds_name, split=s.tfds_split, data_dir=s.tfds_data_dir)
-    except Exception as e:  # noqa: BLE001 - tfds raises many types; report one line
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise r.fail(f"tfds:{s.tfds_name}[{s.tfds_split}]", f"cannot open: {first_line}") from None
-    name = f"tfds:{s.tfds_name}[{s.tfds_split}]"
-    if len(ds) == 0:
-        raise r.fail(name, "dataset split is empty")
-    for i in range(len(ds)):
-        r.stats.records += 1
-        if not _take_record(r, ds[i], f"{name}:{i}", name, i == 0):
-            break
-
-
-READERS: dict[str, Callable[["Reader"], None]] = {"tsv": _read_tsv, "jsonl": _read_jsonl, "text": _read_text, "tfds": _read_tfds}
+LINE_FORMATS: dict[str, type[LineFormat]] = {"tsv": TsvFormat, "jsonl": JsonlFormat, "text": TextFormat}

@@ -52,10 +52,11 @@ from pathlib import Path
 
 from jaxft.config.schema import SourceConfig
 from jaxft.data.languages import UnknownLanguageError, language_name
-from jaxft.data.readers import MONOLINGUAL_TASKS, READERS, REASONS, DataError, Example, Reader, ReadStats
+from jaxft.data.index import LineSource
+from jaxft.data.readers import MONOLINGUAL_TASKS, REASONS, DataError, Example, ReadStats, Skipped, Source
 
-__all__ = ["MONOLINGUAL_TASKS", "REASONS", "DataError", "Example", "ReadStats", "expand_sources",
-           "keyed_sources", "read_source"]
+__all__ = ["MONOLINGUAL_TASKS", "REASONS", "SOURCES", "DataError", "Example", "ReadStats", "Skipped", "Source",
+           "expand_sources", "keyed_sources", "open_source", "read_source"]
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,15 @@ def _finish(src: SourceConfig, key: str, base_dir: Path, split: str | None) -> S
     paths = {f: _resolve(_substitute(getattr(src, f), subs), base_dir)
              for f in ("path", "src_path", "tgt_path", "tfds_data_dir")}
     src = dataclasses.replace(src, **paths, tfds_name=_substitute(src.tfds_name, subs),
-                              tfds_split=_substitute(src.tfds_split, subs))
+                              tfds_split=_substitute(src.tfds_split, subs),
+                              src_field=_substitute(src.src_field, subs), tgt_field=_substitute(src.tgt_field, subs),
+                              hf_name=_substitute(src.hf_name, subs), hf_split=_substitute(src.hf_split, subs))
     if src.type == "tfds":
         if not src.tfds_name:
             raise DataError(f"{key}.tfds_name: required for type tfds")
+    elif src.type == "hf":
+        if (src.path is None) == (src.hf_name is None):
+            raise DataError(f"{key}: type hf needs `path` (a save_to_disk folder) or `hf_name` (a hub id), not both")
     elif src.type == "text" and src.path is None:
         if not (src.src_path and src.tgt_path):
             raise DataError(f"{key}: type text needs `path` (lm) or `src_path` and `tgt_path`")
@@ -133,6 +139,8 @@ def _finish(src: SourceConfig, key: str, base_dir: Path, split: str | None) -> S
             name = f"{src.src_lang}-{src.tgt_lang}"
         elif src.type == "tfds":
             name = src.tfds_name
+        elif src.hf_name is not None:
+            name = src.hf_name.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1]
         else:
             name = Path(src.path or src.src_path).stem
         src = dataclasses.replace(src, name=name)
@@ -180,23 +188,46 @@ def expand_sources(
     return [s for _, s in keyed_sources(sources, base_dir, section=section, split=split)]
 
 
-def read_source(
-    src: SourceConfig, *, key: str | None = None, bad_lines: str = "skip"
-) -> tuple[list[Example], ReadStats]:
-    """Read one expanded source (see ``expand_sources``) into memory.
+def _record_sources() -> dict[str, type[Source]]:
+    from jaxft.data import records  # TFDS / ArrayRecord / Parquet / HF: heavy imports, only when used
+
+    return records.RECORD_SOURCES
+
+
+SOURCES: dict[str, type[Source]] = {"tsv": LineSource, "jsonl": LineSource, "text": LineSource}
+
+
+def open_source(src: SourceConfig, *, key: str | None = None, bad_lines: str = "skip",
+                index_dir: str | None = None) -> Source:
+    """Random access to one expanded source (see ``expand_sources``), nothing read into memory.
 
     ``key`` is the source's config key for error messages; ``bad_lines`` is
-    ``data.bad_lines`` (see the module docstring for the policy).
+    ``data.bad_lines`` (see the module docstring for the policy); ``index_dir`` is
+    ``data.index_dir`` (the line-index cache of TSV / JSONL / text files).
     """
     if bad_lines not in ("skip", "error"):
         raise ValueError(f"data.bad_lines must be skip or error, got {bad_lines!r}")
-    r = Reader(src, key or f"source {src.name!r}", bad_lines)
-    READERS[src.type](r)
-    r.stats.examples = len(r.examples)
-    if not r.examples:
-        where = src.path or src.src_path or f"tfds:{src.tfds_name}"
-        raise r.fail(where, f"no usable examples (skipped: {dict(r.stats.skipped)})")
-    bad = {k: v for k, v in r.stats.skipped.items() if k != "blank"}
-    if bad:
-        log.info("%s: read %d examples, skipped %s", src.name, len(r.examples), bad)
-    return r.examples, r.stats
+    kinds = SOURCES if src.type in SOURCES else _record_sources()
+    if src.type not in kinds:
+        raise DataError(f"{key or src.name}.type: unknown source type {src.type!r}")
+    return kinds[src.type](src, key or f"source {src.name!r}", bad_lines, index_dir=index_dir)
+
+
+def read_source(
+    src: SourceConfig, *, key: str | None = None, bad_lines: str = "skip", index_dir: str | None = None,
+) -> tuple[list[Example], ReadStats]:
+    """Every example of one expanded source, in order, in memory: for small sources (dev
+    sets, tests); training reads through ``open_source``.  The stats count the records
+    skipped by the bad-record policy, whether found when indexing or when read."""
+    source = open_source(src, key=key, bad_lines=bad_lines, index_dir=index_dir)
+    examples = [ex for ex in source if isinstance(ex, Example)]
+    stats = source.stats
+    if not source.checked_up_front:
+        stats.examples = len(examples)
+        stats.skipped.update(ex.reason for ex in source if isinstance(ex, Skipped))
+        if not examples:
+            raise source.fail(source.where(0).rsplit(":", 1)[0],
+                              f"no usable examples (skipped: {dict(stats.skipped)})")
+    if src.max_examples is not None:
+        examples = examples[: src.max_examples]
+    return examples, stats
