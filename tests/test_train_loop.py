@@ -49,7 +49,15 @@ def test_uninterrupted_run_learns_and_reports_dev_loss(reference):
     for row in rows:
         assert {"loss", "lr", "grad_norm", "seq_tokens_per_s", "mfu", "tokens"} <= set(row)
         assert row["seq_tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["grad_norm"] > 0
+        assert row["data_wait_s"] >= 0 and 0 <= row["data_wait_frac"] < 1  # host time blocked on the batch
     assert rows[0]["lr"] < rows[2]["lr"]  # warmup
+
+
+def test_data_worker_processes_train_the_same_losses(reference):
+    tmp, ref = reference
+    cfg = load_config(write_run_config(tmp, steps=6, name="workers", extra={"data.workers": 2}))
+    result = train(cfg, base_dir=tmp)
+    assert result.losses == ref.losses
 
 
 def test_resume_reproduces_uninterrupted_losses_exactly(reference):

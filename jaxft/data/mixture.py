@@ -51,10 +51,46 @@ def derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
+PERMUTATION_TABLE_MAX = 1 << 16  # sources up to this size shuffle through a permutation table
+
+
+class FeistelPermutation:
+    """A seeded bijection of ``[0, n)`` in O(1) memory: a 4-round Feistel network over the
+    smallest even number of bits covering ``n``, walking the cycle until the value falls
+    below ``n`` (fewer than 4 rounds of walking on average)."""
+
+    _M = (1 << 64) - 1
+
+    def __init__(self, n: int, seed: Sequence[int] | int):
+        self.n = int(n)
+        bits = max(2, (self.n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [int(k) for k in np.random.default_rng(seed).integers(0, 1 << 62, size=4)]
+
+    def _round(self, r: int, k: int) -> int:
+        x = (r ^ k) * 0x9E3779B97F4A7C15 & self._M
+        x ^= x >> 29
+        x = x * 0xBF58476D1CE4E5B9 & self._M
+        return (x ^ (x >> 32)) & self.mask
+
+    def __getitem__(self, i: int) -> int:
+        x, h, mask = int(i), self.half, self.mask
+        while True:
+            left, right = x >> h, x & mask
+            for k in self.keys:
+                left, right = right, left ^ self._round(right, k)
+            x = (left << h) | right
+            if x < self.n:
+                return x
+
+
 class EpochShuffled:
     """An infinite random-access view of ``elements``: epoch ``e`` is a
     permutation seeded by ``(seed, e)``, so each epoch is reshuffled.
 
+    Up to ``PERMUTATION_TABLE_MAX`` elements the permutation is a table (numpy); above,
+    a ``FeistelPermutation``, so memory does not grow with the source.
     (grain's ``MapDataset.shuffle().repeat()`` does the same, but its index
     shuffle takes milliseconds per element for sources of a few dozen
     examples, common for low-resource directions.)
@@ -64,17 +100,27 @@ class EpochShuffled:
         if not len(elements):
             raise ValueError("cannot shuffle an empty source")
         self.elements, self.seed = elements, seed
+        self.n = len(elements)
         self._perm = functools.lru_cache(maxsize=2)(self._make_perm)
 
-    def _make_perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.elements))
+    def _make_perm(self, epoch: int):
+        if self.n <= PERMUTATION_TABLE_MAX:
+            return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return FeistelPermutation(self.n, [self.seed, epoch])
 
     def __len__(self) -> int:
         return sys.maxsize
 
     def __getitem__(self, index: int) -> Any:
-        epoch, k = divmod(int(index), len(self.elements))
+        epoch, k = divmod(int(index), self.n)
         return self.elements[int(self._perm(epoch)[k])]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"elements": self.elements, "seed": self.seed, "n": self.n}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._perm = functools.lru_cache(maxsize=2)(self._make_perm)
 
 
 def shuffled_repeat(elements: Sequence[Any], seed: int) -> EpochShuffled:
@@ -103,6 +149,13 @@ class Mixture:
 
     def __len__(self) -> int:
         return sys.maxsize
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_block"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._block = functools.lru_cache(maxsize=64)(self._make_block)
 
     def _cumulative(self, b: int) -> np.ndarray:
         """Examples of each source in blocks [0, b)."""

@@ -39,6 +39,7 @@ table, ``stats``).  ``truncate`` cuts when an example is drawn, as before.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -48,12 +49,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxft.config.schema import DataConfig, SourceConfig
+from jaxft.config.schema import DataConfig
 from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realised_rates,
                                 shuffled_repeat, temperature_rates)
 from jaxft.data import seq2seq
-from jaxft.data.readers import READERS, Reader
-from jaxft.data.sources import DataError, Example, ReadStats, keyed_sources, read_source
+from jaxft.data.sources import DataError, Example, ReadStats, Skipped, Source, keyed_sources, open_source
 from jaxft.data.tasks import FEATURES, Featurizer, OverlongError, pad_row
 from jaxft.data.tokenizer import Tokenizer
 
@@ -64,30 +64,51 @@ REALISED_RATE_EXAMPLES = 20000
 _NO_PREFETCH = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
+class Subset(Sequence):
+    """The examples of ``source`` at ``positions`` (those kept by the over-long scan)."""
+
+    def __init__(self, source: Source, positions: np.ndarray):
+        self.source, self.positions = source, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.source[int(self.positions[i])]
+
+
 @dataclasses.dataclass
 class Direction:
-    """One expanded source, read into memory."""
+    """One expanded source, opened for random access (nothing read into memory)."""
 
     key: str
-    config: SourceConfig
-    examples: list[Example]
-    read_stats: ReadStats
-    overlong_skipped: int = 0  # dropped up front (data.overlong: skip)
-    positions: np.ndarray | None = None  # of ``examples`` in the source as read; None: 0, 1, ...
+    config: Any  # SourceConfig
+    source: Source
+    overlong_skipped: int = 0  # dropped up front (data.overlong: skip, sources <= data.overlong_scan)
+    positions: np.ndarray | None = None  # of the kept examples in ``source``; None: all
+    scanned: bool = False  # lengths measured up front
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def read_stats(self) -> ReadStats:
+        return self.source.stats
+
+    @property
+    def examples(self) -> Sequence[Example | Skipped]:
+        """The examples trained on, random access."""
+        return self.source if self.positions is None else Subset(self.source, self.positions)
+
 
 def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Direction]:
-    """Expand and read ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
+    """Expand and open ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
     sources = cfg.train if split == "train" else cfg.dev
-    out = []
-    for key, src in keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split):
-        examples, stats = read_source(src, key=key, bad_lines=cfg.bad_lines)
-        out.append(Direction(key, src, examples, stats))
-    return out
+    return [Direction(key, src, open_source(src, key=key, bad_lines=cfg.bad_lines, index_dir=cfg.index_dir))
+            for key, src in keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split)]
 
 
 _NOISE_TASKS = ("span_corruption", "infilling")
@@ -117,56 +138,63 @@ def example_lengths(featurizer: AnyFeaturizer, examples: Sequence[Example]) -> n
     return featurizer.lengths(examples)
 
 
-def _locate(d: Direction, index: int, bad_lines: str) -> str:
-    """``file:line`` of example ``index`` of ``d`` (the source read again: for error messages)."""
-
-    class Locate(Reader):
-        where: str | None = None
-
-        def bad(self, where: str, reason: str, file: str) -> None:
-            self.stats.skipped[reason] += 1  # already reported when the source was read
-
-        def add(self, where: str, file: str, src: str, tgt: str) -> bool:
-            n = len(self.examples)
-            more = super().add(where, file, src, tgt)
-            if n == index and len(self.examples) == n + 1:  # this line became example `index`
-                self.where = where
-                return False
-            return more
-
-    r = Locate(d.config, d.key, bad_lines)
-    try:
-        READERS[d.config.type](r)
-    except DataError:
-        pass
-    src = d.config
-    return r.where or f"{src.path or src.src_path or f'tfds:{src.tfds_name}'}: example {index + 1}"
-
-
-def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, bad_lines: str = "skip") -> Direction:
-    """``data.overlong`` up front: ``error`` raises ``OverlongError`` (file:line, lengths) for the
-    first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
-    ``positions``); ``truncate`` returns ``d`` (cut when drawn)."""
-    if overlong == "truncate":
+def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, scan_limit: int) -> Direction:
+    """``data.overlong`` up front, for sources of at most ``scan_limit`` records (larger ones
+    are dealt with when drawn): ``error`` raises ``OverlongError`` (file:line, lengths) for
+    the first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
+    ``positions``); ``truncate`` returns ``d`` (cut when drawn).  Records a lazily checked
+    source skips are left out of ``positions`` too (counted in its read stats)."""
+    if overlong == "truncate" or len(d.source) > scan_limit:
         return d
-    lengths = example_lengths(featurizer, d.examples)
+    records = list(d.source)
+    good = np.array([i for i, ex in enumerate(records) if isinstance(ex, Example)], np.int64)
+    if not d.source.checked_up_front:
+        d.source.stats.skipped.update(ex.reason for ex in records if isinstance(ex, Skipped))
+        d.source.stats.examples = len(good)
+        if not len(good):
+            raise DataError(f"{d.source.where(0).rsplit(':', 1)[0]}: no usable examples "
+                            f"(skipped: {dict(d.source.stats.skipped)}) ({d.key})")
+    examples = [records[i] for i in good]
+    del records
+    lengths = example_lengths(featurizer, examples)
     over = np.flatnonzero((lengths > np.asarray(featurizer.limits)).any(axis=1))
-    if not len(over):
-        return d
-    if overlong == "error":
+    keep = np.ones(len(examples), bool)
+    keep[over] = False
+    if len(over) and overlong == "error":
         i = int(over[0])
         more = f"; {len(over) - 1} more in this source" if len(over) > 1 else ""
-        raise OverlongError(f"{_locate(d, i, bad_lines)}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
+        raise OverlongError(f"{examples[i].where}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
                             f"data.overlong: skip or truncate would handle it)")
-    keep = np.ones(len(d.examples), bool)
-    keep[over] = False
-    positions = np.flatnonzero(keep)
-    if not len(positions):
-        raise DataError(f"{d.key}: all {len(d.examples)} examples of {d.name!r} are over-long, e.g. "
-                        f"{_locate(d, int(over[0]), bad_lines)}: {featurizer.describe(lengths[over[0]])} "
+    if len(over) and not keep.any():
+        raise DataError(f"{d.key}: all {len(examples)} examples of {d.name!r} are over-long, e.g. "
+                        f"{examples[int(over[0])].where}: {featurizer.describe(lengths[over[0]])} "
                         f"(data.overlong: skip; raise data.seq_len or use truncate)")
-    return dataclasses.replace(d, examples=[d.examples[i] for i in positions], overlong_skipped=len(over),
-                               positions=positions)
+    positions = good[keep]
+    if len(positions) == len(d.source):
+        return dataclasses.replace(d, scanned=True)
+    return dataclasses.replace(d, overlong_skipped=len(over), positions=positions, scanned=True)
+
+
+@dataclasses.dataclass
+class DrawStats:
+    """Per direction, counted when examples are drawn: records skipped by the bad-record
+    policy (lazily checked sources) and, via the featurizer, over-long ones."""
+
+    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def draw(featurizer: AnyFeaturizer, ex: Example | Skipped, stats: DrawStats, **kw: Any):
+    """Featurize one drawn record: None for a skipped one (counted), an over-long error
+    naming its ``file:line``."""
+    if isinstance(ex, Skipped):
+        stats.bad[ex.reason] += 1
+        return None
+    try:
+        return featurizer(ex, **kw)
+    except OverlongError as e:
+        if ex.where and not str(e).startswith(ex.where):
+            raise OverlongError(f"{ex.where}: {e}") from None
+        raise
 
 
 def _unpacked_row(seq_len: int):
@@ -181,27 +209,39 @@ def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class TrainPipeline(Iterator[dict[str, np.ndarray]]):
-    """``next(p)`` -> this process's rows of the next global batch."""
+    """``next(p)`` -> this process's rows of the next global batch.
+
+    With ``workers`` > 0 the rows are built by worker processes (``jaxft.data.workers``),
+    identical to ``workers=0``; ``close()`` stops them."""
 
     def __init__(self, mixture: Mixture, featurizers: Sequence[Featurizer],
                  directions: Sequence[Direction], *, global_batch: int, slots: range,
-                 seq_len: int, packing: bool, encoder_seq_len: int | None = None):
+                 seq_len: int, packing: bool, encoder_seq_len: int | None = None,
+                 workers: int = 0, prefetch: int = 2):
         """``encoder_seq_len`` set: encoder-decoder rows (``featurizers`` are ``Seq2SeqFeaturizer``)."""
         self.mixture, self.featurizers, self.directions = mixture, list(featurizers), list(directions)
         self.global_batch, self.slots, self.seq_len, self.packing = global_batch, slots, seq_len, packing
         self.encoder_seq_len = encoder_seq_len
         self.row_keys = ROW_KEYS if encoder_seq_len is None else seq2seq.ROW_KEYS
-        self._iters = {r: iter(self._slot_dataset(r)) for r in slots}
+        self.draw_stats = [DrawStats() for _ in self.directions]
+        if workers < 0 or prefetch < 0:
+            raise ValueError(f"data.workers and data.prefetch must be >= 0, got {workers} and {prefetch}")
+        self.workers, self.prefetch = workers, prefetch
+        self._iters: dict[int, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # a state to start the iterators from
+        self._pool = None
+        self._worker_counts: list[Any] = []
 
     def _slot_dataset(self, r: int) -> grain.IterDataset:
-        featurizers, B = self.featurizers, self.global_batch
+        featurizers, stats, B = self.featurizers, self.draw_stats, self.global_batch
         ds = grain.MapDataset.source(self.mixture)[r :: B]
-        if self.encoder_seq_len is None:
-            ds = ds.map(lambda item: featurizers[item[0]](item[1]))  # None = skipped (over-long)
+        if self.encoder_seq_len is None:  # None = skipped (bad record, over-long)
+            ds = ds.map(lambda item: draw(featurizers[item[0]], item[1], stats[item[0]]))
             lengths, unpacked, packed_row = ({k: self.seq_len for k in FEATURES}, _unpacked_row(self.seq_len),
                                              _packed_row)
         else:  # the noise of stream example i = r + j*B is seeded by i
-            ds = ds.map_with_index(lambda j, item: featurizers[item[0]](item[1], index=r + j * B))
+            ds = ds.map_with_index(lambda j, item: draw(featurizers[item[0]], item[1], stats[item[0]],
+                                                        index=r + j * B))
             S, L = self.encoder_seq_len, self.seq_len
             lengths, packed_row = seq2seq.length_struct(S, L), seq2seq.packed_seq2seq_row
             unpacked = lambda features: seq2seq.pad_seq2seq_row(features, S, L)  # noqa: E731
@@ -213,13 +253,49 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
         )
         return packed.map(packed_row)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows = [next(self._iters[r]) for r in self.slots]
+    def _iterators(self) -> dict[int, Any]:
+        if self._iters is None:
+            self._iters = {r: iter(self._slot_dataset(r)) for r in self.slots}
+            if self._pending is not None:
+                for r, it in self._iters.items():
+                    it.set_state(self._pending[f"slot_{r}"])
+                self._pending = None
+        return self._iters
+
+    def next_local(self) -> dict[str, np.ndarray]:
+        """The next rows, built in this process."""
+        iters = self._iterators()
+        rows = [next(iters[r]) for r in self.slots]
         return {k: np.stack([row[k] for row in rows]) for k in self.row_keys}
 
+    def __next__(self) -> dict[str, np.ndarray]:
+        if not self.workers:
+            return self.next_local()
+        if self._pool is None:
+            from jaxft.data.workers import WorkerPool
+
+            self._pool = WorkerPool(self, self.workers, self.prefetch)
+        rows, self._worker_counts = self._pool.next()
+        return rows
+
+    def for_slots(self, slots: range) -> TrainPipeline:
+        """A copy that builds only ``slots`` (a worker's share), in its own process, from
+        this pipeline's current state."""
+        sub = TrainPipeline(self.mixture, self.featurizers, self.directions, global_batch=self.global_batch,
+                            slots=slots, seq_len=self.seq_len, packing=self.packing,
+                            encoder_seq_len=self.encoder_seq_len)
+        state = self.get_state()
+        sub._pending = {f"slot_{r}": state[f"slot_{r}"] for r in slots}
+        return sub
+
     def get_state(self) -> dict[str, Any]:
-        """JSON-serialisable; one entry per owned slot (``slot_<r>``)."""
-        return {f"slot_{r}": it.get_state() for r, it in self._iters.items()}
+        """JSON-serialisable; one entry per owned slot (``slot_<r>``): the position after the
+        last batch handed out."""
+        if self._pool is not None:
+            return dict(self._pool.state)
+        if self._iters is None and self._pending is not None:
+            return dict(self._pending)
+        return {f"slot_{r}": it.get_state() for r, it in self._iterators().items()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore own slots from ``state`` (which may hold other processes' slots too)."""
@@ -229,8 +305,41 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
                 f"data iterator state lacks slots {missing[:4]}{'...' if len(missing) > 4 else ''} "
                 f"of this process (it has {len(state)} entries; was global_batch changed?)"
             )
-        for r, it in self._iters.items():
-            it.set_state(state[f"slot_{r}"])
+        self.close()
+        self._iters, self._pending = None, {f"slot_{r}": state[f"slot_{r}"] for r in self.slots}
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next`` starts new ones from the current state)."""
+        if self._pool is not None:
+            state = self._pool.state
+            self._pool.close()
+            self._pool, self._iters, self._pending = None, None, state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_iters=None, _pool=None, _worker_counts=[])
+        return state
+
+    def draw_counts(self) -> list[dict[str, Any]]:
+        """Per direction, this process's (or worker's) counts so far: examples tokenized,
+        over-long skipped / truncated when drawn, bad records skipped when drawn."""
+        return [{**f.stats.to_dict(), "bad_skipped": dict(d.bad)} for f, d in zip(self.featurizers, self.draw_stats)]
+
+    def counts(self) -> list[dict[str, Any]]:
+        """``draw_counts`` summed over this process's workers."""
+        parts = [c for c in self._worker_counts if c] or [self.draw_counts()]
+        out = []
+        for per_dir in zip(*parts):
+            total: dict[str, Any] = {"bad_skipped": collections.Counter()}
+            for c in per_dir:
+                for k, v in c.items():
+                    if k == "bad_skipped":
+                        total[k].update(v)
+                    else:
+                        total[k] = total.get(k, 0) + v
+            total["bad_skipped"] = dict(total["bad_skipped"])
+            out.append(total)
+        return out
 
     @property
     def rates(self) -> list[dict[str, Any]]:
@@ -249,8 +358,8 @@ class TrainPipeline(Iterator[dict[str, np.ndarray]]):
         counts (this process, so far)."""
         return {
             d.name: {**d.read_stats.to_dict(), "overlong_skipped": d.overlong_skipped,
-                     **{f"tokenized_{k}": v for k, v in f.stats.to_dict().items()}}
-            for d, f in zip(self.directions, self.featurizers)
+                     **{f"tokenized_{k}" if k != "bad_skipped" else k: v for k, v in c.items()}}
+            for d, c in zip(self.directions, self.counts())
         }
 
     def rates_table(self) -> str:
@@ -287,7 +396,7 @@ def build_train_pipeline(
         raise DataError("data.train: no training sources configured")
     directions = read_directions(cfg, base_dir, split="train")
     featurizers = [_featurizer(cfg, tokenizer, d, decoder_start_id=start_id) for d in directions]
-    directions = [apply_overlong(d, f, cfg.overlong, bad_lines=cfg.bad_lines)
+    directions = [apply_overlong(d, f, cfg.overlong, scan_limit=cfg.overlong_scan)
                   for d, f in zip(directions, featurizers)]
     sizes = [d.config.weight or len(d.examples) for d in directions]
     rates = temperature_rates(sizes, cfg.temperature)
@@ -299,6 +408,7 @@ def build_train_pipeline(
         global_batch=global_batch, slots=range(process_index * per, (process_index + 1) * per),
         seq_len=cfg.seq_len, packing=cfg.packing,
         encoder_seq_len=(cfg.encoder_seq_len or cfg.seq_len) if encoder_decoder else None,
+        workers=cfg.workers, prefetch=cfg.prefetch,
     )
     log.info("training mixture (temperature %g):\n%s", cfg.temperature, pipeline.rates_table())
     return pipeline
@@ -326,16 +436,17 @@ def build_dev_batches(
     for i, d in enumerate(read_directions(cfg, base_dir, split="dev")):
         featurize = _featurizer(cfg, tokenizer, d, decoder_start_id=start_id,
                                 seed=derive_seed(cfg.seed, _DEV_NOISE_STREAM, i))
-        d = apply_overlong(d, featurize, cfg.overlong, bad_lines=cfg.bad_lines)
+        d = apply_overlong(d, featurize, cfg.overlong, scan_limit=cfg.overlong_scan)
         if d.overlong_skipped:
             log.warning("dev %s: skipped %d over-long examples (of %d)", d.name, d.overlong_skipped,
                         d.overlong_skipped + len(d.examples))
-        positions = range(len(d.examples)) if d.positions is None else d.positions
-        rows = []
-        for n, ex in zip(positions, d.examples):  # noise seeded by the position in the file, as before
+        positions = range(len(d.source)) if d.positions is None else d.positions
+        rows, counts = [], DrawStats()
+        for n in positions:  # noise seeded by the position in the file, as before
             if len(rows) == max_batches * batch_size:
                 break
-            features = featurize(ex) if start_id is None else featurize(ex, index=int(n))
+            ex = d.source[int(n)]
+            features = draw(featurize, ex, counts) if start_id is None else draw(featurize, ex, counts, index=int(n))
             if features is not None:
                 rows.append(pad(features))
         empty = {k: np.zeros_like(v) for k, v in pad({k: [] for k in features_of}).items()}
@@ -352,6 +463,8 @@ def training_texts(cfg: DataConfig, base_dir: Path) -> Iterator[str]:
     """Source and target texts of all train sources, in config and file order."""
     for d in read_directions(cfg, base_dir, split="train"):
         for ex in d.examples:
+            if isinstance(ex, Skipped):
+                continue
             if ex.src:
                 yield ex.src
             yield ex.tgt

@@ -105,6 +105,13 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
+    def __getstate__(self) -> dict:  # data worker processes receive the model itself, not a path
+        return {"proto": self._sp.serialized_model_proto(), "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self._sp = spm.SentencePieceProcessor(model_proto=state["proto"])
+        self.path = state["path"]
+
 
 def train_tokenizer(
     texts: Iterable[str],
@@ -119,7 +126,8 @@ def train_tokenizer(
 
     Deterministic: the same texts and config give a byte-identical model (one
     thread, the first ``cfg.max_sentences`` texts in order, no sentence
-    sampling or shuffling).  Errors are one-line ``TokenizerError``s naming
+    sampling or shuffling); runs pass a per-language sample of their training sources
+    (``jaxft.data.tokenizer_sample``).  Errors are one-line ``TokenizerError``s naming
     ``setting`` (the vocabulary size's flag or config key) and ``corpus``; an
     error raised while reading ``texts`` propagates unchanged.
     """

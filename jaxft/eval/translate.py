@@ -10,6 +10,7 @@ language code forced as the first output token.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +85,8 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
     for direction in read_directions(cfg.data, base_dir, split="dev"):
         if ecfg.directions and direction.name not in ecfg.directions:
             continue
-        examples = [e for e in direction.examples if e.task == "translation"][:limit]
+        examples = list(itertools.islice((e for e in direction.examples
+                                          if isinstance(e, Example) and e.task == "translation"), limit))
         if not examples:
             continue
         src_lang, tgt_lang = examples[0].src_lang, examples[0].tgt_lang

@@ -106,9 +106,26 @@ class MetricsHook(Hook):
             steps_done = max(step - self.step_last, 1)
             m["seq_tokens_per_s"] = steps_done * tcfg.global_batch * run.cfg.data.seq_len / dt
             m["mfu"] = steps_done * self.flops_per_step / dt / self.peak
+            waits = [run.data_wait.pop(s) for s in sorted(run.data_wait) if s <= step]
+            if waits:  # per step, host time blocked on the next batch, and its share of the time
+                m["data_wait_s"] = sum(waits) / len(waits)
+                m["data_wait_frac"] = sum(waits) / dt
+            m.update(_data_skips(run.pipeline))
             self.t_last, self.step_last = time.perf_counter(), step
             run.writer.write(step, m)
             self.progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
+
+
+def _data_skips(pipeline) -> dict[str, float]:
+    """Examples skipped when drawn so far (this process): over-long ones and bad records of
+    sources checked when read; only the non-zero counts."""
+    counts = getattr(pipeline, "counts", None)
+    if counts is None:
+        return {}
+    per_dir = counts()
+    out = {"data_overlong_skipped": sum(c.get("overlong_skipped", 0) for c in per_dir),
+           "data_bad_skipped": sum(sum(c.get("bad_skipped", {}).values()) for c in per_dir)}
+    return {k: float(v) for k, v in out.items() if v}
 
 
 class DivergedError(ValueError):

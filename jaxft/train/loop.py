@@ -10,6 +10,7 @@ k's metrics, so the host never stalls the device on a metrics fetch.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,7 @@ def train(cfg: Config, *, base_dir: Path, stop_after: int | None = None,
         finally:
             for hook in reversed(all_hooks):
                 hook.close(run)
+            run.pipeline.close()
     return TrainResult(run_dir=run.dirs.root, step=run.end, dev_before=dev.before, dev_after=dev.after,
                        losses=metrics.losses,
                        exit_status=0 if run.end == cfg.train.steps else cadence.exit_status)
@@ -66,7 +68,10 @@ def step_loop(run: Run, hooks: Sequence[Hook], cadence: Cadence):
     for hook in hooks:
         hook.on_start(run, state)
     for step in range(run.start + 1, run.end + 1):
-        batch = run.to_global(next(run.pipeline))
+        t0 = time.perf_counter()
+        rows = next(run.pipeline)
+        run.data_wait[step] = time.perf_counter() - t0  # host time blocked on the batch
+        batch = run.to_global(rows)
         state, metrics = run.train_step(state, batch)
         run.save_now, stop = cadence.after_step(step, run.end)
         if stop:
