@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxft.config.schema import DataConfig, SourceConfig, TokenizerConfig
-from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, read_directions, training_texts
+from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, read_directions
 from jaxft.data.sources import DataError
 from jaxft.data.tasks import Featurizer, OverlongError
 from jaxft.data.tokenizer import train_tokenizer
@@ -240,10 +240,3 @@ def test_dev_batches(tok, data_dir, caplog):
     yo = dev["en-yo"]  # 15 examples: the second batch has 7 real rows, 1 all-zero row
     assert len(yo) == 2 and yo[1]["segment_ids"][:7].all(axis=1).sum() == 0
     assert yo[1]["weights"][:7].any(axis=1).all() and not any(yo[1][k][7].any() for k in KEYS)
-
-
-def test_training_texts(data_dir):
-    texts = list(training_texts(_cfg(), data_dir))
-    assert len(texts) == 2 * 120 + 2 * 15 + 40
-    first = (data_dir / "train.en-de.tsv").read_text().splitlines()[1].split("\t")
-    assert texts[:2] == first

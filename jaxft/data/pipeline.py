@@ -1,4 +1,4 @@
-"""The training and dev input pipelines (grain), and tokenizer-training texts.
+"""The training and dev input pipelines (grain).
 
 Training data flow, for a global batch of B rows ("slots"):
 
@@ -457,14 +457,3 @@ def build_dev_batches(
             batches.append({k: np.stack([row[k] for row in chunk]) for k in keys})
         out[d.name] = batches
     return out
-
-
-def training_texts(cfg: DataConfig, base_dir: Path) -> Iterator[str]:
-    """Source and target texts of all train sources, in config and file order."""
-    for d in read_directions(cfg, base_dir, split="train"):
-        for ex in d.examples:
-            if isinstance(ex, Skipped):
-                continue
-            if ex.src:
-                yield ex.src
-            yield ex.tgt

@@ -19,8 +19,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxft.config.schema import Config, DataConfig
-from jaxft.data.pipeline import build_dev_batches, build_train_pipeline, training_texts
+from jaxft.data.pipeline import build_dev_batches, build_train_pipeline
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
+from jaxft.data.tokenizer_sample import tokenizer_sample
 from jaxft.data.vocab import required_pieces
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.peft.methods import PeftMethod, StepContext, method_for
@@ -67,6 +68,7 @@ class Run:
     save_now: bool = False  # set by the loop before a step's hooks: checkpoint this step
     fetched: list = dataclasses.field(default_factory=list)  # (step, metrics) the metrics hook fetched this step
     unhealthy: bool = False  # the guard saw non-finite losses up to the last fetched step
+    data_wait: dict = dataclasses.field(default_factory=dict)  # step -> seconds blocked on its batch
 
     @property
     def is_main(self) -> bool:
@@ -90,8 +92,8 @@ class Run:
 def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured: Tokenizer | None = None
                       ) -> Tokenizer:
     """`configured` (`data.tokenizer.path`, loaded before the run dir is created, so a bad
-    tokenizer file leaves nothing behind), or one trained from the training sources into
-    the run dir."""
+    tokenizer file leaves nothing behind), or one trained into the run dir on a per-language,
+    temperature-balanced sample of the training sources (`jaxft.data.tokenizer_sample`)."""
     tok = configured if configured is not None else configured_tokenizer(cfg, base_dir)
     if tok is not None:
         return tok
@@ -100,10 +102,11 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured
         raise ValueError("data.tokenizer: set `path` to a SentencePiece model or `train_vocab_size` to train one")
     path = RunDir(run_dir).tokenizer
     if jax.process_index() == 0 and not path.exists():
-        log.info("training a %d-piece %s tokenizer on the training sources -> %s",
+        log.info("training a %d-piece %s tokenizer on a per-language sample of the training sources -> %s",
                  tcfg.train_vocab_size, tcfg.model_type, path)
         symbols = list(dict.fromkeys(required_pieces(cfg, base_dir) + list(tcfg.user_defined_symbols)))
-        train_tokenizer(training_texts(cfg, base_dir), path, tcfg, user_defined_symbols=symbols)
+        sample = tokenizer_sample(cfg, base_dir)
+        train_tokenizer(sample.texts, path, tcfg, user_defined_symbols=symbols)
     multihost_utils.sync_global_devices("jaxft:tokenizer")
     return Tokenizer.load(path)
 
