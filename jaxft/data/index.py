@@ -198,8 +198,9 @@ class LineSource(Source):
                 raise self.fail(self.files[0], f"no usable examples (skipped: {dict(stats.skipped)})")
             meta = {"key": key_obj, "records": stats.records, "examples": stats.examples,
                     "skipped": dict(sorted(stats.skipped.items())), "build_s": round(time.time() - t0, 3)}
-            for old in root.glob(f"{stem}.*"):  # indexes of earlier versions of this file
-                if old.suffix in (".idx", ".json"):
+            for old in root.glob(f"{stem}.*"):  # indexes of earlier versions of this file (not
+                # this one: another process may have just built it and be reading it)
+                if old.suffix in (".idx", ".json") and old.stem != self.index_path.stem:
                     old.unlink(missing_ok=True)
             os.replace(tmp, self.index_path)
             tmp_meta = self.index_path.with_name(f".{self.index_path.stem}.{os.getpid()}.json")
