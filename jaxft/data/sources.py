@@ -1,4 +1,4 @@
-"""Data sources: expand the config's source list, read each source into Examples.
+"""Data sources: expand the config's source list; open each source for random access.
 
 Formats (``SourceConfig.type``):
 
@@ -16,9 +16,16 @@ Formats (``SourceConfig.type``):
   data_dir=tfds_data_dir)`` (array_record); fields default to the language
   codes (translation datasets hold ``{lang: text}``), ``inputs``/``targets``,
   ``text``.
+* ``arrayrecord`` / ``parquet`` / ``hf``: ArrayRecord shards of JSON records,
+  Parquet files, Hugging Face datasets (``jaxft.data.records``); fields as for
+  ``tfds``.  ``{src}``/``{tgt}`` in ``src_field``/``tgt_field`` are substituted,
+  so one-column-per-language (FLORES-style) sets give any direction.
 
-Every text is stripped of surrounding whitespace and byte-order marks.  Files
-are read as bytes and decoded line by line, so one bad line cannot hide others.
+TSV, JSONL and text files are read through a cached line-offset index
+(``jaxft.data.index``): the bad-line policy is applied once, when the index is
+built.  The other types are checked record by record when read.  Every text is
+stripped of surrounding whitespace and byte-order marks.  Files are read as
+bytes and decoded line by line, so one bad line cannot hide others.
 
 Bad input policy:
 
@@ -35,6 +42,7 @@ Bad input policy:
 | field missing / not text in a later record (JSONL)  | same, counted as ``field``                  |
 | empty source or target text                         | same, counted as ``empty``                  |
 | invalid UTF-8                                       | same, counted as ``utf8``                   |
+| bad record of arrayrecord / tfds / parquet / hf     | checked when read: counted ``Skipped`` or error naming ``dataset:index`` |
 | blank line (or blank line pair)                     | always skipped, counted as ``blank``        |
 | byte-order mark, surrounding whitespace             | stripped, not counted                       |
 | sequence longer than ``data.seq_len`` tokens        | ``data.overlong`` (see ``jaxft.data.tasks``) |
