@@ -17,6 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("jaxft")
 DIVERGED_EXIT = 3  # `jaxft train` stopped on non-finite losses (train.nonfinite)
+_DECODE_FLAGS = ("beam_size", "length_penalty", "max_len", "min_len", "temperature", "top_k", "top_p", "n_best")
 
 
 def _setup_logging() -> None:
@@ -38,17 +39,23 @@ def init_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="experiment YAML (may name `base:` overlays)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+def _command(sub, name: str, func, *, config: bool = False, **kw):
+    """Subcommand parser run by `func`, with CONFIG [--set K=V] when `config`; `func` None: a group's subparsers."""
+    p = sub.add_parser(name, **kw)
+    if func is None:
+        return p.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+    p.set_defaults(func=func)
+    if config:
+        p.add_argument("config", type=Path, help="experiment YAML (may name `base:` overlays)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    return p
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jaxft.config.loader import load_config
     from jaxft.eval.during_training import train_and_evaluate
     from jaxft.train.loop import dev_table
-
     from jaxft.train.cadence import INTERRUPTED_EXIT
     from jaxft.train.hooks import DivergedError
 
@@ -60,8 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"jaxft: {cfg.run_dir}: {e}", file=sys.stderr)
         return DIVERGED_EXIT
     except KeyboardInterrupt:
-        print("jaxft: interrupted (a second Ctrl-C): no checkpoint was written for the current step",
-              file=sys.stderr)
+        print("jaxft: interrupted (a second Ctrl-C): no checkpoint was written for the current step", file=sys.stderr)
         return INTERRUPTED_EXIT
     if result.exit_status:
         done = f"after step {result.step}, checkpoint written" if result.losses else "before training this time"
@@ -110,6 +116,16 @@ def _cmd_lower(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxft.config.loader import load_config
+    from jaxft.data.prepare import prepare, summary_table
+
+    manifest = prepare(load_config(args.config, args.overrides).data, args.config.resolve().parent, args.out,
+                       overwrite=args.overwrite)
+    print(summary_table(manifest), f"wrote {args.out} (sources to train on: {args.out}/sources.yaml)", sep="\n")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jaxft.demo.run import run_demo
 
@@ -153,9 +169,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     if lines is None:
         stdin = getattr(sys.stdin, "buffer", None)
         lines = list(read_text_lines(stdin, "<stdin>")) if stdin else [line.rstrip("\n") for line in sys.stdin]
-    decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, length_penalty=args.length_penalty,
-                          max_len=args.max_len, min_len=args.min_len, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, n_best=args.n_best if args.strategy != "greedy" else 1)
+    flags = {name: getattr(args, name) for name in _DECODE_FLAGS} | ({"n_best": 1} if args.strategy == "greedy" else {})
+    decode = DecodeConfig(strategy=args.strategy, **flags)
     for out in translator.translate(lines, args.src_lang, args.tgt_lang, decode, args.batch_size):
         print(out)
     return 0
@@ -230,89 +245,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train or resume the run in the config's run_dir")
-    _add_config_args(p)
+    p = _command(sub, "train", _cmd_train, config=True, help="train or resume the run in the config's run_dir")
     p.add_argument("--coordinator", help="host:port of process 0 (multi-process runs off TPU)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--restart", action="store_true",
                    help="when no checkpoint of the run dir can be restored, set them (and metrics.jsonl) aside "
                         "in unreadable_checkpoints/ and train from step 0 (default: that is an error)")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("config", help="inspect configs")
-    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    q = csub.add_parser("show", help="print the resolved config (overlays and --set applied)")
-    _add_config_args(q)
-    q.set_defaults(func=_cmd_config_show)
+    csub = _command(sub, "config", None, help="inspect configs")
+    _command(csub, "show", _cmd_config_show, config=True, help="print the resolved config (overlays and --set applied)")
 
-    p = sub.add_parser("tokenizer", help="SentencePiece tokenizers")
-    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
-    q = tsub.add_parser("train", help="train a SentencePiece model on text files")
+    tsub = _command(sub, "tokenizer", None, help="SentencePiece tokenizers")
+    q = _command(tsub, "train", _cmd_tokenizer_train, help="train a SentencePiece model on text files")
     q.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text files, one sentence per line")
     q.add_argument("--out", type=Path, required=True, help="output .model path (a new file)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     q.add_argument("--character-coverage", type=float, default=0.9995)
-    q.set_defaults(func=_cmd_tokenizer_train)
 
-    p = sub.add_parser("lower", help="lower and compile the train step from shapes alone; print memory and FLOPs")
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_lower)
+    _command(sub, "lower", _cmd_lower, config=True,
+             help="lower and compile the train step from shapes alone; print memory and FLOPs")
 
-    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and jaxft layouts")
-    vsub = p.add_subparsers(dest="convert_command", required=True, metavar="SUBCOMMAND")
-    q = vsub.add_parser("hf-to-jaxft", help="HF folder (config.json + safetensors) -> orbax params + model.yaml")
+    vsub = _command(sub, "convert", None, help="convert checkpoints between Hugging Face and jaxft layouts")
+    q = _command(vsub, "hf-to-jaxft", _cmd_convert,
+                 help="HF folder (config.json + safetensors) -> orbax params + model.yaml")
     q.add_argument("src", help="HF checkpoint folder, or hf:org/name for a hub model")
     q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (float32)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
-    q.set_defaults(func=_cmd_convert)
-    q = vsub.add_parser("jaxft-to-hf", help="folder written by hf-to-jaxft -> HF folder transformers loads")
+    q = _command(vsub, "jaxft-to-hf", _cmd_convert,
+                 help="folder written by hf-to-jaxft -> HF folder transformers loads")
     q.add_argument("src", type=Path)
     q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="stored dtype")
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--model-type", default=None, help="HF model_type (default: inferred)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
-    q.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("translate", help="translate lines (file or stdin -> stdout) with a run dir or an HF checkpoint")
+    p = _command(sub, "translate", _cmd_translate,
+                 help="translate lines (file or stdin -> stdout) with a run dir or an HF checkpoint")
     p.add_argument("source", help="a run dir, an HF folder, or hf:<org/name> (a Hugging Face hub model)")
     p.add_argument("--src-lang", required=True)
     p.add_argument("--tgt-lang", required=True)
     p.add_argument("--input", type=Path, help="UTF-8 text, one sentence per line (default: stdin)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="run dirs: which checkpoint")
-    from jaxft.config.schema import DECODE_STRATEGIES, DecodeConfig
-
-    decode = DecodeConfig()  # flag defaults = the eval.decode defaults
-    p.add_argument("--strategy", choices=DECODE_STRATEGIES, default=decode.strategy)
-    p.add_argument("--beam-size", type=int, default=decode.beam_size)
-    p.add_argument("--length-penalty", type=float, default=decode.length_penalty, help="GNMT alpha")
-    p.add_argument("--max-len", type=int, default=decode.max_len)
-    p.add_argument("--min-len", type=int, default=decode.min_len)
-    p.add_argument("--temperature", type=float, default=decode.temperature)
-    p.add_argument("--top-k", type=int, default=decode.top_k)
-    p.add_argument("--top-p", type=float, default=decode.top_p)
-    p.add_argument("--n-best", type=int, default=decode.n_best)
+    from jaxft.config.schema import DECODE_STRATEGIES, DecodeConfig  # flag defaults = the eval.decode defaults
+    p.add_argument("--strategy", choices=DECODE_STRATEGIES, default=DecodeConfig.strategy)
+    for name in _DECODE_FLAGS:  # int / float: the types of the defaults
+        default = getattr(DecodeConfig, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help="GNMT alpha" if name == "length_penalty" else None)
     p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=_cmd_translate)
 
-    p = sub.add_parser("eval", help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run on the dev "
-                                    "directions; prints the report, the run dir is only read")
-    _add_config_args(p)
+    p = _command(sub, "eval", _cmd_eval, config=True, help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run "
+                 "on the dev directions; prints the report, the run dir is only read")
     p.add_argument("--run-dir", help="default: the config's run_dir")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.add_argument("--max-examples", type=int, help="per direction (default: eval.max_examples)")
     p.add_argument("--out", help="also write eval.json / eval.md to this new folder (outside the run dir, "
                                  "the config and its data; default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out report folder")
-    p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compose", help="add sparse diffs / LoRA adapters to a base checkpoint",
-                       description="jaxft compose BASE + DIFF [* SCALE] + ... --out OUT  (quote '*' in a "
-                                   "shell; 'DIFF*SCALE' as one word and --add DIFF[*SCALE] also work)")
+    p = _command(sub, "compose", _cmd_compose, help="add sparse diffs / LoRA adapters to a base checkpoint",
+                 description="jaxft compose BASE + DIFF [* SCALE] + ... --out OUT  (quote '*' in a "
+                             "shell; 'DIFF*SCALE' as one word and --add DIFF[*SCALE] also work)")
     p.add_argument("items", nargs="+", metavar="BASE [+ DIFF [* SCALE]]",
                    help="a jaxft folder (params/ + model.yaml), an HF folder or a run dir (read only), "
                         "then '+ DIFF' items")
@@ -322,31 +320,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a run dir); never BASE, a diff, or inside one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--revert", action="store_true", help="subtract the diffs instead of adding them")
-    p.set_defaults(func=_cmd_compose)
 
-    p = sub.add_parser("diff", help="fine-tuning difference FINETUNED - BASE as a composable diff")
+    p = _command(sub, "diff", _cmd_diff, help="fine-tuning difference FINETUNED - BASE as a composable diff")
     p.add_argument("finetuned", help="jaxft folder, HF folder or run dir")
     p.add_argument("base", help="jaxft folder, HF folder or run dir of the same architecture")
     p.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--sparse-k", type=float, default=None,
-                   help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); "
-                        "default: dense")
-    p.set_defaults(func=_cmd_diff)
+                   help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); default: dense")
 
-    p = sub.add_parser("export", help="write a run's model (LoRA merged) as a jaxft or HF folder; "
-                                      "the run dir is only read")
+    p = _command(sub, "export", _cmd_export, help="write a run's model (LoRA merged) as a jaxft or HF folder; "
+                 "the run dir is only read")
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path, help="a new folder (not inside the run dir)")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest")
     p.add_argument("--format", choices=("jaxft", "hf"), default="jaxft")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="hf format: stored dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
-    p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("demo", help="build a multilingual corpus, train a tokenizer and a tiny model on it")
+    dsub = _command(sub, "data", None, help="data tools")
+    q = _command(dsub, "prepare", _cmd_data_prepare, config=True, help="write the config's train and dev sources as "
+                 "ArrayRecord shards, with manifest.json (counts) and sources.yaml (type: arrayrecord sources)")
+    q.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
+
+    p = _command(sub, "demo", _cmd_demo, help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -80,9 +80,9 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, o
 
 
 # names that mark a folder as a jaxft output: a jaxft folder, an HF folder, a sparse diff,
-# a LoRA adapter (jaxft or HF PEFT), an evaluation report
+# a LoRA adapter (jaxft or HF PEFT), an evaluation report, a `jaxft data prepare` folder
 _OURS = ("params", "model.yaml", "hf_config.json", "config.json", "eval.json", "diff.json", "adapter.json",
-         "adapter_config.json", "model.safetensors.index.json")
+         "adapter_config.json", "model.safetensors.index.json", "manifest.json")
 
 
 def _looks_like_ours(folder: Path) -> bool:

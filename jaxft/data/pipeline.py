@@ -40,7 +40,6 @@ table, ``stats``).  ``truncate`` cuts when an example is drawn, as before.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,148 +52,20 @@ from jaxft.config.schema import DataConfig
 from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realised_rates,
                                 shuffled_repeat, temperature_rates)
 from jaxft.data import seq2seq
-from jaxft.data.sources import DataError, Example, ReadStats, Skipped, Source, keyed_sources, open_source
-from jaxft.data.tasks import FEATURES, Featurizer, OverlongError, pad_row
+from jaxft.data.directions import (_DEV_NOISE_STREAM, AnyFeaturizer, Direction, DrawStats, Subset, _featurizer,
+                                   apply_overlong, draw, example_lengths, read_directions)
+from jaxft.data.sources import DataError
+from jaxft.data.tasks import FEATURES, Featurizer, pad_row
 from jaxft.data.tokenizer import Tokenizer
+
+__all__ = ["ROW_KEYS", "AnyFeaturizer", "Direction", "Subset", "TrainPipeline", "apply_overlong",
+           "build_dev_batches", "build_train_pipeline", "example_lengths", "read_directions"]
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 REALISED_RATE_EXAMPLES = 20000
 _NO_PREFETCH = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-
-
-class Subset(Sequence):
-    """The examples of ``source`` at ``positions`` (those kept by the over-long scan)."""
-
-    def __init__(self, source: Source, positions: np.ndarray):
-        self.source, self.positions = source, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.source[int(self.positions[i])]
-
-
-@dataclasses.dataclass
-class Direction:
-    """One expanded source, opened for random access (nothing read into memory)."""
-
-    key: str
-    config: Any  # SourceConfig
-    source: Source
-    overlong_skipped: int = 0  # dropped up front (data.overlong: skip, sources <= data.overlong_scan)
-    positions: np.ndarray | None = None  # of the kept examples in ``source``; None: all
-    scanned: bool = False  # lengths measured up front
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def read_stats(self) -> ReadStats:
-        return self.source.stats
-
-    @property
-    def examples(self) -> Sequence[Example | Skipped]:
-        """The examples trained on, random access."""
-        return self.source if self.positions is None else Subset(self.source, self.positions)
-
-
-def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Direction]:
-    """Expand and open ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
-    sources = cfg.train if split == "train" else cfg.dev
-    return [Direction(key, src, open_source(src, key=key, bad_lines=cfg.bad_lines, index_dir=cfg.index_dir))
-            for key, src in keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split)]
-
-
-_NOISE_TASKS = ("span_corruption", "infilling")
-_DEV_NOISE_STREAM = 4  # dev noise seeds: (data.seed, 4, direction, position in file)
-
-
-def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction, *,
-                decoder_start_id: int | None = None, seed: int | None = None):
-    """Decoder-only ``Featurizer``, or ``Seq2SeqFeaturizer`` when ``decoder_start_id`` is given."""
-    if decoder_start_id is not None:
-        return seq2seq.Seq2SeqFeaturizer(tokenizer, cfg, direction.config, decoder_start_id=decoder_start_id,
-                                         key=direction.key, seed=seed)
-    if direction.config.task in _NOISE_TASKS:
-        raise DataError(f"{direction.key}.task: {direction.config.task} needs an encoder-decoder model "
-                        f"(model.family t5 or bart); decoder-only models train on monolingual text with task lm")
-    return Featurizer(tokenizer, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
-                      target_template=cfg.target_template, overlong=cfg.overlong,
-                      source=f"{direction.name} ({direction.key})")
-
-
-AnyFeaturizer = Featurizer | seq2seq.Seq2SeqFeaturizer
-
-
-def example_lengths(featurizer: AnyFeaturizer, examples: Sequence[Example]) -> np.ndarray:
-    """``[n, len(featurizer.limits)]`` token lengths of ``examples``, measured once as the
-    featurizer measures them when it draws (the one length pass over a source)."""
-    return featurizer.lengths(examples)
-
-
-def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, scan_limit: int) -> Direction:
-    """``data.overlong`` up front, for sources of at most ``scan_limit`` records (larger ones
-    are dealt with when drawn): ``error`` raises ``OverlongError`` (file:line, lengths) for
-    the first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
-    ``positions``); ``truncate`` returns ``d`` (cut when drawn).  Records a lazily checked
-    source skips are left out of ``positions`` too (counted in its read stats)."""
-    if overlong == "truncate" or len(d.source) > scan_limit:
-        return d
-    records = list(d.source)
-    good = np.array([i for i, ex in enumerate(records) if isinstance(ex, Example)], np.int64)
-    if not d.source.checked_up_front:
-        d.source.stats.skipped.update(ex.reason for ex in records if isinstance(ex, Skipped))
-        d.source.stats.examples = len(good)
-        if not len(good):
-            raise DataError(f"{d.source.where(0).rsplit(':', 1)[0]}: no usable examples "
-                            f"(skipped: {dict(d.source.stats.skipped)}) ({d.key})")
-    examples = [records[i] for i in good]
-    del records
-    lengths = example_lengths(featurizer, examples)
-    over = np.flatnonzero((lengths > np.asarray(featurizer.limits)).any(axis=1))
-    keep = np.ones(len(examples), bool)
-    keep[over] = False
-    if len(over) and overlong == "error":
-        i = int(over[0])
-        more = f"; {len(over) - 1} more in this source" if len(over) > 1 else ""
-        raise OverlongError(f"{examples[i].where}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
-                            f"data.overlong: skip or truncate would handle it)")
-    if len(over) and not keep.any():
-        raise DataError(f"{d.key}: all {len(examples)} examples of {d.name!r} are over-long, e.g. "
-                        f"{examples[int(over[0])].where}: {featurizer.describe(lengths[over[0]])} "
-                        f"(data.overlong: skip; raise data.seq_len or use truncate)")
-    positions = good[keep]
-    if len(positions) == len(d.source):
-        return dataclasses.replace(d, scanned=True)
-    return dataclasses.replace(d, overlong_skipped=len(over), positions=positions, scanned=True)
-
-
-@dataclasses.dataclass
-class DrawStats:
-    """Per direction, counted when examples are drawn: records skipped by the bad-record
-    policy (lazily checked sources) and, via the featurizer, over-long ones."""
-
-    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-
-def draw(featurizer: AnyFeaturizer, ex: Example | Skipped, stats: DrawStats, **kw: Any):
-    """Featurize one drawn record: None for a skipped one (counted), an over-long error
-    naming its ``file:line``."""
-    if isinstance(ex, Skipped):
-        stats.bad[ex.reason] += 1
-        return None
-    try:
-        return featurizer(ex, **kw)
-    except OverlongError as e:
-        if ex.where and not str(e).startswith(ex.where):
-            raise OverlongError(f"{ex.where}: {e}") from None
-        raise
 
 
 def _unpacked_row(seq_len: int):

@@ -112,7 +112,7 @@ def record_fields(s: SourceConfig, rec: Any) -> tuple[Any, Any]:
     if s.task in MONOLINGUAL_TASKS:
         return "", _pick(rec, s.tgt_field or s.src_field or "text")
     if s.src_field or s.tgt_field or s.task == "translation":
-        default = ("src", "tgt") if s.type == "jsonl" else (s.src_lang, s.tgt_lang)
+        default = ("src", "tgt") if s.type in ("jsonl", "arrayrecord") else (s.src_lang, s.tgt_lang)
         if s.task == "prompt":
             default = ("inputs", "targets")
         if s.task == "translation" and "src" not in rec and "translation" in rec:

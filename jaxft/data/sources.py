@@ -42,7 +42,12 @@ Bad input policy:
 | field missing / not text in a later record (JSONL)  | same, counted as ``field``                  |
 | empty source or target text                         | same, counted as ``empty``                  |
 | invalid UTF-8                                       | same, counted as ``utf8``                   |
-| bad record of arrayrecord / tfds / parquet / hf     | checked when read: counted ``Skipped`` or error naming ``dataset:index`` |
+| missing path / folder without shards / empty glob (arrayrecord, parquet, hf) | error: names the path and config key |
+| not an ArrayRecord / Parquet file, not a save_to_disk folder, no such split | error: names the file and config key |
+| HF dataset not loadable (not found, offline, config / split)  | error: names ``hf:name[split]`` and the config key |
+| ``datasets`` not installed (type hf)                          | error: ``pip install 'jaxft[hf]'``          |
+| Parquet files with different columns                          | error: names the file                       |
+| bad record of arrayrecord / tfds / parquet / hf (not a JSON object, field missing, empty, invalid UTF-8) | checked when read: counted skip or error naming ``file:index`` / ``dataset:index`` |
 | blank line (or blank line pair)                     | always skipped, counted as ``blank``        |
 | byte-order mark, surrounding whitespace             | stripped, not counted                       |
 | sequence longer than ``data.seq_len`` tokens        | ``data.overlong`` (see ``jaxft.data.tasks``) |
@@ -228,11 +233,13 @@ def read_source(
     sets, tests); training reads through ``open_source``.  The stats count the records
     skipped by the bad-record policy, whether found when indexing or when read."""
     source = open_source(src, key=key, bad_lines=bad_lines, index_dir=index_dir)
-    examples = [ex for ex in source if isinstance(ex, Example)]
+    examples, skipped = [], []
+    for ex in source:  # one pass: each bad record is read (and logged) once
+        (examples if isinstance(ex, Example) else skipped).append(ex)
     stats = source.stats
     if not source.checked_up_front:
         stats.examples = len(examples)
-        stats.skipped.update(ex.reason for ex in source if isinstance(ex, Skipped))
+        stats.skipped.update(ex.reason for ex in skipped)
         if not examples:
             raise source.fail(source.where(0).rsplit(":", 1)[0],
                               f"no usable examples (skipped: {dict(stats.skipped)})")

@@ -106,14 +106,23 @@ class MetricsHook(Hook):
             steps_done = max(step - self.step_last, 1)
             m["seq_tokens_per_s"] = steps_done * tcfg.global_batch * run.cfg.data.seq_len / dt
             m["mfu"] = steps_done * self.flops_per_step / dt / self.peak
-            waits = [run.data_wait.pop(s) for s in sorted(run.data_wait) if s <= step]
-            if waits:  # per step, host time blocked on the next batch, and its share of the time
-                m["data_wait_s"] = sum(waits) / len(waits)
-                m["data_wait_frac"] = sum(waits) / dt
+            m.update(_data_wait(run, step))
             m.update(_data_skips(run.pipeline))
             self.t_last, self.step_last = time.perf_counter(), step
             run.writer.write(step, m)
             self.progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
+
+
+def _data_wait(run, step: int) -> dict[str, float]:
+    """Over the steps since the last line up to ``step``: host time blocked on the next
+    batch, per step, and its share of those steps' wall time (from the start of the first
+    to the start of the step after ``step``, or now)."""
+    window = [s for s in sorted(run.data_wait) if s <= step]
+    if not window:
+        return {}
+    starts, waits = zip(*(run.data_wait.pop(s) for s in window))
+    end = run.data_wait[step + 1][0] if step + 1 in run.data_wait else time.perf_counter()
+    return {"data_wait_s": sum(waits) / len(waits), "data_wait_frac": sum(waits) / max(end - starts[0], 1e-9)}
 
 
 def _data_skips(pipeline) -> dict[str, float]:

@@ -70,7 +70,7 @@ def step_loop(run: Run, hooks: Sequence[Hook], cadence: Cadence):
     for step in range(run.start + 1, run.end + 1):
         t0 = time.perf_counter()
         rows = next(run.pipeline)
-        run.data_wait[step] = time.perf_counter() - t0  # host time blocked on the batch
+        run.data_wait[step] = (t0, time.perf_counter() - t0)  # (step start, host time blocked on its batch)
         batch = run.to_global(rows)
         state, metrics = run.train_step(state, batch)
         run.save_now, stop = cadence.after_step(step, run.end)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from orbax.checkpoint.multihost import get_barrier_sync_fn
 
 from jaxft.config.schema import Config, DataConfig
 from jaxft.data.pipeline import build_dev_batches, build_train_pipeline
@@ -68,7 +68,7 @@ class Run:
     save_now: bool = False  # set by the loop before a step's hooks: checkpoint this step
     fetched: list = dataclasses.field(default_factory=list)  # (step, metrics) the metrics hook fetched this step
     unhealthy: bool = False  # the guard saw non-finite losses up to the last fetched step
-    data_wait: dict = dataclasses.field(default_factory=dict)  # step -> seconds blocked on its batch
+    data_wait: dict = dataclasses.field(default_factory=dict)  # step -> (start time, seconds blocked on its batch)
 
     @property
     def is_main(self) -> bool:
@@ -89,6 +89,9 @@ class Run:
                 for k, v in batch.items()}
 
 
+TOKENIZER_BARRIER_S = 6 * 3600  # how long other processes wait for process 0 to train the tokenizer
+
+
 def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured: Tokenizer | None = None
                       ) -> Tokenizer:
     """`configured` (`data.tokenizer.path`, loaded before the run dir is created, so a bad
@@ -107,7 +110,10 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured
         symbols = list(dict.fromkeys(required_pieces(cfg, base_dir) + list(tcfg.user_defined_symbols)))
         sample = tokenizer_sample(cfg, base_dir)
         train_tokenizer(sample.texts, path, tcfg, user_defined_symbols=symbols)
-    multihost_utils.sync_global_devices("jaxft:tokenizer")
+    # A coordination-service barrier, not a device collective: process 0 may spend minutes
+    # training the tokenizer, longer than the collectives' (gloo's 30 s) set-up timeout.
+    if jax.process_count() > 1:
+        get_barrier_sync_fn()(key="jaxft:tokenizer", timeout_ms=TOKENIZER_BARRIER_S * 1000)
     return Tokenizer.load(path)
 
 
