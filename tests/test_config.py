@@ -323,10 +323,11 @@ def test_yaml_anchors_and_merge_keys(tmp_path):
 
 def test_relative_data_paths_resolve_against_setting_file(tmp_path):
     write(tmp_path / "base/base.yaml", "data: {train: [{path: 'data/{src}-{tgt}.tsv'}]}\n")
-    path = write(tmp_path / "exp/x.yaml", "base: ../base/base.yaml\ndata: {tokenizer: {path: spm.model}}\n")
+    path = write(tmp_path / "exp/x.yaml", "base: ../base/base.yaml\ndata: {tokenizer: {path: spm.model}, index_dir: idx}\n")
     cfg = load_config(path, ["data.dev=[{path: dev.tsv}, {path: /abs/dev.tsv}]"])
     assert cfg.data.train[0].path == str(tmp_path / "base/data/{src}-{tgt}.tsv")
     assert cfg.data.tokenizer.path == str(tmp_path / "exp/spm.model")
+    assert cfg.data.index_dir == str(tmp_path / "exp/idx")
     assert [s.path for s in cfg.data.dev] == ["dev.tsv", "/abs/dev.tsv"]  # --set paths are cwd-relative
 
 

@@ -253,6 +253,7 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
     spots: list[tuple[Any, str | int, Key]] = []
     if isinstance(data.get("tokenizer"), dict):
         spots.append((data["tokenizer"], "path", ("data", "tokenizer", "path")))
+    spots.append((data, "index_dir", ("data", "index_dir")))
     for split in ("train", "dev"):
         for i, source in enumerate(data.get(split) or []):
             if isinstance(source, dict):
