@@ -10,6 +10,11 @@ loss alike); then `jaxft train` runs again to completion (and, with
 --second-kill, is first killed once more at another random moment).
 
     python benchmarks/kill_stress.py [--trials 20 --steps 12 --seed 0 --second-kill --signal kill|term]
+                                     [--workers N]
+
+With `--workers N` the runs use N data worker processes (`data.workers`), and each
+trial also checks that no worker outlives its killed trainer (a process still carrying
+the trial's environment marker 10 s after the trial counts as a failure).
 
 With `--signal term` the signal is SIGTERM: every interrupted run must exit 75
 (checkpoint written) and the seconds from signal to exit are reported (median /
@@ -59,6 +64,23 @@ def jaxft_train(cfg: Path, env: dict, kill_after: float | None = None, sig: int 
     return proc.returncode, time.perf_counter() - t0, to_exit
 
 
+def survivors(marker: str, wait_s: float = 10.0) -> list[int]:
+    """Pids of processes (data workers) still carrying ``JAXFT_STRESS_TRIAL=marker`` after ``wait_s``."""
+    needle = f"JAXFT_STRESS_TRIAL={marker}".encode() + b"\0"
+    deadline = time.time() + wait_s
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and needle in (proc / "environ").read_bytes() + b"\0":
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def strict_rows(path: Path) -> list[dict]:
     def refuse(c):
         raise ValueError(f"non-strict JSON constant {c}")
@@ -75,13 +97,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--second-kill", action="store_true", help="kill the resumed run once more before finishing")
+    ap.add_argument("--workers", type=int, default=0, help="data.workers of the runs")
     ap.add_argument("--signal", choices=("kill", "term"), default="kill",
                     help="term: SIGTERM instead (exit 75 expected; reports the time from signal to exit)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
-    extra = {"checkpoint.every": 1, "checkpoint.async_save": True, "checkpoint.keep": 2}
+    extra = {"checkpoint.every": 1, "checkpoint.async_save": True, "checkpoint.keep": 2,
+             "data.workers": args.workers}
     tmp = Path(tempfile.mkdtemp(prefix="kill_stress_"))
     ref_cfg = write_run_config(tmp, steps=args.steps, name="reference", extra=extra)
     sig = signal.SIGKILL if args.signal == "kill" else signal.SIGTERM
@@ -92,6 +116,7 @@ def main() -> int:
     failures, killed_mid, to_exit = 0, 0, []
     for trial in range(args.trials):
         cfg = write_run_config(tmp, steps=args.steps, name=f"trial{trial}", extra=extra)
+        env["JAXFT_STRESS_TRIAL"] = str(tmp / f"trial{trial}")
         moments = [rng.uniform(0, full)] + ([rng.uniform(0, full)] if args.second_kill else [])
         ckpt_dir = tmp / f"trial{trial}" / "checkpoints"
         runs, at_signal = [], []
@@ -115,6 +140,9 @@ def main() -> int:
                                  else "losses differ")
         except ValueError as e:
             ok, why = False, str(e)
+        orphans = survivors(env["JAXFT_STRESS_TRIAL"])
+        if orphans:
+            ok, why = False, f"{why} worker processes outlived their trainer: {orphans}".strip()
         failures += not ok
         print(f"trial {trial:2d}: kill at {', '.join(f'{m:5.1f}' for m in moments)} s (exit {rcs}) -> "
               f"{'OK' if ok else 'FAIL ' + why}; newest checkpoint after the signal: {at_signal}", flush=True)

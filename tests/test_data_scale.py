@@ -227,3 +227,23 @@ def test_closing_the_pipeline_stops_its_workers(tok, data_dir):
     finally:
         p.close()
     assert os.getpid()  # the test process itself is untouched
+
+
+def test_token_lengths_of_the_over_long_scan_are_cached(tok, data_dir, monkeypatch):
+    from jaxft.data import directions as directions_mod
+
+    lm = (SourceConfig(type="text", task="lm", path="long.txt", tgt_lang="de"),)
+    first = build_train_pipeline(_cfg(train=lm, seq_len=48), tok, global_batch=2, base_dir=data_dir)
+    expected = [next(first) for _ in range(3)]
+
+    def no_scan(*a, **k):
+        raise AssertionError("tokenized the source again")
+
+    with monkeypatch.context() as m:  # a restart reads the cached lengths
+        m.setattr(directions_mod, "example_lengths", no_scan)
+        again = build_train_pipeline(_cfg(train=lm, seq_len=48), tok, global_batch=2, base_dir=data_dir)
+        assert again.directions[0].overlong_skipped == first.directions[0].overlong_skipped > 0
+        _same([next(again) for _ in range(3)], expected)
+        with pytest.raises(AssertionError, match="tokenized"):  # another setting: measured again
+            build_train_pipeline(_cfg(train=lm, seq_len=48, prompt_template="{src}"), tok, global_batch=2,
+                                 base_dir=data_dir)

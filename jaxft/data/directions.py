@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,14 +95,40 @@ def example_lengths(featurizer: AnyFeaturizer, examples: Sequence[Example]) -> n
     return featurizer.lengths(examples)
 
 
-def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, scan_limit: int) -> Direction:
-    """``data.overlong`` up front, for sources of at most ``scan_limit`` records (larger ones
-    are dealt with when drawn): ``error`` raises ``OverlongError`` (file:line, lengths) for
-    the first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
-    ``positions``); ``truncate`` returns ``d`` (cut when drawn).  Records a lazily checked
-    source skips are left out of ``positions`` too (counted in its read stats)."""
-    if overlong == "truncate" or len(d.source) > scan_limit:
-        return d
+def lengths_key(cfg: DataConfig, tokenizer: Tokenizer, featurizer_kind: str) -> str | None:
+    """What token lengths depend on besides the source: the tokenizer, every data setting
+    (conservatively: all but the source lists and settings that cannot matter) and the
+    featurizer; None when the tokenizer has no ``fingerprint`` (then nothing is cached)."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint is None:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("train", "dev", "workers", "prefetch", "index_dir", "overlong_scan")}
+    blob = json.dumps([LENGTHS_VERSION, fingerprint, featurizer_kind, settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+LENGTHS_VERSION = 1
+
+
+def _lengths_path(d: Direction, key: str | None) -> Path | None:
+    source_key = getattr(d.source, "cache_key", None)
+    if key is None or source_key is None or not d.source.checked_up_front:
+        return None
+    return Path(d.source.index_path).parent / "lengths" / f"{source_key}.{key}.npy"
+
+
+def _scan(d: Direction, featurizer: AnyFeaturizer, key: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the usable examples, their token lengths), measured once per source and
+    tokenizer / data settings and cached beside the line index (``lengths_key``)."""
+    path = _lengths_path(d, key)
+    if path is not None:
+        try:
+            lengths = np.load(path)
+            if lengths.shape == (len(d.source), len(featurizer.limits)):
+                return np.arange(len(d.source)), lengths
+        except (OSError, ValueError):
+            pass
     records = list(d.source)
     good = np.array([i for i, ex in enumerate(records) if isinstance(ex, Example)], np.int64)
     if not d.source.checked_up_front:
@@ -108,20 +137,43 @@ def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, sc
         if not len(good):
             raise DataError(f"{d.source.where(0).rsplit(':', 1)[0]}: no usable examples "
                             f"(skipped: {dict(d.source.stats.skipped)}) ({d.key})")
-    examples = [records[i] for i in good]
+    lengths = example_lengths(featurizer, [records[i] for i in good])
     del records
-    lengths = example_lengths(featurizer, examples)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            with open(tmp, "wb") as f:
+                np.save(f, lengths.astype(np.int32))
+            os.replace(tmp, path)
+        except OSError:  # a cache: not writing it only costs the next start the scan
+            pass
+    return good, lengths
+
+
+def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, scan_limit: int,
+                   lengths_key: str | None = None) -> Direction:
+    """``data.overlong`` up front, for sources of at most ``scan_limit`` records (larger ones
+    are dealt with when drawn): ``error`` raises ``OverlongError`` (file:line, lengths) for
+    the first over-long example; ``skip`` returns ``d`` without them (``overlong_skipped``,
+    ``positions``); ``truncate`` returns ``d`` (cut when drawn).  Records a lazily checked
+    source skips are left out of ``positions`` too (counted in its read stats).  With a
+    ``lengths_key`` the lengths of an indexed file are cached, so a restart does not
+    tokenize the source again."""
+    if overlong == "truncate" or len(d.source) > scan_limit:
+        return d
+    good, lengths = _scan(d, featurizer, lengths_key)
     over = np.flatnonzero((lengths > np.asarray(featurizer.limits)).any(axis=1))
-    keep = np.ones(len(examples), bool)
+    keep = np.ones(len(good), bool)
     keep[over] = False
     if len(over) and overlong == "error":
         i = int(over[0])
         more = f"; {len(over) - 1} more in this source" if len(over) > 1 else ""
-        raise OverlongError(f"{examples[i].where}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
+        raise OverlongError(f"{d.source.where(int(good[i]))}: {featurizer.describe(lengths[i])} ({d.key}{more}; "
                             f"data.overlong: skip or truncate would handle it)")
     if len(over) and not keep.any():
-        raise DataError(f"{d.key}: all {len(examples)} examples of {d.name!r} are over-long, e.g. "
-                        f"{examples[int(over[0])].where}: {featurizer.describe(lengths[over[0]])} "
+        raise DataError(f"{d.key}: all {len(good)} examples of {d.name!r} are over-long, e.g. "
+                        f"{d.source.where(int(good[over[0]]))}: {featurizer.describe(lengths[over[0]])} "
                         f"(data.overlong: skip; raise data.seq_len or use truncate)")
     positions = good[keep]
     if len(positions) == len(d.source):

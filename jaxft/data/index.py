@@ -253,6 +253,36 @@ class LineSource(Source):
                             f"delete the index to rebuild it ({self.key})")
         return ex
 
+    def __iter__(self) -> Iterator[Example]:
+        """Every example in file order, read sequentially (the index in blocks, the file
+        through a buffer): several times faster than ``[i]`` for i = 0, 1, ..."""
+        size = self.dtype.itemsize
+        with open(self.index_path, "rb") as idx:
+            data = [open(f, "rb", buffering=1 << 20) for f in self.files]
+            try:
+                while block := idx.read(size * _FLUSH):
+                    for e in np.frombuffer(block, self.dtype).tolist():
+                        data[0].seek(e[0])
+                        raws = [data[0].read(e[1])]
+                        if len(data) == 2:
+                            data[1].seek(e[2])
+                            raws.append(data[1].read(e[3]))
+                        texts = self.format.parse(*raws)
+                        where = self._where(e[-1])
+                        ex = self.example(*texts, where) if isinstance(texts, tuple) else texts
+                        if not isinstance(ex, Example):
+                            raise DataError(f"{where}: changed since it was indexed ({self.index_path}); "
+                                            f"delete the index to rebuild it ({self.key})")
+                        yield ex
+            finally:
+                for f in data:
+                    f.close()
+
+    @property
+    def cache_key(self) -> str:
+        """Identifies this file's content and parse settings (caches derived from it use it)."""
+        return self.index_path.stem
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_fds"] = None

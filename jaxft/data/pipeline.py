@@ -53,7 +53,7 @@ from jaxft.data.mixture import (Mixture, derive_seed, format_rates_table, realis
                                 shuffled_repeat, temperature_rates)
 from jaxft.data import seq2seq
 from jaxft.data.directions import (_DEV_NOISE_STREAM, AnyFeaturizer, Direction, DrawStats, Subset, _featurizer,
-                                   apply_overlong, draw, example_lengths, read_directions)
+                                   apply_overlong, draw, example_lengths, lengths_key, read_directions)
 from jaxft.data.sources import DataError
 from jaxft.data.tasks import FEATURES, Featurizer, pad_row
 from jaxft.data.tokenizer import Tokenizer
@@ -267,7 +267,8 @@ def build_train_pipeline(
         raise DataError("data.train: no training sources configured")
     directions = read_directions(cfg, base_dir, split="train")
     featurizers = [_featurizer(cfg, tokenizer, d, decoder_start_id=start_id) for d in directions]
-    directions = [apply_overlong(d, f, cfg.overlong, scan_limit=cfg.overlong_scan)
+    key = lengths_key(cfg, tokenizer, f"train:{start_id}")
+    directions = [apply_overlong(d, f, cfg.overlong, scan_limit=cfg.overlong_scan, lengths_key=key)
                   for d, f in zip(directions, featurizers)]
     sizes = [d.config.weight or len(d.examples) for d in directions]
     rates = temperature_rates(sizes, cfg.temperature)
@@ -307,7 +308,8 @@ def build_dev_batches(
     for i, d in enumerate(read_directions(cfg, base_dir, split="dev")):
         featurize = _featurizer(cfg, tokenizer, d, decoder_start_id=start_id,
                                 seed=derive_seed(cfg.seed, _DEV_NOISE_STREAM, i))
-        d = apply_overlong(d, featurize, cfg.overlong, scan_limit=cfg.overlong_scan)
+        d = apply_overlong(d, featurize, cfg.overlong, scan_limit=cfg.overlong_scan,
+                           lengths_key=lengths_key(cfg, tokenizer, f"dev:{start_id}:{i}"))
         if d.overlong_skipped:
             log.warning("dev %s: skipped %d over-long examples (of %d)", d.name, d.overlong_skipped,
                         d.overlong_skipped + len(d.examples))

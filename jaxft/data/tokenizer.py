@@ -91,6 +91,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of each text, in SentencePiece's own threads."""
+        return self._sp.EncodeAsIds(list(texts), num_threads=os.cpu_count() or 1)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the model: caches of token lengths are keyed by it."""
+        import hashlib
+
+        return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:16]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 

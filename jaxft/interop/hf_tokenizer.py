@@ -102,6 +102,18 @@ class HFJsonTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer (vocabulary, model, specials): caches of token lengths are keyed by it."""
+        import hashlib
+
+        specials = f"{self._bos},{self._eos},{self._pad}"
+        return hashlib.sha256((self._tok.to_str() + specials).encode()).hexdigest()[:16]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of each text, in the tokenizers library's threads."""
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
