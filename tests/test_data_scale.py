@@ -247,3 +247,26 @@ def test_token_lengths_of_the_over_long_scan_are_cached(tok, data_dir, monkeypat
         with pytest.raises(AssertionError, match="tokenized"):  # another setting: measured again
             build_train_pipeline(_cfg(train=lm, seq_len=48, prompt_template="{src}"), tok, global_batch=2,
                                  base_dir=data_dir)
+
+
+def test_missing_indexes_are_built_in_parallel_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_mod, "PARALLEL_BUILD_BYTES", 0)
+    monkeypatch.setattr(index_mod.os, "cpu_count", lambda: 2)
+    srcs = []
+    for lang in ("de", "fr", "yo"):
+        (tmp_path / f"en-{lang}.tsv").write_text("en\tx\n" + "".join(f"s{i}\t{lang}{i}\n" for i in range(30)))
+        srcs.append((SourceConfig(type="tsv", path=str(tmp_path / f"en-{lang}.tsv"), src_lang="en", tgt_lang=lang,
+                                  name=f"en-{lang}"), f"data.train[{len(srcs)}]"))
+    def no_build(self, *a):
+        raise AssertionError("built in this process")
+
+    monkeypatch.setattr(index_mod.LineSource, "_build", no_build)  # worker processes are not patched
+    index_mod.build_indexes(srcs, "skip", str(tmp_path / "idx"))
+    opened = [open_source(s, key=k, index_dir=str(tmp_path / "idx")) for s, k in srcs]  # cached: no build
+    assert [o[29].tgt for o in opened] == ["de29", "fr29", "yo29"]
+    (tmp_path / "bad.tsv").write_text("en\tx\nonly one column\n")
+    bad = SourceConfig(type="tsv", path=str(tmp_path / "bad.tsv"), src_lang="en", tgt_lang="de", name="bad")
+    (tmp_path / "ok.tsv").write_text("en\tx\na\tb\n")
+    ok = SourceConfig(type="tsv", path=str(tmp_path / "ok.tsv"), src_lang="en", tgt_lang="de", name="ok")
+    with pytest.raises(DataError, match=r"bad.tsv: no usable examples.*data.train\[7\]"):
+        index_mod.build_indexes([(ok, "data.train[6]"), (bad, "data.train[7]")], "skip", str(tmp_path / "idx"))

@@ -43,6 +43,7 @@ SINGLE = np.dtype([("off", "<i8"), ("len", "<u4"), ("line", "<i8")])
 PAIR = np.dtype([("off", "<i8"), ("len", "<u4"), ("off2", "<i8"), ("len2", "<u4"), ("line", "<i8")])
 _FLUSH = 65536  # entries per write while building
 _SAMPLE = 65536  # bytes hashed from each end of a file
+PARALLEL_BUILD_BYTES = 64 << 20  # missing indexes of at least this many bytes in all are built in parallel
 _KEY_FIELDS = ("type", "task", "src_field", "tgt_field", "header", "max_examples", "src_lang", "tgt_lang")
 
 
@@ -87,10 +88,39 @@ def _count_lines(path: str) -> int:
     return sum(1 for _ in _lines(path))
 
 
+class IndexMissing(LookupError):
+    """``LineSource(..., build=False)`` of a file whose index is not cached yet."""
+
+
+def build_indexes(todo: list[tuple[SourceConfig, str]], bad_lines: str, index_dir: str | None) -> None:
+    """Build the missing line indexes of ``todo`` ((source, config key) pairs), several files
+    at once in worker processes when there is more than one (an index build is one CPU core
+    parsing; a TPU host has dozens).  Errors are raised as in ``LineSource``."""
+    missing = []
+    for src, key in todo:
+        try:
+            LineSource(src, key, bad_lines, index_dir=index_dir, build=False)
+        except IndexMissing:
+            missing.append((src, key))
+    procs = min(len(missing), os.cpu_count() or 1)
+    size = sum(os.path.getsize(f) for src, _ in missing for f in (src.path, src.src_path, src.tgt_path) if f)
+    if procs < 2 or size < PARALLEL_BUILD_BYTES:  # small files: faster than starting processes
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    log.info("building %d line indexes in %d processes", len(missing), procs)
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for f in [pool.submit(LineSource, src, key, bad_lines, index_dir=index_dir) for src, key in missing]:
+            f.result()
+
+
 class LineSource(Source):
     """Random access to a TSV, JSONL or text source through its cached line index."""
 
-    def __init__(self, config: SourceConfig, key: str, bad_lines: str = "skip", *, index_dir: str | None = None):
+    def __init__(self, config: SourceConfig, key: str, bad_lines: str = "skip", *, index_dir: str | None = None,
+                 build: bool = True):
+        """``build`` False: raise ``IndexMissing`` instead of building a missing index."""
         super().__init__(config, key, bad_lines)
         files = (config.path,) if config.path is not None else (config.src_path, config.tgt_path)
         what = ("file",) if config.path is not None else ("source file", "target file")
@@ -112,6 +142,8 @@ class LineSource(Source):
         stem = f"{Path(files[0]).name}.{_digest([os.path.realpath(f) for f in files])}"
         self.index_path = root / f"{stem}.{_digest(key_obj)}.idx"
         meta = self._load_meta(key_obj)
+        if meta is None and not build:
+            raise IndexMissing(self.index_path)
         if meta is None:
             meta = self._build(root, stem, key_obj)
         self.n = int(meta["examples"])
