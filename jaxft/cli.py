@@ -111,8 +111,8 @@ def _cmd_lower(args: argparse.Namespace) -> int:
     from jaxft.train.aot import lower_train_step
 
     compiled = lower_train_step(load_config(args.config, args.overrides)).compile()
-    print(compiled.memory_analysis())
-    print({k: v for k, v in (compiled.cost_analysis() or {}).items() if k in ("flops", "bytes accessed")})
+    print(compiled.memory_analysis(), {k: v for k, v in (compiled.cost_analysis() or {}).items()
+                                       if k in ("flops", "bytes accessed")}, sep="\n")
     return 0
 
 
@@ -126,11 +126,22 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from jaxft.suite import runner, spec
+
+    suite = spec.load_suite(args.suite)
+    if args.suite_command == "run" and (args.dry_run or args.emit_commands):
+        print(runner.plan_table(suite) if args.dry_run else runner.emit_commands(suite))
+        return 0
+    result = runner.run_suite(suite, only=args.only) if args.suite_command == "run" else None
+    print(runner.format_status(rows := runner.status_rows(suite)))
+    return result.exit_status if result and result.exit_status else int(any(r["state"] == "failed" for r in rows))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jaxft.demo.run import run_demo
 
-    run_demo(args.out)
-    return 0
+    return run_demo(args.out) or 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -145,27 +156,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_translator(source: str, which: str):
-    """A run dir or HF folder; hub ids only as `hf:<org/name>` (a missing path is an error)."""
-    from jaxft.eval.translate import load_hf_dir, load_run
-    from jaxft.interop.hf import not_found
-
-    if source.startswith("hf:"):
-        return load_hf_dir(source), None
-    path = Path(source)
-    if not path.exists():
-        raise not_found(source, "run dir or HF checkpoint folder")
-    if (path / "config.json").is_file():
-        return load_hf_dir(path), None
-    return load_run(path, which=which)
-
-
 def _cmd_translate(args: argparse.Namespace) -> int:
     from jaxft.config.schema import DecodeConfig
     from jaxft.data.readers import read_text_lines
 
+    from jaxft.eval.translate import load_translator
+
     lines = list(read_text_lines(args.input)) if args.input else None  # a bad file fails before the model loads
-    translator, _ = _load_translator(args.source, args.checkpoint)
+    translator, _ = load_translator(args.source, args.checkpoint)
     if lines is None:
         stdin = getattr(sys.stdin, "buffer", None)
         lines = list(read_text_lines(stdin, "<stdin>")) if stdin else [line.rstrip("\n") for line in sys.stdin]
@@ -199,17 +197,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_arg(path: str | Path):
-    """A run dir opens read-only as its restored model; other folders are read by jaxft.peft.compose."""
-    from jaxft.runs.export import run_checkpoint
-    from jaxft.runs.layout import RunDir
-
-    return run_checkpoint(path) if RunDir(Path(path)).is_run() else path
-
-
 def _cmd_compose(args: argparse.Namespace) -> int:
     from jaxft.outputs import check_output
     from jaxft.peft.compose import compose_checkpoint, compose_inputs, parse_compose_args
+    from jaxft.runs.export import checkpoint_or_path as _checkpoint_arg
 
     base, items = parse_compose_args(args.items, args.add)
     if not items:
@@ -223,6 +214,7 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from jaxft.outputs import check_output
     from jaxft.peft.compose import diff_checkpoints
+    from jaxft.runs.export import checkpoint_or_path as _checkpoint_arg
 
     check_output(args.out, [args.finetuned, args.base], overwrite=args.overwrite, flag="--out")  # before loading
     out = diff_checkpoints(_checkpoint_arg(args.finetuned), _checkpoint_arg(args.base), args.out,
@@ -343,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
                  "ArrayRecord shards, with manifest.json (counts) and sources.yaml (type: arrayrecord sources)")
     q.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
+
+    ssub = _command(sub, "suite", None, help="experiment suites: a matrix of runs from one file (configs/suites/)")
+    q = _command(ssub, "run", _cmd_suite, help="run or resume the suite's runs in dependency order")
+    q.add_argument("--only", metavar="PATTERN", help="only the runs whose id (stage.name) matches this glob")
+    q.add_argument("--dry-run", action="store_true", help="print the expanded runs and their overrides")
+    q.add_argument("--emit-commands", action="store_true", help="print one `jaxft train` command per run")
+    q = _command(ssub, "status", _cmd_suite, help="per run: state, step, last loss, dev loss, wall time")
+    for q in ssub.choices.values():
+        q.add_argument("suite", type=Path, help="suite YAML (configs/suites/*.yaml)")
 
     p = _command(sub, "demo", _cmd_demo, help="build a multilingual corpus, train a tokenizer and a tiny model on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

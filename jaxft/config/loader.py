@@ -37,7 +37,8 @@ from jaxft.config.checks import _origin_of, validate
 from jaxft.config.errors import ConfigError, Key, Origin, Origins, Tree, format_key, utf8_position
 from jaxft.config.schema import Config, ModelConfig, to_dict
 
-__all__ = ["ConfigError", "Origin", "config_diff", "dump_config", "format_key", "load_config", "validate"]
+__all__ = ["ConfigError", "Origin", "config_diff", "dump_config", "format_key", "load_config", "load_typed",
+           "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = No
         raise ConfigError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); save it as UTF-8",
                           origin=Origin(str(path), line)) from None
     tree, origins = _parse(text, str(path))
-    tree = {} if tree is None else tree
-    if not isinstance(tree, dict):
+    if not isinstance(tree := {} if tree is None else tree, dict):
         raise ConfigError("the top level must be a mapping", origin=Origin(str(path), 1))
     origins = _legacy_decode_keys(tree, origins, str(path))
     bases, here = tree.pop("base", None), origins.get(("base",))
@@ -307,6 +307,10 @@ def _convert(tp: Any, v: Any, key: Key, where: Where, shown: Any = None) -> Any:
     """Check ``v`` against the annotation ``tp`` and convert (list -> tuple, int -> float, dict -> dataclass)."""
     shown = shown or tp
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return v
+    if origin is dict and isinstance(v, dict):  # dict[str, X]: keys are free (config keys, axis names)
+        return {k: _convert(args[1], x, key + (k,), where) for k, x in v.items()}
     if origin in (typing.Union, types.UnionType):  # the schema only uses `X | None`
         (rest,) = (a for a in args if a is not type(None))
         return None if v is None else _convert(rest, v, key, where, shown)
@@ -347,6 +351,14 @@ def _build(cls: type, data: Mapping[str, Any], key: Key, where: Where) -> Any:
 
 
 # -------------------------------------------------------------------- public
+
+
+def load_typed(path: str | Path, cls: type) -> tuple[Any, Callable[[Key], Origin | None]]:
+    """A YAML file checked against the dataclass ``cls`` (``file:line: key:`` errors, as configs), and
+    a function giving any key's origin (for later errors)."""
+    tree, origins = _load_file(Path(path))
+    where = lambda key: _origin_of(key, origins, Origin(str(path)))  # noqa: E731
+    return _build(cls, tree, (), where), where
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

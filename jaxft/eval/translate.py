@@ -145,3 +145,17 @@ def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Transla
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     model = nnx.merge(graphdef, params, rest)
     return Translator(model, load_hf_tokenizer(directory), model_cfg, data_cfg)
+
+
+def load_translator(source: str, which: str = "latest") -> tuple[Translator, Config | None]:
+    """A run dir or HF folder; hub ids only as `hf:<org/name>` (a missing path is an error)."""
+    from jaxft.interop.hf import not_found
+
+    if source.startswith("hf:"):
+        return load_hf_dir(source), None
+    path = Path(source)
+    if not path.exists():
+        raise not_found(source, "run dir or HF checkpoint folder")
+    if (path / "config.json").is_file():
+        return load_hf_dir(path), None
+    return load_run(path, which=which)

@@ -46,6 +46,12 @@ def run_checkpoint(run_dir: str | Path, which: str = "latest"):
     return Checkpoint("run", Path(run_dir), restored.config.model, plain_params(restored.model()))
 
 
+def checkpoint_or_path(path: str | Path):
+    """A run dir opens read-only as its restored model; other folders are returned as they are
+    (read by jaxft.peft.compose)."""
+    return run_checkpoint(path) if RunDir(Path(path)).is_run() else path
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, which: str = "latest", fmt: str = "jaxft",
                dtype: str | None = None, overwrite: bool = False) -> Path:
     """Write the run's model to `out` in `fmt`; returns `out`."""

@@ -1,0 +1,1 @@
+"""Experiment suites: a matrix of runs from one file (`jaxft suite`)."""

@@ -1,0 +1,212 @@
+"""Experiment suites: expansion, running in dependency order, failure isolation, resuming."""
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxft.config.errors import ConfigError
+from jaxft.suite import runner
+from jaxft.suite.spec import load_suite
+
+from trainutil import write_run_config
+
+EXPERIMENT = """\
+run_dir: runs/x
+model: {preset: tiny-llama, vocab_size: 256, d_model: 32, n_layers: 1, n_heads: 4, n_kv_heads: 2, mlp_dim: 64}
+data:
+  tokenizer: {train_vocab_size: 256}
+  train: [{type: tsv, path: d.tsv, src_lang: en, tgt_lang: de}]
+train: {steps: 4}
+"""
+
+
+def _suite(tmp_path, body: str, name="suite.yaml") -> Path:
+    (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def test_grid_zip_seeds_names_and_stage_references(tmp_path):
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        set: {train.steps: 3}
+        stages:
+          - name: adapt
+            grid: {peft.method: [lora, sparse], optimizer.lr: [0.001, 0.003]}
+            seeds: [0, 1]
+            run_name: "{peft.method}-lr{optimizer.lr}-s{train.seed}"
+          - name: pairs
+            zip: {optimizer.lr: [0.1, 0.2], optimizer.warmup_steps: [1, 2]}
+          - name: second
+            set: {model.init_from: "run:{adapt.lora-lr0.001-s0}", train.steps: 5}
+        """)
+    suite = load_suite(path)
+    ids = [r.id for r in suite.runs]
+    assert len(ids) == 2 * 2 * 2 + 2 + 1 and ids[0] == "adapt.lora-lr0.001-s0" and ids[7] == "adapt.sparse-lr0.003-s1"
+    assert ids[8:] == ["pairs.0.1-1", "pairs.0.2-2", "second.second"]
+    first = suite.run("adapt.lora-lr0.001-s0")
+    assert first.run_dir == tmp_path / "out" / "adapt.lora-lr0.001-s0"
+    assert first.config.peft.method == "lora" and first.config.train.seed == 0 and first.config.train.steps == 3
+    assert first.config.run_dir == str(first.run_dir) and first.depends == ()
+    second = suite.run("second.second")
+    assert second.depends == ("adapt.lora-lr0.001-s0",)
+    assert second.config.model.init_from == f"run:{first.run_dir}" and second.config.train.steps == 5
+    assert suite.run("pairs.0.2-2").config.optimizer.warmup_steps == 2
+    table = runner.plan_table(suite)
+    assert "| second.second | adapt.lora-lr0.001-s0 |" in table
+    commands = runner.emit_commands(suite).splitlines()
+    assert len(commands) == 11 and commands[0].startswith("jaxft train ") and f"run_dir={first.run_dir}" in commands[0]
+
+
+@pytest.mark.parametrize("body,message", [
+    ("stages:\n  - name: a\n    grid: {train.seed: [1, 1]}\n", r"suite.yaml:\d+: stages\[0\]: two runs are named 'a.1'"),
+    ("stages:\n  - name: a\n    set: {model.init_from: 'run:{b.b}'}\n  - name: b\n",
+     r"\{b.b\}: a later stage or this one"),
+    ("stages:\n  - name: a\n    set: {optimizer.lrr: 0.1}\n", r"suite.yaml:\d+: run a.a: .*optimizer.lrr: unknown key"),
+    ("stages:\n  - name: a\n    zip: {train.seed: [1, 2], optimizer.lr: [0.1]}\n", r"zip axes must have equal lengths"),
+    ("stages:\n  - name: a\n  - name: a\n", r"stage name 'a' is used twice"),
+    ("stagez: []\n", r"suite.yaml:\d+: stagez: unknown key \(did you mean 'stages'\?\)"),
+])
+def test_bad_suites_are_one_line_errors_naming_the_file(tmp_path, body, message):
+    path = _suite(tmp_path, "suite_dir: out\nexperiment: exp.yaml\n" + body)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_suite(path)
+    assert "\n" not in str(e.value)
+
+
+FAKE_TRAIN = """\
+import json, os, sys, time
+args = sys.argv[1:]
+sets = dict(a.split("=", 1) for a in args[args.index("train") + 2:][1::2])
+run_dir = sets["run_dir"]
+os.makedirs(run_dir, exist_ok=True)
+calls = os.path.join(run_dir, "calls")
+open(calls, "a").write("x")
+if json.loads(sets.get("optimizer.lr", "0")) == 0.5:
+    print("jaxft: data.train[0]: d.tsv: file does not exist", file=sys.stderr)
+    sys.exit(2)
+open(os.path.join(run_dir, "config.yaml"), "w").write(open(os.environ["FAKE_CONFIG"]).read())
+open(os.path.join(run_dir, "metrics.jsonl"), "w").write(json.dumps({"step": 4, "kind": "train", "loss": 1.5}) + "\\n")
+"""
+
+
+def _fake(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    return [sys.executable, str(script)]
+
+
+def test_a_failed_run_blocks_its_dependents_only_and_a_rerun_skips_done_runs(tmp_path, monkeypatch):
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        stages:
+          - name: a
+            grid: {optimizer.lr: [0.5, 0.1]}
+          - name: b
+            set: {model.init_from: "run:{a.0.5}"}
+          - name: c
+            set: {model.init_from: "run:{a.0.1}"}
+        """)
+    suite = load_suite(path)
+    monkeypatch.setattr(runner, "changed_since_done", lambda plan: [])
+    env = dict(os.environ, FAKE_CONFIG=str(tmp_path / "exp.yaml"))
+    result = runner.run_suite(suite, python=_fake(tmp_path), env=env)
+    st = result.state
+    assert st["a.0.5"]["status"] == "failed" and st["a.0.5"]["error"] == "jaxft: data.train[0]: d.tsv: file does not exist"
+    assert st["a.0.1"]["status"] == "done" and st["c.c"]["status"] == "done"
+    assert st["b.b"] == {"status": "blocked", "error": "needs a.0.5 (not done)"}
+    assert result.exit_status == 0
+    done_files = {p: p.read_bytes() for r in ("a.0.1", "c.c") for p in (suite.suite_dir / r).iterdir()}
+    again = runner.run_suite(suite, python=_fake(tmp_path), env=env)  # done runs are skipped, untouched
+    assert {p: p.read_bytes() for p in done_files} == done_files
+    assert (suite.suite_dir / "a.0.5" / "calls").read_text() == "xx"  # the failed one was tried again
+    assert again.state["b.b"]["status"] == "blocked"
+    rows = {r["run"]: r for r in runner.status_rows(suite)}
+    assert rows["c.c"]["state"] == "done" and rows["c.c"]["step"] == 4 and rows["c.c"]["loss"] == 1.5
+    text = runner.format_status(list(rows.values()))
+    assert "| a.0.5 | failed: jaxft: data.train[0]: d.tsv: file does not exist |" in text
+    runner.run_suite(suite, python=_fake(tmp_path), env=env, only="a.*")
+    assert (suite.suite_dir / "a.0.5" / "calls").read_text() == "xxx"
+    assert not (suite.suite_dir / "b.b" / "calls").exists()  # a blocked run is never started
+
+
+def test_a_run_left_running_by_a_killed_suite_shows_interrupted(tmp_path):
+    path = _suite(tmp_path, "suite_dir: out\nexperiment: exp.yaml\nstages: [{name: a}]\n")
+    suite = load_suite(path)
+    suite.suite_dir.mkdir()
+    (suite.suite_dir / runner.STATE_FILE).write_text(json.dumps({"a.a": {"status": "running", "pid": 2 ** 22 + 7}}))
+    assert runner.status_rows(suite)[0]["state"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_a_real_suite_runs_resumes_and_refuses_a_changed_finished_run(tmp_path):
+    exp = write_run_config(tmp_path, steps=3, extra={"checkpoint.every": 3})
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "suite_dir": "suite", "experiment": exp.name,
+        "stages": [{"name": "base", "seeds": [0]},
+                   {"name": "more", "set": {"model.init_from": "run:{base.0}", "train.steps": 2}}]}))
+    suite = load_suite(suite_path)
+    result = runner.run_suite(suite)
+    assert [result.state[r]["status"] for r in ("base.0", "more.more")] == ["done", "done"], result.state
+    rows = {r["run"]: r for r in runner.status_rows(suite)}
+    metrics = [json.loads(x) for x in (suite.suite_dir / "base.0" / "metrics.jsonl").read_text().splitlines()]
+    last_train = [m for m in metrics if m["kind"] == "train"][-1]
+    assert rows["base.0"]["step"] == 3 and rows["base.0"]["loss"] == last_train["loss"]
+    assert rows["more.more"]["steps"] == 2 and rows["more.more"]["dev_loss"] is not None
+    before = {p: p.stat().st_mtime_ns for p in (suite.suite_dir / "base.0").rglob("*") if p.is_file()}
+    runner.run_suite(load_suite(suite_path))  # nothing to do: every file of the finished runs untouched
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    changed = yaml.safe_load(suite_path.read_text())
+    changed["set"] = {"optimizer.lr": 0.5}
+    suite_path.write_text(yaml.safe_dump(changed))
+    refused = runner.run_suite(load_suite(suite_path), only="base.*")
+    assert refused.state["base.0"]["status"] == "failed" and "optimizer.lr" in refused.state["base.0"]["error"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_suite_mid_run_then_resume(tmp_path):
+    """The suite process is SIGKILLed while its second run trains: that run gets SIGTERM (it
+    never outlives its suite) and checkpoints; the rerun leaves the finished run's files
+    byte-identical and finishes the interrupted one."""
+    import signal
+    import subprocess
+    import time
+
+    exp = write_run_config(tmp_path, steps=3, extra={"checkpoint.every": 1, "checkpoint.async_save": False})
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "suite_dir": "suite", "experiment": exp.name,
+        "stages": [{"name": "first"}, {"name": "second", "set": {"train.steps": 40}}]}))
+    suite = load_suite(suite_path)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxft.cli", "suite", "run", str(suite_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = suite.suite_dir / "second.second" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):
+        time.sleep(0.2)
+    assert metrics.is_file(), "the second run never started training"
+    child = runner.read_state(suite)["second.second"]["pid"]
+    first = {p: p.read_bytes() for p in (suite.suite_dir / "first.first").rglob("*") if p.is_file()}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(600):  # the run exits on its own (SIGTERM from the dead suite: checkpoint, exit 75)
+        if not runner._alive(child):
+            break
+        time.sleep(0.2)
+    assert not runner._alive(child), "the run outlived its killed suite"
+    assert runner.status_rows(suite)[1]["state"] == "interrupted"
+    result = runner.run_suite(load_suite(suite_path))
+    assert result.state["second.second"]["status"] == "done"
+    assert {p: p.read_bytes() for p in first} == first
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"kind": "train"' in x]
+    assert steps == list(range(1, 41))  # resumed from its checkpoint: every step exactly once
