@@ -27,18 +27,6 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def init_distributed(args: argparse.Namespace) -> None:
-    """Explicit multi-process setup locally; automatic on TPU VMs."""
-    import jax
-
-    if getattr(args, "coordinator", None):
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
-        jax.distributed.initialize()
-
-
 def _command(sub, name: str, func, *, config: bool = False, **kw):
     """Subcommand parser run by `func`, with CONFIG [--set K=V] when `config`; `func` None: a group's subparsers."""
     p = sub.add_parser(name, **kw)
@@ -53,13 +41,14 @@ def _command(sub, name: str, func, *, config: bool = False, **kw):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxft.sharding import init_distributed
     from jaxft.config.loader import load_config
     from jaxft.eval.during_training import train_and_evaluate
     from jaxft.train.loop import dev_table
     from jaxft.train.cadence import INTERRUPTED_EXIT
     from jaxft.train.hooks import DivergedError
 
-    init_distributed(args)
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config, args.overrides)
     try:
         result = train_and_evaluate(cfg, base_dir=args.config.resolve().parent, restart=args.restart)
@@ -132,6 +121,12 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     suite = spec.load_suite(args.suite)
     if args.suite_command == "run" and (args.dry_run or args.emit_commands):
         print(runner.plan_table(suite) if args.dry_run else runner.emit_commands(suite))
+        return 0
+    if args.suite_command == "report":
+        from jaxft.suite.report import write_report
+
+        md, files = write_report(suite, axis=args.axis, metric=args.metric)
+        print(md, *(f"wrote {f}" for f in files), sep="\n")
         return 0
     result = runner.run_suite(suite, only=args.only) if args.suite_command == "run" else None
     print(runner.format_status(rows := runner.status_rows(suite)))
@@ -342,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="print the expanded runs and their overrides")
     q.add_argument("--emit-commands", action="store_true", help="print one `jaxft train` command per run")
     q = _command(ssub, "status", _cmd_suite, help="per run: state, step, last loss, dev loss, wall time")
+    q = _command(ssub, "report", _cmd_suite, help="one table over all runs (Markdown, CSV, JSON) and PNG plots")
+    q.add_argument("--axis", help="also plot --metric against this axis (a config key the suite varies)")
+    q.add_argument("--metric", default="avg_chrf", help="avg_bleu / avg_chrf / avg_chrfpp (default avg_chrf)")
     for q in ssub.choices.values():
         q.add_argument("suite", type=Path, help="suite YAML (configs/suites/*.yaml)")
 

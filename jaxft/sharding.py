@@ -151,3 +151,16 @@ def sharded_abstract(fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     abstract = jax.eval_shape(fn)
     shardings = tree_shardings(abstract, mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:
+    """Multi-process set-up: explicit with a coordinator (local runs; gloo collectives on CPU),
+    automatic on TPU VMs."""
+    import os
+
+    if coordinator:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
+        jax.distributed.initialize()

@@ -162,6 +162,13 @@ def test_a_real_suite_runs_resumes_and_refuses_a_changed_finished_run(tmp_path):
     last_train = [m for m in metrics if m["kind"] == "train"][-1]
     assert rows["base.0"]["step"] == 3 and rows["base.0"]["loss"] == last_train["loss"]
     assert rows["more.more"]["steps"] == 2 and rows["more.more"]["dev_loss"] is not None
+    from jaxft.suite.report import write_report
+
+    md, files = write_report(suite)
+    report = json.loads((suite.suite_dir / "report" / "report.json").read_text())
+    last_dev = [m for m in metrics if m["kind"] == "dev"][-1]["dev_loss"]
+    assert report["runs"][0]["dev_loss"] == last_dev and report["runs"][0]["loss"] == last_train["loss"]
+    assert (suite.suite_dir / "report" / "loss_curves.png").stat().st_size > 5000 and "| base.0 | done | 3/3 |" in md
     before = {p: p.stat().st_mtime_ns for p in (suite.suite_dir / "base.0").rglob("*") if p.is_file()}
     runner.run_suite(load_suite(suite_path))  # nothing to do: every file of the finished runs untouched
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -210,3 +217,57 @@ def test_kill_9_of_the_suite_mid_run_then_resume(tmp_path):
     assert {p: p.read_bytes() for p in first} == first
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"kind": "train"' in x]
     assert steps == list(range(1, 41))  # resumed from its checkpoint: every step exactly once
+
+
+FAKE_EVAL_TRAIN = """\
+import json, os, sys
+args = sys.argv[1:]
+sets = {k: json.loads(v) if k != "run_dir" else v for k, v in (a.split("=", 1) for a in args[args.index("train") + 2:][1::2])}
+run_dir = sets["run_dir"]
+os.makedirs(run_dir, exist_ok=True)
+lr, seed = sets.get("optimizer.lr", 0.1), sets.get("train.seed", 0)
+rows = [{"step": s, "kind": "train", "loss": 5.0 - s * lr, "seq_tokens_per_s": 100.0 * s} for s in (1, 2, 3)]
+rows.append({"step": 3, "kind": "dev", "dev_loss": {"en-de": 2.0 + seed, "en-yo": 3.0 + seed}})
+rows.append({"step": 3, "kind": "eval", "scores": {"en-de": {"bleu": 10.0 + seed, "chrf": 40.0 + 10 * lr, "chrfpp": 38.0},
+                                                   "en-yo": {"bleu": 2.0, "chrf": 20.0 + seed, "chrfpp": 18.0}},
+             "average": {}})
+open(os.path.join(run_dir, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\\n" for r in rows))
+"""
+
+
+def test_report_numbers_come_from_the_runs_metrics_with_seed_means_tiers_and_plots(tmp_path):
+    from jaxft.suite.report import write_report
+
+    (tmp_path / "exp.yaml").write_text(EXPERIMENT + "eval: {tier_high: [de], tier_low: [yo]}\n")
+    path = tmp_path / "suite.yaml"
+    path.write_text("suite_dir: out\nexperiment: exp.yaml\nstages:\n  - name: a\n"
+                    "    grid: {optimizer.lr: [0.1, 0.2]}\n    seeds: [0, 1]\n")
+    suite = load_suite(path)
+    script = tmp_path / "fake_eval.py"
+    script.write_text(FAKE_EVAL_TRAIN)
+    runner.run_suite(suite, python=[sys.executable, str(script)], only="a.0.1-*")  # half of the suite
+    md, files = write_report(suite, axis="optimizer.lr")
+    runs_part = md.split("Mean ± std")[0]
+    table = {line.split(" | ")[0].strip("| "): line for line in runs_part.splitlines() if line.startswith("| a.")}
+    assert set(table) == {"a.0.1-0", "a.0.1-1", "a.0.2-0", "a.0.2-1"}
+    cells = [c.strip() for c in table["a.0.1-1"].strip("|").split("|")]
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert row["state"] == "done" and row["step"] == "3/4" and row["loss"] == "4.7"
+    assert row["dev_loss:en-de"] == "3" and row["chrf:en-de"] == "41" and row["chrf:en-yo"] == "21"
+    assert row["avg_chrf"] == "31" and row["high_chrf"] == "41" and row["low_chrf"] == "21"
+    assert row["tokens_per_s"] == "250"  # mean over logged steps after the first
+    missing = dict(zip(header, [c.strip() for c in table["a.0.2-0"].strip("|").split("|")]))
+    assert missing["state"] == "pending" and missing["loss"] == "-" and missing["chrf:en-de"] == "-"
+    assert "| a.0.1 | 2 | " in md  # mean ± std over the two seeds
+    group = next(line for line in md.splitlines() if line.startswith("| a.0.1 |"))
+    assert "2.5 ± 0.71" in group  # dev loss en-de over seeds 0 and 1: 2, 3
+    report = json.loads((suite.suite_dir / "report" / "report.json").read_text())
+    assert report["runs"][1]["scores"]["en-de"]["bleu"] == 11.0
+    csv_text = (suite.suite_dir / "report" / "report.csv").read_text().splitlines()
+    assert csv_text[0].startswith("run,state,step,loss") and len(csv_text) == 5
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert {f.name for f in pngs} == {"loss_curves.png", "chrf_by_tier.png", "avg_chrf_vs_optimizer_lr.png"}
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in pngs)
+    with pytest.raises(ValueError, match="--axis model.d_model: not an axis"):
+        write_report(suite, axis="model.d_model")
