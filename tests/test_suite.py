@@ -271,3 +271,16 @@ def test_report_numbers_come_from_the_runs_metrics_with_seed_means_tiers_and_plo
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in pngs)
     with pytest.raises(ValueError, match="--axis model.d_model: not an axis"):
         write_report(suite, axis="model.d_model")
+
+
+def test_paths_in_the_suite_file_are_relative_to_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        set: {model.init_from: "run:runs/base", data.tokenizer.path: tok/spm.model, data.index_dir: /abs/idx}
+        stages: [{name: a}]
+        """, name="sub/../suite.yaml")
+    cfg = load_suite(path).runs[0].config
+    assert cfg.model.init_from == f"run:{tmp_path / 'runs/base'}"
+    assert cfg.data.tokenizer.path == str(tmp_path / "tok/spm.model") and cfg.data.index_dir == "/abs/idx"

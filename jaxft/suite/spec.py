@@ -12,6 +12,9 @@
       - name: compose
         set: {model.init_from: "run:{adapt.lora-s0}"}   # another stage's run dir
 
+Paths set in the suite file (``model.init_from: run:<dir>``, ``data.tokenizer.path``,
+``data.index_dir``, ``suite_dir``, ``experiment``) are relative to the suite file.
+
 A run is ``<stage>.<name>`` in ``<suite_dir>/<stage>.<name>/``; its name comes from
 ``run_name`` (``{config.key}`` placeholders filled with the run's axis values) or, by default,
 the axis values joined by ``-`` (the stage name when there are no axes).  ``{stage.name}``
@@ -148,6 +151,23 @@ def _substitute(value: Any, runs: dict[str, RunPlan], stage_names: list[str], ke
     return value
 
 
+_PATH_KEYS = ("data.tokenizer.path", "data.index_dir")
+
+
+def _relative_to(here: Path, key: str, value: Any) -> Any:
+    """Paths in the suite file are relative to it, as data paths are to their config file:
+    ``model.init_from: run:<dir>`` / ``hf:<existing folder>``, ``data.tokenizer.path``."""
+    if not isinstance(value, str):
+        return value
+    if key == "model.init_from" and value.startswith(("run:", "hf:")):
+        kind, path = value.split(":", 1)
+        if not Path(path).is_absolute() and (kind == "run" or (here / path).exists()):
+            return f"{kind}:{(here / path).resolve()}"
+    elif key in _PATH_KEYS and not Path(value).is_absolute():
+        return str((here / value).resolve())
+    return value
+
+
 def load_suite(path: str | Path, *, check_configs: bool = True) -> Suite:
     """Read, validate and expand a suite file (see the module docstring)."""
     path = Path(path)
@@ -175,7 +195,7 @@ def load_suite(path: str | Path, *, check_configs: bool = True) -> Suite:
             used: set[str] = set()
             overrides = []
             for k, v in ({**spec.set, **stage.set, **axes}).items():
-                v = _substitute(v, runs, stage_names, key, where, used)
+                v = _relative_to(here, k, _substitute(v, runs, stage_names, key, where, used))
                 overrides.append(f"{k}={json.dumps(v, ensure_ascii=False)}")
             plan = RunPlan(run_id, stage.name, suite_dir / run_id, experiment, tuple(overrides), axes,
                            tuple(sorted(used)))
