@@ -53,7 +53,8 @@ def test_grid_zip_seeds_names_and_stage_references(tmp_path):
     assert ids[8:] == ["pairs.0.1-1", "pairs.0.2-2", "second.second"]
     first = suite.run("adapt.lora-lr0.001-s0")
     assert first.run_dir == tmp_path / "out" / "adapt.lora-lr0.001-s0"
-    assert first.config.peft.method == "lora" and first.config.train.seed == 0 and first.config.train.steps == 3
+    assert first.config.peft.method == "lora" and first.config.train.steps == 3
+    assert first.config.train.seed == first.config.data.seed == 0 and suite.run("adapt.lora-lr0.001-s1").config.data.seed == 1
     assert first.config.run_dir == str(first.run_dir) and first.depends == ()
     second = suite.run("second.second")
     assert second.depends == ("adapt.lora-lr0.001-s0",)

@@ -4,7 +4,7 @@ Read from each run's ``metrics.jsonl`` (never recomputed): the last dev loss per
 the last evaluation's BLEU / chrF / chrF++ per direction (runs with ``eval.every``) with
 their macro average and, when the experiment sets ``eval.tier_high / tier_mid / tier_low``,
 per-tier averages as ML50 reports them; tokens/s (mean over logged steps after the first);
-the wall time from the suite's state.  Runs that differ only in ``train.seed`` are also
+the wall time from the suite's state.  Runs that differ only in their seed are also
 summarised as mean ± std.  A run that has not finished is reported with what it has so far
 and its state; a missing value is ``-``.
 
@@ -110,11 +110,13 @@ def _cell(s: dict[str, Any], col: str) -> Any:
 
 
 def seed_groups(summaries: list[dict[str, Any]], cols: list[str]) -> list[dict[str, Any]]:
-    """Runs that differ only in ``train.seed``: mean ± std of every numeric column."""
+    """Runs that differ only in their seed (``seeds:``, or a ``train.seed`` axis): mean ± std
+    of every numeric column."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
-        if "train.seed" in s["axes"]:
-            rest = "-".join(str(v) for k, v in s["axes"].items() if k != "train.seed")
+        seed_axes = [k for k in ("seed", "train.seed") if k in s["axes"]]
+        if seed_axes:
+            rest = "-".join(str(v) for k, v in s["axes"].items() if k not in seed_axes)
             groups.setdefault(f"{s['stage']}.{rest or s['stage']}", []).append(s)
     out = []
     for name, members in groups.items():

@@ -7,7 +7,7 @@
       - name: adapt
         grid: {peft.method: [lora, sparse]}   # cartesian product of the axes
         zip: {optimizer.lr: [3e-3, 1e-3], train.warmup: [5, 10]}   # parallel lists
-        seeds: [0, 1]                   # the axis train.seed
+        seeds: [0, 1]                   # the axis `seed`: train.seed and data.seed
         run_name: "{peft.method}-s{train.seed}"
       - name: compose
         set: {model.init_from: "run:{adapt.lora-s0}"}   # another stage's run dir
@@ -37,6 +37,7 @@ from jaxft.config.errors import ConfigError, Key
 from jaxft.config.loader import load_config, load_typed
 from jaxft.config.schema import Config
 
+SEED_KEYS = ("train.seed", "data.seed")  # `seeds: [..]` sets both: initialisation and data order
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
@@ -100,8 +101,8 @@ def _combos(stage: StageSpec, key: Key, where) -> list[dict[str, Any]]:
                           where(key + ("zip",)))
     grid = [dict(zip(stage.grid, values)) for values in itertools.product(*stage.grid.values())]
     zipped = [dict(zip(stage.zip, values)) for values in zip(*stage.zip.values())] or [{}]
-    seeds = [{"train.seed": s} for s in stage.seeds] or [{}]
-    overlap = set(stage.grid) & set(stage.zip) | ({"train.seed"} & (set(stage.grid) | set(stage.zip))
+    seeds = [{"seed": s} for s in stage.seeds] or [{}]
+    overlap = set(stage.grid) & set(stage.zip) | (set(SEED_KEYS) & (set(stage.grid) | set(stage.zip))
                                                   if stage.seeds else set())
     if overlap:
         raise ConfigError(f"{sorted(overlap)[0]!r} is an axis twice", key, where(key))
@@ -117,6 +118,8 @@ def _run_name(stage: StageSpec, axes: dict[str, Any], key: Key, where) -> str:
         name = "-".join(_value_text(v) for v in axes.values()) or stage.name
     else:
         def fill(m: re.Match) -> str:
+            if m.group(1) in SEED_KEYS and "seed" in axes:
+                return _value_text(axes["seed"])
             if m.group(1) not in axes:
                 raise ConfigError(f"run_name names {m.group(1)!r}, not an axis of this stage ({sorted(axes)})",
                                   key + ("run_name",), where(key + ("run_name",)))
@@ -194,7 +197,8 @@ def load_suite(path: str | Path, *, check_configs: bool = True) -> Suite:
                                   f"set run_name)", key, where(key))
             used: set[str] = set()
             overrides = []
-            for k, v in ({**spec.set, **stage.set, **axes}).items():
+            seed = {k: axes["seed"] for k in SEED_KEYS} if "seed" in axes else {}
+            for k, v in ({**spec.set, **stage.set, **{k: v for k, v in axes.items() if k != "seed"}, **seed}).items():
                 v = _relative_to(here, k, _substitute(v, runs, stage_names, key, where, used))
                 overrides.append(f"{k}={json.dumps(v, ensure_ascii=False)}")
             plan = RunPlan(run_id, stage.name, suite_dir / run_id, experiment, tuple(overrides), axes,
