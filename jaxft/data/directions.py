@@ -47,7 +47,6 @@ class Direction:
     source: Source
     overlong_skipped: int = 0  # dropped up front (data.overlong: skip, sources <= data.overlong_scan)
     positions: np.ndarray | None = None  # of the kept examples in ``source``; None: all
-    scanned: bool = False  # lengths measured up front
 
     @property
     def name(self) -> str:
@@ -181,8 +180,8 @@ def apply_overlong(d: Direction, featurizer: AnyFeaturizer, overlong: str, *, sc
                         f"(data.overlong: skip; raise data.seq_len or use truncate)")
     positions = good[keep]
     if len(positions) == len(d.source):
-        return dataclasses.replace(d, scanned=True)
-    return dataclasses.replace(d, overlong_skipped=len(over), positions=positions, scanned=True)
+        return d
+    return dataclasses.replace(d, overlong_skipped=len(over), positions=positions)
 
 
 @dataclasses.dataclass

@@ -84,10 +84,6 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
             off += n
 
 
-def _count_lines(path: str) -> int:
-    return sum(1 for _ in _lines(path))
-
-
 class IndexMissing(LookupError):
     """``LineSource(..., build=False)`` of a file whose index is not cached yet."""
 

@@ -12,7 +12,6 @@ format's suffix) or a glob, in sorted order.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import glob
 import itertools
 import json
@@ -48,7 +47,6 @@ class RecordSource(Source):
     that errors name ``file:index`` within the file."""
 
     checked_up_front = False
-    fields_type: str | None = None  # field defaults of this source type (None: the source's own)
     reopen_per_process = True  # records are opened again in each process (open file handles)
 
     def __init__(self, config: SourceConfig, key: str, bad_lines: str = "skip", label: str | None = None, *,
@@ -56,7 +54,6 @@ class RecordSource(Source):
         super().__init__(config, key, bad_lines)
         self.label = label or config.path  # "tfds:name[split]", a path: error messages say `label:index`
         self.index_dir = index_dir
-        self.fields = config if self.fields_type is None else dataclasses.replace(config, type=self.fields_type)
         self.files: tuple[str, ...] = ()
         self.counts: tuple[int, ...] = ()
         self._records: Any = None
@@ -93,7 +90,7 @@ class RecordSource(Source):
             rec = self.record(i)
             if isinstance(rec, str):
                 continue
-            if record_texts(self.fields, rec) == "field":
+            if record_texts(self.config, rec) == "field":
                 raise missing_fields_error(self.key, self.where(i), rec)
             return
 
@@ -120,7 +117,7 @@ class RecordSource(Source):
         return self.from_record(rec, where, file)
 
     def from_record(self, rec: Any, where: str, file: str) -> Example | Skipped:
-        texts = record_texts(self.fields, rec)
+        texts = record_texts(self.config, rec)
         out = self.example(*texts, where) if isinstance(texts, tuple) else texts
         return self.bad(where, out, file, count=False) if isinstance(out, str) else out
 
@@ -170,7 +167,6 @@ class ArrayRecordSource(RecordSource):
     """``.array_record`` shards of UTF-8 JSON objects (``jaxft data prepare`` writes them), read with
     grain's ``ArrayRecordDataSource``; fields as for JSONL."""
 
-    fields_type = "jsonl"  # the records are JSONL lines: src/tgt by default
 
     def setup(self) -> None:
         from array_record.python.array_record_module import ArrayRecordReader
