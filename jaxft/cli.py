@@ -116,21 +116,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
-    from jaxft.suite import runner, spec
+    from jaxft.suite.command import suite_command
 
-    suite = spec.load_suite(args.suite)
-    if args.suite_command == "run" and (args.dry_run or args.emit_commands):
-        print(runner.plan_table(suite) if args.dry_run else runner.emit_commands(suite))
-        return 0
-    if args.suite_command == "report":
-        from jaxft.suite.report import write_report
-
-        md, files = write_report(suite, axis=args.axis, metric=args.metric)
-        print(md, *(f"wrote {f}" for f in files), sep="\n")
-        return 0
-    result = runner.run_suite(suite, only=args.only) if args.suite_command == "run" else None
-    print(runner.format_status(rows := runner.status_rows(suite)))
-    return result.exit_status if result and result.exit_status else int(any(r["state"] == "failed" for r in rows))
+    return suite_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -336,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--only", metavar="PATTERN", help="only the runs whose id (stage.name) matches this glob")
     q.add_argument("--dry-run", action="store_true", help="print the expanded runs and their overrides")
     q.add_argument("--emit-commands", action="store_true", help="print one `jaxft train` command per run")
+    q.add_argument("--max-parallel", type=int, default=1, metavar="N", help="run up to N independent runs at once, "
+                   "the devices split between them (GPUs; on CPU the devices and cores)")
     q = _command(ssub, "status", _cmd_suite, help="per run: state, step, last loss, dev loss, wall time")
     q = _command(ssub, "report", _cmd_suite, help="one table over all runs (Markdown, CSV, JSON) and PNG plots")
     q.add_argument("--axis", help="also plot --metric against this axis (a config key the suite varies)")

@@ -62,7 +62,7 @@ def test_grid_zip_seeds_names_and_stage_references(tmp_path):
     assert suite.run("pairs.0.2-2").config.optimizer.warmup_steps == 2
     table = runner.plan_table(suite)
     assert "| second.second | adapt.lora-lr0.001-s0 |" in table
-    commands = runner.emit_commands(suite).splitlines()
+    commands = [c for c in runner.emit_commands(suite).splitlines() if not c.startswith("#")]
     assert len(commands) == 11 and commands[0].startswith("jaxft train ") and f"run_dir={first.run_dir}" in commands[0]
 
 
@@ -182,6 +182,59 @@ def test_a_real_suite_runs_resumes_and_refuses_a_changed_finished_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_suite_composes_two_earlier_runs_sparse_diffs(tmp_path):
+    """LT-SFT language + task composition as one suite file: two sparse runs from the same
+    initialisation, then a run with `peft.compose` of both diffs (one step at lr 0, only the
+    final norm trainable): its weights are init + diff_a + diff_b, and the report shows each
+    run's trainable size from params.json."""
+    import numpy as np
+
+    from jaxft.peft import sparse
+    from jaxft.runs.export import run_checkpoint
+    from jaxft.suite.report import write_report
+
+    exp = write_run_config(tmp_path, steps=4, extra={"checkpoint.every": 4})
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump({
+        "suite_dir": "suite", "experiment": exp.name,
+        "set": {"peft.sparse": {"phase1_steps": 2, "k": 300}},
+        "stages": [
+            {"name": "lang", "variants": {"a": {"peft.method": "sparse", "optimizer.lr": 0.01},
+                                          "b": {"peft.method": "sparse", "optimizer.lr": 0.02}}},
+            {"name": "both", "set": {"peft.compose": ["{lang.a}/sparse_diff", "{lang.b}/sparse_diff"],
+                                     "optimizer.lr": 0.0, "optimizer.warmup_steps": 0, "train.steps": 1,
+                                     "train.trainable": ["final_norm"]}}]}))
+    suite = load_suite(suite_path)
+    assert suite.run("both.both").depends == ("lang.a", "lang.b")
+    result = runner.run_suite(suite, max_parallel=2)
+    assert all(st["status"] == "done" for st in result.state.values()), result.state
+    def flat(run):
+        paths, leaves, _ = sparse.flat_with_paths(run_checkpoint(suite.suite_dir / run).params)
+        return {p: np.asarray(x, np.float32) for p, x in zip(paths, leaves)}
+
+    a, b, both = flat("lang.a"), flat("lang.b"), flat("both.both")
+    dense = []
+    for run in ("lang.a", "lang.b"):
+        out = {k: np.zeros_like(v) for k, v in a.items()}
+        for name, t in sparse.load_diff(suite.suite_dir / run / "sparse_diff").tensors.items():
+            out[name].reshape(-1)[t.indices] = t.values
+        dense.append(out)
+    changed = 0
+    for k in a:
+        init = a[k] - dense[0][k]
+        np.testing.assert_allclose(b[k] - dense[1][k], init, atol=1e-6)  # one initialisation
+        np.testing.assert_allclose(both[k], init + dense[0][k] + dense[1][k], atol=1e-6, err_msg=k)
+        changed += int((dense[0][k] != 0).sum())
+    assert changed == 300
+    md, _ = write_report(suite)
+    report = json.loads((suite.suite_dir / "report" / "report.json").read_text())
+    sizes = {r["run"]: r["trainable"] for r in report["runs"]}
+    params = json.loads((suite.suite_dir / "lang.a" / "params.json").read_text())
+    assert sizes["lang.a"] == 300 == params["updated"] and params["method"] == "sparse"
+    assert 0 < sizes["both.both"] < 300  # the final norm only
+
+
+@pytest.mark.slow
 def test_kill_9_of_the_suite_mid_run_then_resume(tmp_path):
     """The suite process is SIGKILLed while its second run trains: that run gets SIGTERM (it
     never outlives its suite) and checkpoints; the rerun leaves the finished run's files
@@ -231,7 +284,7 @@ rows = [{"step": s, "kind": "train", "loss": 5.0 - s * lr, "seq_tokens_per_s": 1
 rows.append({"step": 3, "kind": "dev", "dev_loss": {"en-de": 2.0 + seed, "en-yo": 3.0 + seed}})
 rows.append({"step": 3, "kind": "eval", "scores": {"en-de": {"bleu": 10.0 + seed, "chrf": 40.0 + 10 * lr, "chrfpp": 38.0},
                                                    "en-yo": {"bleu": 2.0, "chrf": 20.0 + seed, "chrfpp": 18.0}},
-             "average": {}})
+             "average": {"chrf": 30.0 + seed}})
 open(os.path.join(run_dir, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\\n" for r in rows))
 """
 
@@ -270,6 +323,8 @@ def test_report_numbers_come_from_the_runs_metrics_with_seed_means_tiers_and_plo
     pngs = [f for f in files if f.suffix == ".png"]
     assert {f.name for f in pngs} == {"loss_curves.png", "chrf_by_tier.png", "avg_chrf_vs_optimizer_lr.png"}
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000 for f in pngs)
+    status = {r["run"]: r for r in runner.status_rows(suite)}
+    assert status["a.0.1-1"]["best"] == "chrf 31.00" and status["a.0.2-0"]["best"] is None
     with pytest.raises(ValueError, match="--axis model.d_model: not an axis"):
         write_report(suite, axis="model.d_model")
 
@@ -285,3 +340,152 @@ def test_paths_in_the_suite_file_are_relative_to_it(tmp_path):
     cfg = load_suite(path).runs[0].config
     assert cfg.model.init_from == f"run:{tmp_path / 'runs/base'}"
     assert cfg.data.tokenizer.path == str(tmp_path / "tok/spm.model") and cfg.data.index_dir == "/abs/idx"
+
+
+def test_variants_are_named_sets_of_overrides_and_source_paths_are_relative_to_the_suite(tmp_path):
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        set:
+          data.dev: [{type: text, src_path: "corpus/dev.{src}", tgt_path: "corpus/dev.{tgt}", directions: [en-de]}]
+        stages:
+          - name: m
+            variants:
+              full: {peft.method: none, optimizer.lr: 1.0e-4}
+              lora: {peft.method: lora, optimizer.lr: 3.0e-3}
+            seeds: [0, 1]
+          - name: one
+            set: {"data.train[0].path": other.tsv}
+        """)
+    suite = load_suite(path)
+    assert [r.id for r in suite.runs] == ["m.full-0", "m.full-1", "m.lora-0", "m.lora-1", "one.one"]
+    lora = suite.run("m.lora-1").config
+    assert lora.peft.method == "lora" and lora.optimizer.lr == 3e-3 and lora.train.seed == 1
+    assert suite.run("m.full-0").axes == {"variant": "full", "seed": 0}
+    assert lora.data.dev[0].src_path == str(tmp_path / "corpus/dev.{src}")  # {src}: the language, kept
+    assert suite.runs[-1].config.data.train[0].path == str(tmp_path / "other.tsv")
+    bad = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        stages:
+          - name: m
+            grid: {optimizer.lr: [0.1, 0.2]}
+            variants: {a: {optimizer.lr: 0.3}}
+        """, name="bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: stages\[0\]: 'optimizer.lr' is an axis twice"):
+        load_suite(bad)
+
+
+SLOW_FAKE_TRAIN = """\
+import json, os, re, sys, time
+args = sys.argv[1:]
+sets = dict(a.split("=", 1) for a in args[args.index("train") + 2:][1::2])
+os.makedirs(sets["run_dir"], exist_ok=True)
+t0 = time.time()
+time.sleep(1.0)
+m = re.search(r"device_count=(\\d+)", os.environ.get("XLA_FLAGS", ""))
+info = {"start": t0, "end": time.time(), "devices": int(m.group(1)) if m else None,
+        "cpus": sorted(os.sched_getaffinity(0))}
+open(os.path.join(sets["run_dir"], "info.json"), "w").write(json.dumps(info))
+"""
+
+
+def test_max_parallel_runs_independent_runs_at_once_each_on_its_share_of_the_devices(tmp_path):
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        stages:
+          - name: a
+            grid: {optimizer.lr: [0.1, 0.2, 0.3]}
+          - name: b
+            set: {model.init_from: "run:{a.0.1}"}
+        """)
+    suite = load_suite(path)
+    script = tmp_path / "slow_fake.py"
+    script.write_text(SLOW_FAKE_TRAIN)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_foo=1")
+    result = runner.run_suite(suite, python=[sys.executable, str(script)], env=env, max_parallel=2, poll_s=0.05)
+    assert all(st["status"] == "done" for st in result.state.values()) and len(result.state) == 4
+    info = {r.id: json.loads((r.run_dir / "info.json").read_text()) for r in suite.runs}
+    assert all(i["devices"] == 4 for i in info.values())  # 8 fake devices, 2 slots
+    spans = sorted((i["start"], i["end"]) for i in info.values())
+    overlaps = [sum(s < t0 < e for s, e in spans) for t0, _ in spans]
+    assert max(overlaps) == 1  # two at a time, never three
+    assert spans[1][0] < spans[0][1]  # the first two ran at the same time
+    assert info["b.b"]["start"] >= info["a.0.1"]["end"]  # a dependent waits for its run
+    if len(os.sched_getaffinity(0)) >= 2:  # the cores are split too
+        assert not set(info["a.0.1"]["cpus"]) & set(info["a.0.2"]["cpus"])
+
+
+def test_device_slots_split_gpus_and_refuse_a_tpu():
+    slots = runner.device_slots(2, {"JAX_PLATFORMS": "cuda", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="--max-parallel 3: only 2 GPU"):
+        runner.device_slots(3, {"JAX_PLATFORMS": "cuda", "CUDA_VISIBLE_DEVICES": "0,1"})
+    with pytest.raises(ValueError, match="--max-parallel 2: not on tpu .*--emit-commands"):
+        runner.device_slots(2, {"JAX_PLATFORMS": "tpu"})
+    cpu = runner.device_slots(2, {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert [s.env["XLA_FLAGS"] for s in cpu] == ["--xla_force_host_platform_device_count=1"] * 2
+    assert runner.device_slots(1, {"JAX_PLATFORMS": "tpu"})[0].env == {"JAX_PLATFORMS": "tpu"}
+
+
+def test_emitted_commands_are_a_shell_script_with_each_runs_needs(tmp_path):
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        stages:
+          - name: a
+            grid: {optimizer.lr: [0.1, 0.2]}
+          - name: b
+            set: {model.init_from: "run:{a.0.1}"}
+        """)
+    suite = load_suite(path)
+    lines = runner.emit_commands(suite).splitlines()
+    assert lines[0] == "# run a.0.1" and lines[4] == "# run b.b needs a.0.1"
+    assert lines[5].startswith("jaxft train ") and f"run_dir={suite.run('b.b').run_dir}" in lines[5]
+    assert runner.emit_commands(suite, only="b.*").splitlines()[0] == "# run b.b needs a.0.1"
+    assert "| a.0.2 |" not in runner.plan_table(suite, only="a.0.1")
+
+
+def test_the_tpu_queue_runs_the_emitted_commands_in_order_skipping_done_and_blocked_runs(tmp_path):
+    """tpu_scripts/run-queue.sh with a stand-in `jaxft train` (the real `jaxft suite run
+    --emit-commands`): a preempted run is resumed (train-loop.sh), a failed run blocks only
+    its dependents, a second pass skips what finished."""
+    import subprocess
+
+    path = _suite(tmp_path, """\
+        suite_dir: out
+        experiment: exp.yaml
+        stages:
+          - name: a
+            grid: {optimizer.lr: [0.5, 0.1]}
+          - name: b
+            set: {model.init_from: "run:{a.0.5}"}
+          - name: c
+            set: {model.init_from: "run:{a.0.1}"}
+        """)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake-jaxft"
+    # `suite ...` is the real command; `train ...`: run a.0.1 is preempted once, a.0.5 fails
+    fake.write_text(f"""#!/usr/bin/env bash
+[ "$1" = suite ] && exec {sys.executable} -m jaxft.cli "$@"
+run=$(printf '%s\\n' "$@" | sed -n 's|^run_dir=.*/||p')
+echo "$run" >> {calls}
+case $run in
+  a.0.5) exit 2 ;;
+  a.0.1) [ "$(grep -c '^a.0.1$' {calls})" -eq 1 ] && exit 75 ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    script = Path(__file__).parent.parent / "tpu_scripts" / "run-queue.sh"
+    env = dict(os.environ, JAXFT=str(fake), RESTART_DELAY="0", QUEUE_STATE=str(tmp_path / "q"))
+    done = subprocess.run(["bash", str(script), str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert calls.read_text().split() == ["a.0.5", "a.0.1", "a.0.1", "c.c"]
+    q = tmp_path / "q"
+    assert sorted(p.name for p in q.iterdir()) == ["a.0.1.done", "a.0.5.failed", "b.b.blocked", "c.c.done"]
+    assert (q / "a.0.5.failed").read_text().strip() == "2" and "needs a.0.5" in (q / "b.b.blocked").read_text()
+    again = subprocess.run(["bash", str(script), str(path), "--only", "a.*"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 1 and calls.read_text().split()[4:] == ["a.0.5"]  # done runs skipped

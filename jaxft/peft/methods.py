@@ -90,6 +90,10 @@ class PeftMethod:
     def needs_theta0(self, resumed: bool) -> bool:
         return not resumed or not self.checkpoint_base
 
+    def updated_entries(self, params: nnx.State) -> int:
+        """How many parameter entries the finished run changes (its size as a fine-tuning)."""
+        return sum(int(x.size) for x in jax.tree.leaves(params))
+
     def on_step(self, step: int, state: Any, ctx: StepContext) -> Any:
         return state
 
@@ -150,6 +154,14 @@ class SparseFT(_BaseFree):
 
     def needs_theta0(self, resumed: bool) -> bool:
         return True  # phase 2 resets to theta0, and the diff is theta - theta0
+
+    def updated_entries(self, params: nnx.State) -> int:  # K maskable entries + the dense tensors
+        from jaxft.peft.sparse import classify, flat_with_paths, resolve_k
+
+        paths, leaves, _ = flat_with_paths(params)
+        kinds = classify(paths, self.cfg.sparse)
+        size = lambda kind: sum(int(x.size) for x, c in zip(leaves, kinds) if c == kind)  # noqa: E731
+        return resolve_k(self.cfg.sparse.k, size("maskable")) + size("dense")
 
     def on_step(self, step: int, state: Any, ctx: StepContext) -> Any:
         if step != self.cfg.sparse.phase1_steps:

@@ -6,6 +6,8 @@
                                        (step, optimizer state, mask), data, config
     <run_dir>/best/<step>/             the best checkpoint by `eval.best_metric` (+ best.json)
     <run_dir>/metrics.jsonl, tb/       metrics (process 0)
+    <run_dir>/params.json              parameter counts: params, trainable, updated (what the
+                                       method changes: LoRA adapters, LT-SFT's K entries), method
     <run_dir>/eval/step_<n>/           evaluation reports during training
     <run_dir>/adapter/, sparse_diff/   what a PEFT run exports at its end
     <run_dir>/unreadable_checkpoints/  checkpoints training could not restore (moved, never deleted)
@@ -27,6 +29,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def params_json(self) -> Path:
+        return self.root / "params.json"
 
     @property
     def tokenizer(self) -> Path:

@@ -3,7 +3,9 @@
 Read from each run's ``metrics.jsonl`` (never recomputed): the last dev loss per direction,
 the last evaluation's BLEU / chrF / chrF++ per direction (runs with ``eval.every``) with
 their macro average and, when the experiment sets ``eval.tier_high / tier_mid / tier_low``,
-per-tier averages as ML50 reports them; tokens/s (mean over logged steps after the first);
+per-tier averages as ML50 reports them; the trainable size from ``params.json`` (the entries
+the method updates: all for full fine-tuning, the adapters for LoRA, K + dense tensors for
+LT-SFT; and as a % of the model); tokens/s (mean over logged steps after the first);
 the wall time from the suite's state.  Runs that differ only in their seed are also
 summarised as mean ± std.  A run that has not finished is reported with what it has so far
 and its state; a missing value is ``-``.
@@ -77,6 +79,11 @@ def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
             tv = [s[metric] for d, s in scores.items() if _tier(d, tiers) == t and isinstance(s.get(metric), (int, float))]
             out[f"{t}_{metric}"] = statistics.fmean(tv) if tv else None
     out["tiers"] = {d: _tier(d, tiers) for d in scores}
+    try:
+        sizes = json.loads((plan.run_dir / "params.json").read_text(encoding="utf-8"))
+        out["trainable"], out["trainable_pct"] = int(sizes["updated"]), 100 * sizes["updated"] / sizes["params"]
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        out["trainable"] = out["trainable_pct"] = None
     return out
 
 
@@ -95,7 +102,7 @@ def _columns(summaries: list[dict[str, Any]]) -> list[str]:
         if scored:
             cols.append(f"avg_{metric}")
             cols += [f"{t}_{metric}" for t in _TIERS if any(s.get(f"{t}_{metric}") is not None for s in summaries)]
-    return cols + ["tokens_per_s", "wall_s"]
+    return cols + ["trainable", "trainable_pct", "tokens_per_s", "wall_s"]
 
 
 def _cell(s: dict[str, Any], col: str) -> Any:

@@ -9,15 +9,20 @@
         zip: {optimizer.lr: [3e-3, 1e-3], train.warmup: [5, 10]}   # parallel lists
         seeds: [0, 1]                   # the axis `seed`: train.seed and data.seed
         run_name: "{peft.method}-s{train.seed}"
+      - name: recipes
+        variants:                       # named sets of overrides: the axis `variant`
+          full: {peft.method: none, optimizer.lr: 1e-4}
+          lora: {peft.method: lora, optimizer.lr: 3e-3}
       - name: compose
         set: {model.init_from: "run:{adapt.lora-s0}"}   # another stage's run dir
 
 Paths set in the suite file (``model.init_from: run:<dir>``, ``data.tokenizer.path``,
-``data.index_dir``, ``suite_dir``, ``experiment``) are relative to the suite file.
+``data.index_dir``, the paths of ``data.train`` / ``data.dev`` sources, ``suite_dir``,
+``experiment``) are relative to the suite file.
 
 A run is ``<stage>.<name>`` in ``<suite_dir>/<stage>.<name>/``; its name comes from
 ``run_name`` (``{config.key}`` placeholders filled with the run's axis values) or, by default,
-the axis values joined by ``-`` (the stage name when there are no axes).  ``{stage.name}``
+the variant and axis values joined by ``-`` (the stage name when there are none).  ``{stage.name}``
 in an override value becomes that run's folder (so ``run:{...}`` for ``model.init_from``,
 ``{...}/sparse_diff`` in ``peft.compose``) and makes the run depend on it: only earlier stages
 can be named.  Every run's config is loaded (experiment + overrides) when the suite is
@@ -39,6 +44,7 @@ from jaxft.config.schema import Config
 
 SEED_KEYS = ("train.seed", "data.seed")  # `seeds: [..]` sets both: initialisation and data order
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+_RUN_REF = re.compile(r"\{([A-Za-z0-9][A-Za-z0-9_+=-]*\.[^{}]+)\}")  # {stage.name}; {src} / {tgt} stay
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
@@ -50,6 +56,7 @@ class StageSpec:
     grid: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     zip: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     seeds: tuple[int, ...] = ()
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> overrides
     run_name: str | None = None
 
 
@@ -102,11 +109,18 @@ def _combos(stage: StageSpec, key: Key, where) -> list[dict[str, Any]]:
     grid = [dict(zip(stage.grid, values)) for values in itertools.product(*stage.grid.values())]
     zipped = [dict(zip(stage.zip, values)) for values in zip(*stage.zip.values())] or [{}]
     seeds = [{"seed": s} for s in stage.seeds] or [{}]
-    overlap = set(stage.grid) & set(stage.zip) | (set(SEED_KEYS) & (set(stage.grid) | set(stage.zip))
-                                                  if stage.seeds else set())
+    variants = [{"variant": name} for name in stage.variants] or [{}]
+    axis_keys = set(stage.grid) | set(stage.zip)
+    overlap = set(stage.grid) & set(stage.zip) | (set(SEED_KEYS) & axis_keys if stage.seeds else set())
+    for name, overrides in stage.variants.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"variant name {name!r}: letters, digits, _ . + = - only", key + ("variants", name),
+                              where(key + ("variants", name)))
+        overlap |= axis_keys & set(overrides)
     if overlap:
-        raise ConfigError(f"{sorted(overlap)[0]!r} is an axis twice", key, where(key))
-    return [{**g, **z, **s} for g in grid for z in zipped for s in seeds]
+        raise ConfigError(f"{sorted(overlap)[0]!r} is an axis twice (grid, zip, seeds and variants must not share "
+                          f"a key)", key, where(key))
+    return [{**v, **g, **z, **s} for v in variants for g in grid for z in zipped for s in seeds]
 
 
 def _value_text(v: Any) -> str:
@@ -146,7 +160,7 @@ def _substitute(value: Any, runs: dict[str, RunPlan], stage_names: list[str], ke
             used.add(ref)
             return str(runs[ref].run_dir)
 
-        return _PLACEHOLDER.sub(fill, value)
+        return _RUN_REF.sub(fill, value)
     if isinstance(value, list | tuple):
         return [_substitute(v, runs, stage_names, key, where, used) for v in value]
     if isinstance(value, dict):
@@ -155,11 +169,36 @@ def _substitute(value: Any, runs: dict[str, RunPlan], stage_names: list[str], ke
 
 
 _PATH_KEYS = ("data.tokenizer.path", "data.index_dir")
+_SOURCE_PATH_KEYS = ("path", "src_path", "tgt_path", "tfds_data_dir")  # in data.train / data.dev items
+_SOURCE_KEY = re.compile(r"^data\.(train|dev)(\[\d+\])?(\.(\w+))?$")
+
+
+def _local(here: Path, value: Any) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute() and "://" not in value:
+        return str((here / value).resolve())
+    return value
+
+
+def _relative_sources(here: Path, key: str, value: Any) -> Any:
+    """``data.train`` / ``data.dev`` (a list of sources), ``data.train[i]`` (one) or
+    ``data.train[i].src_path`` (one path): their file paths, relative to the suite file."""
+    m = _SOURCE_KEY.match(key)
+    if m is None:
+        return value
+    if m.group(4):
+        return _local(here, value) if m.group(2) and m.group(4) in _SOURCE_PATH_KEYS else value
+    fix = lambda src: ({k: _local(here, v) if k in _SOURCE_PATH_KEYS else v for k, v in src.items()}  # noqa: E731
+                       if isinstance(src, dict) else src)
+    if m.group(2):
+        return fix(value)
+    return [fix(src) for src in value] if isinstance(value, list) else value
 
 
 def _relative_to(here: Path, key: str, value: Any) -> Any:
     """Paths in the suite file are relative to it, as data paths are to their config file:
-    ``model.init_from: run:<dir>`` / ``hf:<existing folder>``, ``data.tokenizer.path``."""
+    ``model.init_from: run:<dir>`` / ``hf:<existing folder>``, ``data.tokenizer.path``, sources."""
+    if key.startswith(("data.train", "data.dev")):
+        return _relative_sources(here, key, value)
     if not isinstance(value, str):
         return value
     if key == "model.init_from" and value.startswith(("run:", "hf:")):
@@ -169,6 +208,7 @@ def _relative_to(here: Path, key: str, value: Any) -> Any:
     elif key in _PATH_KEYS and not Path(value).is_absolute():
         return str((here / value).resolve())
     return value
+
 
 
 def load_suite(path: str | Path, *, check_configs: bool = True) -> Suite:
@@ -198,7 +238,9 @@ def load_suite(path: str | Path, *, check_configs: bool = True) -> Suite:
             used: set[str] = set()
             overrides = []
             seed = {k: axes["seed"] for k in SEED_KEYS} if "seed" in axes else {}
-            for k, v in ({**spec.set, **stage.set, **{k: v for k, v in axes.items() if k != "seed"}, **seed}).items():
+            variant = stage.variants.get(axes.get("variant"), {})
+            values = {k: v for k, v in axes.items() if k not in ("seed", "variant")}
+            for k, v in ({**spec.set, **stage.set, **variant, **values, **seed}).items():
                 v = _relative_to(here, k, _substitute(v, runs, stage_names, key, where, used))
                 overrides.append(f"{k}={json.dumps(v, ensure_ascii=False)}")
             plan = RunPlan(run_id, stage.name, suite_dir / run_id, experiment, tuple(overrides), axes,

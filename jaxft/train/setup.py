@@ -9,6 +9,7 @@ It returns a `Run`; `jaxft.train.loop.train` drives it with hooks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from jaxft.data.tokenizer import Tokenizer, train_tokenizer
 from jaxft.data.tokenizer_sample import tokenizer_sample
 from jaxft.data.vocab import required_pieces
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
+from jaxft.outputs import atomic_write_text
 from jaxft.peft.methods import PeftMethod, StepContext, method_for
 from jaxft.runs import resume
 from jaxft.runs.checkpoint import Checkpointer
@@ -198,8 +200,13 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
         if data_state is not None:
             pipeline.set_state(data_state)
             log.info("resumed %s from step %d", dirs.root, start)
-        log.info("model: %s params (%s trainable), mesh %s", f"{count_params(state.params) + count_params(state.rest):,}",
-                 f"{count_params(state.params):,}", dict(mesh.shape))
+        sizes = {"params": count_params(state.params) + count_params(state.rest),
+                 "trainable": count_params(state.params), "updated": method.updated_entries(state.params),
+                 "method": method.name}
+        log.info("model: %s params (%s trainable, %s updated), mesh %s", f"{sizes['params']:,}",
+                 f"{sizes['trainable']:,}", f"{sizes['updated']:,}", dict(mesh.shape))
+        if jax.process_index() == 0:
+            atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
         keys = model_input_keys(cfg.model)
         schedule = make_schedule(cfg.optimizer, tcfg.steps)
         train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
