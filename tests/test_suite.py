@@ -489,3 +489,28 @@ exit 0
     again = subprocess.run(["bash", str(script), str(path), "--only", "a.*"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 1 and calls.read_text().split()[4:] == ["a.0.5"]  # done runs skipped
+
+
+def test_the_shipped_suites_expand_to_the_studies_they_describe():
+    """configs/suites/*.yaml load and expand (every run's config validated) without running."""
+    suites = Path(__file__).parent.parent / "configs" / "suites"
+    demo = load_suite(suites / "demo.yaml")
+    assert [r.config.peft.method for r in demo.runs] == ["none", "none", "lora", "lora", "sparse", "sparse"]
+    ml50 = load_suite(suites / "ml50.yaml")
+    assert [r.id for r in ml50.runs] == ["bilingual.deu", "bilingual.rus", "bilingual.kor", "bilingual.heb",
+                                         "m2m.T1.0", "m2m.T5.0"]
+    kor = ml50.run("bilingual.kor").config
+    assert [s.directions for s in kor.data.train] == [("eng_Latn-kor_Hang", "kor_Hang-eng_Latn")]
+    assert kor.data.dev[0].directions == ("eng_Latn-kor_Hang",) and kor.data.train[0].max_examples == 300
+    m2m = [ml50.run(f"m2m.T{t}").config for t in ("1.0", "5.0")]
+    assert [c.data.temperature for c in m2m] == [1.0, 5.0] and len(m2m[0].data.dev[0].directions) == 4
+    assert m2m[0].eval.tier_low == ("kor_Hang", "heb_Hebr")
+    assert Path(kor.data.train[0].src_path).is_absolute() and "runs/demo/corpus" in kor.data.train[0].src_path
+    alma = load_suite(suites / "alma.yaml")
+    assert [r.id for r in alma.runs] == ["mono.mono", "parallel.from_base-none", "parallel.from_base-lora",
+                                         "parallel.from_mono-none", "parallel.from_mono-lora"]
+    assert alma.run("mono.mono").config.data.train[0].task == "lm"
+    from_mono = alma.run("parallel.from_mono-lora")
+    assert from_mono.depends == ("mono.mono",) and from_mono.config.peft.method == "lora"
+    assert from_mono.config.model.init_from == f"run:{alma.run('mono.mono').run_dir}"
+    assert alma.run("parallel.from_base-none").config.model.init_from.endswith("runs/demo/decoder")

@@ -330,10 +330,15 @@ def selected(suite: Suite, only: str | None) -> list[RunPlan]:
 
 
 def plan_table(suite: Suite, only: str | None = None) -> str:
-    """The expanded runs (``--dry-run``): id, depends, overrides."""
-    lines = ["| run | needs | overrides |", "|---|---|---|"]
-    for p in selected(suite, only):
-        lines.append(f"| {p.id} | {', '.join(p.depends) or '-'} | {' '.join(p.overrides) or '-'} |")
+    """The expanded runs (``--dry-run``): the overrides every run shares, then per run its id,
+    the runs it needs and its own overrides."""
+    plans = selected(suite, only)
+    common = [o for o in plans[0].overrides if all(o in p.overrides for p in plans)] if len(plans) > 1 else []
+    lines = [f"every run: {' '.join(common)}", ""] if common else []
+    lines += ["| run | needs | overrides |", "|---|---|---|"]
+    for p in plans:
+        own = [o for o in p.overrides if o not in common]
+        lines.append(f"| {p.id} | {', '.join(p.depends) or '-'} | {' '.join(own) or '-'} |")
     return "\n".join(lines)
 
 
