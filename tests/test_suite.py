@@ -289,6 +289,22 @@ open(os.path.join(run_dir, "metrics.jsonl"), "w").write("".join(json.dumps(r) + 
 """
 
 
+def _md_tables(md: str) -> dict[str, list[dict[str, str]]]:
+    """'## Title' -> the rows of the Markdown table under it, as dicts by column."""
+    out, title, head = {}, None, None
+    for line in md.splitlines():
+        if line.startswith("## "):
+            title, head = line[3:], None
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if head is None:
+                head = cells
+                out[title] = []
+            else:
+                out[title].append(dict(zip(head, cells)))
+    return out
+
+
 def test_report_numbers_come_from_the_runs_metrics_with_seed_means_tiers_and_plots(tmp_path):
     from jaxft.suite.report import write_report
 
@@ -301,21 +317,19 @@ def test_report_numbers_come_from_the_runs_metrics_with_seed_means_tiers_and_plo
     script.write_text(FAKE_EVAL_TRAIN)
     runner.run_suite(suite, python=[sys.executable, str(script)], only="a.0.1-*")  # half of the suite
     md, files = write_report(suite, axis="optimizer.lr")
-    runs_part = md.split("Mean ± std")[0]
-    table = {line.split(" | ")[0].strip("| "): line for line in runs_part.splitlines() if line.startswith("| a.")}
-    assert set(table) == {"a.0.1-0", "a.0.1-1", "a.0.2-0", "a.0.2-1"}
-    cells = [c.strip() for c in table["a.0.1-1"].strip("|").split("|")]
-    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
-    row = dict(zip(header, cells))
+    tables = _md_tables(md)
+    runs = {r["run"]: r for r in tables["Runs"]}
+    assert set(runs) == {"a.0.1-0", "a.0.1-1", "a.0.2-0", "a.0.2-1"}
+    row = runs["a.0.1-1"]
     assert row["state"] == "done" and row["step"] == "3/4" and row["loss"] == "4.7"
-    assert row["dev_loss:en-de"] == "3" and row["chrf:en-de"] == "41" and row["chrf:en-yo"] == "21"
     assert row["avg_chrf"] == "31" and row["high_chrf"] == "41" and row["low_chrf"] == "21"
     assert row["tokens_per_s"] == "250"  # mean over logged steps after the first
-    missing = dict(zip(header, [c.strip() for c in table["a.0.2-0"].strip("|").split("|")]))
-    assert missing["state"] == "pending" and missing["loss"] == "-" and missing["chrf:en-de"] == "-"
-    assert "| a.0.1 | 2 | " in md  # mean ± std over the two seeds
-    group = next(line for line in md.splitlines() if line.startswith("| a.0.1 |"))
-    assert "2.5 ± 0.71" in group  # dev loss en-de over seeds 0 and 1: 2, 3
+    chrf = {r["run"]: r for r in tables["chrF per direction"]}
+    assert chrf["a.0.1-1"]["en-de"] == "41" and chrf["a.0.1-1"]["en-yo"] == "21" and chrf["a.0.2-0"]["en-de"] == "-"
+    assert {r["run"]: r for r in tables["Dev loss (nats / target token) per direction"]}["a.0.1-1"]["en-de"] == "3"
+    assert runs["a.0.2-0"]["state"] == "pending" and runs["a.0.2-0"]["loss"] == "-"
+    group = {r["group"]: r for r in tables["Mean ± std over seeds"]}["a.0.1"]
+    assert group["runs"] == "2" and group["avg_chrf"] == "30.75 ± 0.35"  # seeds 0 and 1: (41+20)/2, (41+21)/2
     report = json.loads((suite.suite_dir / "report" / "report.json").read_text())
     assert report["runs"][1]["scores"]["en-de"]["bleu"] == 11.0
     csv_text = (suite.suite_dir / "report" / "report.csv").read_text().splitlines()

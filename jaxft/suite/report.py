@@ -90,6 +90,8 @@ def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -136,16 +138,30 @@ def seed_groups(summaries: list[dict[str, Any]], cols: list[str]) -> list[dict[s
     return out
 
 
+_TITLES = {"dev_loss": "Dev loss (nats / target token)", "bleu": "BLEU", "chrf": "chrF", "chrfpp": "chrF++"}
+
+
+def _table(rows: list[list[str]], head: list[str]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def to_markdown(summaries: list[dict[str, Any]], groups: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(_cell(s, c)) for c in cols) + " |" for s in summaries]
+    """A summary table (state, loss, averages and tiers, size, speed), then one table per
+    metric over the directions, then mean ± std over seeds.  (The CSV has every column.)"""
+    per_direction = [c for c in cols if ":" in c]
+    summary = [c for c in cols if ":" not in c]
+    lines = ["## Runs", "", *_table([[_fmt(_cell(s, c)) for c in summary] for s in summaries], summary)]
+    for kind, title in _TITLES.items():
+        kcols = [c for c in per_direction if c.startswith(kind + ":")]
+        if kcols:
+            head = ["run", *[c.split(":", 1)[1] for c in kcols]]
+            lines += ["", f"## {title} per direction", "",
+                      *_table([[s["run"], *(_fmt(_cell(s, c)) for c in kcols)] for s in summaries], head)]
     if groups:
-        gcols = ["group", "runs", *[c for c in cols[2:] if any(c in g for g in groups)]]
-        lines += ["", "Mean ± std over seeds:", "", "| " + " | ".join(gcols) + " |", "|" + "---|" * len(gcols)]
-        for g in groups:
-            cells = [g["group"], str(g["runs"])] + [
-                f"{g[c][0]:.4g} ± {g[c][1]:.2g}" if c in g else "-" for c in gcols[2:]]
-            lines.append("| " + " | ".join(cells) + " |")
+        gcols = ["group", "runs", *[c for c in summary[2:] if any(c in g for g in groups)]]
+        rows = [[g["group"], str(g["runs"]), *(f"{g[c][0]:.4g} ± {g[c][1]:.2g}" if c in g else "-" for c in gcols[2:])]
+                for g in groups]
+        lines += ["", "## Mean ± std over seeds", "", *_table(rows, gcols)]
     return "\n".join(lines) + "\n"
 
 
