@@ -528,3 +528,23 @@ def test_the_shipped_suites_expand_to_the_studies_they_describe():
     assert from_mono.depends == ("mono.mono",) and from_mono.config.peft.method == "lora"
     assert from_mono.config.model.init_from == f"run:{alma.run('mono.mono').run_dir}"
     assert alma.run("parallel.from_base-none").config.model.init_from.endswith("runs/demo/decoder")
+
+
+def test_the_lang_adapt_suite_wires_the_ltsft_recipe_by_run_references(tmp_path):
+    """configs/suites/lang_adapt.yaml, copied next to the four lang_adapt_*.yaml configs as its
+    comment says: the composition of each step names the earlier runs' diffs."""
+    import shutil
+
+    root = Path(__file__).parent.parent / "configs"
+    for p in [*root.glob("experiments/lang_adapt_*.yaml"), root / "suites" / "lang_adapt.yaml"]:
+        shutil.copy(p, tmp_path / p.name)
+    suite = load_suite(tmp_path / "lang_adapt.yaml")
+    runs = {r.id: r for r in suite.runs}
+    assert list(runs) == ["lang_src.lang_src", "lang_tgt.lang_tgt", "task.task", "zero_shot.zero_shot"]
+    diff = lambda run: f"{suite.suite_dir / run}/sparse_diff"  # noqa: E731
+    assert runs["task.task"].config.peft.compose == (diff("lang_src.lang_src"),)
+    assert runs["zero_shot.zero_shot"].config.peft.compose == (diff("lang_tgt.lang_tgt"), diff("task.task"))
+    assert runs["zero_shot.zero_shot"].depends == ("lang_tgt.lang_tgt", "task.task")
+    assert runs["lang_tgt.lang_tgt"].depends == () and runs["lang_tgt.lang_tgt"].config.data.train[0].src_lang == "mai_Deva"
+    assert runs["zero_shot.zero_shot"].config.optimizer.lr == 0.0
+    assert runs["task.task"].config.data.train[0].src_path == str(tmp_path / "parallel/{src}-{tgt}.{src}")
