@@ -200,16 +200,16 @@ def _plots(summaries: list[dict[str, Any]], out: Path, axis: str | None, metric:
     plt.close(fig)
     scored = [s for s in summaries if s["scores"]]
     if scored:
-        directions = sorted({d for s in scored for d in s["scores"]},
-                            key=lambda d: (_TIERS + (None,)).index(scored[0]["tiers"].get(d)) if scored[0]["tiers"].get(d)
-                            in _TIERS else 3)
+        tiers = {d: t for s in scored for d, t in s["tiers"].items() if t}
+        order = {t: i for i, t in enumerate(_TIERS)}
+        directions = sorted({d for s in scored for d in s["scores"]}, key=lambda d: (order.get(tiers.get(d), 3), d))
         fig, ax = plt.subplots(figsize=(max(6, len(directions) * 0.8), 5))
         width = 0.8 / len(scored)
         for i, s in enumerate(scored):
             ax.bar([j + i * width for j in range(len(directions))],
                    [s["scores"].get(d, {}).get("chrf") or 0 for d in directions], width, label=s["run"])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(directions))])
-        ax.set_xticklabels([f"{d}\n({scored[0]['tiers'].get(d) or '-'})" for d in directions], fontsize=7)
+        ax.set_xticklabels([f"{d}\n({tiers.get(d) or '-'})" for d in directions], fontsize=7)
         ax.set_ylabel("chrF"), ax.set_title("chrF per direction (tier)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "chrf_by_tier.png"))
@@ -223,14 +223,24 @@ def _plots(summaries: list[dict[str, Any]], out: Path, axis: str | None, metric:
                 return x.get(metric)
             return statistics.fmean(x["dev_loss"].values()) if x["dev_loss"] else None
 
-        points = [(json.dumps(x["axes"][axis]), value(x)) for x in summaries if axis in x["axes"]]
-        points = [(p, y) for p, y in points if isinstance(y, (int, float))]
-        if points:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            labels = sorted({p for p, _ in points})
-            ax.scatter([labels.index(p) for p, _ in points], [y for _, y in points])
+        text = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+        series: dict[str, dict[str, list[float]]] = {}  # the other axes' values (not seeds) -> x -> values
+        for x in summaries:
+            y = value(x)
+            if axis in x["axes"] and isinstance(y, (int, float)):
+                rest = ", ".join(f"{k}={text(v)}" for k, v in x["axes"].items()
+                                 if k not in (axis, "seed", "train.seed", "data.seed"))
+                series.setdefault(rest or x["stage"], {}).setdefault(text(x["axes"][axis]), []).append(y)
+        if series:
+            labels = sorted({p for xs in series.values() for p in xs})
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for name, xs in series.items():
+                pts = [(labels.index(p), statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                       for p, v in sorted(xs.items(), key=lambda kv: labels.index(kv[0]))]
+                ax.errorbar(*zip(*pts), marker="o", capsize=3, label=name)
             ax.set_xticks(range(len(labels))), ax.set_xticklabels(labels)
-            ax.set_xlabel(axis), ax.set_ylabel(label), ax.set_title(f"{label} by {axis}")
+            ax.set_xlabel(axis), ax.set_ylabel(label), ax.set_title(f"{label} by {axis} (mean ± std over seeds)")
+            ax.legend(fontsize=7)
             name = (metric if has_metric else "dev_loss") + f"_vs_{axis.replace('.', '_')}.png"
             written.append(_save(fig, out / name))
             plt.close(fig)
