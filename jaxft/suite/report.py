@@ -92,6 +92,8 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
+    if isinstance(v, float) and abs(v) >= 1e4:
+        return f"{v:,.0f}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -159,7 +161,8 @@ def to_markdown(summaries: list[dict[str, Any]], groups: list[dict[str, Any]], c
                       *_table([[s["run"], *(_fmt(_cell(s, c)) for c in kcols)] for s in summaries], head)]
     if groups:
         gcols = ["group", "runs", *[c for c in summary[2:] if any(c in g for g in groups)]]
-        rows = [[g["group"], str(g["runs"]), *(f"{g[c][0]:.4g} ± {g[c][1]:.2g}" if c in g else "-" for c in gcols[2:])]
+        rows = [[g["group"], str(g["runs"]), *(f"{_fmt(g[c][0])} ± {_fmt(g[c][1]) if g[c][1] >= 100 else format(g[c][1], '.2g')}"
+                                                    if c in g else "-" for c in gcols[2:])]
                 for g in groups]
         lines += ["", "## Mean ± std over seeds", "", *_table(rows, gcols)]
     return "\n".join(lines) + "\n"
