@@ -56,6 +56,7 @@ _CHECKS: tuple[Check, ...] = (
           "must be a multiple of train.microbatches={c.train.microbatches}"),
     *(_bound(f"train.{k}", ">=", 0) for k in ("dev_every", "z_loss")),
     _bound("train.label_smoothing", ">=", 0, 1),
+    _bound("train.loss_chunk", ">=", 0),
     *(_bound(f"optimizer.{k}", ">=", 0) for k in ("lr", "warmup_steps", "end_lr_ratio", "weight_decay")),
     *(_bound(f"optimizer.{k}", ">", 0) for k in ("decay_steps", "clip_norm")),
     *(_bound(f"optimizer.{k}", ">=", 0, 1) for k in ("b1", "b2")),

@@ -221,6 +221,10 @@ class TrainConfig:
     dev_batches: int = 4
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    # Loss over sequence chunks of this many tokens, never holding the whole [B, L, V]
+    # logits (the largest activation with 250k vocabularies); 0 = full logits.  A
+    # sequence of at most loss_chunk tokens takes the full-logits path unchanged.
+    loss_chunk: int = 512
     trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths ("layers/0/attn/q/kernel")
     frozen: tuple[str, ...] = ()  # regexes; win over `trainable`
     progress_bar: bool = True

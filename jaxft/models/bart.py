@@ -246,13 +246,18 @@ class Bart(nnx.Module):
 
     def decode_embedded(self, tok_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
                         enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
+        return self.logits(self.decode_hidden(tok_BLD, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS))
+
+    def decode_hidden(self, tok_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
+                      enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
+        """Embedded decoder tokens -> final decoder states h_BLD (after the final norm)."""
         x_BLD = self.decoder.embed(tok_BLD, positions_BL)
-        x_BLD = self.decoder(x_BLD, causal_segment_mask(segment_ids_BL), enc_BSD,
-                             cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
-        return self.logits(x_BLD)
+        return self.decoder(x_BLD, causal_segment_mask(segment_ids_BL), enc_BSD,
+                            cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        """Final decoder states -> float32 logits_BLV (tied head or ``lm_head``)."""
+        """The head alone: final decoder states [B, L, D] -> float32 logits_BLV (tied head or
+        ``lm_head``)."""
         if self.lm_head is None:
             logits_BLV = self.embed.attend(x_BLD)
         else:
@@ -275,14 +280,23 @@ class Bart(nnx.Module):
         return self.decode_embedded(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL,
                                     enc_BSD, enc_segment_ids_BS)
 
+    def hidden(self, enc_inputs_BS: jax.Array, enc_positions_BS: jax.Array | None,
+               enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
+               positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """``__call__`` without the head: h_BLD, ``logits(hidden(...)) == __call__(...)``."""
+        enc_positions_BS, enc_segment_ids_BS = default_positions(
+            enc_inputs_BS.shape, enc_positions_BS, enc_segment_ids_BS)
+        enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
+        positions_BL, segment_ids_BL = default_positions(inputs_BL.shape, positions_BL, segment_ids_BL)
+        return self.decode_hidden(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL,
+                                  enc_BSD, enc_segment_ids_BS)
+
     def __call__(self, enc_inputs_BS: jax.Array, enc_positions_BS: jax.Array | None,
                  enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
                  positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        enc_positions_BS, enc_segment_ids_BS = default_positions(
-            enc_inputs_BS.shape, enc_positions_BS, enc_segment_ids_BS)
-        enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
-        return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
+        return self.logits(self.hidden(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS, inputs_BL,
+                                       positions_BL, segment_ids_BL))
 
     # ----------------------------------------------------------------- incremental decoding
 

@@ -113,6 +113,11 @@ class Decoder(nnx.Module):
     def decode(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Residual stream after embedding -> float32 logits_BLV."""
+        return self.logits(self.decode_hidden(x_BLD, positions_BL, segment_ids_BL))
+
+    def decode_hidden(self, x_BLD: jax.Array, positions_BL: jax.Array | None = None,
+                      segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """Residual stream after embedding -> final-normed states h_BLD (input of ``logits``)."""
         positions_BL, segment_ids_BL = default_positions(x_BLD.shape, positions_BL, segment_ids_BL)
         mask_B1LL = causal_segment_mask(segment_ids_BL)
         local_mask_B1LL = None
@@ -121,21 +126,30 @@ class Decoder(nnx.Module):
         layer_call = remat_call(_layer_call, self.remat)
         for layer in self.layers:
             x_BLD = layer_call(layer, x_BLD, positions_BL, local_mask_B1LL if layer.local else mask_B1LL)
-        return self.head_logits(x_BLD)
+        return self.final_norm(x_BLD)
 
     def head_logits(self, x_BLD: jax.Array) -> jax.Array:
         """Last residual stream (before the final norm) -> float32 logits_BLV."""
-        x_BLD = self.final_norm(x_BLD)
+        return self.logits(self.final_norm(x_BLD))
+
+    def logits(self, h_BLD: jax.Array) -> jax.Array:
+        """The head alone: final-normed states [B, L, D] -> float32 logits_BLV (tied or
+        ``lm_head``, then the final softcap).  The chunked loss calls it per sequence chunk."""
         if self.lm_head is None:
-            logits_BLV = self.embed.attend(x_BLD)
+            logits_BLV = self.embed.attend(h_BLD)
         else:
-            logits_BLV = self.lm_head(x_BLD)
+            logits_BLV = self.lm_head(h_BLD)
         logits_BLV = softcap(logits_BLV.astype(jnp.float32), self.final_logit_softcap)
         return constrain(logits_BLV, ("batch", "length", "vocab"))
 
+    def hidden(self, inputs_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """``__call__`` without the head: final-normed h_BLD, ``logits(hidden(...)) == __call__(...)``."""
+        return self.decode_hidden(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL)
+
     def __call__(self, inputs_BL: jax.Array, positions_BL: jax.Array | None = None,
                  segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        return self.decode(self.embed_tokens(inputs_BL), positions_BL, segment_ids_BL)
+        return self.logits(self.hidden(inputs_BL, positions_BL, segment_ids_BL))
 
     # ----------------------------------------------------------------- incremental decoding
 

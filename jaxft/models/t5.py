@@ -280,26 +280,38 @@ class T5(nnx.Module):
                         segment_ids_BL: jax.Array | None, enc_BSD: jax.Array,
                         enc_segment_ids_BS: jax.Array | None = None) -> jax.Array:
         """``decode`` from already-embedded decoder inputs x_BLD."""
+        return self.logits(self.decode_hidden(x_BLD, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS))
+
+    def decode_hidden(self, x_BLD: jax.Array, positions_BL: jax.Array | None,
+                      segment_ids_BL: jax.Array | None, enc_BSD: jax.Array,
+                      enc_segment_ids_BS: jax.Array | None = None) -> jax.Array:
+        """Embedded decoder inputs -> decoder output h_BLD (after the final norm; input of ``logits``)."""
         positions_BL, segment_ids_BL = default_positions(x_BLD.shape, positions_BL, segment_ids_BL)
         enc_segment_ids_BS = default_segment_ids(enc_BSD.shape, enc_segment_ids_BS)
-        x_BLD = self.decoder(constrain(x_BLD, ACT), positions_BL, causal_segment_mask(segment_ids_BL),
-                             enc_BSD, cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
-        return self.logits(x_BLD)
+        return self.decoder(constrain(x_BLD, ACT), positions_BL, causal_segment_mask(segment_ids_BL),
+                            enc_BSD, cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
-        """Decoder output (after final norm) -> float32 logits_BLV."""
+        """The head alone: decoder output [B, L, D] (after final norm) -> float32 logits_BLV."""
         if self.lm_head is None:  # T5 v1.0: tied head on d_model**-0.5-scaled outputs
             logits_BLV = self.embed.attend(x_BLD * jnp.asarray(self.tied_scale, x_BLD.dtype))
         else:
             logits_BLV = self.lm_head(x_BLD)
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
+    def hidden(self, enc_inputs_BS: jax.Array, enc_positions_BS: jax.Array | None,
+               enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
+               positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """``__call__`` without the head: decoder output h_BLD, ``logits(hidden(...)) == __call__(...)``."""
+        enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
+        enc_segment_ids_BS = default_segment_ids(enc_inputs_BS.shape, enc_segment_ids_BS)
+        return self.decode_hidden(self.embed(inputs_BL), positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
+
     def __call__(self, enc_inputs_BS: jax.Array, enc_positions_BS: jax.Array | None,
                  enc_segment_ids_BS: jax.Array | None, inputs_BL: jax.Array,
                  positions_BL: jax.Array | None = None, segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        enc_BSD = self.encode(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS)
-        enc_segment_ids_BS = default_segment_ids(enc_inputs_BS.shape, enc_segment_ids_BS)
-        return self.decode(inputs_BL, positions_BL, segment_ids_BL, enc_BSD, enc_segment_ids_BS)
+        return self.logits(self.hidden(enc_inputs_BS, enc_positions_BS, enc_segment_ids_BS, inputs_BL,
+                                       positions_BL, segment_ids_BL))
 
     # ----------------------------------------------------------------- incremental decoding
 

@@ -24,35 +24,37 @@ from jax.sharding import NamedSharding
 from jaxft.config.schema import TrainConfig
 from jaxft.models.registry import DECODER_INPUTS
 from jaxft.sharding import constrain
+from jaxft.train.losses import chunked_token_losses, summed_token_losses, token_losses
 from jaxft.train.state import TrainState
+
+# token_losses lives in jaxft.train.losses; re-exported here for its older callers
+__all__ = ["Batch", "abstract_batch", "jit_eval_step", "jit_train_step", "make_eval_step", "make_loss_fn",
+           "make_train_step", "token_losses"]
 
 Batch = dict[str, jax.Array]
 
 
-def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: float,
-                 z_loss: float) -> tuple[jax.Array, jax.Array]:
-    """Per-token (loss, z_loss term), float32."""
-    logits_BLV = logits_BLV.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    nll_BL = log_z_BL - target_logit_BL
-    if label_smoothing > 0:
-        mean_logit_BL = jnp.mean(logits_BLV, axis=-1)
-        smooth_BL = log_z_BL - mean_logit_BL  # cross-entropy against the uniform distribution
-        nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * smooth_BL
-    zl_BL = z_loss * jnp.square(log_z_BL)
-    return nll_BL + zl_BL, zl_BL
-
-
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig,
                  input_keys: tuple[str, ...] = DECODER_INPUTS) -> Callable[..., tuple[jax.Array, dict]]:
+    """``loss_fn(params, rest, batch) -> (loss_sum, aux)``.  ``train.loss_chunk`` > 0
+    computes the loss from the model's last hidden states, ``loss_chunk`` sequence
+    tokens at a time (`jaxft.train.losses.chunked_token_losses`), never holding the
+    whole [B, L, V] logits; 0 takes the full logits from ``model(...)``."""
+    if cfg.loss_chunk < 0:
+        raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {cfg.loss_chunk}")
+    kw = dict(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
+
     def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch):
         model = nnx.merge(graphdef, params, rest)
-        logits_BLV = model(*(batch[k] for k in input_keys))
-        loss_BL, zl_BL = token_losses(logits_BLV, batch["targets"], cfg.label_smoothing, cfg.z_loss)
-        w_BL = batch["weights"].astype(jnp.float32)
-        aux = {"loss_sum": jnp.sum(loss_BL * w_BL), "z_loss_sum": jnp.sum(zl_BL * w_BL),
-               "weight_sum": jnp.sum(w_BL)}
+        inputs = [batch[k] for k in input_keys]
+        if cfg.loss_chunk:
+            if not hasattr(model, "hidden"):
+                raise ValueError(f"train.loss_chunk: {type(model).__name__} has no hidden()/logits() split; set 0")
+            sums = chunked_token_losses(model.hidden(*inputs), model.logits, batch["targets"], batch["weights"],
+                                        chunk=cfg.loss_chunk, **kw)
+        else:
+            sums = summed_token_losses(model(*inputs), batch["targets"], batch["weights"], **kw)
+        aux = dict(zip(("loss_sum", "z_loss_sum", "weight_sum"), sums))
         return aux["loss_sum"], aux
 
     return loss_fn
