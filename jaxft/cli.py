@@ -17,7 +17,8 @@ from pathlib import Path
 
 log = logging.getLogger("jaxft")
 DIVERGED_EXIT = 3  # `jaxft train` stopped on non-finite losses (train.nonfinite)
-_DECODE_FLAGS = ("beam_size", "length_penalty", "max_len", "min_len", "temperature", "top_k", "top_p", "n_best")
+_DECODE_FLAGS = ("beam_size", "length_penalty", "max_len", "min_len", "temperature", "top_k", "top_p", "n_best",
+                 "repetition_penalty", "no_repeat_ngram_size")
 
 
 def _setup_logging() -> None:

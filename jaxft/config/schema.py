@@ -269,6 +269,8 @@ class DecodeConfig:
     temperature: float = 1.0  # sample; 0 = greedy
     top_k: int = 0  # sample; 0 = off
     top_p: float = 1.0  # sample; 1 = off
+    repetition_penalty: float = 1.0  # HF: seen tokens' logits / it (x it if < 0); 1 = off
+    no_repeat_ngram_size: int = 0  # HF: no n-gram of this size twice (prompt included); 0 = off
     forced_ids: tuple[int, ...] = ()  # the first output tokens of every row
     eos_id: int | None = 1
     pad_id: int = 0
@@ -299,6 +301,10 @@ class DecodeConfig:
             bad("top_k", "must be >= 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0")
+        if self.no_repeat_ngram_size < 0:
+            bad("no_repeat_ngram_size", "must be >= 0")
         if len(self.forced_ids) > self.max_len:
             bad("forced_ids", "more forced ids than max_len")
 

@@ -3,7 +3,8 @@
 Per input: ``k`` alive hypotheses (the model runs on B*k rows, cache included)
 and a pool of the ``k`` best finished ones.  Each step:
 
-1. every alive beam's log-probs (after the forced / min-length processors) are
+1. every alive beam's log-probs (after the repetition penalty, no-repeat n-gram,
+   min-length and forced processors, each on the beam's own history) are
    added to its running log-prob, giving k*V candidates; the best 2k are taken
    (at most k of them can end in EOS, so at least k can go on);
 2. a candidate *ends* when its token is EOS or it reaches ``max_len`` tokens; an
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval.cache import DecodeStart, step
-from jaxft.eval.sampling import NEG_INF, length_penalty, process_log_probs
+from jaxft.eval.sampling import NEG_INF, length_penalty, no_repeat_ngram, process_log_probs, repetition_penalty
 from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
 
@@ -50,6 +51,7 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
     R = B * k
     lp = lambda n: length_penalty(n, cfg.length_penalty, cfg.length_penalty_mode)  # noqa: E731
     forced_RF = jnp.repeat(forced_BF, k, axis=0)
+    history_RP = jnp.repeat(start.history_BH, k, axis=0)
     beam_K = jnp.arange(k)
     state = dict(
         t=jnp.zeros((), jnp.int32),
@@ -71,8 +73,12 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
     def body(s):
         t = s["t"]
         logits_RV, cache = step(model, s["token_R"], s["position_R"], s["cache"])
-        logp_RV = process_log_probs(jax.nn.log_softmax(logits_RV, axis=-1), t, forced_BF=forced_RF,
-                                    min_len=cfg.min_len, eos_id=cfg.eos_id)
+        # HF: the processors see each beam's own history and act on log-probs
+        hist_RH = jnp.concatenate([history_RP, s["alive_seq_BKL"].reshape(R, L)], axis=1)
+        cur = history_RP.shape[1] + t
+        logp_RV = repetition_penalty(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.repetition_penalty)
+        logp_RV = process_log_probs(no_repeat_ngram(logp_RV, hist_RH, cur, cfg.no_repeat_ngram_size), t,
+                                    forced_BF=forced_RF, min_len=cfg.min_len, eos_id=cfg.eos_id)
         V = logp_RV.shape[-1]
         cand_BN = (s["alive_logp_BK"][:, :, None] + logp_RV.reshape(B, k, V)).reshape(B, k * V)
         top_logp_BC, top_idx_BC = jax.lax.top_k(cand_BN, 2 * k)  # C = 2k candidates, best first

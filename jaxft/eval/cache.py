@@ -13,6 +13,8 @@ The model side of decoding, independent of the search strategy:
   Encoder-decoder: the encoder runs once, each decoder layer projects its
   cross-attention k/v once, and the first token fed is the decoder start id.
 - ``step`` feeds one token per row and returns next-token logits.
+- ``DecodeStart.history_BH`` is what HF's repetition processors count as the
+  sequence so far (``jaxft.eval.sampling.repetition_penalty`` / ``no_repeat_ngram``).
 
 Cache length: decoder-only ``P + max_len`` slots (P = padded prompt length),
 encoder-decoder ``max_len``.
@@ -35,6 +37,9 @@ class DecodeStart:
     cache: DecodeCache
     token_B: jax.Array  # int32: the next token to feed to ``step``
     position_B: jax.Array  # int32: its position
+    # int32 [B, H]: the tokens before the first generated one as HF's logits processors see them
+    # (decoder-only: the left-aligned prompt; encoder-decoder: the decoder start id); -1 = padding
+    history_BH: jax.Array
 
 
 def model_is_encoder_decoder(model) -> bool:
@@ -80,7 +85,8 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
         enc_seg_BS = (jnp.arange(S, dtype=jnp.int32)[None, :] < enc_len_B[:, None]).astype(jnp.int32)
         enc_BSD = model.encode(constrain(enc_inputs, ("batch", "length")), None, enc_seg_BS)
         cache = model.init_cache(enc_BSD, enc_seg_BS, max_len)
-        return DecodeStart(cache, jnp.full((B,), decoder_start_id, jnp.int32), jnp.zeros((B,), jnp.int32))
+        start_B = jnp.full((B,), decoder_start_id, jnp.int32)
+        return DecodeStart(cache, start_B, jnp.zeros((B,), jnp.int32), start_B[:, None])
     if inputs is None:
         raise ValueError("generate: pass inputs (decoder-only prompts) or enc_inputs (encoder-decoder)")
     if model_is_encoder_decoder(model):
@@ -92,7 +98,7 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
     cache = model.init_cache(B, P + max_len)
     if P > 1:
         _, cache = model.decode_step(ids_BP[:, :-1], pos_BP[:, :-1], cache, seg_BP[:, :-1])
-    return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1])
+    return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1], jnp.where(seg_BP == 1, ids_BP, -1))
 
 
 def step(model, token_B: jax.Array, position_B: jax.Array,

@@ -22,6 +22,12 @@ tokens add 0) divided by the length penalty ``lp(lengths)``, for every strategy.
 - sample: temperature, top-k, top-p (``jaxft.eval.sampling``), seeded by ``rng``;
   n = ``n_best`` independent samples per input.
 
+``repetition_penalty`` and ``no_repeat_ngram_size`` are HF's anti-repetition
+processors (``jaxft.eval.sampling``): the sequence so far is the prompt plus the
+generated tokens (decoder-only) or the decoder start id plus the generated tokens
+(encoder-decoder), per row / per beam; greedy and sample penalise logits, beam
+log-probs, as HF does, so scores are sums of the processed log-probs.
+
 ``max_len`` counts generated tokens (HF ``max_new_tokens``); EOS is masked until
 ``min_len`` tokens have been generated (HF ``min_new_tokens``).  ``forced_ids``
 (e.g. the target-language code of mBART / NLLB) are the first output tokens of
@@ -45,7 +51,8 @@ from flax import nnx
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval import cache as cache_lib
 from jaxft.eval.beam import beam_search
-from jaxft.eval.sampling import length_penalty, process_log_probs, sample
+from jaxft.eval.sampling import (length_penalty, no_repeat_ngram, process_log_probs, repetition_penalty,
+                                 sample)
 from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
 
@@ -60,8 +67,8 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
     B, L = start.token_B.shape[0], cfg.max_len
     R = B * n
     if n > 1:
-        start = cache_lib.DecodeStart(start.cache.repeat_rows(n), jnp.repeat(start.token_B, n, axis=0),
-                                      jnp.repeat(start.position_B, n, axis=0))
+        start = cache_lib.DecodeStart(start.cache.repeat_rows(n), *(jnp.repeat(x, n, axis=0) for x in (
+            start.token_B, start.position_B, start.history_BH)))
         forced_BF = jnp.repeat(forced_BF, n, axis=0)
     greedy = cfg.strategy == "greedy" or cfg.temperature == 0.0
     state = dict(t=jnp.zeros((), jnp.int32), cache=start.cache, token_R=start.token_B,
@@ -75,8 +82,10 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
     def body(s):
         t, done_R = s["t"], s["done_R"]
         logits_RV, cache = cache_lib.step(model, s["token_R"], s["position_R"], s["cache"])
-        logp_RV = process_log_probs(jax.nn.log_softmax(logits_RV, axis=-1), t, forced_BF=forced_BF,
-                                    min_len=cfg.min_len, eos_id=cfg.eos_id)
+        hist_RH, cur = jnp.concatenate([start.history_BH, s["seq_RL"]], axis=1), start.history_BH.shape[1] + t
+        logits_RV = repetition_penalty(logits_RV, hist_RH, cur, cfg.repetition_penalty)  # HF: on raw logits
+        logp_RV = no_repeat_ngram(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.no_repeat_ngram_size)
+        logp_RV = process_log_probs(logp_RV, t, forced_BF=forced_BF, min_len=cfg.min_len, eos_id=cfg.eos_id)
         if greedy:
             token_R = jnp.argmax(logp_RV, axis=-1).astype(jnp.int32)
         else:

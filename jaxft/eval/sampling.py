@@ -1,5 +1,6 @@
-"""Per-step logit processing shared by every strategy: forced tokens, min length,
-temperature / top-k / top-p sampling, and the length penalty.
+"""Per-step logit processing shared by every strategy: repetition penalty, no-repeat
+n-grams, forced tokens, min length, temperature / top-k / top-p sampling, and the
+length penalty.
 
 Processors act on log-probabilities (``log_softmax`` of the model's logits),
 as HF and T5X beam search do, so scores are sums of model log-probs:
@@ -10,6 +11,14 @@ as HF and T5X beam search do, so scores are sums of model log-probs:
 
 Sampling filters (HF order: temperature, top-k, top-p) only change which token is
 drawn, never the score.
+
+HF's anti-repetition processors come first (HF order: repetition penalty, no-repeat
+n-gram, min length, forced tokens, then the sampling filters).  They look at the
+sequence so far, ``history_RH`` (-1 = padding; columns from ``cur`` on are not yet
+generated): decoder-only the prompt plus the generated tokens, encoder-decoder the
+decoder start id plus the generated tokens (HF's ``input_ids`` in both cases, left
+padding excluded).  As in HF, greedy / sample apply the repetition penalty to the raw
+logits, beam search to the log-probs (whose sum is the beam score).
 """
 
 from __future__ import annotations
@@ -52,6 +61,44 @@ def process_log_probs(logp_BV: jax.Array, t: jax.Array, *, forced_BF: jax.Array,
         hit_BV = jnp.arange(V)[None, :] == f_B[:, None]
         logp_BV = jnp.where((f_B >= 0)[:, None], jnp.where(hit_BV, 0.0, NEG_INF), logp_BV)
     return logp_BV
+
+
+def _rows_at(ids_RN: jax.Array, V: int) -> jax.Array:
+    """[R, V] bool: True at each row's ids; ids outside [0, V) are ignored."""
+    R = ids_RN.shape[0]
+    ids_RN = jnp.where((ids_RN >= 0) & (ids_RN < V), ids_RN, V)
+    return jnp.zeros((R, V), bool).at[jnp.arange(R)[:, None], ids_RN].set(True, mode="drop")
+
+
+def repetition_penalty(x_RV: jax.Array, history_RH: jax.Array, cur: jax.Array, penalty: float) -> jax.Array:
+    """HF ``RepetitionPenaltyLogitsProcessor``: scores of tokens in ``history_RH[:, :cur]`` are
+    divided by ``penalty`` where positive and multiplied by it where negative; 1: no-op."""
+    if penalty == 1.0:
+        return x_RV
+    H = history_RH.shape[1]
+    seen_RV = _rows_at(jnp.where(jnp.arange(H)[None, :] < cur, history_RH, -1), x_RV.shape[-1])
+    return jnp.where(seen_RV, jnp.where(x_RV < 0, x_RV * penalty, x_RV / penalty), x_RV)
+
+
+def no_repeat_ngram(x_RV: jax.Array, history_RH: jax.Array, cur: jax.Array, n: int) -> jax.Array:
+    """HF ``NoRepeatNGramLogitsProcessor``: -inf for every token that would complete an n-gram
+    already in ``history_RH[:, :cur]``; n = 0: no-op.
+
+    The last n-1 tokens are compared with every window of the history (O(R * H * n)); a
+    matching window bans its own last token.
+    """
+    H = history_RH.shape[1]
+    if n <= 0 or H < n:
+        return x_RV
+    W = H - n + 1
+    win_RWn = jnp.stack([history_RH[:, i:i + W] for i in range(n)], axis=-1)
+    # when cur < n - 1 the slice is clamped, but then no window is complete before cur anyway
+    prefix_Rm = jax.lax.dynamic_slice_in_dim(history_RH, cur - (n - 1), n - 1, axis=1)
+    match_RW = jnp.all(win_RWn[..., :-1] == prefix_Rm[:, None, :], axis=-1)
+    # complete windows (last token before cur) without padding; padding never matches a real prefix
+    match_RW &= jnp.all(win_RWn >= 0, axis=-1) & (jnp.arange(W) + n <= cur)[None, :]
+    banned_RV = _rows_at(jnp.where(match_RW, win_RWn[..., -1], -1), x_RV.shape[-1])
+    return jnp.where(banned_RV, NEG_INF, x_RV)
 
 
 def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
