@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.config.schema import to_dict
-from jaxft.models.flops import train_flops_per_token
+from jaxft.models.flops import train_flops_per_example
+from jaxft.models.registry import is_encoder_decoder
 from jaxft.train.metric_sinks import Progress, device_peak_flops
 
 log = logging.getLogger(__name__)
@@ -66,16 +67,18 @@ class PeftHook(Hook):
 
 class MetricsHook(Hook):
     """Train metrics (loss, lr, |g|, tokens/s, MFU) to the sinks, one step late:
-    step k's metrics are fetched after step k+1 was dispatched."""
+    step k's metrics are fetched after step k+1 was dispatched.  Throughput and MFU
+    are over the steps since the previous line; their definitions are in
+    `jaxft.models.flops`."""
 
     def __init__(self):
         self.losses: dict[int, float] = {}
         self.pending: tuple[int, dict] | None = None
+        self.window = {"tokens": 0.0, "nonpad_tokens": 0.0}  # summed since the previous line
 
     def on_start(self, run, state):
         cfg = run.cfg
-        self.flops_per_step = (train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch
-                               * cfg.data.seq_len)
+        self.flops_per_step = train_flops_per_step(cfg, state)
         self.peak = device_peak_flops() * jax.device_count()
         self.progress = Progress(run.start, cfg.train.steps, cfg.train.progress_bar)
         self.t_last, self.step_last = time.perf_counter(), run.start
@@ -101,16 +104,35 @@ class MetricsHook(Hook):
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         self.losses[step] = m["loss"]
         run.fetched.append((step, m))
+        for key in self.window:
+            self.window[key] += m.get(key, 0.0)
         if step % tcfg.log_every == 0 or step == run.end or m.get("skipped") or force:
             dt = time.perf_counter() - self.t_last
             steps_done = max(step - self.step_last, 1)
             m["seq_tokens_per_s"] = steps_done * tcfg.global_batch * run.cfg.data.seq_len / dt
+            m["tokens_per_s"] = self.window["tokens"] / dt
+            m["nonpad_tokens_per_s"] = self.window["nonpad_tokens"] / dt
+            self.window = dict.fromkeys(self.window, 0.0)
             m["mfu"] = steps_done * self.flops_per_step / dt / self.peak
             m.update(_data_wait(run, step))
             m.update(_data_skips(run.pipeline))
             self.t_last, self.step_last = time.perf_counter(), step
             run.writer.write(step, m)
             self.progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
+
+
+def train_flops_per_step(cfg, state) -> float:
+    """Model FLOPs of one step at the padded batch shapes, from the state's trainable
+    (``params``) / frozen (``rest``) split; full finetuning's closed form when the
+    tree holds a parameter path `jaxft.models.flops` does not know."""
+    tgt = cfg.data.seq_len
+    src = (cfg.data.encoder_seq_len or tgt) if is_encoder_decoder(cfg.model) else None
+    try:
+        per_example = train_flops_per_example(cfg.model, tgt, src, trainable=state.params, frozen=state.rest)
+    except ValueError as e:
+        log.warning("MFU: %s; counting full finetuning", e)
+        per_example = train_flops_per_example(cfg.model, tgt, src)
+    return per_example * cfg.train.global_batch
 
 
 def _data_wait(run, step: int) -> dict[str, float]:

@@ -109,6 +109,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             "loss": aux["loss_sum"] / denom,
             "z_loss": aux["z_loss_sum"] / denom,
             "tokens": aux["weight_sum"],
+            # non-padding input tokens, decoder + encoder side (jaxft.models.flops: nonpad_tokens_per_s)
+            "nonpad_tokens": sum(jnp.sum(batch[k] > 0, dtype=jnp.int32)
+                                 for k in ("segment_ids", "enc_segment_ids") if k in batch),
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "skipped": 1.0 - finite.astype(jnp.float32),
