@@ -5,7 +5,8 @@ the last evaluation's BLEU / chrF / chrF++ per direction (runs with ``eval.every
 their macro average and, when the experiment sets ``eval.tier_high / tier_mid / tier_low``,
 per-tier averages as ML50 reports them; the trainable size from ``params.json`` (the entries
 the method updates: all for full fine-tuning, the adapters for LoRA, K + dense tensors for
-LT-SFT; and as a % of the model); tokens/s (mean over logged steps after the first);
+LT-SFT; and as a % of the model); tokens/s: target tokens (``tokens_per_s``; runs from before it
+existed: padded slots, ``seq_tokens_per_s``), mean over logged steps after the first;
 the wall time from the suite's state.  Runs that differ only in their seed are also
 summarised as mean ± std.  A run that has not finished is reported with what it has so far
 and its state; a missing value is ``-``.
@@ -59,7 +60,8 @@ def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
     train = [m for m in metrics if m.get("kind") == "train"]
     dev = [m for m in metrics if m.get("kind") == "dev" and isinstance(m.get("dev_loss"), dict)]
     evals = [m for m in metrics if m.get("kind") == "eval" and isinstance(m.get("scores"), dict)]
-    speeds = [m["seq_tokens_per_s"] for m in train[1:] if isinstance(m.get("seq_tokens_per_s"), (int, float))]
+    speed_key = "tokens_per_s" if any("tokens_per_s" in m for m in train) else "seq_tokens_per_s"  # older runs
+    speeds = [m[speed_key] for m in train[1:] if isinstance(m.get(speed_key), (int, float))]
     cfg = plan.config
     tiers = {t: getattr(cfg.eval, f"tier_{t}") for t in _TIERS if cfg is not None and getattr(cfg.eval, f"tier_{t}")}
     out: dict[str, Any] = {
