@@ -43,6 +43,8 @@ CASES = {
     "gemma2": ("Gemma2ForCausalLM", dict(
         ROPE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma2_all_global": ("Gemma2ForCausalLM", dict(  # no sliding layer: exported with a usable window
+        ROPE, num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["full_attention"] * 2)),
     "bloom": ("BloomForCausalLM", dict(SMALL, n_layer=2, n_head=4)),
 }
 

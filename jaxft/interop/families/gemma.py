@@ -112,7 +112,10 @@ def gemma2_to_hf(cfg: ModelConfig) -> dict:
     return dict(
         hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias,
         query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.dim_per_head),
-        sliding_window=window, layer_types=layer_types, attn_logit_softcapping=cfg.attn_logit_softcap,
+        # every layer global: HF's Gemma 2 still needs an int window (null breaks its masks);
+        # the longest sequence, which no layer uses since none is a sliding layer
+        sliding_window=window if window is not None else cfg.max_seq_len, layer_types=layer_types,
+        attn_logit_softcapping=cfg.attn_logit_softcap,
         final_logit_softcapping=cfg.final_logit_softcap, **rope_decoder_hf(cfg))
 
 
