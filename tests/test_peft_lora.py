@@ -77,7 +77,7 @@ def test_errors_name_the_config_key():
     with pytest.raises(ValueError, match="peft.lora.targets"):
         apply_lora(model, LoraConfig(targets=("nomatch",)), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="peft.lora.dropout"):
-        apply_lora(model, LoraConfig(dropout=0.1), rngs=nnx.Rngs(1))
+        apply_lora(model, LoraConfig(dropout=1.0), rngs=nnx.Rngs(1))
 
 
 def test_gaussian_init_std():

@@ -40,6 +40,8 @@ _CHECKS: tuple[Check, ...] = (
     *(_bound(f"model.{k}", ">", 0) for k in (
         "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim", "max_seq_len")),
     _bound("model.rope_scaling.factor", ">", 0),
+    *(_bound(f"model.{k}", ">=", 0, 1) for k in ("dropout", "attention_dropout", "activation_dropout")),
+    _bound("peft.lora.dropout", ">=", 0, 1),
     Check(("model.d_model", "model.n_heads", "model.head_dim"),
           lambda c: c.model.head_dim is not None or c.model.d_model % c.model.n_heads == 0,
           "must be a multiple of model.n_heads={c.model.n_heads} (or set model.head_dim)"),

@@ -73,6 +73,11 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Dropout in training only, each in [0, 1): residual branches (+ embeddings, T5 stack outputs),
+    # attention probabilities, MLP hidden after the activation (sites: jaxft/models/<family>.py).
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
     decoder_start_id: int | None = None  # encoder-decoder: first decoder input (T5: pad 0, mBART: eos 2)
     init_from: str | None = None  # e.g. "hf:/path" (HF interop issue)
 
@@ -331,7 +336,7 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the adapter's input, training only (HF PEFT lora_dropout); in [0, 1)
     targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel$",)  # regexes over parameter paths
     init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero (PEFT's default)
     name: str = "default"  # adapter name; several can be stacked

@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig, RopeScalingConfig
 from jaxft.models.cache import CACHE_AXES, DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.dropout import check_rate, dropout, dropout_active
 from jaxft.models.layers import HEADS, Linear, softcap
 from jaxft.models.masks import (attention_mask, bidirectional_segment_mask, causal_segment_mask,
                                 cross_attention_mask, is_local_layer, sliding_window_mask)
@@ -125,17 +126,19 @@ def alibi_bias(q_positions_BL: jax.Array, kv_positions_BS: jax.Array, n_heads: i
 
 def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS: jax.Array,
            bias_BHLS: jax.Array | None = None, logit_softcap: float | None = None,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, dropout_rate: float = 0.0) -> jax.Array:
     """Grouped-query attention; logits and softmax in float32. Returns out_BLHK.
 
     Uses ``jax.nn.dot_product_attention`` (native GQA, boolean mask, additive
     bias for ALiBi).  Logit soft-capping (Gemma 2) must act between the scaled
-    logits and the mask, which that API cannot express, so it takes the
-    explicit einsum path, written to match the XLA implementation otherwise.
+    logits and the mask, and dropout on the probabilities (``dropout_rate``,
+    when a `jaxft.models.dropout` stream is active) after the softmax, which
+    that API cannot express, so both take the explicit einsum path, written to
+    match the XLA implementation otherwise.
     """
     B, L, H, K = q_BLHK.shape
     scale = K ** -0.5 if scale is None else scale
-    if logit_softcap is None:
+    if logit_softcap is None and not dropout_active(dropout_rate):
         return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS,
                                             scale=scale, implementation=None)
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
@@ -148,6 +151,7 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS
     big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
     logits_BGRLS = jnp.where(mask_B1LS[:, :, None], logits_BGRLS, big_negative)
     probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
+    probs_BGRLS = dropout(probs_BGRLS, dropout_rate)
     out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
     return out_BLGRK.reshape(B, L, H, K)
 
@@ -181,6 +185,7 @@ class Attention(nnx.Module):
         self.logit_softcap = cfg.attn_logit_softcap
         # Gemma 2 scales by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5.
         self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
+        self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
         # Static host constants (tuples, not arrays: NNX modules hold arrays only in Variables).
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
@@ -209,5 +214,6 @@ class Attention(nnx.Module):
             raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
         k_BSGK, v_BSGK, cache = through_cache(k_BLGK, v_BLGK, cache, index)
         out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
-                          logit_softcap=self.logit_softcap, scale=self.scale)
+                          logit_softcap=self.logit_softcap, scale=self.scale,
+                          dropout_rate=self.attention_dropout_rate)
         return self.o(constrain(out_BLHK, HEADS)), cache

@@ -13,6 +13,11 @@ adds ``x + cross(norm(x), enc)`` between the two.  Switches (``ModelConfig``):
   ``embed_norm``: mBART's ``layernorm_embedding`` after tokens + positions.
 - ``activation``: ``gelu_exact`` (mBART) or ``relu`` (M2M100 / NLLB).
 
+Dropout (`jaxft.models.dropout`, train step only), as HF: ``model.dropout`` on
+the embedded input of each stack (tokens + positions [+ embed_norm]) and on
+every sublayer output before its residual add; ``attention_dropout`` on the
+attention probabilities; ``activation_dropout`` after the FFN activation.
+
 Positions are explicit and restart at 0 per packed segment, so a packed
 example gets the embeddings it would get alone.  mBART's ``final_logits_bias``
 is dropped: it is a non-trainable buffer, all zeros in the released
@@ -49,6 +54,7 @@ from flax import nnx
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import attend
 from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, normal_param, remat_call)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
@@ -109,6 +115,7 @@ class MultiHeadAttention(nnx.Module):
         self.v = Linear((D,), (H, K), **proj)
         self.o = Linear((H, K), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                         use_bias=cfg.attn_out_bias, **kw)
+        self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
 
     def kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values k_BSHK, v_BSHK of a stream (what a KV cache stores)."""
@@ -118,7 +125,8 @@ class MultiHeadAttention(nnx.Module):
         """Queries from x_BLD attend to the given keys/values; returns out_BLD."""
         q_BLHK = constrain(self.q(x_BLD), HEADS)
         # HF scales q by head_dim**-0.5 before q @ k^T: attend's default scale, same math.
-        out_BLHK = constrain(attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS), HEADS)
+        out_BLHK = constrain(attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS,
+                                    dropout_rate=self.attention_dropout_rate), HEADS)
         return constrain(self.o(out_BLHK), ACT)
 
     def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, cache: KVCache | None = None,
@@ -143,6 +151,7 @@ class Layer(nnx.Module):
         self.cross = MultiHeadAttention(cfg, rngs=rngs) if decoder else None
         self.mlp_norm = norm_from_config(cfg)
         self.mlp = mlp_from_config(cfg, rngs)
+        self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, enc_BSD: jax.Array | None = None,
                  cross_mask_B1LS: jax.Array | None = None, cache: KVCache | None = None,
@@ -150,13 +159,14 @@ class Layer(nnx.Module):
         """The residual block -> (x_BLD, cache).  Full forward: no ``cache``, cross-attention
         projects k/v from ``enc_BSD``.  Incremental decoding: self-attention writes/reads
         ``cache``, cross-attention reads the encoder k/v ``cross`` projected once."""
+        rate = self.dropout_rate
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), mask_B1LS, cache, index)
-        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
         if self.cross is not None:
             k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else (cross.k, cross.v)
             h_BLD = self.cross.attend(self.cross_norm(x_BLD), k_BSHK, v_BSHK, cross_mask_B1LS)
-            x_BLD = constrain(x_BLD + h_BLD, ACT)
-        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
+            x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
+        return constrain(x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate), ACT), cache
 
 
 def _layer_call(layer: Layer, x_BLD: jax.Array, *args) -> jax.Array:
@@ -173,6 +183,7 @@ class Stack(nnx.Module):
         self.final_norm = norm_from_config(cfg)
         self.position_offset, self.d_model = cfg.position_offset, cfg.d_model
         self.remat, self.dtype = cfg.remat, jnp.dtype(cfg.dtype)
+        self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def positions(self, positions_BL: jax.Array) -> jax.Array:
         """Position embeddings pos_BLD at explicit positions (0-based per segment)."""
@@ -182,11 +193,11 @@ class Stack(nnx.Module):
         return constrain(pos_BLD.astype(self.dtype), ACT)
 
     def embed(self, tokens_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
-        """Scaled token embeddings -> first residual stream (+ positions, embed_norm)."""
+        """Scaled token embeddings -> first residual stream (+ positions, embed_norm, dropout)."""
         x_BLD = tokens_BLD + self.positions(positions_BL)
         if self.embed_norm is not None:
             x_BLD = self.embed_norm(x_BLD)
-        return constrain(x_BLD, ACT)
+        return constrain(dropout(x_BLD, self.dropout_rate), ACT)
 
     def __call__(self, x_BLD: jax.Array, *layer_args) -> jax.Array:
         layer_call = remat_call(_layer_call, self.remat)

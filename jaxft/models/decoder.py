@@ -1,6 +1,9 @@
 """Decoder-only transformer: LLaMA / Qwen2 / Gemma / BLOOM by config switches.
 
-Pre-norm residual blocks ``x + attn(norm(x))``, ``x + mlp(norm(x))``.  The
+Pre-norm residual blocks ``x + attn(norm(x))``, ``x + mlp(norm(x))``.  Dropout
+(`jaxft.models.dropout`, train step only): ``model.dropout`` on each branch output
+before its residual add (BLOOM's ``hidden_dropout``), ``attention_dropout`` on the
+attention probabilities, ``activation_dropout`` on the MLP hidden.  The
 architecture switches live in ``ModelConfig``; presets are data in
 ``configs/models/*.yaml``.
 
@@ -33,6 +36,7 @@ from flax import nnx
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import Attention
 from jaxft.models.cache import DecodeCache, KVCache
+from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, remat_call, softcap)
 from jaxft.models.masks import causal_segment_mask, is_local_layer, sliding_window_mask
@@ -51,6 +55,7 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = norm_from_config(cfg) if cfg.post_norms else None
         self.post_mlp_norm = norm_from_config(cfg) if cfg.post_norms else None
         self.local = local
+        self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
                  mask_B1LS: jax.Array, cache: KVCache | None = None,
@@ -60,11 +65,11 @@ class DecoderLayer(nnx.Module):
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS, cache, index)
         if self.post_attn_norm is not None:
             h_BLD = self.post_attn_norm(h_BLD)
-        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        x_BLD = constrain(x_BLD + dropout(h_BLD, self.dropout_rate), ACT)
         h_BLD = self.mlp(self.mlp_norm(x_BLD))
         if self.post_mlp_norm is not None:
             h_BLD = self.post_mlp_norm(h_BLD)
-        return constrain(x_BLD + h_BLD, ACT), cache
+        return constrain(x_BLD + dropout(h_BLD, self.dropout_rate), ACT), cache
 
 
 def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):

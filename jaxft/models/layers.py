@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
+from jaxft.models.dropout import check_rate, dropout, dropout_rng, next_key
 from jaxft.sharding import constrain
 
 Axes = tuple[str | None, ...]
@@ -158,10 +159,12 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-    """Gated (``gate``, ``up``, ``down``) or plain (``up``, ``down``) feed-forward block."""
+    """Gated (``gate``, ``up``, ``down``) or plain (``up``, ``down``) feed-forward block;
+    ``activation_dropout`` acts on the hidden h_BLF after the activation (and gate)."""
 
     def __init__(self, d_model: int, mlp_dim: int, *, activation: str, use_bias: bool,
-                 init_std: float, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+                 init_std: float, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 activation_dropout: float = 0.0):
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation: unknown {activation!r}; known: {sorted(ACTIVATIONS)}")
         self.act, gated = ACTIVATIONS[activation]
@@ -170,6 +173,7 @@ class MLP(nnx.Module):
         self.gate = Linear((d_model,), (mlp_dim,), **up) if gated else None
         self.up = Linear((d_model,), (mlp_dim,), **up)
         self.down = Linear((mlp_dim,), (d_model,), in_axes=("mlp",), out_axes=("embed",), **kw)
+        self.activation_dropout_rate = check_rate("model.activation_dropout", activation_dropout)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         h_BLF = self.up(x_BLD)
@@ -177,7 +181,7 @@ class MLP(nnx.Module):
             h_BLF = self.act(self.gate(x_BLD)) * h_BLF
         else:
             h_BLF = self.act(h_BLF)
-        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+        h_BLF = constrain(dropout(h_BLF, self.activation_dropout_rate), ("batch", "length", "mlp"))
         return self.down(h_BLF)
 
 
@@ -185,7 +189,7 @@ def mlp_from_config(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
     """The model's feed-forward block (``activation``, ``mlp_dim``, ``mlp_bias``, ``init_std``)."""
     return MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=cfg.mlp_bias,
                init_std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype),
-               dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+               dtype=jnp.dtype(cfg.dtype), rngs=rngs, activation_dropout=cfg.activation_dropout)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -209,8 +213,17 @@ def check_remat(remat: str) -> None:
 
 
 def remat_call(fn: Callable, remat: str) -> Callable:
-    """``fn`` (a per-layer call) under ``nnx.remat`` with policy ``model.remat`` ("none": as is)."""
-    return fn if remat == "none" else nnx.remat(fn, policy=REMAT_POLICIES[remat])
+    """``fn`` (a per-layer call) under ``nnx.remat`` with policy ``model.remat`` ("none": as is).
+
+    While dropout is active each call draws its own dropout key and passes it in as an
+    argument: ``jax.checkpoint`` reuses one trace for all layers, so a trace-time counter
+    would give every layer the same masks.  Masks are the same for every ``model.remat``."""
+    def keyed(key: jax.Array | None, *args):
+        with dropout_rng(key):
+            return fn(*args)
+
+    inner = keyed if remat == "none" else nnx.remat(keyed, policy=REMAT_POLICIES[remat])
+    return lambda *args: inner(next_key(), *args)
 
 
 def default_segment_ids(shape_BL: tuple[int, ...], segment_ids_BL: jax.Array | None) -> jax.Array:

@@ -13,6 +13,12 @@ relative position bias added to the self-attention logits.  Switches:
 - ``init_std`` is T5's ``initializer_factor`` (presets: 1.0), a multiplier on
   the scaled stds below.
 
+Dropout (`jaxft.models.dropout`, train step only), where HF T5 applies its
+``dropout_rate``: ``model.dropout`` on each stack's input embeddings, on every
+sublayer output before its residual add and after each stack's final norm;
+``attention_dropout`` on the attention probabilities; ``activation_dropout``
+on the MLP hidden after the activation.
+
 Parameter paths (stable; the HF converter maps onto them)::
 
     embed/embedding                              [vocab, embed]    (HF shared)
@@ -48,6 +54,7 @@ from flax import nnx
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import attend
 from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, default_positions,
                                  default_segment_ids, norm_from_config, normal_param, remat_call)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
@@ -124,6 +131,7 @@ class T5Attention(nnx.Module):
         self.o = Linear((H, K), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                         init_std=f * (H * K) ** -0.5, **kw)
         self.rel_bias = RelativeBias(cfg, bidirectional=bidirectional, rngs=rngs) if rel_bias else None
+        self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
 
     def kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values k_BSHK, v_BSHK of a stream (what a KV cache stores)."""
@@ -133,7 +141,8 @@ class T5Attention(nnx.Module):
                bias_BHLS: jax.Array | None = None) -> jax.Array:
         """Queries from x_BLD attend to the given keys/values; returns out_BLD."""
         q_BLHK = constrain(self.q(x_BLD), HEADS)
-        out_BLHK = attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=1.0)
+        out_BLHK = attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=1.0,
+                          dropout_rate=self.attention_dropout_rate)
         return self.o(constrain(out_BLHK, HEADS))
 
     def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, bias_BHLS: jax.Array | None = None,
@@ -149,7 +158,7 @@ def _mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
     """T5 MLP; init: in (gate/up) ``d_model**-0.5``, out (down) ``mlp_dim**-0.5`` (HF/mesh-tf)."""
     mlp = MLP(cfg.d_model, cfg.mlp_dim, activation=cfg.activation, use_bias=False,
               init_std=cfg.init_std * cfg.d_model ** -0.5, param_dtype=jnp.dtype(cfg.param_dtype),
-              dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+              dtype=jnp.dtype(cfg.dtype), rngs=rngs, activation_dropout=cfg.activation_dropout)
     # layers.MLP takes one std: rescale the draw of ``down`` to its own std.
     down = mlp.down.kernel
     down.set_value((down[...] * (cfg.d_model / cfg.mlp_dim) ** 0.5).astype(down[...].dtype))
@@ -167,6 +176,7 @@ class T5Block(nnx.Module):
         self.cross = T5Attention(cfg, rngs=rngs) if decoder else None
         self.mlp_norm = norm_from_config(cfg)
         self.mlp = _mlp(cfg, rngs)
+        self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
                  mask_B1LS: jax.Array, bias_BHLS: jax.Array | None, enc_BSD: jax.Array | None = None,
@@ -177,13 +187,14 @@ class T5Block(nnx.Module):
         self-attention writes/reads ``cache``, cross-attention reads the encoder k/v ``cross``."""
         if self.attn.rel_bias is not None:  # umT5: this layer's own table
             bias_BHLS = self.attn.rel_bias(positions_BL, kv_positions_BS)
+        rate = self.dropout_rate
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), mask_B1LS, bias_BHLS, cache, index)
-        x_BLD = constrain(x_BLD + h_BLD, ACT)
+        x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
         if self.cross is not None:
             k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else (cross.k, cross.v)
             h_BLD = self.cross.attend(self.cross_norm(x_BLD), k_BSHK, v_BSHK, cross_mask_B1LS)
-            x_BLD = constrain(x_BLD + h_BLD, ACT)
-        return constrain(x_BLD + self.mlp(self.mlp_norm(x_BLD)), ACT), cache
+            x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
+        return constrain(x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate), ACT), cache
 
 
 def _block_call(block: T5Block, *args):
@@ -200,14 +211,17 @@ class T5Stack(nnx.Module):
         self.layers = nnx.List([T5Block(cfg, decoder=decoder, rngs=rngs) for _ in range(n)])
         self.final_norm = norm_from_config(cfg)
         self.remat = cfg.remat
+        self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array,
                  enc_BSD: jax.Array | None = None, cross_mask_B1LS: jax.Array | None = None) -> jax.Array:
+        """Embedded tokens -> final-normed states (dropout on the input and the output, as HF)."""
         bias_BHLL = None if self.rel_bias is None else self.rel_bias(positions_BL, positions_BL)
         call = remat_call(_block_call, self.remat)
+        x_BLD = dropout(x_BLD, self.dropout_rate)
         for layer in self.layers:
             x_BLD = call(layer, x_BLD, positions_BL, positions_BL, mask_B1LL, bias_BHLL, enc_BSD, cross_mask_B1LS)
-        return self.final_norm(x_BLD)
+        return dropout(self.final_norm(x_BLD), self.dropout_rate)
 
     def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                segment_ids_BL: jax.Array) -> tuple[jax.Array, DecodeCache]:
@@ -217,11 +231,12 @@ class T5Stack(nnx.Module):
         cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
         bias_BHLS = None if self.rel_bias is None else self.rel_bias(positions_BL, kv_positions_BS)
         layers = []
+        x_BLD = dropout(x_BLD, self.dropout_rate)
         for layer, layer_cache, cross in zip(self.layers, cache.layers, cache.cross):
             x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None,
                                        cross_mask_B1LS, layer_cache, index, cross)
             layers.append(layer_cache)
-        return self.final_norm(x_BLD), cache.with_layers(layers)
+        return dropout(self.final_norm(x_BLD), self.dropout_rate), cache.with_layers(layers)
 
 
 # --------------------------------------------------------------------------- model

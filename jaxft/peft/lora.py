@@ -13,6 +13,8 @@ adapters):
 so each factor is sharded like the kernel it adapts.  `LoRALinear` adds
 ``scale * (x . a) . b`` for each attached adapter (``scale = alpha / rank``).
 ``b`` starts at zero, so a freshly adapted model computes the base model.
+The trained adapter applies ``peft.lora.dropout`` to its own input (HF PEFT:
+``b(a(dropout(x)))``), in training only (`jaxft.models.dropout`).
 Several named adapters can coexist (a frozen language adapter under a trained
 task adapter); what trains is `lora_trainable_filter`: only the adapter named
 ``peft.lora.name``.
@@ -40,6 +42,7 @@ from flax import nnx
 
 from jaxft.config.schema import LoraConfig, ModelConfig
 from jaxft.interop.hf import path_str
+from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import Linear
 from jaxft.sharding import to_host
 
@@ -54,16 +57,17 @@ class LoRAParam(nnx.LoRAParam):
 
 
 class LoRA(nnx.Module):
-    """One adapter of one Linear: ``y += scale * (x . a) . b``.  ``merged``: the
+    """One adapter of one Linear: ``y += scale * (dropout(x) . a) . b``.  ``merged``: the
     term is folded into the kernel (by `merge_lora`) and not added again."""
 
     def __init__(self, a: jax.Array, b: jax.Array, *, scale: float, in_axes: tuple, out_axes: tuple,
-                 dtype: Any):
+                 dtype: Any, dropout_rate: float = 0.0):
         self.a = LoRAParam(a, out_sharding=tuple(in_axes) + (None,))
         self.b = LoRAParam(b, out_sharding=(None,) + tuple(out_axes))
         self.scale = float(scale)
         self.dtype = dtype
         self.merged = False
+        self.dropout_rate = check_rate("peft.lora.dropout", dropout_rate)
 
     @property
     def rank(self) -> int:
@@ -80,6 +84,7 @@ class LoRA(nnx.Module):
             return y
         n_in = self.a.ndim - 1
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        x = dropout(x, self.dropout_rate)
         h = jax.lax.dot_general(x.astype(self.dtype), self.a[...].astype(self.dtype), (contract, ((), ())))
         d = jax.lax.dot_general(h, self.b[...].astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())),
                                 preferred_element_type=y.dtype)
@@ -143,7 +148,8 @@ def _sharding_ctx():
     return nnx.use_eager_sharding(False) if jax.sharding.get_abstract_mesh().empty else contextlib.nullcontext()
 
 
-def _attach(parent: nnx.Module, key: str | int, name: str, a: jax.Array, b: jax.Array, scale: float) -> LoRA:
+def _attach(parent: nnx.Module, key: str | int, name: str, a: jax.Array, b: jax.Array, scale: float,
+            dropout_rate: float = 0.0) -> LoRA:
     lin = _get(parent, key)
     kernel = lin.kernel.get_value()
     axes = tuple(lin.kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
@@ -160,7 +166,7 @@ def _attach(parent: nnx.Module, key: str | int, name: str, a: jax.Array, b: jax.
     dtype = kernel.dtype
     with _sharding_ctx():
         adapter = LoRA(jnp.asarray(a, dtype), jnp.asarray(b, dtype), scale=scale, in_axes=axes[:n],
-                       out_axes=axes[n:], dtype=lin.dtype)
+                       out_axes=axes[n:], dtype=lin.dtype, dropout_rate=dropout_rate)
     lin.lora[name] = adapter
     return adapter
 
@@ -180,9 +186,7 @@ def attach(model: nnx.Module, path: str, name: str, a: jax.Array, b: jax.Array, 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Load the frozen adapters of ``cfg.load``, then attach the trained adapter
     ``cfg.name`` to every Linear whose kernel path matches a ``cfg.targets`` regex."""
-    if cfg.dropout > 0:
-        raise ValueError(f"peft.lora.dropout: {cfg.dropout} is not supported yet (LoRA dropout needs a "
-                         "per-step RNG the pure train step does not carry); use 0")
+    check_rate("peft.lora.dropout", cfg.dropout)
     if cfg.rank < 1:
         raise ValueError(f"peft.lora.rank: must be >= 1, got {cfg.rank}")
     if cfg.init not in ("kaiming", "gaussian"):
@@ -207,7 +211,8 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
             a = jax.random.uniform(key, (*in_shape, cfg.rank), jnp.float32, -bound, bound)
         else:  # PEFT "gaussian": N(0, (1/r)^2)
             a = jax.random.normal(key, (*in_shape, cfg.rank), jnp.float32) / cfg.rank
-        _attach(*slots[path], cfg.name, a, jnp.zeros((cfg.rank, *out_shape), jnp.float32), cfg.alpha / cfg.rank)
+        _attach(*slots[path], cfg.name, a, jnp.zeros((cfg.rank, *out_shape), jnp.float32), cfg.alpha / cfg.rank,
+                cfg.dropout)
     log.info("LoRA %r (rank %d, alpha %g) on %d Linear kernels", cfg.name, cfg.rank, cfg.alpha, len(targets))
     return model
 

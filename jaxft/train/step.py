@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxft.config.schema import TrainConfig
+from jaxft.models.dropout import dropout_rng, has_dropout, step_key
 from jaxft.models.registry import DECODER_INPUTS
 from jaxft.sharding import constrain
 from jaxft.train.losses import chunked_token_losses, summed_token_losses, token_losses
@@ -36,24 +37,29 @@ Batch = dict[str, jax.Array]
 
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig,
                  input_keys: tuple[str, ...] = DECODER_INPUTS) -> Callable[..., tuple[jax.Array, dict]]:
-    """``loss_fn(params, rest, batch) -> (loss_sum, aux)``.  ``train.loss_chunk`` > 0
+    """``loss_fn(params, rest, batch, rng=None) -> (loss_sum, aux)``.  ``train.loss_chunk`` > 0
     computes the loss from the model's last hidden states, ``loss_chunk`` sequence
     tokens at a time (`jaxft.train.losses.chunked_token_losses`), never holding the
-    whole [B, L, V] logits; 0 takes the full logits from ``model(...)``."""
+    whole [B, L, V] logits; 0 takes the full logits from ``model(...)``.  ``rng``: the
+    model runs with dropout drawn from this key (`jaxft.models.dropout`); None: none."""
     if cfg.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {cfg.loss_chunk}")
     kw = dict(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
 
-    def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch):
+    def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch, rng: jax.Array | None = None):
         model = nnx.merge(graphdef, params, rest)
         inputs = [batch[k] for k in input_keys]
         if cfg.loss_chunk:
             if not hasattr(model, "hidden"):
                 raise ValueError(f"train.loss_chunk: {type(model).__name__} has no hidden()/logits() split; set 0")
-            sums = chunked_token_losses(model.hidden(*inputs), model.logits, batch["targets"], batch["weights"],
+            with dropout_rng(rng):
+                hidden = model.hidden(*inputs)
+            sums = chunked_token_losses(hidden, model.logits, batch["targets"], batch["weights"],
                                         chunk=cfg.loss_chunk, **kw)
         else:
-            sums = summed_token_losses(model(*inputs), batch["targets"], batch["weights"], **kw)
+            with dropout_rng(rng):
+                logits = model(*inputs)
+            sums = summed_token_losses(logits, batch["targets"], batch["weights"], **kw)
         aux = dict(zip(("loss_sum", "z_loss_sum", "weight_sum"), sums))
         return aux["loss_sum"], aux
 
@@ -78,20 +84,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        # Dropout keys depend on train.seed, the step and the microbatch only (exact resume, any
+        # mesh); a model without dropout (or LoRA dropout) gets none: the program without it.
+        key = None
+        if has_dropout(nnx.merge(graphdef, state.params, state.rest)):
+            key = step_key(cfg.seed, state.step)
         if cfg.microbatches == 1:
-            grads, aux = grad_fn(state.params, state.rest, batch)
+            grads, aux = grad_fn(state.params, state.rest, batch, key)
         else:
             micro = _split_microbatches(batch, cfg.microbatches)
             zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum")}
 
-            def body(carry, mb):
+            def body(carry, xs):
                 g_acc, a_acc = carry
-                g, a = grad_fn(state.params, state.rest, mb)
+                mb, mb_key = (xs, None) if key is None else (xs[0], jax.random.fold_in(key, xs[1]))
+                g, a = grad_fn(state.params, state.rest, mb, mb_key)
                 g_acc = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), g_acc, g)
                 return (g_acc, jax.tree.map(jnp.add, a_acc, a)), None
 
-            (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
+            xs = micro if key is None else (micro, jnp.arange(cfg.microbatches))
+            (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), xs)
         denom = jnp.maximum(aux["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, register
-from jaxft.interop.families.common import (Tensor, check_exportable, identity, linear, need, reshaped,
+from jaxft.interop.families.common import (Tensor, check_exportable, identity, linear, need, rate, reshaped,
                                            unsupported)
 
 _ACTIVATIONS = {"gelu": "gelu_exact", "relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
@@ -68,7 +68,9 @@ def bart_to_model_config(hf: dict) -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings") or 1024),
         init_std=float(hf.get("init_std", 0.02)),
         decoder_start_id=int(hf.get("decoder_start_token_id") if hf.get("decoder_start_token_id") is not None
-                             else 2), param_dtype="float32")
+                             else 2), param_dtype="float32",
+        dropout=rate(hf, "dropout", 0.1), attention_dropout=rate(hf, "attention_dropout", 0.0 if mbart else 0.1),
+        activation_dropout=rate(hf, "activation_dropout", 0.0))  # absent: transformers' class defaults
 
 
 def _hf_config(cfg: ModelConfig, model_type: str) -> dict:
@@ -89,7 +91,8 @@ def _hf_config(cfg: ModelConfig, model_type: str) -> dict:
                scale_embedding=cfg.embed_scale, tie_word_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
                is_encoder_decoder=True, bos_token_id=0, pad_token_id=1 if mbart else cfg.position_offset - 1,
                eos_token_id=2, decoder_start_token_id=2 if cfg.decoder_start_id is None else cfg.decoder_start_id,
-               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+               dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+               activation_dropout=cfg.activation_dropout)
     if mbart:
         out.update(normalize_before=True, add_final_layer_norm=True)
     return out

@@ -4,6 +4,7 @@
 The fused ``query_key_value`` weight is ``[heads, 3, head_dim]`` along its output
 dimension (q, k, v interleaved per head), split here into our q / k / v.
 Checkpoints saved from a bare ``BloomModel`` lack the ``transformer.`` prefix.
+``hidden_dropout`` / ``attention_dropout`` are ``model.dropout`` / ``attention_dropout``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, register
-from jaxft.interop.families.common import Tensor, check_exportable, identity, linear, need, unsupported
+from jaxft.interop.families.common import Tensor, check_exportable, identity, linear, need, rate, unsupported
 
 
 def bloom_to_model_config(hf: dict) -> ModelConfig:
@@ -28,7 +29,8 @@ def bloom_to_model_config(hf: dict) -> ModelConfig:
         activation="gelu", norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), position="alibi",
         embed_norm=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), max_seq_len=int(hf.get("seq_length") or 2048),
-        param_dtype="float32")
+        param_dtype="float32", dropout=rate(hf, "hidden_dropout", 0.0),
+        attention_dropout=rate(hf, "attention_dropout", 0.0))
 
 
 def bloom_to_hf(cfg: ModelConfig) -> dict:
@@ -39,7 +41,8 @@ def bloom_to_hf(cfg: ModelConfig) -> dict:
                      post_norms=False, sliding_window=None, query_pre_attn_scalar=None)
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
                 layer_norm_epsilon=cfg.norm_eps, apply_residual_connection_post_layernorm=False,
-                tie_word_embeddings=cfg.tie_embeddings, seq_length=cfg.max_seq_len)
+                tie_word_embeddings=cfg.tie_embeddings, seq_length=cfg.max_seq_len, hidden_dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout)
 
 
 def _fused_qkv(hf: str, us: str, D: int, H: int, K: int) -> list[Tensor]:

@@ -75,6 +75,15 @@ def expect(hf: dict, field: str, allowed: Sequence[Any], default: Any = None) ->
     return value
 
 
+def rate(hf: dict, field: str, default: float) -> float:
+    """A dropout probability field (absent or null -> HF's class ``default``), in [0, 1)."""
+    value = hf.get(field)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise unsupported(field, value, "a dropout probability must be a number in [0, 1)")
+    return float(value)
+
+
 def head_dim_of(hf: dict, d_model: int, n_heads: int) -> int | None:
     """Explicit head_dim only when it differs from d_model // n_heads (keeps configs short)."""
     k = hf.get("head_dim")

@@ -1,14 +1,16 @@
 """LLaMA (1/2/3, incl. llama3 / linear / yarn RoPE scaling) and Qwen2.
 
 HF and jaxft both use the rotate-half RoPE layout (the two halves of head_dim
-pair up), so q/k weights need no permutation.
+pair up), so q/k weights need no permutation.  HF ``attention_dropout`` is
+``model.attention_dropout``; HF has no field for the other two rates (export drops them:
+they change training, not the exported model).
 """
 
 from __future__ import annotations
 
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, register
-from jaxft.interop.families.common import (check_exportable, expect, head_dim_of, llama_like_tensors, need,
+from jaxft.interop.families.common import (check_exportable, expect, head_dim_of, llama_like_tensors, need, rate,
                                            rope_from_hf, rope_to_hf, unsupported)
 
 
@@ -23,7 +25,8 @@ def rope_decoder_fields(hf: dict, *, tie_default: bool) -> dict:
         mlp_dim=int(need(hf, "intermediate_size")), norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         position="rope", rope_theta=theta, rope_scaling=scaling,
         max_seq_len=int(hf.get("max_position_embeddings") or 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", tie_default)), param_dtype="float32")
+        tie_embeddings=bool(hf.get("tie_word_embeddings", tie_default)), param_dtype="float32",
+        attention_dropout=rate(hf, "attention_dropout", 0.0))
 
 
 def rope_decoder_hf(cfg: ModelConfig) -> dict:
@@ -31,7 +34,7 @@ def rope_decoder_hf(cfg: ModelConfig) -> dict:
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, **rope_to_hf(cfg))
+        tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.attention_dropout, **rope_to_hf(cfg))
 
 
 def no_sliding_window(hf: dict) -> None:

@@ -12,6 +12,10 @@ HF names (``T5ForConditionalGeneration``; mT5/umT5 the same)::
     {encoder,decoder}.final_layer_norm.weight
     lm_head.weight                                             (untied only)
 
+Dropout: HF's one ``dropout_rate`` (used at every site) imports as all three of
+``dropout``, ``attention_dropout`` and ``activation_dropout``; export writes
+``dropout_rate`` = ``model.dropout``.
+
 Head and output scaling.  T5 v1.0 ties the head to ``shared`` and scales the
 decoder output by ``d_model ** -0.5``; v1.1/mT5/umT5 have a separate head and
 no scaling.  transformers 5 always ties ``lm_head`` to ``shared`` unless the
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, register
-from jaxft.interop.families.common import Tensor, check_exportable, identity, linear, need, unsupported
+from jaxft.interop.families.common import Tensor, check_exportable, identity, linear, need, rate, unsupported
 
 # feed_forward_proj -> our activation (HF's "gated-gelu" is the tanh GELU, "gelu_new").
 _ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu",
@@ -65,7 +69,8 @@ def t5_to_model_config(hf: dict) -> ModelConfig:
         relative_max_distance=int(hf.get("relative_attention_max_distance", 128)),
         relative_bias_per_layer=per_layer, tie_embeddings=scales_decoder_outputs(hf),
         max_seq_len=int(hf.get("n_positions") or 512), init_std=float(hf.get("initializer_factor", 1.0)),
-        decoder_start_id=int(hf.get("decoder_start_token_id") or 0), param_dtype="float32")
+        decoder_start_id=int(hf.get("decoder_start_token_id") or 0), param_dtype="float32",
+        **dict.fromkeys(("dropout", "attention_dropout", "activation_dropout"), rate(hf, "dropout_rate", 0.1)))
 
 
 def _hf_config(cfg: ModelConfig, model_type: str, per_layer: bool) -> dict:
@@ -84,7 +89,7 @@ def _hf_config(cfg: ModelConfig, model_type: str, per_layer: bool) -> dict:
                initializer_factor=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
                is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
                decoder_start_token_id=0 if cfg.decoder_start_id is None else cfg.decoder_start_id,
-               dropout_rate=0.0)
+               dropout_rate=cfg.dropout)
     if model_type != "mt5":
         out["scale_decoder_outputs"] = cfg.tie_embeddings
     return out
