@@ -42,3 +42,8 @@ def test_training_starts_from_hf_weights(tmp_path):
     assert q.shape == (32, 4, 8)
     dev0 = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if r["kind"] == "dev"][0]["dev_loss"]
     assert all(abs(v - np.log(512)) < 0.5 for v in dev0.values())  # a random-init HF model is ~uniform
+    # dropout rates are training settings, not architecture: any rate starts from the checkpoint
+    import dataclasses
+
+    rates = dataclasses.replace(cfg.model, dropout=0.3, attention_dropout=0.2, activation_dropout=0.1)
+    assert init_params_from(cfg.model.init_from, rates, None)["layers"][0]["attn"]["q"]["kernel"][...].shape == q.shape

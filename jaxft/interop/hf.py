@@ -40,7 +40,7 @@ _PARAM_DTYPES = ("float32", "bfloat16")
 _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Fields that change the parameters or the function they compute (init_params_from checks them).
 _NOT_ARCHITECTURE = ("preset", "max_seq_len", "init_std", "param_dtype", "dtype", "remat", "init_from",
-                     "decoder_start_id", "rope_scaling")
+                     "decoder_start_id", "rope_scaling", "dropout", "attention_dropout", "activation_dropout")
 
 
 # --------------------------------------------------------------------------- paths and configs

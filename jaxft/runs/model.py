@@ -28,7 +28,8 @@ from jaxft.sharding import make_mesh, sharded_abstract, use_mesh
 
 log = logging.getLogger(__name__)
 
-SHAPE_FREE = ("preset", "init_from", "remat")  # model keys that do not change the parameters
+SHAPE_FREE = ("preset", "init_from", "remat", "dropout", "attention_dropout",
+              "activation_dropout")  # model keys that do not change the parameters
 
 
 def build_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int) -> nnx.Module:

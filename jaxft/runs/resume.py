@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import yaml
 
-from jaxft.config.schema import Config, to_dict
+from jaxft.config.schema import Config, SourceConfig, to_dict
 from jaxft.outputs import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,26 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to the schema since it was written set to their
+    defaults (an older run dir resumes as it was: a new key's default keeps old behaviour),
+    data sources included."""
+    def fill(value: Any, default: Any) -> Any:
+        if isinstance(default, dict) and isinstance(value, dict):
+            return {**default, **{k: fill(v, default.get(k)) for k, v in value.items()}}
+        return value
+
+    out = fill(saved, to_dict(Config()))
+    source = to_dict(SourceConfig())
+    data = out.get("data") if isinstance(out.get("data"), dict) else {}
+    for split in ("train", "dev"):
+        if isinstance(data.get(split), list):
+            data[split] = [fill(src, source) if isinstance(src, dict) else src for src in data[split]]
+    return out
+
+
 def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(_with_defaults(saved)), flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
