@@ -285,3 +285,7 @@ def test_a_run_dir_saved_before_a_key_existed_resumes_with_its_default():
     assert incompatible_keys(saved, to_dict(cfg)) == []
     saved["model"]["d_model"] = 7
     assert [k for k, _, _ in incompatible_keys(saved, to_dict(cfg))] == ["model.d_model"]
+    for key, value in (("model", "remat"), "full"), (("train", "loss_chunk"), 64):  # memory only: may change
+        changed = to_dict(cfg)
+        changed[key[0]][key[1]] = value
+        assert incompatible_keys(to_dict(cfg), changed) == []

@@ -3,7 +3,8 @@
 A run dir remembers its config in every checkpoint.  Keys that only change
 bookkeeping (logging, checkpoint cadence, the mesh - orbax reshards on
 restore - and the number of steps; the lr schedule keeps its length, see
-`fix_schedule_length`) may differ on resume; any other change
+`fix_schedule_length`) or only memory (`model.remat`, `train.loss_chunk`) may
+differ on resume; any other change
 (model shape, data, optimizer, batch, seeds) would silently produce a
 different run, so it is refused with a one-line error and nothing is written.
 """
@@ -26,7 +27,10 @@ from jaxft.outputs import atomic_write_text
 log = logging.getLogger(__name__)
 
 SAFE_TO_CHANGE = ("run_dir", "mesh.", "checkpoint.", "eval.", "train.steps", "train.log_every",
-                  "train.dev_every", "train.dev_batches", "train.progress_bar")
+                  "train.dev_every", "train.dev_batches", "train.progress_bar",
+                  # memory only, same numbers up to float summation order: what a resume on a
+                  # smaller slice (or after an out-of-memory) needs to change
+                  "model.remat", "train.loss_chunk")
 
 
 class ResumeError(ValueError):
