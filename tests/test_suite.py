@@ -104,18 +104,21 @@ def _fake(tmp_path):
     return [sys.executable, str(script)]
 
 
+CHAIN = """\
+suite_dir: out
+experiment: exp.yaml
+stages:
+  - name: a
+    grid: {optimizer.lr: [0.5, 0.1]}   # the fake trainers fail lr 0.5
+  - name: b
+    set: {model.init_from: "run:{a.0.5}"}
+  - name: c
+    set: {model.init_from: "run:{a.0.1}"}
+"""
+
+
 def test_a_failed_run_blocks_its_dependents_only_and_a_rerun_skips_done_runs(tmp_path, monkeypatch):
-    path = _suite(tmp_path, """\
-        suite_dir: out
-        experiment: exp.yaml
-        stages:
-          - name: a
-            grid: {optimizer.lr: [0.5, 0.1]}
-          - name: b
-            set: {model.init_from: "run:{a.0.5}"}
-          - name: c
-            set: {model.init_from: "run:{a.0.1}"}
-        """)
+    path = _suite(tmp_path, CHAIN)
     suite = load_suite(path)
     monkeypatch.setattr(runner, "changed_since_done", lambda plan: [])
     env = dict(os.environ, FAKE_CONFIG=str(tmp_path / "exp.yaml"))
@@ -467,17 +470,7 @@ def test_the_tpu_queue_runs_the_emitted_commands_in_order_skipping_done_and_bloc
     its dependents, a second pass skips what finished."""
     import subprocess
 
-    path = _suite(tmp_path, """\
-        suite_dir: out
-        experiment: exp.yaml
-        stages:
-          - name: a
-            grid: {optimizer.lr: [0.5, 0.1]}
-          - name: b
-            set: {model.init_from: "run:{a.0.5}"}
-          - name: c
-            set: {model.init_from: "run:{a.0.1}"}
-        """)
+    path = _suite(tmp_path, CHAIN)
     calls = tmp_path / "calls"
     fake = tmp_path / "fake-jaxft"
     # `suite ...` is the real command; `train ...`: run a.0.1 is preempted once, a.0.5 fails
