@@ -29,9 +29,10 @@ def free_port() -> int:
 
 
 def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step: int | None = None,
-               expect: int = 0):
-    """`jaxft train` in two processes; optionally each step slowed by `slow` seconds and
-    process 1 (only) sent SIGTERM once step `sigterm_after_step`'s metrics line exists."""
+               expect: int = 0, delay_second: float = 0.0):
+    """`jaxft train` in two processes; optionally each step slowed by `slow` seconds,
+    process 1 (only) sent SIGTERM once step `sigterm_after_step`'s metrics line exists,
+    and process 1 starting training `delay_second` seconds after process 0."""
     port = free_port()
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
@@ -41,7 +42,9 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
     for i in range(2):
         args = ["train", str(cfg_path), *sets, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                 "--process-id", str(i)]
-        code = f"import sys, trainutil; sys.exit(trainutil.cli_train_slowly({args[1]!r}, {slow}, *{args[2:]!r}))"
+        delay = delay_second if i == 1 else 0.0
+        code = (f"import sys, trainutil; sys.exit(trainutil.cli_train_slowly({args[1]!r}, {slow}, *{args[2:]!r}, "
+                f"start_delay={delay}))")
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     if sigterm_after_step is not None:
@@ -58,15 +61,18 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
 
 def test_two_processes_match_one_process_across_a_preemption(tmp_path):
     """SIGTERM to ONE of two processes: JAX's preemption sync makes both stop after
-    the same step, write one checkpoint together and exit 75; a second launch
-    restores it in both and ends with the losses of a 1-process run."""
+    the same step, write one checkpoint together and exit 75; a second launch, with one
+    process starting 40 s late, restores it in both and ends with the losses of a 1-process run."""
     single = train(load_config(write_run_config(tmp_path, steps=8, name="single", extra=CONSTANT_LR)),
                    base_dir=tmp_path)
     multi_cfg = write_run_config(tmp_path, steps=8, name="multi", extra={**CONSTANT_LR, "checkpoint.every": 100})
     launch_two(multi_cfg, slow=0.3, sigterm_after_step=2, expect=75)
     saved = [int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 2 < saved[0] < 8, saved
-    launch_two(multi_cfg)  # restores the preemption checkpoint in both processes, runs to step 8
+    # Restores the preemption checkpoint in both processes and runs to step 8, process 1 arriving
+    # 40 s late: longer than gloo's fixed 30 s deadline for setting up its communicators, which the
+    # steps' compile-then-meet barrier keeps from starting until both processes are there.
+    launch_two(multi_cfg, delay_second=40)
     rows = [r for r in read_jsonl(tmp_path / "multi" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, 9))  # one line per step across the preemption
     for r in rows:

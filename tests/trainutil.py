@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -85,15 +86,25 @@ class SignalHook(SleepHook):
             os.kill(os.getpid(), self.sig)
 
 
-def cli_train_slowly(config_path: str, seconds: float, *extra: str) -> int:
-    """`jaxft train CONFIG` through the CLI, with a SleepHook after every step."""
+def cli_train_slowly(config_path: str, seconds: float, *extra: str, start_delay: float = 0.0) -> int:
+    """`jaxft train CONFIG` through the CLI, with a SleepHook after every step; `start_delay`
+    seconds of sleep at the end of the run's set-up (after its checkpoint and tokenizer barriers,
+    before the first step), as a process slowed down by a busy machine would have."""
     import jaxft.eval.during_training as during_training
+    import jaxft.train.loop as loop
     from jaxft.cli import main
 
-    plain = during_training.train
+    plain, plain_setup = during_training.train, loop.setup
 
     def slow_train(cfg, **kw):
         return plain(cfg, **{**kw, "hooks": [*kw.get("hooks", ()), SleepHook(seconds)]})
+
+    def late_setup(*args, **kw):
+        run = plain_setup(*args, **kw)
+        time.sleep(start_delay)
+        return run
+
+    loop.setup = late_setup
 
     during_training.train = slow_train
     return main(["train", config_path, *extra])

@@ -37,7 +37,7 @@ from jaxft.train.metric_sinks import MetricsWriter
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import (TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
                                sharded_abstract)
-from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from jaxft.train.step import CompileThenMeet, jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,10 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
             atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
         keys = model_input_keys(cfg.model)
         schedule = make_schedule(cfg.optimizer, tcfg.steps)
-        train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
-        eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
+        train_step = CompileThenMeet(jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings,
+                                                    bsharding), "train_step")
+        eval_step = CompileThenMeet(jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding),
+                                    "eval_step")
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
                                 max_batches=tcfg.dev_batches, **seq2seq)
     return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,

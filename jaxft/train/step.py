@@ -29,7 +29,7 @@ from jaxft.train.losses import chunked_token_losses, summed_token_losses, token_
 from jaxft.train.state import TrainState
 
 # token_losses lives in jaxft.train.losses; re-exported here for its older callers
-__all__ = ["Batch", "abstract_batch", "jit_eval_step", "jit_train_step", "make_eval_step", "make_loss_fn",
+__all__ = ["Batch", "CompileThenMeet", "abstract_batch", "jit_eval_step", "jit_train_step", "make_eval_step", "make_loss_fn",
            "make_train_step", "token_losses"]
 
 Batch = dict[str, jax.Array]
@@ -174,3 +174,32 @@ def abstract_batch(global_batch: int, seq_len: int, batch_sharding: NamedShardin
         batch.update(enc_inputs=sds(encoder_seq_len, jnp.int32), enc_segment_ids=sds(encoder_seq_len, jnp.int32),
                      enc_positions=sds(encoder_seq_len, jnp.int32))
     return batch
+
+
+COMPILE_BARRIER_S = 3600  # how long a process that compiled first waits for the others
+
+
+class CompileThenMeet:
+    """A jitted step that, in a multi-process run, is compiled ahead of time on its first
+    call and then waits at a coordination-service barrier for every other process to have
+    compiled it too, before it first executes.
+
+    Processes reach their first step seconds to minutes apart (data indexing, restore,
+    compiling under a busy CPU); the first execution of a program with cross-process
+    collectives sets up their communicators, and that set-up has a short fixed deadline
+    (gloo's is 30 s on CPU).  Meeting at a barrier first, whose deadline we choose, makes the
+    set-up start together.  One process runs the jitted function as it is.  Later calls reuse
+    the compiled program, so every call must have the first call's shapes and shardings."""
+
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name = jitted, name
+        self._compiled = None
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        if self._compiled is None:
+            from orbax.checkpoint.multihost import get_barrier_sync_fn
+            self._compiled = self.jitted.lower(*args).compile()
+            get_barrier_sync_fn()(key=f"jaxft:compiled:{self.name}", timeout_ms=COMPILE_BARRIER_S * 1000)
+        return self._compiled(*args)
