@@ -160,6 +160,26 @@ def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh
     return state, start, theta0 if method.keeps_theta0 else None, items.get("meta") or {}, items["data"]
 
 
+def _write_sizes(state: TrainState, method: PeftMethod, mesh, dirs: RunDir) -> None:
+    """Log the parameter counts and write them to params.json (what the suite report reads)."""
+    sizes = {"params": count_params(state.params) + count_params(state.rest),
+             "trainable": count_params(state.params), "updated": method.updated_entries(state.params),
+             "method": method.name}
+    log.info("model: %s params (%s trainable, %s updated), mesh %s", f"{sizes['params']:,}",
+             f"{sizes['trainable']:,}", f"{sizes['updated']:,}", dict(mesh.shape))
+    if jax.process_index() == 0:
+        atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
+
+
+def _steps(cfg: Config, graphdef, tx, shardings, bsharding) -> tuple[CompileThenMeet, CompileThenMeet]:
+    """The jitted train and eval steps (compiled, then a barrier, before a multi-process run's first call)."""
+    keys, tcfg = model_input_keys(cfg.model), cfg.train
+    schedule = make_schedule(cfg.optimizer, tcfg.steps)
+    train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
+    eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
+    return CompileThenMeet(train_step, "train_step"), CompileThenMeet(eval_step, "eval_step")
+
+
 def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     """Everything a run needs.  Refuses (before writing anything) a run dir whose
     checkpoints were made with an incompatible config.  `restart`: see `train`."""
@@ -200,19 +220,8 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
         if data_state is not None:
             pipeline.set_state(data_state)
             log.info("resumed %s from step %d", dirs.root, start)
-        sizes = {"params": count_params(state.params) + count_params(state.rest),
-                 "trainable": count_params(state.params), "updated": method.updated_entries(state.params),
-                 "method": method.name}
-        log.info("model: %s params (%s trainable, %s updated), mesh %s", f"{sizes['params']:,}",
-                 f"{sizes['trainable']:,}", f"{sizes['updated']:,}", dict(mesh.shape))
-        if jax.process_index() == 0:
-            atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
-        keys = model_input_keys(cfg.model)
-        schedule = make_schedule(cfg.optimizer, tcfg.steps)
-        train_step = CompileThenMeet(jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings,
-                                                    bsharding), "train_step")
-        eval_step = CompileThenMeet(jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding),
-                                    "eval_step")
+        _write_sizes(state, method, mesh, dirs)
+        train_step, eval_step = _steps(cfg, graphdef, tx, shardings, bsharding)
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
                                 max_batches=tcfg.dev_batches, **seq2seq)
     return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,
