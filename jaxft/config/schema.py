@@ -12,6 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Sections kept in their own modules (re-exported here: import them from jaxft.config.schema).
+from jaxft.config.schema_data import DataConfig, SourceConfig, TokenizerConfig  # noqa: F401
+from jaxft.config.schema_peft import LoraConfig, PeftConfig, SparseConfig  # noqa: F401
+
 
 @dataclass(frozen=True)
 class RopeScalingConfig:
@@ -97,95 +101,6 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-
-
-@dataclass(frozen=True)
-class TokenizerConfig:
-    path: str | None = None  # an existing SentencePiece .model
-    # When `path` is missing and `train_vocab_size` is set, a tokenizer is
-    # trained on the training sources and written to <run_dir>/tokenizer.model.
-    train_vocab_size: int | None = None
-    model_type: Literal["unigram", "bpe"] = "unigram"
-    character_coverage: float = 0.9995
-    byte_fallback: bool = True
-    max_sentences: int = 200000
-    # Extra single-token pieces for a trained tokenizer; the pieces the data
-    # config needs (<2xx> tags, language codes, sentinels, <mask>) are added
-    # automatically.
-    user_defined_symbols: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    """One data source. With `directions`, expands to one source per direction.
-
-    Paths may contain ``{src}`` and ``{tgt}`` placeholders (language codes).
-    Relative paths resolve against the folder of the config file that set them.
-    """
-
-    # tsv / jsonl / text: files read through a cached line index; tfds: tfds.data_source;
-    # arrayrecord: ArrayRecord shards of JSON records (`jaxft data prepare` writes them);
-    # parquet: Parquet files (converted once to a cached Arrow file); hf: a Hugging Face
-    # dataset (`path`: a save_to_disk folder; or `hf_name` [+ `hf_config`], `hf_split`)
-    type: Literal["tsv", "jsonl", "text", "tfds", "arrayrecord", "parquet", "hf"] = "tsv"
-    # lm: causal LM on monolingual text (decoder-only); span_corruption (T5) and
-    # infilling (mBART text infilling + sentence permutation) on monolingual
-    # text (encoder-decoder)
-    task: Literal["translation", "prompt", "lm", "span_corruption", "infilling"] = "translation"
-    name: str | None = None  # defaults to "<src>-<tgt>" or the file stem
-    path: str | None = None  # tsv / jsonl / monolingual text
-    src_path: str | None = None  # text pairs (task translation) or monolingual text
-    tgt_path: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
-    directions: tuple[str, ...] = ()  # "en-de" or "eng_Latn-deu_Latn"
-    src_field: str | None = None  # TSV header name / JSONL key; defaults per type
-    tgt_field: str | None = None
-    header: bool = True  # TSV has a header row
-    weight: float | None = None  # overrides the example count used for temperature sampling
-    max_examples: int | None = None
-    tfds_name: str | None = None
-    tfds_split: str = "train"
-    tfds_data_dir: str | None = None
-    hf_name: str | None = None  # a hub id (or a local dataset folder / builder) for datasets.load_dataset
-    hf_config: str | None = None
-    hf_split: str = "train"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    train: tuple[SourceConfig, ...] = ()
-    dev: tuple[SourceConfig, ...] = ()
-    seq_len: int = 256  # decoder-side (or only) sequence length
-    encoder_seq_len: int | None = None  # encoder-decoder: source side; None -> seq_len
-    packing: bool = True
-    # How the target language is signalled to an encoder-decoder model:
-    # none; t5_tag = "<2xx>" token prepended to the source; lang_code = mBART/NLLB
-    # language-code tokens (source code on the source side, target code forced
-    # as the first decoder token).
-    lang_tokens: Literal["none", "t5_tag", "lang_code"] = "none"
-    lang_code_style: Literal["flores", "mbart50"] = "flores"  # eng_Latn (NLLB) or en_XX (mBART-50)
-    noise_density: float = 0.15  # span corruption
-    mean_noise_span_length: float = 3.0  # span corruption
-    infilling_ratio: float = 0.35  # mBART text infilling: fraction of tokens masked
-    infilling_poisson_lambda: float = 3.5
-    temperature: float = 5.0  # p_i ~ n_i^(1/T); 1 = proportional, large = uniform
-    prompt_template: str = "Translate from {src_name} to {tgt_name}:\n{src}\n"
-    target_template: str = "{tgt}"
-    bad_lines: Literal["skip", "error"] = "skip"  # malformed lines: counted skip or error
-    overlong: Literal["skip", "truncate", "error"] = "skip"
-    # Sources with at most this many records get their token lengths measured when the
-    # pipeline is built (over-long examples skipped / reported before the rates are set);
-    # larger ones are dealt with when drawn (counted in the periodic log).
-    overlong_scan: int = 100000
-    seed: int = 0
-    index_dir: str | None = None  # line-index cache; None: $JAXFT_CACHE/index or ~/.cache/jaxft/index
-    # Worker processes that tokenize and pack the batches ahead of the step (0: on the
-    # training thread); each holds up to `prefetch` batches.  Batches are identical for
-    # any number of workers.
-    workers: int = 0
-    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -328,44 +243,6 @@ class EvalConfig:
     tier_high: tuple[str, ...] = ()  # languages or direction names per resource tier
     tier_mid: tuple[str, ...] = ()
     tier_low: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA adapters on the Linear kernels whose paths match `targets`."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input, training only (HF PEFT lora_dropout); in [0, 1)
-    targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel$",)  # regexes over parameter paths
-    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero (PEFT's default)
-    name: str = "default"  # adapter name; several can be stacked
-    load: tuple[str, ...] = ()  # adapter dirs loaded (frozen) and stacked under the trained one
-
-
-@dataclass(frozen=True)
-class SparseConfig:
-    """Lottery-Ticket Sparse Fine-Tuning (Ansell et al. 2022)."""
-
-    phase1_steps: int = 100  # full finetuning steps used to select the mask
-    k: float = 0.01  # entries kept: a count (>= 1) or a proportion of maskable entries (< 1)
-    maskable: tuple[str, ...] = (r".*",)  # regexes over parameter paths
-    dense: tuple[str, ...] = ()  # regexes of tensors trained fully in phase 2 (e.g. a new head)
-    mask_type: Literal["lt", "random", "magnitude"] = "lt"
-    l1: float = 0.0  # phase 1: L1 pull towards the starting point
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    """Parameter-efficient finetuning: LoRA or sparse fine-tuning (LT-SFT)."""
-
-    method: Literal["none", "lora", "sparse"] = "none"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    sparse: SparseConfig = field(default_factory=SparseConfig)
-    # Sparse diffs / LoRA adapters applied to the base before training, each
-    # "path" or "path*scale" (e.g. a language diff under a task diff).
-    compose: tuple[str, ...] = ()
-    save_base: bool = False  # checkpoints hold only what trains (adapters / diffs), not the frozen base
 
 
 @dataclass(frozen=True)
