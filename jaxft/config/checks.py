@@ -59,6 +59,12 @@ _CHECKS: tuple[Check, ...] = (
     *(_bound(f"train.{k}", ">=", 0) for k in ("dev_every", "z_loss")),
     _bound("train.label_smoothing", ">=", 0, 1),
     _bound("train.loss_chunk", ">=", 0),
+    Check(("train.distill.alpha",), lambda c: 0 <= c.train.distill.alpha <= 1, "must be in [0, 1]"),
+    _bound("train.distill.temperature", ">", 0),
+    _bound("train.distill.top_k", ">=", 0),
+    Check(("train.distill.teacher",), lambda c: c.train.distill.teacher is None
+          or c.train.distill.teacher.startswith(("run:", "hf:")),
+          "expected 'run:<run dir>' or 'hf:<folder or org/name>'"),
     *(_bound(f"optimizer.{k}", ">=", 0) for k in ("lr", "warmup_steps", "end_lr_ratio", "weight_decay")),
     *(_bound(f"optimizer.{k}", ">", 0) for k in ("decay_steps", "clip_norm")),
     *(_bound(f"optimizer.{k}", ">=", 0, 1) for k in ("b1", "b2")),

@@ -131,6 +131,17 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Word-level knowledge distillation from a frozen teacher, computed in the same step
+    (off while `teacher` is unset).  The teacher must share the student's vocabulary."""
+
+    teacher: str | None = None  # "run:<run dir>" (its newest checkpoint) or "hf:<folder>"
+    alpha: float = 0.5  # loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student)
+    temperature: float = 1.0  # T: both distributions softened by it
+    top_k: int = 0  # KL over the teacher's k most likely tokens (renormalised); 0 = the whole vocabulary
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
     global_batch: int = 8  # sequences per optimizer step, over all devices
@@ -157,6 +168,7 @@ class TrainConfig:
     # spike_window losses (0 = off).
     spike_factor: float = 5.0
     spike_window: int = 100
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+from flax import nnx
 
 from jaxft.config.schema import Config
-from jaxft.models.registry import is_encoder_decoder, model_input_keys
+from jaxft.models.registry import build_model, is_encoder_decoder, model_input_keys
+from jaxft.runs.teacher import check_teacher, teacher_model_config
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.peft.methods import method_for
 from jaxft.train.optim import make_optimizer, make_schedule
@@ -30,6 +32,21 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
         abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
         keys = model_input_keys(cfg.model)
-        step = jit_train_step(make_train_step(graphdef, tx, cfg.train, schedule, keys), shardings, bsharding)
+        teacher = _abstract_teacher(cfg, mesh)  # distillation: the teacher's weights are inputs too
+        step_fn = make_train_step(graphdef, tx, cfg.train, schedule, keys, teacher and teacher[0])
+        step = jit_train_step(step_fn, shardings, bsharding, teacher and teacher[2])
         enc_len = (cfg.data.encoder_seq_len or cfg.data.seq_len) if is_encoder_decoder(cfg.model) else None
-        return step.lower(abstract, abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len))
+        batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len)
+        return step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)))
+
+
+def _abstract_teacher(cfg: Config, mesh):
+    """(graphdef, abstract state, shardings) of `train.distill.teacher`, from its config alone
+    (adapters of a PEFT teacher run are left out: small next to its base)."""
+    if not cfg.train.distill.teacher:
+        return None
+    model_cfg = teacher_model_config(cfg.train.distill.teacher)
+    check_teacher(cfg.model, model_cfg, cfg.train.distill.teacher)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0))))
+    state, shardings = sharded_abstract(lambda: nnx.split(build_model(model_cfg, rngs=nnx.Rngs(0)))[1], mesh)
+    return graphdef, state, shardings

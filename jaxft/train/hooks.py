@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxft.config.schema import to_dict
 from jaxft.models.flops import train_flops_per_example
@@ -78,7 +79,7 @@ class MetricsHook(Hook):
 
     def on_start(self, run, state):
         cfg = run.cfg
-        self.flops_per_step = train_flops_per_step(cfg, state)
+        self.flops_per_step = train_flops_per_step(cfg, state, getattr(run.train_step, "teacher", None))
         self.peak = device_peak_flops() * jax.device_count()
         self.progress = Progress(run.start, cfg.train.steps, cfg.train.progress_bar)
         self.t_last, self.step_last = time.perf_counter(), run.start
@@ -121,10 +122,11 @@ class MetricsHook(Hook):
             self.progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.3f}")
 
 
-def train_flops_per_step(cfg, state) -> float:
+def train_flops_per_step(cfg, state, teacher=None) -> float:
     """Model FLOPs of one step at the padded batch shapes, from the state's trainable
     (``params``) / frozen (``rest``) split; full finetuning's closed form when the
-    tree holds a parameter path `jaxft.models.flops` does not know."""
+    tree holds a parameter path `jaxft.models.flops` does not know.  A distillation
+    ``teacher`` (`jaxft.runs.teacher.Teacher`) adds its forward pass (all frozen)."""
     tgt = cfg.data.seq_len
     src = (cfg.data.encoder_seq_len or tgt) if is_encoder_decoder(cfg.model) else None
     try:
@@ -132,6 +134,13 @@ def train_flops_per_step(cfg, state) -> float:
     except ValueError as e:
         log.warning("MFU: %s; counting full finetuning", e)
         per_example = train_flops_per_example(cfg.model, tgt, src)
+    if teacher is not None:
+        try:
+            per_example += train_flops_per_example(teacher.model, tgt, src, trainable=nnx.State({}),
+                                                   frozen=teacher.state)
+        except ValueError as e:
+            log.warning("MFU: %s; counting the teacher's forward pass as a third of full finetuning", e)
+            per_example += train_flops_per_example(teacher.model, tgt, src) / 3
     return per_example * cfg.train.global_batch
 
 

@@ -31,6 +31,7 @@ from jaxft.runs import resume
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.runs.layout import RunDir
 from jaxft.runs.model import start_from
+from jaxft.runs.teacher import Teacher, WithTeacher, load_teacher
 from jaxft.runs.tokenizer import configured_tokenizer
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.metric_sinks import MetricsWriter
@@ -171,13 +172,17 @@ def _write_sizes(state: TrainState, method: PeftMethod, mesh, dirs: RunDir) -> N
         atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
 
 
-def _steps(cfg: Config, graphdef, tx, shardings, bsharding) -> tuple[CompileThenMeet, CompileThenMeet]:
-    """The jitted train and eval steps (compiled, then a barrier, before a multi-process run's first call)."""
+def _steps(cfg: Config, graphdef, tx, shardings, bsharding, teacher: Teacher | None) -> tuple[Any, CompileThenMeet]:
+    """The jitted train and eval steps (compiled, then a barrier, before a multi-process run's
+    first call); with a distillation teacher the train step also reads its state."""
     keys, tcfg = model_input_keys(cfg.model), cfg.train
     schedule = make_schedule(cfg.optimizer, tcfg.steps)
-    train_step = jit_train_step(make_train_step(graphdef, tx, tcfg, schedule, keys), shardings, bsharding)
+    step_fn = make_train_step(graphdef, tx, tcfg, schedule, keys, teacher and teacher.graphdef)
+    train_step = CompileThenMeet(jit_train_step(step_fn, shardings, bsharding, teacher and teacher.shardings),
+                                 "train_step")
     eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
-    return CompileThenMeet(train_step, "train_step"), CompileThenMeet(eval_step, "eval_step")
+    eval_step = CompileThenMeet(eval_step, "eval_step")
+    return (train_step if teacher is None else WithTeacher(train_step, teacher)), eval_step
 
 
 def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
@@ -221,7 +226,8 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
             pipeline.set_state(data_state)
             log.info("resumed %s from step %d", dirs.root, start)
         _write_sizes(state, method, mesh, dirs)
-        train_step, eval_step = _steps(cfg, graphdef, tx, shardings, bsharding)
+        teacher = load_teacher(cfg, mesh, getattr(tokenizer, "path", None))
+        train_step, eval_step = _steps(cfg, graphdef, tx, shardings, bsharding, teacher)
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
                                 max_batches=tcfg.dev_batches, **seq2seq)
     return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,

@@ -25,7 +25,7 @@ from jaxft.config.schema import TrainConfig
 from jaxft.models.dropout import dropout_rng, has_dropout, step_key
 from jaxft.models.registry import DECODER_INPUTS
 from jaxft.sharding import constrain
-from jaxft.train.losses import chunked_token_losses, summed_token_losses, token_losses
+from jaxft.train.losses import chunked_distill_sums, chunked_token_losses, summed_token_losses, token_losses
 from jaxft.train.state import TrainState
 
 # token_losses lives in jaxft.train.losses; re-exported here for its older callers
@@ -35,21 +35,34 @@ __all__ = ["Batch", "CompileThenMeet", "abstract_batch", "jit_eval_step", "jit_t
 Batch = dict[str, jax.Array]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig,
-                 input_keys: tuple[str, ...] = DECODER_INPUTS) -> Callable[..., tuple[jax.Array, dict]]:
-    """``loss_fn(params, rest, batch, rng=None) -> (loss_sum, aux)``.  ``train.loss_chunk`` > 0
-    computes the loss from the model's last hidden states, ``loss_chunk`` sequence
-    tokens at a time (`jaxft.train.losses.chunked_token_losses`), never holding the
-    whole [B, L, V] logits; 0 takes the full logits from ``model(...)``.  ``rng``: the
-    model runs with dropout drawn from this key (`jaxft.models.dropout`); None: none."""
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str, ...] = DECODER_INPUTS,
+                 teacher_graphdef: nnx.GraphDef | None = None) -> Callable[..., tuple[jax.Array, dict]]:
+    """``loss_fn(params, rest, batch, rng=None, teacher=None) -> (loss_sum, aux)``.
+    ``train.loss_chunk`` > 0 computes the loss from the model's last hidden states,
+    ``loss_chunk`` sequence tokens at a time (`jaxft.train.losses.chunked_token_losses`),
+    never holding the whole [B, L, V] logits; 0 takes the full logits from ``model(...)``.
+    ``rng``: the model runs with dropout drawn from this key (`jaxft.models.dropout`); None:
+    none.  With ``teacher_graphdef`` (``train.distill``), ``teacher`` is the frozen teacher's
+    state: its logits enter the loss (`jaxft.train.losses.distill_token_sums`) and aux gains
+    ``kl_sum``; the teacher runs without dropout and gets no gradient."""
     if cfg.loss_chunk < 0:
         raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {cfg.loss_chunk}")
     kw = dict(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
+    dcfg = cfg.distill
 
-    def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch, rng: jax.Array | None = None):
+    def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch, rng: jax.Array | None = None,
+                teacher: nnx.State | None = None):
         model = nnx.merge(graphdef, params, rest)
         inputs = [batch[k] for k in input_keys]
-        if cfg.loss_chunk:
+        if teacher_graphdef is not None:
+            teacher_model = nnx.merge(teacher_graphdef, teacher)
+            teacher_h = jax.lax.stop_gradient(teacher_model.hidden(*inputs))
+            with dropout_rng(rng):
+                hidden = model.hidden(*inputs)
+            sums = chunked_distill_sums(hidden, model.logits, teacher_h, teacher_model.logits, batch["targets"],
+                                        batch["weights"], chunk=cfg.loss_chunk or hidden.shape[1], alpha=dcfg.alpha,
+                                        temperature=dcfg.temperature, top_k=dcfg.top_k, **kw)
+        elif cfg.loss_chunk:
             if not hasattr(model, "hidden"):
                 raise ValueError(f"train.loss_chunk: {type(model).__name__} has no hidden()/logits() split; set 0")
             with dropout_rng(rng):
@@ -60,10 +73,13 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig,
             with dropout_rng(rng):
                 logits = model(*inputs)
             sums = summed_token_losses(logits, batch["targets"], batch["weights"], **kw)
-        aux = dict(zip(("loss_sum", "z_loss_sum", "weight_sum"), sums))
+        aux = dict(zip(AUX_KEYS, sums))
         return aux["loss_sum"], aux
 
     return loss_fn
+
+
+AUX_KEYS = ("loss_sum", "z_loss_sum", "weight_sum", "kl_sum")  # kl_sum: distillation only
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -79,27 +95,29 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
                     schedule: optax.Schedule, input_keys: tuple[str, ...] = DECODER_INPUTS,
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    loss_fn = make_loss_fn(graphdef, cfg, input_keys)
+                    teacher_graphdef: nnx.GraphDef | None = None,
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``)."""
+    loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, teacher: nnx.State | None = None) -> tuple[TrainState, dict]:
         # Dropout keys depend on train.seed, the step and the microbatch only (exact resume, any
         # mesh); a model without dropout (or LoRA dropout) gets none: the program without it.
         key = None
         if has_dropout(nnx.merge(graphdef, state.params, state.rest)):
             key = step_key(cfg.seed, state.step)
         if cfg.microbatches == 1:
-            grads, aux = grad_fn(state.params, state.rest, batch, key)
+            grads, aux = grad_fn(state.params, state.rest, batch, key, teacher)
         else:
             micro = _split_microbatches(batch, cfg.microbatches)
             zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zero_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum")}
+            zero_aux = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS[:3 if teacher is None else 4]}
 
             def body(carry, xs):
                 g_acc, a_acc = carry
                 mb, mb_key = (xs, None) if key is None else (xs[0], jax.random.fold_in(key, xs[1]))
-                g, a = grad_fn(state.params, state.rest, mb, mb_key)
+                g, a = grad_fn(state.params, state.rest, mb, mb_key, teacher)
                 g_acc = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), g_acc, g)
                 return (g_acc, jax.tree.map(jnp.add, a_acc, a)), None
 
@@ -129,6 +147,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             "lr": schedule(state.step),
             "skipped": 1.0 - finite.astype(jnp.float32),
         }
+        if "kl_sum" in aux:
+            metrics["kl"] = aux["kl_sum"] / denom
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -147,12 +167,12 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
     return eval_step
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
-    """Explicit in/out shardings (one batch sharding for every batch array);
-    the state is donated (updated in place)."""
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding, teacher_shardings=None):
+    """Explicit in/out shardings (one batch sharding for every batch array); the state is
+    donated (updated in place).  ``teacher_shardings``: the step takes the teacher's state third."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    ins = (state_shardings, batch_sharding) + (() if teacher_shardings is None else (teacher_shardings,))
+    return jax.jit(step_fn, in_shardings=ins, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
