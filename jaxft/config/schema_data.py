@@ -38,7 +38,16 @@ class SourceConfig:
     # lm: causal LM on monolingual text (decoder-only); span_corruption (T5) and
     # infilling (mBART text infilling + sentence permutation) on monolingual
     # text (encoder-decoder)
-    task: Literal["translation", "prompt", "lm", "span_corruption", "infilling"] = "translation"
+    # multiple_choice / classification: evaluation only (data.dev / data.test): each answer
+    # choice scored by the model's log-likelihood (`jaxft.eval.choice`, docs/recipes.md)
+    task: Literal["translation", "prompt", "lm", "span_corruption", "infilling", "multiple_choice",
+                  "classification"] = "translation"
+    # multiple_choice JSONL layouts: generic (prompt, choices, label), xnli (premise, hypothesis,
+    # label), xcopa (premise, question, choice1, choice2, label), xstorycloze (input_sentence_1..4,
+    # sentence_quiz1/2, answer_right_ending), xwinograd (sentence with "_", option1/2, answer)
+    choice_format: Literal["generic", "xnli", "xcopa", "xstorycloze", "xwinograd"] = "generic"
+    # classification: the label words (label i -> choices[i]); xnli: overrides True/Neither/False
+    choices: tuple[str, ...] = ()
     name: str | None = None  # defaults to "<src>-<tgt>" or the file stem
     path: str | None = None  # tsv / jsonl / monolingual text
     src_path: str | None = None  # text pairs (task translation) or monolingual text

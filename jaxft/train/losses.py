@@ -58,7 +58,7 @@ def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
 
 def scan_chunks(fn: Callable[..., tuple[jax.Array, ...]], arrays: tuple[jax.Array, ...],
                 logical: tuple[tuple[str | None, ...], ...], *, chunk: int) -> tuple[jax.Array, ...]:
-    """``fn(*arrays)`` -- a tuple of sums over the sequence axis -- computed over chunks of
+    """``fn(*arrays)`` -- a tuple of sums over the sequence axis (scalars or per-row) -- computed over chunks of
     at most ``chunk`` tokens and added up.  Each array is [B, L, ...] with ``logical`` axis
     names for its chunks; padding to whole chunks is zeros, so ``fn`` must give padded
     tokens zero weight (a zero weights array does).  The chunk body is rematerialised:
@@ -84,7 +84,7 @@ def scan_chunks(fn: Callable[..., tuple[jax.Array, ...]], arrays: tuple[jax.Arra
     def body(carry, x):
         return tuple(a + b for a, b in zip(carry, chunk_sums(*x))), None
 
-    zeros = tuple(jnp.zeros((), jnp.float32) for _ in jax.eval_shape(fn, *(x[0] for x in xs)))
+    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(fn, *(x[0] for x in xs)))
     sums, _ = jax.lax.scan(body, zeros, xs)
     return sums
 

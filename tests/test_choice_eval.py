@@ -1,0 +1,122 @@
+"""Zero-shot answer-choice evaluation: the JSONL layouts, and log-likelihood ranking
+equal to a transformers reference on tiny decoder-only and encoder-decoder models."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxft.config.schema import DataConfig, SourceConfig
+from jaxft.data.choice import ChoiceExample, read_choice_source
+from jaxft.data.readers import DataError
+from jaxft.eval.choice import ChoiceScores, score_choices
+from jaxft.interop import load_hf
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _read(tmp_path, records, **kw):
+    path = _jsonl(tmp_path / "x.jsonl", records)
+    return read_choice_source(SourceConfig(type="jsonl", path=str(path), **kw), tmp_path, "data.dev[0]")
+
+
+def test_the_layouts_become_context_continuation_options(tmp_path):
+    ex = _read(tmp_path, [{"premise": "It rained.", "hypothesis": "It was wet.", "label": 0}],
+               task="multiple_choice", choice_format="xnli")[0]
+    assert ex.options[2] == ("It rained. Question: It was wet. True, False or Neither? Answer:", "False")
+    assert ex.label == 0
+    ex = _read(tmp_path, [{"premise": "The man fell.", "question": "cause", "choice1": "He slipped.",
+                           "choice2": "He sang.", "label": 0}], task="multiple_choice", choice_format="xcopa")[0]
+    assert ex.options == (("The man fell because", "he slipped."), ("The man fell because", "he sang."))
+    rec = {f"input_sentence_{i}": f"S{i}." for i in range(1, 5)} | {"sentence_quiz1": "A.", "sentence_quiz2": "B.",
+                                                                     "answer_right_ending": 2}
+    ex = _read(tmp_path, [rec], task="multiple_choice", choice_format="xstorycloze")[0]
+    assert ex.options[1] == ("S1. S2. S3. S4.", "B.") and ex.label == 1
+    ex = _read(tmp_path, [{"sentence": "Tom gave Bob a gift because _ was kind.", "option1": "Tom",
+                           "option2": "Bob", "answer": "1"}], task="multiple_choice", choice_format="xwinograd")[0]
+    assert ex.options == (("Tom gave Bob a gift because Tom", "was kind."),
+                          ("Tom gave Bob a gift because Bob", "was kind.")) and ex.label == 0
+    ex = _read(tmp_path, [{"text": "great film", "label": "positive"}], task="classification",
+               choices=("negative", "positive"))[0]
+    assert ex.options == (("great film", "negative"), ("great film", "positive")) and ex.label == 1
+
+
+def test_bad_records_name_the_file_and_line(tmp_path):
+    with pytest.raises(DataError, match=r"x\.jsonl:2: no field 'hypothesis'"):
+        _read(tmp_path, [{"premise": "a", "hypothesis": "b", "label": 1}, {"premise": "a", "label": 1}],
+              task="multiple_choice", choice_format="xnli")
+    with pytest.raises(DataError, match=r"x\.jsonl:1: label 3 is not one of the 2 options"):
+        _read(tmp_path, [{"prompt": "p", "choices": ["a", "b"], "label": 3}], task="multiple_choice")
+    with pytest.raises(DataError, match=r"data\.dev\[0\]\.choices: .* label words"):
+        _read(tmp_path, [{"text": "t", "label": 0}], task="classification")
+
+
+class CharTokenizer:
+    """Deterministic ids from characters (no SentencePiece model needed)."""
+
+    def __init__(self, vocab, bos, eos):
+        self.vocab, self.bos_id, self.eos_id = vocab, bos, eos
+
+    def encode(self, text):
+        return [3 + (ord(c) * 7) % (self.vocab - 3) for c in text]
+
+
+EXAMPLES = [ChoiceExample((("The cat sat on", " the mat"), ("The cat sat on", " a dog"), ("The cat sat on", " x")), 0),
+            ChoiceExample((("Hello", " world"), ("Hello", " there")), 1)]
+
+
+def _hf_decoder_ll(model, tok, ctx, cont):
+    ids = [tok.bos_id] + tok.encode(ctx) + tok.encode(cont)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1).numpy()
+    n = len(tok.encode(cont))
+    return sum(logp[len(ids) - n - 1 + k, ids[len(ids) - n + k]] for k in range(n))
+
+
+def _hf_seq2seq_ll(model, tok, ctx, cont, start):
+    enc, tgt = tok.encode(ctx) + [tok.eos_id], tok.encode(cont) + [tok.eos_id]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([[start] + tgt[:-1]]))
+    logp = torch.log_softmax(out.logits[0].double(), -1).numpy()
+    return sum(logp[k, t] for k, t in enumerate(tgt))
+
+
+@pytest.mark.parametrize("kind", ["decoder", "seq2seq"])
+def test_loglik_ranking_equals_transformers(kind, tmp_path):
+    if kind == "decoder":
+        from test_interop_decoder import CASES, make_hf_model
+        hf = make_hf_model(*CASES["llama_gqa_untied"])
+    else:
+        from test_interop_encdec import make_hf_model
+        hf = make_hf_model("t5_v1_1_saved_by_tf5")
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg, state = load_hf(tmp_path / "hf")
+    cfg = dataclasses.replace(cfg, dtype="float32")  # compute in float32, as the reference
+    from flax import nnx
+    from jaxft.models.registry import build_model
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, state)
+    tok = CharTokenizer(cfg.vocab_size, bos=1, eos=2)
+    data = DataConfig(seq_len=32, encoder_seq_len=24)
+    scores = score_choices(model, tok, cfg, data, EXAMPLES, batch_size=4)  # 5 options: two batches, one padded
+    for i, ex in enumerate(EXAMPLES):
+        for j, (ctx, cont) in enumerate(ex.options):
+            ref = _hf_decoder_ll(hf, tok, ctx, cont) if kind == "decoder" else \
+                _hf_seq2seq_ll(hf, tok, ctx, cont, cfg.decoder_start_id or 0)
+            np.testing.assert_allclose(scores.loglik[i, j], ref, rtol=1e-4, atol=1e-4)
+    assert scores.loglik[1, 2] == -np.inf  # the second example has two options
+    m = scores.metrics()
+    want = np.mean([np.argmax([s for s in row if s > -np.inf]) == ex.label for row, ex in zip(scores.loglik, EXAMPLES)])
+    assert m["acc"] == pytest.approx(100 * want) and m["examples"] == 2
+
+
+def test_acc_norm_divides_by_continuation_bytes():
+    s = ChoiceScores(np.array([[-4.0, -6.0]]), np.array([[2, 6]]), np.array([1]))
+    assert s.metrics()["acc"] == 0.0 and s.metrics()["acc_norm"] == 100.0
