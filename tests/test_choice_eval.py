@@ -120,3 +120,21 @@ def test_loglik_ranking_equals_transformers(kind, tmp_path):
 def test_acc_norm_divides_by_continuation_bytes():
     s = ChoiceScores(np.array([[-4.0, -6.0]]), np.array([[2, 6]]), np.array([1]))
     assert s.metrics()["acc"] == 0.0 and s.metrics()["acc_norm"] == 100.0
+
+
+def test_choice_sources_are_evaluation_only_and_skip_the_dev_loss(tmp_path):
+    from jaxft.data.directions import read_directions
+    from jaxft.data.sources import keyed_sources
+
+    _jsonl(tmp_path / "copa_sw.jsonl", [{"premise": "p.", "question": "effect", "choice1": "A", "choice2": "B",
+                                         "label": 1}])
+    src = SourceConfig(type="jsonl", path="copa_sw.jsonl", task="multiple_choice", choice_format="xcopa",
+                       src_lang="sw")
+    with pytest.raises(DataError, match=r"data\.train\[0\]\.task: multiple_choice is for evaluation only"):
+        keyed_sources([src], tmp_path, section="data.train")
+    assert read_directions(DataConfig(dev=(src,)), tmp_path, split="dev") == []  # no dev loss over options
+
+    from jaxft.data.choice import choice_sources, read_choice_source
+    [(key, expanded)] = choice_sources([src], tmp_path, "data.dev")
+    assert key == "data.dev[0]" and expanded.name == "copa_sw"
+    assert read_choice_source(expanded, tmp_path, key)[0].label == 1

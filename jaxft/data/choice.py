@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Sequence
 
 from jaxft.config.schema import SourceConfig
-from jaxft.data.readers import DataError
+from jaxft.data.readers import CHOICE_TASKS, DataError
+from jaxft.data.sources import keyed_sources
 
 XNLI_WORDS = ("True", "Neither", "False")
 
@@ -35,6 +37,12 @@ class ChoiceExample:
     options: tuple[tuple[str, str], ...]  # (context, continuation) per answer option
     label: int  # index of the right option
     where: str = ""  # file:line
+
+
+def choice_sources(sources: Sequence[SourceConfig], base_dir: Path, section: str) -> list[tuple[str, SourceConfig]]:
+    """The `multiple_choice` / `classification` sources of ``sources`` (data.dev or data.test),
+    expanded (names, absolute paths) and keyed, as `jaxft.data.sources.keyed_sources` does."""
+    return [(key, src) for key, src in keyed_sources(sources, base_dir, section=section) if src.task in CHOICE_TASKS]
 
 
 def read_choice_source(src: SourceConfig, base_dir: Path, key: str) -> list[ChoiceExample]:

@@ -17,7 +17,7 @@ import numpy as np
 from jaxft.config.schema import DataConfig
 from jaxft.data import seq2seq
 from jaxft.data.index import build_indexes
-from jaxft.data.readers import LINE_FORMATS
+from jaxft.data.readers import CHOICE_TASKS, LINE_FORMATS
 from jaxft.data.sources import DataError, Example, ReadStats, Skipped, Source, keyed_sources, open_source
 from jaxft.data.tasks import Featurizer, OverlongError
 from jaxft.data.tokenizer import Tokenizer
@@ -66,6 +66,7 @@ def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Dire
     """Expand and open ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
     sources = cfg.train if split == "train" else cfg.dev
     keyed = keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split)
+    keyed = [(key, src) for key, src in keyed if src.task not in CHOICE_TASKS]  # scored by jaxft.eval.choice
     build_indexes([(src, key) for key, src in keyed if src.type in LINE_FORMATS], cfg.bad_lines, cfg.index_dir)
     return [Direction(key, src, open_source(src, key=key, bad_lines=cfg.bad_lines, index_dir=cfg.index_dir))
             for key, src in keyed]

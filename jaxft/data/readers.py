@@ -33,6 +33,7 @@ REASONS = {
 _LOGGED_PER_FILE = 3
 # Tasks on monolingual text (the text is the Example's ``tgt``, ``src`` is "").
 MONOLINGUAL_TASKS = ("lm", "span_corruption", "infilling")
+CHOICE_TASKS = ("multiple_choice", "classification")  # evaluation only: jaxft.data.choice
 
 
 class DataError(ValueError):

@@ -66,7 +66,7 @@ from pathlib import Path
 from jaxft.config.schema import SourceConfig
 from jaxft.data.languages import UnknownLanguageError, language_name
 from jaxft.data.index import LineSource
-from jaxft.data.readers import MONOLINGUAL_TASKS, REASONS, DataError, Example, ReadStats, Skipped, Source
+from jaxft.data.readers import CHOICE_TASKS, MONOLINGUAL_TASKS, REASONS, DataError, Example, ReadStats, Skipped, Source
 
 __all__ = ["MONOLINGUAL_TASKS", "REASONS", "SOURCES", "DataError", "Example", "ReadStats", "Skipped", "Source",
            "expand_sources", "keyed_sources", "open_source", "read_source"]
@@ -168,6 +168,9 @@ def keyed_sources(
     out: list[tuple[str, SourceConfig]] = []
     for i, src in enumerate(sources):
         key = f"{section}[{i}]"
+        if src.task in CHOICE_TASKS and section == "data.train":
+            raise DataError(f"{key}.task: {src.task} is for evaluation only (data.dev / data.test): "
+                            "its answer options are scored, not trained on")
         _check_lang(src.src_lang, f"{key}.src_lang")
         _check_lang(src.tgt_lang, f"{key}.tgt_lang")
         if not src.directions:

@@ -101,3 +101,21 @@ def score_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg
         for (i, j, _, cont), v in zip(part, values):
             loglik[i, j], nbytes[i, j] = v, len(cont.encode("utf-8"))
     return ChoiceScores(loglik, nbytes, np.asarray([ex.label for ex in examples], np.int64))
+
+
+def evaluate_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, *,
+                     base_dir, split: str = "dev", batch_size: int = 16,
+                     max_examples: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per `multiple_choice` / `classification` source of ``data.<split>``: its language
+    (``src_lang``), task and `ChoiceScores.metrics` -- {} when there is none."""
+    from pathlib import Path
+
+    from jaxft.data.choice import choice_sources, read_choice_source
+
+    sources = data_cfg.dev if split == "dev" else getattr(data_cfg, split)
+    out = {}
+    for key, src in choice_sources(sources, Path(base_dir), f"data.{split}"):
+        examples = read_choice_source(src, Path(base_dir), key)[:max_examples or None]
+        scores = score_choices(model, tokenizer, model_cfg, data_cfg, examples, batch_size=batch_size)
+        out[src.name] = {"lang": src.src_lang, "task": src.task, **scores.metrics()}
+    return out
