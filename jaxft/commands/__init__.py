@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # In `jaxft --help` order.
-MODULES = ("jaxft.commands.evaluate", "jaxft.commands.export")
+MODULES = ("jaxft.commands.evaluate", "jaxft.commands.export", "jaxft.commands.vocab", "jaxft.commands.params")
 
 
 def register_all(sub, command) -> None:

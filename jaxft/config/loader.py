@@ -254,7 +254,7 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
     if isinstance(data.get("tokenizer"), dict):
         spots.append((data["tokenizer"], "path", ("data", "tokenizer", "path")))
     spots.append((data, "index_dir", ("data", "index_dir")))
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test"):
         for i, source in enumerate(data.get(split) or []):
             if isinstance(source, dict):
                 spots += [(source, k, ("data", split, i, k)) for k in _PATH_KEYS]

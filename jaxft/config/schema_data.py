@@ -20,6 +20,11 @@ class TokenizerConfig:
     # config needs (<2xx> tags, language codes, sentinels, <mask>) are added
     # automatically.
     user_defined_symbols: tuple[str, ...] = ()
+    # With `path`: append the pieces the data needs that the tokenizer lacks (<2xx> tags, language
+    # codes, sentinels, <mask>, plus user_defined_symbols) to a copy written to
+    # <run_dir>/tokenizer.model; model.init_from's embedding / LM-head rows for them start as the
+    # mean of the existing rows (model.vocab_size must hold the grown tokenizer). See docs/vocab.md.
+    extend: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: tuple[SourceConfig, ...] = ()
     dev: tuple[SourceConfig, ...] = ()
+    test: tuple[SourceConfig, ...] = ()  # as dev; scored only by `jaxft eval --split test`, never in training
     seq_len: int = 256  # decoder-side (or only) sequence length
     encoder_seq_len: int | None = None  # encoder-decoder: source side; None -> seq_len
     packing: bool = True

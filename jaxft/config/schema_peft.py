@@ -13,10 +13,18 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input, training only (HF PEFT lora_dropout); in [0, 1)
-    targets: tuple[str, ...] = (r"attn/(q|k|v|o)/kernel$",)  # regexes over parameter paths
+    # regexes over parameter paths; the default: self- and cross-attention q/k/v/o (cross: encoder-decoders)
+    targets: tuple[str, ...] = (r"(attn|cross)/(q|k|v|o)/kernel$",)
     init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init; B starts at zero (PEFT's default)
     name: str = "default"  # adapter name; several can be stacked
     load: tuple[str, ...] = ()  # adapter dirs loaded (frozen) and stacked under the trained one
+    rslora: bool = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank (PEFT use_rslora)
+    # regex over kernel paths -> rank / alpha for the Linears it matches (first match wins; PEFT rank_pattern)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # regexes over parameter paths of tensors trained fully with the adapter and saved with it (PEFT
+    # modules_to_save), e.g. the embedding after adding language tags, or a norm
+    modules_to_save: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ in corpus order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -196,10 +196,11 @@ def strip(tokens: Sequence[int], length: int, eos_id: int | None) -> list[int]:
 def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: DecodeConfig,
                batch_size: int, encoder_decoder: bool | None = None,
                forced: Sequence[Sequence[int]] | None = None, rng: jax.Array | None = None,
-               length_multiple: int = 8) -> list[list[tuple[list[int], float]]]:
+               length_multiple: int = 8,
+               on_batch: Callable[[int], object] | None = None) -> list[list[tuple[list[int], float]]]:
     """Decode a corpus in length-sorted batches; per input, its n (tokens without EOS, score)
     in corpus order.  ``forced``: per-input forced first tokens (e.g. per-direction language
-    codes), all of the same length."""
+    codes), all of the same length.  ``on_batch(n)`` after each batch of n inputs (a progress bar)."""
     if encoder_decoder is None:
         encoder_decoder = cache_lib.model_is_encoder_decoder(model)
     rng = jax.random.key(0) if rng is None else rng
@@ -218,4 +219,6 @@ def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: Deco
         tokens, scores, lengths = (np.asarray(x) for x in (out.tokens, out.scores, out.lengths))
         results.append([[(strip(tokens[r, j], lengths[r, j], config.eos_id), float(scores[r, j]))
                          for j in range(tokens.shape[1])] for r in range(len(batch.indices))])
+        if on_batch is not None:
+            on_batch(len(batch.indices))
     return restore_order(batches, results)

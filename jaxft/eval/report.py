@@ -19,7 +19,8 @@ listed as ``untiered``.
 
 All averages are macro averages over directions (each direction weighs the
 same, whatever its number of segments) of the unrounded scores.
-``write(out_dir)`` writes ``eval.json`` and ``eval.md`` as one folder, atomically
+``settings`` (what was scored: model, checkpoint, split, the target-language tag style)
+go into both formats.  ``write(out_dir)`` writes ``eval.json`` and ``eval.md`` as one folder, atomically
 (`jaxft.outputs.safe_output`).
 """
 
@@ -65,10 +66,11 @@ class EvalReport:
     """Scores of several directions with overall and per-tier macro averages."""
 
     def __init__(self, scores: Mapping[str, DirectionScores],
-                 tiers: Mapping[str, Sequence[str]] | None = None):
+                 tiers: Mapping[str, Sequence[str]] | None = None, *, settings: Mapping[str, object] | None = None):
         if not scores:
             raise ValueError("EvalReport: no directions to report")
         self.scores = dict(scores)
+        self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # model, split, tag_style...
         for name, entries in (tiers or {}).items():
             if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
                 raise TypeError(f"tier {name!r}: expected a list of languages or directions, "
@@ -129,6 +131,7 @@ class EvalReport:
             "averages": self.averages(),
             "tiers": self.tier_averages(),
             "untiered": self.untiered(),
+            **({"settings": self.settings} if self.settings else {}),
         }
 
     def to_json(self) -> str:
@@ -157,6 +160,9 @@ class EvalReport:
             lines.append(f"chrF and chrF++ use eps smoothing ({which} directions).")
         if self.untiered():
             lines.append("Untiered: " + ", ".join(self.untiered()) + ".")
+        if self.settings:
+            lines.append("Settings: " + "; ".join(f"{k.replace('_', ' ')} `{v}`" for k, v in self.settings.items())
+                         + ".")
         return "\n".join(lines) + "\n"
 
     def _signature_text(self, metric: str, sigs: Mapping[str, list[str]]) -> str:

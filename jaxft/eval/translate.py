@@ -1,10 +1,12 @@
-"""Translation with a trained run or an HF checkpoint, and per-direction evaluation.
+"""Translation with a trained run, a jaxft folder or an HF checkpoint, and per-direction evaluation.
 
 Inputs are built exactly as in training: decoder-only models get the prompt
 template (`data.prompt_template`, language names) and continue after it;
 encoder-decoder models get the source side of `Seq2SeqFeaturizer` (target tag
 or source language code + eos) and, with `lang_tokens: lang_code`, the target
-language code forced as the first output token.
+language code forced as the first output token.  Run dirs use their own data
+config; HF and jaxft folders the family's convention (mBART-50 / NLLB codes) or
+what the caller names (`data_config`: `lang_tokens`, `lang_code_style`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -61,55 +64,97 @@ class Translator:
             seqs.append(ids[-budget:])
         return seqs, None
 
+    @property
+    def tag_style(self) -> str:
+        """How the target language is signalled: `prompt` (decoder-only), else `data.lang_tokens`
+        (with the code style for `lang_code`)."""
+        if not self.encoder_decoder:
+            return "prompt"
+        mode = self.data_cfg.lang_tokens
+        return f"lang_code ({self.data_cfg.lang_code_style})" if mode == "lang_code" else mode
+
     def translate(self, texts: Sequence[str], src_lang: str, tgt_lang: str, decode: DecodeConfig,
-                  batch_size: int = 16) -> list[str]:
+                  batch_size: int = 16, *, progress: bool = False, desc: str | None = None) -> list[str]:
+        """One translation per text; `progress`: a bar on stderr (only when it is a terminal)."""
         if not texts:
             return []
         seqs, forced = self.inputs(texts, src_lang, tgt_lang, decode.max_len)
         decode = dataclasses.replace(decode, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                      decoder_start_id=self.model_cfg.decoder_start_id)
-        results = decode_all(self.model, seqs, config=decode, batch_size=batch_size,
-                             encoder_decoder=self.encoder_decoder, forced=forced)
+        bar = progress_bar(len(texts), desc or f"{src_lang}-{tgt_lang}") if progress else None
+        try:
+            results = decode_all(self.model, seqs, config=decode, batch_size=batch_size,
+                                 encoder_decoder=self.encoder_decoder, forced=forced,
+                                 on_batch=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
         n_forced = len(forced[0]) if forced else 0
         return [self.tokenizer.decode(best[0][0][n_forced:]) for best in results]
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar (sentences) on stderr when stderr is a terminal, else None: stdout carries translations."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sent", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def split_directions(data: DataConfig, base_dir: Path, split: str,
+                     sources: Sequence[SourceConfig] | None = None) -> list:
+    """The directions of `data.dev` or `data.test` (`split`), or of `sources` (read as that split)."""
+    if split not in ("dev", "test"):
+        raise ValueError(f"eval: --split must be dev or test, got {split!r}")
+    chosen = tuple(sources) if sources is not None else getattr(data, split)
+    return read_directions(dataclasses.replace(data, dev=chosen), base_dir, split=split)
+
+
 def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: DecodeConfig | None = None,
-             max_examples: int | None = None) -> EvalReport:
-    """Decode the dev directions (`eval.directions`, default all) with ``decode`` (default
-    `eval.decode`) and score them with sacreBLEU."""
+             max_examples: int | None = None, split: str = "dev", sources: Sequence[SourceConfig] | None = None,
+             settings: dict | None = None, progress: bool = False) -> EvalReport:
+    """Decode the `split` directions (`data.dev` / `data.test`, or `sources`; `eval.directions`
+    selects among the configured ones, default all) with ``decode`` (default `eval.decode`) and
+    score them with sacreBLEU.  ``settings`` (model, split, ...) go into the report with the
+    translator's tag style."""
     ecfg = cfg.eval
     decode = decode or ecfg.decode
     limit = max_examples or ecfg.max_examples
     scores = {}
-    for direction in read_directions(cfg.data, base_dir, split="dev"):
-        if ecfg.directions and direction.name not in ecfg.directions:
+    for direction in split_directions(cfg.data, base_dir, split, sources):
+        if sources is None and ecfg.directions and direction.name not in ecfg.directions:
             continue
         examples = list(itertools.islice((e for e in direction.examples
                                           if isinstance(e, Example) and e.task == "translation"), limit))
         if not examples:
             continue
         src_lang, tgt_lang = examples[0].src_lang, examples[0].tgt_lang
-        hyps = translator.translate([e.src for e in examples], src_lang, tgt_lang, decode, ecfg.batch_size)
+        hyps = translator.translate([e.src for e in examples], src_lang, tgt_lang, decode, ecfg.batch_size,
+                                    progress=progress, desc=direction.name)
         scores[direction.name] = score_direction(hyps, [e.tgt for e in examples], tgt_lang=tgt_lang,
                                                  direction=direction.name)
     if not scores:
-        raise ValueError("eval: no dev translation direction to evaluate (data.dev / eval.directions)")
+        where = "--src / --ref" if sources is not None else f"data.{split} / eval.directions"
+        raise ValueError(f"eval: no {split} translation direction to evaluate ({where})")
     tiers = {k: list(v) for k, v in (("high", ecfg.tier_high), ("mid", ecfg.tier_mid), ("low", ecfg.tier_low)) if v}
-    return EvalReport(scores, tiers or None)
+    return EvalReport(scores, tiers or None, settings={**(settings or {}), "split": None if sources else split,
+                                                        "tag_style": translator.tag_style})
 
 
-def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path: Path | None = None) -> list[Path]:
-    """What `jaxft eval` reads, so that `--out` can be refused inside (or over) any of it: the run
-    dir, the config file, the data files of `data.train` / `data.dev`, the tokenizer and the
-    base model (`model.init_from`, `peft.compose`)."""
+def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path: Path | None = None,
+                      sources: Sequence[SourceConfig] = ()) -> list[Path]:
+    """What `jaxft eval` reads, so that `--out` can be refused inside (or over) any of it: the
+    model (run dir or folder), the config file, the data files of `data.train` / `data.dev` /
+    `data.test` and of `sources`, the tokenizer and the base model (`model.init_from`,
+    `peft.compose`)."""
     from jaxft.data.sources import expand_sources
     from jaxft.peft.compose import parse_spec
 
     found: list[Path] = [Path(run_dir)] + ([Path(config_path)] if config_path else [])
-    for split in ("train", "dev"):
-        sources = cfg.data.train if split == "train" else cfg.data.dev
-        for src in expand_sources(sources, Path(base_dir), section=f"data.{split}", split=split):
+    for split, section in (("train", cfg.data.train), ("dev", cfg.data.dev), ("test", cfg.data.test),
+                           ("test", tuple(sources))):
+        for src in expand_sources(section, Path(base_dir), section=f"data.{split}", split=split):
             found += [Path(p) for p in (src.path, src.src_path, src.tgt_path, src.tfds_data_dir) if p]
     init_from = cfg.model.init_from or ""
     named = [(cfg.data.tokenizer.path or "").removeprefix("hf:"), init_from.partition(":")[2]]
@@ -118,9 +163,10 @@ def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path
     return found
 
 
-def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Config]:
-    """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, or
-    the best one kept by evaluation during training), opened read-only, without an optimizer."""
+def load_run(run_dir: Path, *, which: str | int = "latest") -> tuple[Translator, Config]:
+    """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, the
+    best one kept by evaluation during training, or step `which`), opened read-only, without an
+    optimizer."""
     from jaxft.runs.model import restore_model
     from jaxft.runs.tokenizer import run_tokenizer
 
@@ -130,32 +176,81 @@ def load_run(run_dir: Path, *, which: str = "latest") -> tuple[Translator, Confi
     return Translator(restored.model(), tokenizer, cfg.model, cfg.data), cfg
 
 
-def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Translator:
-    """An HF checkpoint folder (or `hf:org/name`, a hub id): model, tokenizer, and the family's language-token convention."""
+FAMILY_LANG_TOKENS = {"mbart": ("lang_code", "mbart50"), "m2m_100": ("lang_code", "flores")}  # HF model_type
+
+
+def folder_data_config(model_type: str, data_cfg: DataConfig | None = None, *, convention: bool = True) -> DataConfig:
+    """The data config an HF folder translates with: ``data_cfg`` (a config's `data:`, or flags)
+    where it names `lang_tokens` (or ``convention`` is off), else the family's convention
+    (mBART-50 / NLLB codes)."""
+    data_cfg = data_cfg or DataConfig()
+    if not convention or data_cfg.lang_tokens != "none" or model_type not in FAMILY_LANG_TOKENS:
+        return data_cfg
+    mode, style = FAMILY_LANG_TOKENS[model_type]
+    return dataclasses.replace(data_cfg, lang_tokens=mode, lang_code_style=style)
+
+
+def _translator(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig) -> Translator:
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    return Translator(nnx.merge(graphdef, params, rest), tokenizer, model_cfg, data_cfg)
+
+
+def load_hf_dir(path: str | Path, data_cfg: DataConfig | None = None, *, convention: bool = True) -> Translator:
+    """An HF checkpoint folder (or `hf:org/name`, a hub id): model, tokenizer, and the language
+    tokens of ``data_cfg`` or of the family's convention (`folder_data_config`)."""
     from jaxft.interop.hf import load_hf, read_hf_config, resolve_path
     from jaxft.interop.hf_tokenizer import load_hf_tokenizer
 
     directory = resolve_path(str(path))
     model_cfg, params = load_hf(directory)
-    model_type = read_hf_config(directory).get("model_type", "")
-    if data_cfg is None:
-        lang = {"mbart": ("lang_code", "mbart50"), "m2m_100": ("lang_code", "flores")}.get(model_type)
-        data_cfg = DataConfig(lang_tokens=lang[0], lang_code_style=lang[1]) if lang else DataConfig()
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    model = nnx.merge(graphdef, params, rest)
-    return Translator(model, load_hf_tokenizer(directory), model_cfg, data_cfg)
+    data_cfg = folder_data_config(read_hf_config(directory).get("model_type", ""), data_cfg, convention=convention)
+    return _translator(model_cfg, params, load_hf_tokenizer(directory), data_cfg)
 
 
-def load_translator(source: str, which: str = "latest") -> tuple[Translator, Config | None]:
-    """A run dir or HF folder; hub ids only as `hf:<org/name>` (a missing path is an error)."""
+def load_jaxft_dir(path: str | Path, data_cfg: DataConfig | None = None) -> Translator:
+    """A jaxft folder (`jaxft convert` / `jaxft export --format jaxft`: model.yaml + params/ +
+    tokenizer/) with the language tokens of ``data_cfg`` (default none)."""
+    from jaxft.interop import convert
+    from jaxft.interop.hf_tokenizer import load_hf_tokenizer
+
+    path = Path(path)
+    model_cfg = convert.read_model_yaml(path / convert.MODEL_YAML)
+    tok_dir = path / convert.TOKENIZER
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"{path}: no {convert.TOKENIZER}/ folder (the jaxft folder has no tokenizer)")
+    models = sorted(tok_dir.glob("*.model"))
+    tokenizer = load_hf_tokenizer(models[0] if len(models) == 1 else tok_dir)
+    params = convert.restore_params(path / convert.PARAMS, model_cfg)
+    return _translator(model_cfg, params, tokenizer, data_cfg or DataConfig())
+
+
+def is_jaxft_dir(path: Path) -> bool:
+    from jaxft.interop import convert
+
+    return (path / convert.MODEL_YAML).is_file() and (path / convert.PARAMS).is_dir()
+
+
+def load_translator(source: str, which: str | int = "latest", *, data_cfg: DataConfig | None = None,
+                    lang_tokens: str | None = None,
+                    lang_code_style: str | None = None) -> tuple[Translator, Config | None]:
+    """A run dir, HF folder or jaxft folder; hub ids only as `hf:<org/name>` (a missing path is an
+    error).  ``data_cfg``: the `data:` an HF / jaxft folder translates with (run dirs use their
+    own); ``lang_tokens`` / ``lang_code_style`` override the tag style of any of them."""
     from jaxft.interop.hf import not_found
 
-    if source.startswith("hf:"):
-        return load_hf_dir(source), None
+    given = {k: v for k, v in (("lang_tokens", lang_tokens), ("lang_code_style", lang_code_style)) if v}
+    if given:
+        data_cfg = dataclasses.replace(data_cfg or DataConfig(), **given)
     path = Path(source)
+    if source.startswith("hf:") or (path / "config.json").is_file():
+        hf = source if source.startswith("hf:") else path
+        return load_hf_dir(hf, data_cfg, convention="lang_tokens" not in given), None
     if not path.exists():
-        raise not_found(source, "run dir or HF checkpoint folder")
-    if (path / "config.json").is_file():
-        return load_hf_dir(path), None
-    return load_run(path, which=which)
+        raise not_found(source, "run dir, jaxft folder or HF checkpoint folder")
+    if is_jaxft_dir(path):
+        return load_jaxft_dir(path, data_cfg), None
+    translator, cfg = load_run(path, which=which)
+    if given:
+        translator.data_cfg = dataclasses.replace(translator.data_cfg, **given)
+    return translator, cfg

@@ -121,8 +121,15 @@ class LoRA(_BaseFree):
     name = "lora"
 
     def transform_model(self, model: nnx.Module, rngs: nnx.Rngs) -> nnx.Module:
-        from jaxft.peft.lora import apply_lora
+        from jaxft.peft.lora import adapter_saves, apply_lora
 
+        init_from = self.model_cfg.init_from if self.model_cfg is not None else None
+        for directory in self.cfg.lora.load if init_from else ():
+            # loaded adapters go in before init_from, which would overwrite the tensors they replace
+            if saves := adapter_saves(directory):
+                raise ValueError(f"peft.lora.load: {directory} replaces {saves[0]} (modules_to_save), which "
+                                 f"model.init_from would overwrite; list it in peft.compose instead (applied "
+                                 f"after init_from)")
         return apply_lora(model, self.cfg.lora, rngs=rngs)
 
     def trainable_filter(self) -> Filter:

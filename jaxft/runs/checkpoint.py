@@ -138,6 +138,11 @@ class Checkpointer:
         raise UnreadableCheckpoints(f"{self.directory}: no checkpoint can be restored (steps {steps}; "
                                     f"newest: {failed[0][1]}){hint}")
 
+    def restore_step(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+        """{item: value} of checkpoint `step` (as `restore_latest`, without falling back)."""
+        self.check_format(step)
+        return self._restore(step, targets)
+
     def _restore(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
         args = {k: ocp.args.StandardRestore(v) for k, v in targets.items() if jax.tree.leaves(v)}
         args.update(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())

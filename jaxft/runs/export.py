@@ -1,12 +1,22 @@
 """`jaxft export RUN_DIR OUT`: a run's model as a standalone checkpoint folder.
 
-The run dir is opened read-only (`restore_model`).  LoRA adapters are merged
-into the kernels (the export is a plain model of the run's family); a sparse
-or composed run is exported as the finished parameters.  Formats:
+The run dir is opened read-only (`restore_model`); `which` is `latest`, `best`
+or a step number.  By default LoRA adapters are merged into the kernels (the
+export is a plain model of the run's family); a sparse or composed run is
+exported as the finished parameters.  Formats:
 
 - `jaxft`: `params/` + `model.yaml` (+ `tokenizer/`), the layout `jaxft convert`
   writes: usable as `jaxft compose` / `jaxft diff` input or `model.init_from`;
 - `hf`: config.json + safetensors (+ tokenizer files) that `transformers` loads.
+
+With `adapter=True` only what the run trained is written, never the base:
+
+- LoRA, `hf`: an HF PEFT folder (adapter_config.json + adapter_model.safetensors)
+  for `peft.PeftModel.from_pretrained` on the HF base (`model.init_from`);
+- LoRA, `jaxft`: the run's adapter folder (adapter.json + adapter.safetensors, the
+  PEFT folder in `peft/`), as training writes it to `<run_dir>/adapter/`;
+- LT-SFT, `jaxft`: the sparse diff theta - theta0 (diff.json + diff.safetensors), as
+  training writes it to `<run_dir>/sparse_diff/`; it has no HF format.
 
 The output goes through `jaxft.outputs.safe_output`: written next to its final
 path and renamed into place, so a failed export leaves nothing half-written; an
@@ -16,13 +26,15 @@ refused, as is an existing OUT unless `overwrite`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from jaxft.outputs import check_output, is_main_process, safe_output
-from jaxft.runs.model import restore_model
+from jaxft.runs.model import read_run_config, restore_model
 from jaxft.runs.layout import RunDir
 
 FORMATS = ("jaxft", "hf")
@@ -37,7 +49,7 @@ def plain_params(model: nnx.Module) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
 
-def run_checkpoint(run_dir: str | Path, which: str = "latest"):
+def run_checkpoint(run_dir: str | Path, which: str | int = "latest"):
     """A run dir's model as a `jaxft.peft.compose.Checkpoint` (LoRA merged), opened read-only:
     what `jaxft compose` / `jaxft diff` take when given a run dir."""
     from jaxft.peft.compose import Checkpoint
@@ -52,21 +64,81 @@ def checkpoint_or_path(path: str | Path):
     return run_checkpoint(path) if RunDir(Path(path)).is_run() else path
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, which: str = "latest", fmt: str = "jaxft",
-               dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write the run's model to `out` in `fmt`; returns `out`."""
+def export_run(run_dir: str | Path, out: str | Path, *, which: str | int = "latest", fmt: str = "jaxft",
+               adapter: bool = False, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write the run's model (or, with `adapter`, only its LoRA adapter / sparse diff) to
+    `out` in `fmt`; returns `out`."""
     if fmt not in FORMATS:
         raise ValueError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     run_dir, out = Path(run_dir), Path(out)
     check_output(out, [run_dir], overwrite=overwrite, flag="OUT")  # before the (slow) restore
+    if adapter:
+        _check_adapter(read_run_config(run_dir), run_dir, fmt)
     restored = restore_model(run_dir, which)
     cfg = restored.config
-    params = plain_params(restored.model())
-    tokenizer = cfg.data.tokenizer.path or None
+    extended = cfg.data.tokenizer.extend and RunDir(run_dir).tokenizer.is_file()  # the run's grown copy
+    tokenizer = None if extended else (cfg.data.tokenizer.path or None)
     tok_path = RunDir(run_dir).tokenizer if tokenizer is None else Path(tokenizer.removeprefix("hf:"))
+    if adapter:
+        with safe_output(out, [run_dir], overwrite=overwrite, flag="OUT") as tmp:
+            _write_adapter(tmp, restored, fmt)
+        return out
+    params = plain_params(restored.model())
     with safe_output(out, [run_dir, tok_path], overwrite=overwrite, flag="OUT") as tmp:
         _write(tmp, cfg, params, tok_path, fmt, dtype)
     return out
+
+
+def _check_adapter(cfg, run_dir: Path, fmt: str) -> None:
+    """Refuse `--adapter` where there is nothing (or no format) to write, before the restore."""
+    method = cfg.peft.method
+    if method not in ("lora", "sparse"):
+        raise ValueError(f"export --adapter: {run_dir} trained with peft.method {method} (no adapter or "
+                         "sparse diff to write); export the model without --adapter")
+    if method == "sparse" and fmt == "hf":
+        raise ValueError(f"export --adapter: {run_dir} is an LT-SFT run; its sparse diff has no Hugging Face "
+                         "format (use --format jaxft, or export the model without --adapter)")
+
+
+def _write_adapter(tmp: Path, restored, fmt: str) -> None:
+    """The trained LoRA adapter (HF PEFT or jaxft) or the sparse diff of `restored`, into `tmp`."""
+    cfg = restored.config
+    if cfg.peft.method == "sparse":
+        from jaxft.peft.sparse import save_diff
+
+        theta0 = theta0_params(cfg)
+        mask = jax.tree.map(lambda a, b: a != b, restored.params, theta0)  # the entries phase 2 moved
+        save_diff(tmp, restored.params, theta0, mask, cfg.peft.sparse)
+        return
+    from jaxft.peft.lora import save_adapter
+
+    if fmt == "jaxft":
+        save_adapter(tmp, restored.model(), cfg.peft.lora, cfg.model)
+        return
+    staged = tmp / ".jaxft-adapter"
+    save_adapter(staged, restored.model(), cfg.peft.lora, cfg.model)
+    if is_main_process():
+        meta = json.loads((staged / "adapter.json").read_text())
+        if not meta.get("peft"):
+            raise ValueError(f"export --adapter --format hf: no HF PEFT form for this adapter: "
+                             f"{meta.get('peft_skipped')} (use --format jaxft)")
+        for item in (staged / "peft").iterdir():
+            item.rename(tmp / item.name)
+        shutil.rmtree(staged)
+
+
+def theta0_params(cfg) -> nnx.State:
+    """The trainable parameters a run started from (fresh init, `model.init_from`, `peft.compose`)."""
+    from jaxft.peft.methods import method_for
+    from jaxft.runs.model import init_variables, start_from
+    from jaxft.sharding import make_mesh, use_mesh
+
+    method = method_for(cfg.peft, cfg.train, cfg.model)
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        model = nnx.merge(*init_variables(cfg, method, mesh))
+        start_from(model, cfg, mesh)
+        return nnx.split(model, method.trainable_filter(), ...)[1]
 
 
 def _write(tmp: Path, cfg, params: nnx.State, tok_path: Path, fmt: str, dtype: str | None) -> None:

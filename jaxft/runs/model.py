@@ -29,7 +29,7 @@ from jaxft.sharding import make_mesh, sharded_abstract, use_mesh
 log = logging.getLogger(__name__)
 
 SHAPE_FREE = ("preset", "init_from", "remat", "dropout", "attention_dropout",
-              "activation_dropout")  # model keys that do not change the parameters
+              "activation_dropout", "dtype")  # model keys that do not change the parameters
 
 
 def build_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int) -> nnx.Module:
@@ -72,22 +72,66 @@ def start_from(model: nnx.Module, cfg: Config, mesh: Mesh) -> bool:
 
 
 def params_from(spec: str, cfg: Config, mesh: Mesh) -> nnx.State:
-    """`model.init_from`: "hf:<folder or org/name>" (Hugging Face weights) or
-    "run:<run dir>" (the newest checkpoint of another jaxft run, e.g. the base
-    model a language or task adaptation starts from; opened read-only)."""
-    if spec.startswith("hf:"):
-        from jaxft.interop.hf import init_params_from
+    """`model.init_from`: "hf:<folder or org/name>" (Hugging Face weights) or "run:<dir>": the
+    newest checkpoint of another jaxft run (opened read-only; e.g. the base model a language or task
+    adaptation starts from), or a jaxft folder (`params/` + `model.yaml`: what `jaxft export`,
+    `jaxft convert` and `jaxft vocab` write).
 
-        return init_params_from(spec, cfg.model, mesh)
-    if spec.startswith("run:"):
-        base = restore_model(Path(spec[4:]), mesh=mesh)
-        shape = lambda c: {k: v for k, v in vars(c).items() if k not in SHAPE_FREE}  # noqa: E731
-        if shape(base.config.model) != shape(cfg.model):
-            diff = [k for k in shape(cfg.model) if shape(cfg.model)[k] != shape(base.config.model)[k]]
+    The source's vocabulary size may differ from `model.vocab_size` only with
+    `data.tokenizer.extend` (its rows are then grown for the added pieces); otherwise the error
+    names the value to set (a folder `jaxft vocab` grew or trimmed: docs/vocab.md)."""
+    if spec.startswith("hf:"):
+        from jaxft.interop.hf import hf_config_to_model_config, init_params_from, read_hf_config, resolve_path
+
+        source = hf_config_to_model_config(read_hf_config(resolve_path(spec))).vocab_size
+        state = init_params_from(spec, dataclasses.replace(cfg.model, vocab_size=source), mesh)
+    elif spec.startswith("run:"):
+        src_cfg, state = _jaxft_params(Path(spec[4:]), mesh)
+        shape = lambda c: {k: v for k, v in vars(c).items() if k not in SHAPE_FREE + ("vocab_size",)}  # noqa: E731
+        if shape(src_cfg) != shape(cfg.model):
+            diff = [k for k in shape(cfg.model) if shape(cfg.model)[k] != shape(src_cfg)[k]]
             raise ValueError(f"model.init_from: {spec} has a different model ({', '.join('model.' + d for d in diff)})")
-        return nnx.state(base.model(), nnx.Param)
-    raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r} "
-                     f"(write hf:{spec} for a Hugging Face folder or hub model, run:{spec} for a jaxft run dir)")
+    else:
+        raise ValueError(f"model.init_from: expected 'hf:<folder or org/name>' or 'run:<run dir>', got {spec!r} "
+                         f"(write hf:{spec} for a Hugging Face folder or hub model, run:{spec} for a jaxft run dir)")
+    return _fit_vocab(state, spec, cfg)
+
+
+def _jaxft_params(path: Path, mesh: Mesh) -> tuple[ModelConfig, nnx.State]:
+    """(model config, Param state) of a run dir (its newest checkpoint) or a jaxft folder."""
+    if RunDir(path).is_run():
+        base = restore_model(path, mesh=mesh)
+        return base.config.model, nnx.state(base.model(), nnx.Param)
+    from jaxft.interop import convert
+
+    if not (path / convert.MODEL_YAML).is_file() or not (path / convert.PARAMS).is_dir():
+        raise FileNotFoundError(f"model.init_from: run:{path} is neither a run dir (config.yaml) nor a jaxft "
+                                f"folder ({convert.MODEL_YAML} + {convert.PARAMS}/)")
+    src_cfg = convert.read_model_yaml(path / convert.MODEL_YAML)
+    return src_cfg, convert.restore_params(path / convert.PARAMS, src_cfg, mesh)
+
+
+def _fit_vocab(state: nnx.State, spec: str, cfg: Config) -> nnx.State:
+    """`state` with `model.vocab_size` rows (`data.tokenizer.extend`), or an error naming the value to set."""
+    from jaxft.models.embedding_resize import vocab_size_of
+
+    source, want = vocab_size_of(state), cfg.model.vocab_size
+    tcfg = cfg.data.tokenizer
+    if tcfg.extend and tcfg.path:
+        from jaxft.runs.tokenizer import configured_tokenizer
+        from jaxft.runs.vocab_tokenizer import grow_for_extension, run_extension
+
+        ext = run_extension(cfg.data, Path("."), configured_tokenizer(cfg.data, Path(".")))
+        if ext.added or source != want:
+            log.info("model.init_from: %d vocabulary rows -> %d (data.tokenizer.extend: %d pieces added, mean "
+                     "init)", source, want, len(ext.added))
+            return grow_for_extension(state, ext, want)
+        return state
+    if source != want:
+        raise ValueError(f"model.vocab_size: the config says {want} but model.init_from {spec} has {source} rows "
+                         f"(a grown or trimmed vocabulary?): set model.vocab_size: {source} and data.tokenizer.path "
+                         "to its tokenizer, or data.tokenizer.extend: true to grow it for the data's pieces")
+    return state
 
 
 def initial_rest(cfg: Config, method: PeftMethod, mesh: Mesh) -> nnx.State:
@@ -121,12 +165,32 @@ def read_run_config(run_dir: Path) -> Config:
     return load_config(rd.config)
 
 
-def restore_model(run_dir: str | Path, which: str = "latest", *, mesh: Mesh | None = None) -> RestoredModel:
-    """The model of a run dir's newest (`latest`) or best (`best`) readable checkpoint,
-    without its optimizer state.  Read-only: unreadable checkpoints are skipped with a
-    warning, never moved; nothing in the run dir is written."""
+def checkpoint_folder(run_dir: Path, which: str | int) -> Path:
+    """Where `which` (`latest`, `best` or a step number) is kept: `checkpoints/`, else `best/`;
+    a missing step is a ValueError listing the steps there are."""
+    rd = RunDir(run_dir)
+    if isinstance(which, str):
+        return rd.checkpoint_dir(which)
+    found = {}
+    for name in ("latest", "best"):
+        ckpt = Checkpointer(rd.checkpoint_dir(name), read_only=True)
+        found[name] = ckpt.steps()
+        ckpt.close()
+        if which in found[name]:
+            return rd.checkpoint_dir(name)
+    kept = ", ".join(map(str, found["latest"])) or "none"
+    best = f"; best: {', '.join(map(str, found['best']))}" if found["best"] else ""
+    raise ValueError(f"checkpoint {which}: {run_dir} has no checkpoint of step {which} (steps: {kept}{best})")
+
+
+def restore_model(run_dir: str | Path, which: str | int = "latest", *, mesh: Mesh | None = None) -> RestoredModel:
+    """The model of a run dir's newest (`latest`) or best (`best`) readable checkpoint, or
+    of step `which` (an int: in `checkpoints/` or `best/`), without its optimizer state.
+    Read-only: unreadable checkpoints are skipped with a warning (a chosen step is an
+    error), never moved; nothing in the run dir is written."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    folder = checkpoint_folder(run_dir, which)  # a missing step fails before anything is built
     method = method_for(cfg.peft, cfg.train, cfg.model)
     mesh = mesh or make_mesh(cfg.mesh)
     with use_mesh(mesh):
@@ -137,9 +201,10 @@ def restore_model(run_dir: str | Path, which: str = "latest", *, mesh: Mesh | No
         targets, _ = sharded_abstract(fn, mesh)
         if not method.checkpoint_base:
             del targets["rest"]
-        ckpt = Checkpointer(RunDir(run_dir).checkpoint_dir(which), read_only=True)
+        ckpt = Checkpointer(folder, read_only=True)
         try:
-            restored = ckpt.restore_latest(targets)
+            restored = ckpt.restore_latest(targets) if isinstance(which, str) else \
+                (which, ckpt.restore_step(which, targets))
         finally:
             ckpt.close()
         if restored is None:

@@ -45,7 +45,10 @@ def _hub_hint(path: Path, base_dir: Path) -> str:
 
 
 def run_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path) -> Tokenizer:
-    """The configured tokenizer, else the run's trained one (which must exist)."""
+    """The configured tokenizer, else the run's trained one (which must exist); with
+    `data.tokenizer.extend`, the extended copy in the run dir when the run wrote one."""
+    if cfg.tokenizer.extend and RunDir(run_dir).tokenizer.is_file():
+        return Tokenizer.load(RunDir(run_dir).tokenizer)
     tok = configured_tokenizer(cfg, base_dir)
     if tok is not None:
         return tok

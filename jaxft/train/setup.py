@@ -99,8 +99,13 @@ def prepare_tokenizer(cfg: DataConfig, run_dir: Path, base_dir: Path, configured
                       ) -> Tokenizer:
     """`configured` (`data.tokenizer.path`, loaded before the run dir is created, so a bad
     tokenizer file leaves nothing behind), or one trained into the run dir on a per-language,
-    temperature-balanced sample of the training sources (`jaxft.data.tokenizer_sample`)."""
+    temperature-balanced sample of the training sources (`jaxft.data.tokenizer_sample`).
+    `data.tokenizer.extend`: `configured` plus the pieces the data needs (docs/vocab.md)."""
     tok = configured if configured is not None else configured_tokenizer(cfg, base_dir)
+    if tok is not None and cfg.tokenizer.extend:  # the pieces the data needs, added in a copy in the run dir
+        from jaxft.runs.vocab_tokenizer import extended_tokenizer
+
+        return extended_tokenizer(cfg, run_dir, base_dir, tok)
     if tok is not None:
         return tok
     tcfg = cfg.tokenizer
