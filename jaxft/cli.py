@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = _command(ssub, "status", _cmd_suite, help="per run: state, step, last loss, dev loss, wall time")
     q = _command(ssub, "report", _cmd_suite, help="one table over all runs (Markdown, CSV, JSON) and PNG plots")
     q.add_argument("--axis", help="also plot --metric against this axis (a config key the suite varies)")
-    q.add_argument("--metric", default="avg_chrf", help="avg_bleu / avg_chrf / avg_chrfpp (default avg_chrf)")
+    q.add_argument("--metric", default="avg_chrf",
+                   help="avg_bleu / avg_chrf / avg_chrfpp / avg_acc / avg_acc_norm (default avg_chrf)")
     for q in ssub.choices.values():
         q.add_argument("suite", type=Path, help="suite YAML (configs/suites/*.yaml)")
 

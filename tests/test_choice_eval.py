@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from jaxft.config.schema import DataConfig, SourceConfig
 from jaxft.data.choice import ChoiceExample, read_choice_source
@@ -138,3 +139,41 @@ def test_choice_sources_are_evaluation_only_and_skip_the_dev_loss(tmp_path):
     [(key, expanded)] = choice_sources([src], tmp_path, "data.dev")
     assert key == "data.dev[0]" and expanded.name == "copa_sw"
     assert read_choice_source(expanded, tmp_path, key)[0].label == 1
+
+
+def test_choice_sources_in_training_eval_and_jaxft_eval(tmp_path, capsys):
+    """A multiple_choice dev source next to the translation ones: scored during training (best
+    checkpoint by acc), in metrics.jsonl, and by `jaxft eval` as an accuracy table."""
+    from jaxft.cli import main
+    from jaxft.config.loader import load_config
+    from jaxft.eval.during_training import train_and_evaluate
+    from jaxft.runs.model import restore_model
+    from jaxft.train.metric_sinks import read_jsonl
+    from jaxft.data.tokenizer import Tokenizer
+    from trainutil import write_run_config
+
+    records = [{"premise": f"The {w} is red.", "question": "effect", "choice1": "It is seen.", "choice2": "It sings.",
+                "label": i % 2} for i, w in enumerate(["car", "house", "ball", "apple", "door"])]
+    _jsonl(tmp_path / "copa_en.jsonl", records)
+    path = write_run_config(tmp_path, steps=2, name="run")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["dev"].append({"type": "jsonl", "path": str(tmp_path / "copa_en.jsonl"), "task": "multiple_choice",
+                               "choice_format": "xcopa", "src_lang": "eng_Latn"})
+    cfg["eval"] = {"every": 2, "best_metric": "acc", "max_examples": 2, "decode": {"max_len": 8}}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config = load_config(path)
+    train_and_evaluate(config, base_dir=tmp_path)
+    row = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    got = row["choices"]["copa_en"]
+    restored = restore_model(tmp_path / "run")
+    want = score_choices(restored.model(), Tokenizer.load(tmp_path / "run" / "tokenizer.model"), config.model,
+                         config.data, read_choice_source(
+                             SourceConfig(type="jsonl", path=str(tmp_path / "copa_en.jsonl"), task="multiple_choice",
+                                          choice_format="xcopa"), tmp_path, "k")[:2]).metrics()
+    assert got["acc"] == pytest.approx(want["acc"]) and got["examples"] == 2
+    assert row["average"]["acc"] == pytest.approx(want["acc"])
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["metric"] == "acc"
+    capsys.readouterr()
+    assert main(["eval", str(path), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "eval.md").read_text()
+    assert "| copa_en | eng_Latn | multiple_choice |" in md and "| direction | BLEU |" in md

@@ -251,7 +251,8 @@ class EvalConfig:
     max_examples: int = 200  # per direction
     batch_size: int = 16
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    best_metric: Literal["chrf", "bleu", "chrfpp"] = "chrf"  # averaged over directions
+    # averaged over directions; acc / acc_norm: over the answer-choice sources (task multiple_choice)
+    best_metric: Literal["chrf", "bleu", "chrfpp", "acc", "acc_norm"] = "chrf"
     tier_high: tuple[str, ...] = ()  # languages or direction names per resource tier
     tier_mid: tuple[str, ...] = ()
     tier_low: tuple[str, ...] = ()

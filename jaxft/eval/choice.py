@@ -16,7 +16,7 @@ sequence in chunks (`jaxft.train.losses.scan_chunks`), so no [B, L, V] logits ex
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,3 +119,29 @@ def evaluate_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_
         scores = score_choices(model, tokenizer, model_cfg, data_cfg, examples, batch_size=batch_size)
         out[src.name] = {"lang": src.src_lang, "task": src.task, **scores.metrics()}
     return out
+
+
+def choice_averages(rows: Sequence[Mapping]) -> dict[str, Any]:
+    """Macro averages of ``acc`` / ``acc_norm`` over answer-choice sources ({} when none)."""
+    if not rows:
+        return {}
+    return {"acc": float(np.mean([r["acc"] for r in rows])), "acc_norm": float(np.mean([r["acc_norm"] for r in rows])),
+            "n_choice_sources": len(rows)}
+
+
+def choice_markdown(choices: Mapping[str, Mapping], tiers: Mapping[str, Mapping]) -> str:
+    """The accuracy table: one row per source (language, task), the average and the tiers."""
+    lines = ["| source | language | task | acc | acc_norm | n |", "|---|---|---|---:|---:|---:|"]
+    for name, c in choices.items():
+        lines.append(f"| {name} | {c.get('lang') or '–'} | {c['task']} | {c['acc']:.2f} | {c['acc_norm']:.2f} "
+                     f"| {c['examples']} |")
+    avg = choice_averages(list(choices.values()))
+    n = sum(c["examples"] for c in choices.values())
+    lines.append(f"| **average** ({avg['n_choice_sources']} sources) | | | {avg['acc']:.2f} | {avg['acc_norm']:.2f} "
+                 f"| {n} |")
+    for tier, t in tiers.items():
+        if t.get("sources"):
+            lines.append(f"| **{tier}** ({len(t['sources'])} sources) | | | {t['acc']:.2f} | {t['acc_norm']:.2f} | "
+                         f"{sum(choices[k]['examples'] for k in t['sources'])} |")
+    lines += ["", "Accuracy (%) of ranking the answer options by log-likelihood; acc_norm per byte of the answer."]
+    return "\n".join(lines) + "\n"

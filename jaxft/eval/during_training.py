@@ -46,8 +46,12 @@ class EvalHook(Hook):
         report = evaluate(Translator(model, run.tokenizer, cfg.model, cfg.data), cfg, base_dir=run.base_dir)
         per_direction = {d: {"bleu": s.bleu, "chrf": s.chrf, "chrfpp": s.chrfpp} for d, s in report.scores.items()}
         averages = report.averages()
-        run.writer.write(step, {"scores": per_direction, "average": averages}, kind="eval")
-        value = averages[cfg.eval.best_metric]
+        extra = {"choices": report.choices} if report.choices else {}
+        run.writer.write(step, {"scores": per_direction, "average": averages, **extra}, kind="eval")
+        value = averages.get(cfg.eval.best_metric)
+        if value is None:
+            raise ValueError(f"eval.best_metric: {cfg.eval.best_metric} has no value: the dev split has no "
+                             f"{'answer-choice source' if cfg.eval.best_metric.startswith('acc') else 'translation direction'}")
         log.info("eval step %d: %s %.2f (best %s)", step, cfg.eval.best_metric, value, self.best)
         if self.best is None or value > self.best:
             self.best = value

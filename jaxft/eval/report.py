@@ -66,10 +66,12 @@ class EvalReport:
     """Scores of several directions with overall and per-tier macro averages."""
 
     def __init__(self, scores: Mapping[str, DirectionScores],
-                 tiers: Mapping[str, Sequence[str]] | None = None, *, settings: Mapping[str, object] | None = None):
-        if not scores:
+                 tiers: Mapping[str, Sequence[str]] | None = None, *, settings: Mapping[str, object] | None = None,
+                 choices: Mapping[str, Mapping] | None = None):
+        if not scores and not choices:
             raise ValueError("EvalReport: no directions to report")
         self.scores = dict(scores)
+        self.choices = dict(choices or {})  # answer-choice sources: jaxft.eval.choice.evaluate_choices
         self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # model, split, tag_style...
         for name, entries in (tiers or {}).items():
             if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
@@ -99,8 +101,11 @@ class EvalReport:
     # ------------------------------------------------------------- numbers
 
     def averages(self) -> dict:
-        """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}."""
-        return _mean(list(self.scores.values()))
+        """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}, and over the
+        answer-choice sources when there are any: {acc, acc_norm, n_choice_sources}."""
+        from jaxft.eval.choice import choice_averages
+
+        return {**_mean(list(self.scores.values())), **choice_averages(list(self.choices.values()))}
 
     def tier_averages(self) -> dict[str, dict]:
         """Per tier (in the tier map's order): macro averages and the directions."""
@@ -131,13 +136,35 @@ class EvalReport:
             "averages": self.averages(),
             "tiers": self.tier_averages(),
             "untiered": self.untiered(),
+            **({"choices": self.choices, "choice_tiers": self._choice_tiers()} if self.choices else {}),
             **({"settings": self.settings} if self.settings else {}),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
+    def _choice_tiers(self) -> dict[str, dict]:
+        from jaxft.eval.choice import choice_averages
+
+        out = {}
+        for name, entries in self.tiers.items():
+            langs = {_norm(e) for e in entries}
+            members = [k for k, c in self.choices.items() if c.get("lang") and _norm(c["lang"]) in langs]
+            out[name] = {**choice_averages([self.choices[k] for k in members]), "sources": members}
+        return out
+
     def to_markdown(self) -> str:
+        from jaxft.eval.choice import choice_markdown
+
+        text = self._directions_markdown() if self.scores else ""
+        if self.choices:
+            text += ("\n" if text else "") + choice_markdown(self.choices, self._choice_tiers())
+            if self.settings and not self.scores:
+                text += "Settings: " + "; ".join(f"{k.replace('_', ' ')} `{v}`" for k, v in self.settings.items())
+                text += ".\n"
+        return text
+
+    def _directions_markdown(self) -> str:
         def row(label: str, values: Mapping, n) -> str:
             cells = [f"{values[m]:.2f}" if values[m] is not None else "–" for m in METRICS]
             return f"| {label} | " + " | ".join(cells) + f" | {n} |"

@@ -25,6 +25,7 @@ from jaxft.data.pipeline import read_directions
 from jaxft.data.seq2seq import Seq2SeqFeaturizer
 from jaxft.data.sources import Example
 from jaxft.data.tasks import render
+from jaxft.eval.choice import evaluate_choices
 from jaxft.eval.decode import decode_all
 from jaxft.eval.metrics import score_direction
 from jaxft.eval.report import EvalReport
@@ -134,12 +135,15 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
                                     progress=progress, desc=direction.name)
         scores[direction.name] = score_direction(hyps, [e.tgt for e in examples], tgt_lang=tgt_lang,
                                                  direction=direction.name)
-    if not scores:
+    choices = {} if sources is not None else evaluate_choices(
+        translator.model, translator.tokenizer, translator.model_cfg, cfg.data, base_dir=base_dir, split=split,
+        batch_size=ecfg.batch_size, max_examples=limit)
+    if not scores and not choices:
         where = "--src / --ref" if sources is not None else f"data.{split} / eval.directions"
-        raise ValueError(f"eval: no {split} translation direction to evaluate ({where})")
+        raise ValueError(f"eval: no {split} translation direction or answer-choice source to evaluate ({where})")
     tiers = {k: list(v) for k, v in (("high", ecfg.tier_high), ("mid", ecfg.tier_mid), ("low", ecfg.tier_low)) if v}
     return EvalReport(scores, tiers or None, settings={**(settings or {}), "split": None if sources else split,
-                                                        "tag_style": translator.tag_style})
+                                                        "tag_style": translator.tag_style}, choices=choices)
 
 
 def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path: Path | None = None,

@@ -80,6 +80,10 @@ def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
         for t in tiers:
             tv = [s[metric] for d, s in scores.items() if _tier(d, tiers) == t and isinstance(s.get(metric), (int, float))]
             out[f"{t}_{metric}"] = statistics.fmean(tv) if tv else None
+    average = evals[-1].get("average") if evals else None  # answer-choice accuracies (jaxft.eval.choice)
+    for metric in ("acc", "acc_norm"):
+        value = average.get(metric) if isinstance(average, dict) else None
+        out[f"avg_{metric}"] = value if isinstance(value, (int, float)) else None
     out["tiers"] = {d: _tier(d, tiers) for d in scores}
     try:
         sizes = json.loads((plan.run_dir / "params.json").read_text(encoding="utf-8"))
@@ -108,6 +112,7 @@ def _columns(summaries: list[dict[str, Any]]) -> list[str]:
         if scored:
             cols.append(f"avg_{metric}")
             cols += [f"{t}_{metric}" for t in _TIERS if any(s.get(f"{t}_{metric}") is not None for s in summaries)]
+    cols += [f"avg_{m}" for m in ("acc", "acc_norm") if any(s.get(f"avg_{m}") is not None for s in summaries)]
     return cols + ["trainable", "trainable_pct", "tokens_per_s", "wall_s"]
 
 
