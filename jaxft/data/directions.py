@@ -63,8 +63,8 @@ class Direction:
 
 
 def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Direction]:
-    """Expand and open ``cfg.train`` (split "train") or ``cfg.dev`` (split "dev")."""
-    sources = cfg.train if split == "train" else cfg.dev
+    """Expand and open ``cfg.train``, ``cfg.dev`` or ``cfg.test`` (split "train" / "dev" / "test")."""
+    sources = {"train": cfg.train, "dev": cfg.dev, "test": cfg.test}[split]
     keyed = keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split)
     keyed = [(key, src) for key, src in keyed if src.task not in CHOICE_TASKS]  # scored by jaxft.eval.choice
     build_indexes([(src, key) for key, src in keyed if src.type in LINE_FORMATS], cfg.bad_lines, cfg.index_dir)
@@ -107,7 +107,7 @@ def lengths_key(cfg: DataConfig, tokenizer: Tokenizer, featurizer_kind: str) -> 
     if fingerprint is None:
         return None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("train", "dev", "workers", "prefetch", "index_dir", "overlong_scan")}
+                if k not in ("train", "dev", "test", "workers", "prefetch", "index_dir", "overlong_scan")}
     blob = json.dumps([LENGTHS_VERSION, fingerprint, featurizer_kind, settings], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

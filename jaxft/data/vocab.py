@@ -103,7 +103,7 @@ def required_pieces(cfg: DataConfig, base_dir: Path, *, sentinels: int = 100) ->
     trained by a run includes them (``user_defined_symbols``); a loaded one that
     lacks them is extended with ``extend_tokenizer``."""
     pieces: list[str] = []
-    for section, sources in (("data.train", cfg.train), ("data.dev", cfg.dev)):
+    for section, sources in (("data.train", cfg.train), ("data.dev", cfg.dev), ("data.test", cfg.test)):
         for _, src in keyed_sources(sources, Path(base_dir), section=section):
             if src.task == "translation" and cfg.lang_tokens == "t5_tag" and src.tgt_lang:
                 pieces.append(t5_tag(src.tgt_lang))

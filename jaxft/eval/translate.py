@@ -109,7 +109,7 @@ def split_directions(data: DataConfig, base_dir: Path, split: str,
     if split not in ("dev", "test"):
         raise ValueError(f"eval: --split must be dev or test, got {split!r}")
     chosen = tuple(sources) if sources is not None else getattr(data, split)
-    return read_directions(dataclasses.replace(data, dev=chosen), base_dir, split=split)
+    return read_directions(dataclasses.replace(data, **{split: chosen}), base_dir, split=split)
 
 
 def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: DecodeConfig | None = None,

@@ -17,7 +17,7 @@
         set: {model.init_from: "run:{adapt.lora-s0}"}   # another stage's run dir
 
 Paths set in the suite file (``model.init_from: run:<dir>``, ``data.tokenizer.path``,
-``data.index_dir``, the paths of ``data.train`` / ``data.dev`` sources, ``suite_dir``,
+``data.index_dir``, the paths of ``data.train`` / ``data.dev`` / ``data.test`` sources, ``suite_dir``,
 ``experiment``) are relative to the suite file.
 
 A run is ``<stage>.<name>`` in ``<suite_dir>/<stage>.<name>/``; its name comes from
@@ -169,8 +169,8 @@ def _substitute(value: Any, runs: dict[str, RunPlan], stage_names: list[str], ke
 
 
 _PATH_KEYS = ("data.tokenizer.path", "data.index_dir")
-_SOURCE_PATH_KEYS = ("path", "src_path", "tgt_path", "tfds_data_dir")  # in data.train / data.dev items
-_SOURCE_KEY = re.compile(r"^data\.(train|dev)(\[\d+\])?(\.(\w+))?$")
+_SOURCE_PATH_KEYS = ("path", "src_path", "tgt_path", "tfds_data_dir")  # in data.train / dev / test items
+_SOURCE_KEY = re.compile(r"^data\.(train|dev|test)(\[\d+\])?(\.(\w+))?$")
 
 
 def _local(here: Path, value: Any) -> Any:
@@ -197,7 +197,7 @@ def _relative_sources(here: Path, key: str, value: Any) -> Any:
 def _relative_to(here: Path, key: str, value: Any) -> Any:
     """Paths in the suite file are relative to it, as data paths are to their config file:
     ``model.init_from: run:<dir>`` / ``hf:<existing folder>``, ``data.tokenizer.path``, sources."""
-    if key.startswith(("data.train", "data.dev")):
+    if key.startswith(("data.train", "data.dev", "data.test")):
         return _relative_sources(here, key, value)
     if not isinstance(value, str):
         return value
