@@ -172,3 +172,20 @@ def test_hf_t5_folder_gets_target_tags_from_flags_or_config(run, t5_dir, tmp_pat
                             DecodeConfig(strategy="greedy", max_len=4))
     assert captured.out.splitlines() == want
     assert np.all([isinstance(x, str) for x in want])
+
+
+def test_translate_streams_in_chunks_with_the_same_output(run, tmp_path, capsys, monkeypatch):
+    """`jaxft translate` holds one chunk of lines, not the corpus: chunks of 2 lines print what one
+    chunk of all lines prints."""
+    import jaxft.commands.evaluate as evaluate
+
+    _, _, run_dir = run
+    lines = tmp_path / "in.txt"
+    lines.write_text("Hello world.\nThe cat sits.\nGood morning.\nThe dog runs.\nA red car.\n", encoding="utf-8")
+    argv = ["translate", str(run_dir), "--src-lang", "eng_Latn", "--tgt-lang", "deu_Latn", "--input", str(lines),
+            "--strategy", "greedy", "--max-len", "5", "--batch-size", "2", "--quiet"]
+    assert main(argv) == 0
+    whole = capsys.readouterr().out
+    monkeypatch.setattr(evaluate, "TRANSLATE_CHUNK", 2)
+    assert main(argv) == 0
+    assert capsys.readouterr().out == whole and len(whole.splitlines()) == 5

@@ -18,25 +18,38 @@ def _tag_flags(args: argparse.Namespace) -> dict:
     return {"lang_tokens": args.lang_tokens, "lang_code_style": args.lang_code_style}
 
 
+TRANSLATE_CHUNK = 2048  # lines per chunk: `jaxft translate` holds one chunk, not the corpus
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
+    import itertools
+
     from jaxft.config.schema import DecodeConfig
     from jaxft.data.readers import read_text_lines
 
     from jaxft.eval.translate import load_translator
 
-    lines = list(read_text_lines(args.input)) if args.input else None  # a bad file fails before the model loads
+    if args.input:  # a bad file fails before the model loads (streamed: O(1) memory)
+        for _ in read_text_lines(args.input):
+            pass
     translator, _ = load_translator(args.source, args.checkpoint, **_tag_flags(args))
     if not args.quiet:
         print(f"jaxft translate: {args.source}, {args.src_lang} -> {args.tgt_lang}, target language by "
               f"{translator.tag_style}", file=sys.stderr)
-    if lines is None:
+    if args.input:
+        lines = read_text_lines(args.input)
+    else:
         stdin = getattr(sys.stdin, "buffer", None)
-        lines = list(read_text_lines(stdin, "<stdin>")) if stdin else [line.rstrip("\n") for line in sys.stdin]
+        lines = read_text_lines(stdin, "<stdin>") if stdin else (line.rstrip("\n") for line in sys.stdin)
     flags = {name: getattr(args, name) for name in DECODE_FLAGS} | ({"n_best": 1} if args.strategy == "greedy" else {})
     decode = DecodeConfig(strategy=args.strategy, **flags)
-    for out in translator.translate(lines, args.src_lang, args.tgt_lang, decode, args.batch_size,
-                                    progress=not args.quiet):
-        print(out)
+    done = 0
+    while chunk := list(itertools.islice(lines, TRANSLATE_CHUNK)):  # outputs stream as each chunk finishes
+        for out in translator.translate(chunk, args.src_lang, args.tgt_lang, decode, args.batch_size,
+                                        progress=not args.quiet, desc=f"lines {done + 1}-{done + len(chunk)}"):
+            print(out)
+        sys.stdout.flush()
+        done += len(chunk)
     return 0
 
 
