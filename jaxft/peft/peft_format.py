@@ -25,8 +25,10 @@ remaining difference between our scale and PEFT's is folded into B.
 
 ``modules_to_save`` tensors are written as PEFT writes them,
 ``base_model.model.<module>.weight`` (the whole HF module: all its tensors), and
-listed by full module name; a tied embedding also saves ``lm_head`` (the copy
-PEFT makes of the embedding would otherwise leave the head on the old one).
+listed by full module name.  PEFT saves a copy of each listed module, so a saved
+embedding is written to every HF module holding it: ``lm_head`` when tied, and an
+encoder-decoder's ``{encoder,decoder}.embed_tokens`` (modules of their own whose weight
+transformers ties to ``shared``; the copy of ``shared`` alone is never used).
 """
 
 from __future__ import annotations
@@ -173,11 +175,17 @@ def _saved_tensors(model_cfg: ModelConfig, family, saved: dict[str, np.ndarray])
                 raise ValueError(f"peft.lora.modules_to_save: HF module {t.hf.rsplit('.', 1)[0]} also holds "
                                  f"{t.hf} ({', '.join(t.ours)}), which is not saved")
             out[t.hf] = np.asarray(t.to_hf(), np.float32)
-    if "embed/embedding" in saved and model_cfg.tie_embeddings:
-        if model_cfg.family != "decoder":
-            raise ValueError("peft.lora.modules_to_save: a saved tied embedding of an encoder-decoder (shared by "
-                             "encoder, decoder and head) has no PEFT export")
-        out["lm_head.weight"] = out[hf_of["embed/embedding"].hf]
+    if "embed/embedding" in saved:
+        shared = hf_of["embed/embedding"].hf
+        copies = ["lm_head.weight"] if model_cfg.tie_embeddings else []
+        if model_cfg.family != "decoder":  # HF embeds with {encoder,decoder}.embed_tokens, tied to shared
+            copies += [f"{shared.removesuffix('shared.weight')}{s}.embed_tokens.weight" for s in ("encoder", "decoder")]
+            if not shared.endswith("shared.weight") or not all(
+                    any(re.match(r, c) for r in family.ignorable) for c in copies[-2:]):
+                raise ValueError(f"peft.lora.modules_to_save: the saved embedding ({shared}) has no known input "
+                                 f"embedding modules in {family.model_type!r}")
+        for c in copies:  # PEFT saves a copy of each module: every one holding the embedding gets it
+            out[c] = out[shared]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
