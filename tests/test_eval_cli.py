@@ -166,8 +166,15 @@ def test_hf_t5_folder_gets_target_tags_from_flags_or_config(run, t5_dir, tmp_pat
             "--strategy", "greedy", "--max-len", "4"]
     assert main(argv + ["--lang-tokens", "t5_tag"]) == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 2 and "target language by t5_tag" in captured.err
-    assert "/2 [" not in captured.err  # stderr is no terminal here: no progress bar
+    assert len(captured.out.splitlines()) == 2
+    assert captured.err == ""  # stderr is no terminal here: no info line, no progress bar
+    fake = FakeTTY()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stderr", fake)
+        assert main(argv + ["--lang-tokens", "t5_tag", "--quiet"]) == 0 and fake.getvalue() == ""
+        assert main(argv + ["--lang-tokens", "t5_tag"]) == 0
+    assert "target language by t5_tag" in fake.getvalue()
+    capsys.readouterr()
     want = tagged.translate(["Hello world.", "Good morning."], "eng_Latn", "deu_Latn",
                             DecodeConfig(strategy="greedy", max_len=4))
     assert captured.out.splitlines() == want

@@ -18,7 +18,7 @@ from jaxft.train.metric_sinks import read_jsonl
 
 from trainutil import write_run_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # `make test` runs it alone, after the parallel pass
 CONSTANT_LR = {"optimizer.schedule": "constant"}
 
 

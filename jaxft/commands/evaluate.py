@@ -33,7 +33,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         for _ in read_text_lines(args.input):
             pass
     translator, _ = load_translator(args.source, args.checkpoint, **_tag_flags(args))
-    if not args.quiet:
+    if not args.quiet and sys.stderr.isatty():  # as the progress bar: stderr stays the one-line errors otherwise
         print(f"jaxft translate: {args.source}, {args.src_lang} -> {args.tgt_lang}, target language by "
               f"{translator.tag_style}", file=sys.stderr)
     if args.input:

@@ -26,6 +26,9 @@ class LoraConfig:
     # modules_to_save), e.g. the embedding after adding language tags, or a norm
     modules_to_save: tuple[str, ...] = ()
 
+    def __hash__(self) -> int:  # the patterns are dicts: configs are hashed (caches, static jit arguments)
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in vars(self).values()))
+
 
 @dataclass(frozen=True)
 class SparseConfig:

@@ -31,6 +31,7 @@ from jaxft.config.schema import to_dict
 from jaxft.models.flops import train_flops_per_example
 from jaxft.models.registry import is_encoder_decoder
 from jaxft.train.metric_sinks import Progress, device_peak_flops
+from jaxft.train.step import CompileThenMeet
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +261,12 @@ class DevLossHook(Hook):
             run.writer.write(end, {"dev_loss": self.after}, kind="dev")
 
 
-@jax.jit
-def _all_finite(params) -> jax.Array:
+def _all_finite_fn(params) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+_all_finite = CompileThenMeet(jax.jit(_all_finite_fn), "all_finite")  # a collective over every process
 
 
 class CheckpointHook(Hook):
