@@ -45,8 +45,11 @@ class SourceConfig:
     # text (encoder-decoder)
     # multiple_choice / classification: evaluation only (data.dev / data.test): each answer
     # choice scored by the model's log-likelihood (`jaxft.eval.choice`, docs/recipes.md)
+    # chat: multi-turn conversations (decoder-only): records hold `messages`, a list of {role:
+    # system|user|assistant, content}; rendered with data.chat_template, loss on the assistant
+    # turns only (jaxft.data.chat, docs/data.md)
     task: Literal["translation", "prompt", "lm", "span_corruption", "infilling", "multiple_choice",
-                  "classification"] = "translation"
+                  "classification", "chat"] = "translation"
     # multiple_choice JSONL layouts: generic (prompt, choices, label), xnli (premise, hypothesis,
     # label), xcopa (premise, question, choice1, choice2, label), xstorycloze (input_sentence_1..4,
     # sentence_quiz1/2, answer_right_ending), xwinograd (sentence with "_", option1/2, answer)
@@ -62,6 +65,7 @@ class SourceConfig:
     directions: tuple[str, ...] = ()  # "en-de" or "eng_Latn-deu_Latn"
     src_field: str | None = None  # TSV header name / JSONL key; defaults per type
     tgt_field: str | None = None
+    messages_field: str | None = None  # task chat: the record's list of messages; None -> "messages"
     header: bool = True  # TSV has a header row
     weight: float | None = None  # overrides the example count used for temperature sampling
     max_examples: int | None = None
@@ -95,6 +99,9 @@ class DataConfig:
     temperature: float = 5.0  # p_i ~ n_i^(1/T); 1 = proportional, large = uniform
     prompt_template: str = "Translate from {src_name} to {tgt_name}:\n{src}\n"
     target_template: str = "{tgt}"
+    # task chat: the Jinja chat template: chatml / llama3 (built in), a Jinja string, or None ->
+    # the template of an HF tokenizer (data.tokenizer.path: its chat_template)
+    chat_template: str | None = None
     bad_lines: Literal["skip", "error"] = "skip"  # malformed lines: counted skip or error
     overlong: Literal["skip", "truncate", "error"] = "skip"
     # Sources with at most this many records get their token lengths measured when the

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxft.config.schema import DataConfig
 from jaxft.data import seq2seq
+from jaxft.data.chat import ChatFeaturizer
 from jaxft.data.index import build_indexes
 from jaxft.data.readers import CHOICE_TASKS, LINE_FORMATS
 from jaxft.data.sources import DataError, Example, ReadStats, Skipped, Source, keyed_sources, open_source
@@ -78,19 +79,23 @@ _DEV_NOISE_STREAM = 4  # dev noise seeds: (data.seed, 4, direction, position in 
 
 def _featurizer(cfg: DataConfig, tokenizer: Tokenizer, direction: Direction, *,
                 decoder_start_id: int | None = None, seed: int | None = None):
-    """Decoder-only ``Featurizer``, or ``Seq2SeqFeaturizer`` when ``decoder_start_id`` is given."""
+    """Decoder-only ``Featurizer`` (``ChatFeaturizer`` for task chat), or ``Seq2SeqFeaturizer`` when
+    ``decoder_start_id`` is given."""
     if decoder_start_id is not None:
         return seq2seq.Seq2SeqFeaturizer(tokenizer, cfg, direction.config, decoder_start_id=decoder_start_id,
                                          key=direction.key, seed=seed)
     if direction.config.task in _NOISE_TASKS:
         raise DataError(f"{direction.key}.task: {direction.config.task} needs an encoder-decoder model "
                         f"(model.family t5 or bart); decoder-only models train on monolingual text with task lm")
+    if direction.config.task == "chat":
+        return ChatFeaturizer(tokenizer, seq_len=cfg.seq_len, chat_template=cfg.chat_template, overlong=cfg.overlong,
+                              source=f"{direction.name} ({direction.key})")
     return Featurizer(tokenizer, seq_len=cfg.seq_len, prompt_template=cfg.prompt_template,
                       target_template=cfg.target_template, overlong=cfg.overlong,
                       source=f"{direction.name} ({direction.key})")
 
 
-AnyFeaturizer = Featurizer | seq2seq.Seq2SeqFeaturizer
+AnyFeaturizer = Featurizer | ChatFeaturizer | seq2seq.Seq2SeqFeaturizer
 
 
 def example_lengths(featurizer: AnyFeaturizer, examples: Sequence[Example]) -> np.ndarray:
@@ -108,7 +113,10 @@ def lengths_key(cfg: DataConfig, tokenizer: Tokenizer, featurizer_kind: str) -> 
         return None
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("train", "dev", "test", "workers", "prefetch", "index_dir", "overlong_scan")}
-    blob = json.dumps([LENGTHS_VERSION, fingerprint, featurizer_kind, settings], sort_keys=True, default=str)
+    parts = [LENGTHS_VERSION, fingerprint, featurizer_kind, settings]
+    if getattr(tokenizer, "chat_template", None):  # task chat with the tokenizer's template
+        parts.append(tokenizer.chat_template)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -132,6 +132,8 @@ class LineSource(Source):
         self.files = files
         self.dtype = SINGLE if len(files) == 1 else PAIR
         settings = {k: getattr(config, k) for k in _KEY_FIELDS}
+        if config.messages_field is not None:  # only when set: existing indexes keep their keys
+            settings["messages_field"] = config.messages_field
         key_obj = {"version": INDEX_VERSION, "files": [_file_key(f) for f in files], "settings": settings,
                    "bad_lines": bad_lines}
         root = cache_root(index_dir)
@@ -203,7 +205,7 @@ class LineSource(Source):
                     try:
                         texts = self.format.parse(*raws)
                     except FirstRecordLacksFields as e:
-                        raise missing_fields_error(self.key, where, e.record) from None
+                        raise missing_fields_error(self.key, where, e.record, cfg.task) from None
                     if texts is None:
                         stats.skipped["blank"] += 1
                         continue

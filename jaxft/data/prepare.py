@@ -78,7 +78,7 @@ def _write_direction(source: Source, folder: Path, shard_size: int) -> dict[str,
                     writer.close()
                 writer = ArrayRecordWriter(str(folder / f"part-{shards:05d}.array_record"), WRITER_OPTIONS)
                 shards += 1
-            rec = {"src": ex.src, "tgt": ex.tgt}
+            rec = {"messages": json.loads(ex.tgt)} if ex.task == "chat" else {"src": ex.src, "tgt": ex.tgt}
             rec.update({k: v for k, v in (("src_lang", ex.src_lang), ("tgt_lang", ex.tgt_lang)) if v})
             writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8"))
             written += 1
@@ -98,7 +98,7 @@ def _arrayrecord_source(src: SourceConfig, path: Path) -> dict[str, Any]:
         entry.update(src_lang=src.src_lang, tgt_lang=src.tgt_lang)
     if src.task in MONOLINGUAL_TASKS:
         entry["tgt_field"] = "tgt"
-    else:
+    elif src.task != "chat":  # chat records are written as {"messages": [...]}, the default field
         entry.update(src_field="src", tgt_field="tgt")
     if src.weight is not None:
         entry["weight"] = src.weight

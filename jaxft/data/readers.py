@@ -20,6 +20,8 @@ from typing import Any
 
 from jaxft.config.errors import invalid_utf8
 from jaxft.config.schema import SourceConfig
+from jaxft.data.chat_messages import REASONS as CHAT_REASONS
+from jaxft.data.chat_messages import record_messages
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ REASONS = {
     "field": "field missing or not text",
     "empty": "empty source or target text",
     "utf8": "invalid UTF-8",
+    **CHAT_REASONS,  # task: chat (jaxft.data.chat_messages)
 }
 _LOGGED_PER_FILE = 3
 # Tasks on monolingual text (the text is the Example's ``tgt``, ``src`` is "").
@@ -42,11 +45,11 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    src: str  # prompt-side text ("" for lm)
-    tgt: str  # target text
+    src: str  # prompt-side text ("" for lm and chat)
+    tgt: str  # target text (chat: the messages as JSON, jaxft.data.chat_messages)
     src_lang: str | None
     tgt_lang: str | None
-    task: str  # "translation" | "prompt" | "lm" | "span_corruption" | "infilling"
+    task: str  # "translation" | "prompt" | "lm" | "span_corruption" | "infilling" | "chat"
     where: str = dataclasses.field(default="", compare=False)  # "file:line" / "dataset:index"
 
 
@@ -145,7 +148,11 @@ def as_text(value: Any) -> Any:
 
 
 def record_texts(s: SourceConfig, rec: Any) -> tuple[str, str] | str:
-    """(src, tgt) texts of one dict-like record, or the reason it is bad (``field`` / ``utf8``)."""
+    """(src, tgt) texts of one dict-like record, or the reason it is bad (``field`` / ``utf8``;
+    task chat: ("", the conversation as JSON) or a reason of ``jaxft.data.chat_messages``)."""
+    if s.task == "chat":
+        out = record_messages(rec, s.messages_field)
+        return out if out in REASONS else ("", out)
     src, tgt = record_fields(s, rec)
     src, tgt = as_text(src), as_text(tgt)
     if INVALID_UTF8 in (src, tgt):
@@ -155,9 +162,11 @@ def record_texts(s: SourceConfig, rec: Any) -> tuple[str, str] | str:
     return src, tgt
 
 
-def missing_fields_error(key: str, where: str, rec: Any) -> DataError:
+def missing_fields_error(key: str, where: str, rec: Any, task: str | None = None) -> DataError:
     """The error for a first record that lacks the configured fields (a config mistake, not bad data)."""
     keys = sorted(rec) if hasattr(rec, "keys") else []
+    if task == "chat":
+        return DataError(f"{where}: record lacks the messages field (keys: {keys}); set {key}.messages_field")
     return DataError(f"{where}: record lacks the configured src/tgt fields (keys: {keys}); "
                      f"set {key}.src_field / tgt_field")
 
@@ -220,7 +229,7 @@ class Source:
     def example(self, src: str, tgt: str, where: str) -> Example | str:
         """The cleaned Example, or ``"empty"``."""
         src, tgt = clean(src), clean(tgt)
-        if not tgt or (self.config.task not in MONOLINGUAL_TASKS and not src):
+        if not tgt or (self.config.task not in (*MONOLINGUAL_TASKS, "chat") and not src):
             return "empty"
         c = self.config
         return Example(src, tgt, c.src_lang, c.tgt_lang, c.task, where)

@@ -91,7 +91,7 @@ class RecordSource(Source):
             if isinstance(rec, str):
                 continue
             if record_texts(self.config, rec) == "field":
-                raise missing_fields_error(self.key, self.where(i), rec)
+                raise missing_fields_error(self.key, self.where(i), rec, self.config.task)
             return
 
     def __len__(self) -> int:

@@ -21,6 +21,9 @@ Formats (``SourceConfig.type``):
   ``tfds``.  ``{src}``/``{tgt}`` in ``src_field``/``tgt_field`` are substituted,
   so one-column-per-language (FLORES-style) sets give any direction.
 
+Task ``chat`` reads a list of messages (``messages_field``, default ``messages``) from
+jsonl / arrayrecord / parquet / hf records (``jaxft.data.chat_messages``, ``jaxft.data.chat``).
+
 TSV, JSONL and text files are read through a cached line-offset index
 (``jaxft.data.index``): the bad-line policy is applied once, when the index is
 built.  The other types are checked record by record when read.  Every text is
@@ -42,6 +45,8 @@ Bad input policy:
 | field missing / not text in a later record (JSONL)  | same, counted as ``field``                  |
 | empty source or target text                         | same, counted as ``empty``                  |
 | invalid UTF-8                                       | same, counted as ``utf8``                   |
+| chat: messages not a list of objects / a role not system, user or assistant / a content not text / no assistant message | same, counted as ``messages`` / ``role`` / ``content`` / ``no_assistant`` |
+| chat: no messages field in the first record (JSONL) | error: names file, keys and ``messages_field`` |
 | missing path / folder without shards / empty glob (arrayrecord, parquet, hf) | error: names the path and config key |
 | not an ArrayRecord / Parquet file, not a save_to_disk folder, no such split | error: names the file and config key |
 | HF dataset not loadable (not found, offline, config / split)  | error: names ``hf:name[split]`` and the config key |
@@ -141,6 +146,9 @@ def _finish(src: SourceConfig, key: str, base_dir: Path, split: str | None) -> S
     if src.type == "text" and src.path is not None and src.task not in MONOLINGUAL_TASKS:
         raise DataError(f"{key}: monolingual text (`path`) needs task {' / '.join(MONOLINGUAL_TASKS)}; "
                         f"use src_path/tgt_path for pairs")
+    if src.task == "chat" and src.type not in ("jsonl", "arrayrecord", "parquet", "hf"):
+        raise DataError(f"{key}.type: task chat reads records holding a list of messages: "
+                        f"use jsonl, arrayrecord, parquet or hf, not {src.type}")
     if src.task == "translation" and not (src.src_lang and src.tgt_lang):
         raise DataError(f"{key}: translation needs src_lang and tgt_lang (or directions)")
     if src.max_examples is not None and src.max_examples < 1:

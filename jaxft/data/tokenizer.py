@@ -10,6 +10,7 @@ id it shares with another piece is never trained on or attended to.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
@@ -60,6 +61,8 @@ def load_processor(path: str | Path) -> spm.SentencePieceProcessor:
 class Tokenizer:
     """A loaded SentencePiece model. ``encode`` adds no bos/eos."""
 
+    chat_template: str | None = None  # an HF folder's chat template (jaxft.interop.hf_tokenizer)
+
     def __init__(self, processor: spm.SentencePieceProcessor, path: str | None = None):
         self._sp = processor
         self.path = path
@@ -90,6 +93,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode`` and the ``[start, end)`` character span of ``text`` each token covers."""
+        try:
+            pieces = self._sp.encode(text, return_type="proto").pieces
+        except (TypeError, ValueError):  # sentencepiece < 0.2.1
+            pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+        char_at = list(itertools.accumulate(((b & 0xC0) != 0x80 for b in text.encode("utf-8")), initial=0))
+        ids = [p.id for p in pieces] if type(self).encode is Tokenizer.encode else self.encode(text)
+        return ids, [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` of each text, in SentencePiece's own threads."""

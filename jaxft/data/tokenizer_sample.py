@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.config.schema import DataConfig, SourceConfig
+from jaxft.data.chat_messages import plain_text
 from jaxft.data.mixture import temperature_rates
 from jaxft.data.readers import MONOLINGUAL_TASKS, Example, Source
 from jaxft.data.sources import keyed_sources, open_source
@@ -133,7 +134,7 @@ class _Pool:
 
 def _side_pools(src: SourceConfig) -> list[tuple[int, str]]:
     """(side, pool name) for the texts a source contributes."""
-    if src.task in MONOLINGUAL_TASKS:
+    if src.task in (*MONOLINGUAL_TASKS, "chat"):
         return [(TGT, src.tgt_lang or src.src_lang or src.name)]
     return [(SRC, src.src_lang or src.name), (TGT, src.tgt_lang or src.name)]
 
@@ -180,7 +181,7 @@ def tokenizer_sample(cfg: DataConfig, base_dir: Path) -> TokenizerSample:
                     last, ex = index, sources[i][index]
                 if not isinstance(ex, Example):
                     continue
-                text = (ex.src if side == SRC else ex.tgt).strip()
+                text = (ex.src if side == SRC else plain_text(ex.tgt) if ex.task == "chat" else ex.tgt).strip()
                 if text:
                     counts[name] += 1
                     taken.append((i, index, side, text))

@@ -25,6 +25,7 @@ import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from jaxft.config.schema import DataConfig, TokenizerConfig
+from jaxft.data.chat import template_special_tokens
 from jaxft.data.langcodes import lang_code_token, t5_tag
 from jaxft.data.sources import keyed_sources
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
@@ -99,7 +100,8 @@ def t5_sentinel_pieces(count: int = 100) -> list[str]:
 def required_pieces(cfg: DataConfig, base_dir: Path, *, sentinels: int = 100) -> list[str]:
     """Pieces the configured data needs as single tokens: ``<2xx>`` tags or
     language codes for every direction (``data.lang_tokens``), ``<extra_id_k>``
-    sentinels for span corruption, ``<mask>`` for infilling.  A tokenizer
+    sentinels for span corruption, ``<mask>`` for infilling, the ``<|...|>`` tokens of
+    ``data.chat_template`` for chat.  A tokenizer
     trained by a run includes them (``user_defined_symbols``); a loaded one that
     lacks them is extended with ``extend_tokenizer``."""
     pieces: list[str] = []
@@ -113,6 +115,8 @@ def required_pieces(cfg: DataConfig, base_dir: Path, *, sentinels: int = 100) ->
                 pieces += [f"<extra_id_{k}>" for k in range(sentinels)]
             if src.task == "infilling":
                 pieces.append("<mask>")
+            if src.task == "chat":
+                pieces += template_special_tokens(cfg.chat_template)
     return list(dict.fromkeys(pieces))
 
 

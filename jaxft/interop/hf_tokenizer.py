@@ -27,7 +27,7 @@ from jaxft.interop.sp_adapters import load_sentencepiece
 
 SENTENCEPIECE_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", *SENTENCEPIECE_NAMES)
+                   "vocab.json", "merges.txt", "chat_template.jinja", *SENTENCEPIECE_NAMES)
 
 
 def find_sentencepiece(directory: str | Path) -> Path | None:
@@ -52,8 +52,25 @@ def _special_tokens(directory: Path) -> dict[str, str]:
     return out
 
 
+def read_chat_template(directory: str | Path) -> str | None:
+    """The chat template of an HF tokenizer folder: ``chat_template.jinja`` (transformers >= 4.43
+    writes it), else ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named
+    templates: the one named ``default``); None when it has none."""
+    directory = Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    template = read_json(config, config.name).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) and template else None
+
+
 class HFJsonTokenizer:
     """A ``tokenizer.json`` behind the interface of ``jaxft.data.tokenizer.Tokenizer``."""
+
+    chat_template: str | None = None  # set by ``load_hf_tokenizer``
 
     def __init__(self, tokenizer: Any, *, bos: int | None, eos: int | None, pad: int | None, path: str | None):
         self._tok, self._bos, self._eos, self._pad, self.path = tokenizer, bos, eos, pad, path
@@ -102,6 +119,11 @@ class HFJsonTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode`` and the ``[start, end)`` character span of ``text`` each token covers."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
+
     @property
     def fingerprint(self) -> str:
         """A hash of the tokenizer (vocabulary, model, specials): caches of token lengths are keyed by it."""
@@ -125,8 +147,14 @@ class HFJsonTokenizer:
 
 
 def load_hf_tokenizer(path: str | Path) -> Tokenizer | HFJsonTokenizer:
-    """The tokenizer of an HF folder (or a ``.model`` / ``tokenizer.json`` file)."""
-    path = Path(path)
+    """The tokenizer of an HF folder (or a ``.model`` / ``tokenizer.json`` file), with the
+    folder's chat template (``read_chat_template``) as its ``chat_template``."""
+    tok = _load_hf_tokenizer(Path(path))
+    tok.chat_template = read_chat_template(Path(path) if Path(path).is_dir() else Path(path).parent)
+    return tok
+
+
+def _load_hf_tokenizer(path: Path) -> Tokenizer | HFJsonTokenizer:
     if path.is_file():
         return HFJsonTokenizer.load(path) if path.suffix == ".json" else load_sentencepiece(path)
     if not path.is_dir():
