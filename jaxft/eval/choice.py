@@ -16,6 +16,8 @@ sequence in chunks (`jaxft.train.losses.scan_chunks`), so no [B, L, V] logits ex
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -24,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import DataConfig, ModelConfig
-from jaxft.data.choice import ChoiceExample
+from jaxft.data.choice import ChoiceExample, choice_sources, read_choice_source
 from jaxft.data.seq2seq import pad_seq2seq_row
 from jaxft.data.tasks import pad_row
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
@@ -67,7 +69,9 @@ def option_row(context: str, continuation: str, tokenizer, model_cfg: ModelConfi
     return pad_row({"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights}, L)
 
 
+@functools.lru_cache(maxsize=8)
 def _row_loglik_fn(graphdef: nnx.GraphDef, keys: tuple[str, ...]):
+    """One jitted scorer per model structure: evaluations during training reuse its compilation."""
     def loglik(state, batch):
         model = nnx.merge(graphdef, state)
         hidden = model.hidden(*[batch[k] for k in keys])
@@ -108,10 +112,6 @@ def evaluate_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_
                      max_examples: int | None = None) -> dict[str, dict[str, Any]]:
     """Per `multiple_choice` / `classification` source of ``data.<split>``: its language
     (``src_lang``), task and `ChoiceScores.metrics` -- {} when there is none."""
-    from pathlib import Path
-
-    from jaxft.data.choice import choice_sources, read_choice_source
-
     sources = data_cfg.dev if split == "dev" else getattr(data_cfg, split)
     out = {}
     for key, src in choice_sources(sources, Path(base_dir), f"data.{split}"):

@@ -32,6 +32,7 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
 from jaxft.data.langcodes import LangCodeError, flores_code
+from jaxft.eval.choice import choice_averages, choice_markdown
 from jaxft.eval.metrics import DirectionScores
 from jaxft.outputs import atomic_write_text, is_main_process, safe_output
 
@@ -103,8 +104,6 @@ class EvalReport:
     def averages(self) -> dict:
         """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}, and over the
         answer-choice sources when there are any: {acc, acc_norm, n_choice_sources}."""
-        from jaxft.eval.choice import choice_averages
-
         return {**_mean(list(self.scores.values())), **choice_averages(list(self.choices.values()))}
 
     def tier_averages(self) -> dict[str, dict]:
@@ -144,8 +143,6 @@ class EvalReport:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     def _choice_tiers(self) -> dict[str, dict]:
-        from jaxft.eval.choice import choice_averages
-
         out = {}
         for name, entries in self.tiers.items():
             langs = {_norm(e) for e in entries}
@@ -154,8 +151,6 @@ class EvalReport:
         return out
 
     def to_markdown(self) -> str:
-        from jaxft.eval.choice import choice_markdown
-
         text = self._directions_markdown() if self.scores else ""
         if self.choices:
             text += ("\n" if text else "") + choice_markdown(self.choices, self._choice_tiers())
