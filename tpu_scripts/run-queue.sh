@@ -18,7 +18,7 @@ suite=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$QUEUE_STATE"
 queue=$("$JAXFT" suite run "$suite" --emit-commands "$@") || { echo "run-queue: $suite: cannot expand" >&2; exit 2; }
-id="" needs=() failed=0
+id="" needs=() cmd=() failed=0
 while IFS= read -r line; do
   if [[ $line == "# run "* ]]; then
     read -r -a words <<< "${line#\# run }"

@@ -1,5 +1,3 @@
 #!/usr/bin/env bash
-# Run one command on every worker of the slice.  Usage: ./ssh-all.sh 'nvidia-smi || true'
-set -euo pipefail
-. "$(dirname "$0")/common.sh"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
+# Run one command on every worker (every slice).  Usage: ./ssh-all.sh 'uptime'
+exec "$(dirname "$0")/tpu" ssh "$@"
