@@ -44,7 +44,7 @@ class MeshError(ValueError):
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 (at most one) into the remaining device count."""
+    """Resolve -1 (at most one) into the remaining device count of one slice."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
         raise MeshError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
@@ -63,13 +63,57 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)  # type: ignore[return-value]
 
 
+def _slices(devices: Sequence[jax.Device], cfg: MeshConfig) -> list[list[jax.Device]]:
+    """The devices grouped by slice: by `slice_index` where the platform has it (TPU),
+    else (CPU/GPU, for testing) in contiguous equal groups, one per DCN position."""
+    n_dcn = cfg.dcn_data * cfg.dcn_fsdp
+    for name in ("dcn_data", "dcn_fsdp"):
+        if getattr(cfg, name) < 1:
+            raise MeshError(f"mesh.{name}: must be >= 1, got {getattr(cfg, name)}")
+    index = [getattr(d, "slice_index", None) for d in devices]
+    if any(i is not None for i in index):
+        groups: dict[int, list[jax.Device]] = {}
+        for d, i in zip(devices, index):
+            groups.setdefault(i or 0, []).append(d)
+        if len(groups) != n_dcn:
+            raise MeshError(f"mesh: the devices form {len(groups)} slice(s) but mesh.dcn_data x mesh.dcn_fsdp = "
+                            f"{cfg.dcn_data} x {cfg.dcn_fsdp} = {n_dcn}; set them so their product is {len(groups)}")
+        return [groups[k] for k in sorted(groups)]
+    if len(devices) % n_dcn:
+        raise MeshError(f"mesh: {len(devices)} devices do not split into mesh.dcn_data x mesh.dcn_fsdp = {n_dcn} slices")
+    per = len(devices) // n_dcn
+    return [list(devices[i * per:(i + 1) * per]) for i in range(n_dcn)]
+
+
+def _slice_grid(devices: list[jax.Device], shape: tuple[int, int, int]) -> np.ndarray:
+    if devices and devices[0].platform == "tpu" and len(devices) > 1:
+        from jax.experimental import mesh_utils  # ICI-topology-aware order within a slice
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return np.asarray(devices).reshape(shape)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * 3
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    slices = _slices(devices, cfg)
+    shape = mesh_shape(cfg, len(slices[0]))
+    if len(slices) == 1:
+        if devices == jax.devices():
+            return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+        return Mesh(_slice_grid(devices, shape), MESH_AXES, axis_types=axis_types)
+    # [dcn_data, dcn_fsdp, data, fsdp, tensor] -> [dcn_data * data, dcn_fsdp * fsdp, tensor], DCN outermost
+    grids = np.stack([_slice_grid(s, shape) for s in slices]).reshape((cfg.dcn_data, cfg.dcn_fsdp) + shape)
+    full = grids.transpose(0, 2, 1, 3, 4).reshape(cfg.dcn_data * shape[0], cfg.dcn_fsdp * shape[1], shape[2])
+    return Mesh(full, MESH_AXES, axis_types=axis_types)
+
+
+def check_batch(global_batch: int, microbatches: int, mesh: Mesh) -> None:
+    """The batch must split evenly over the data-parallel devices (one line, before compiling)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (global_batch // microbatches) % dp:
+        raise MeshError(f"train.global_batch / train.microbatches = {global_batch // microbatches} rows per "
+                        f"microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp = "
+                        f"{mesh.shape['data']} x {mesh.shape['fsdp']}, DCN factors included)")
 
 
 @contextlib.contextmanager
@@ -162,5 +206,23 @@ def init_distributed(coordinator: str | None = None, num_processes: int = 1, pro
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"):
-        jax.distributed.initialize()
+    elif cluster_detected():
+        jax.distributed.initialize()  # jax reads the workers from the TPU metadata server / SLURM / Open MPI
+
+
+def cluster_detected() -> bool:
+    """A multi-host environment `jax.distributed.initialize()` can set itself up from: a Cloud TPU VM
+    (detected from its PCI devices, as jax does -- a plain `gcloud ... ssh` shell sets no TPU_*
+    variable), GKE TPU variables, or a SLURM / Open MPI job of more than one task."""
+    import os
+
+    env = os.environ
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    try:
+        from jax._src import hardware_utils  # what jax's own TPU VM detection reads (PCI ids)
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError, OSError):
+        return False

@@ -31,7 +31,7 @@ def test_model_presets_load_and_count(tmp_path, preset):
 
 def test_real_presets_have_published_sizes(tmp_path):
     """Parameter counts of real presets against published sizes (rough: +-10%)."""
-    published = {"llama-3-8b": 8.03e9, "qwen2-7b": 7.6e9, "gemma-7b": 8.5e9, "bloom-7b1": 7.07e9,
+    published = {"llama-3-8b": 8.03e9, "llama-3-70b": 70.6e9, "qwen2-7b": 7.6e9, "gemma-7b": 8.5e9, "bloom-7b1": 7.07e9,
                  "mt5-base": 580e6, "mt5-xl": 3.7e9, "mbart-large-50": 611e6, "nllb-200-distilled-600M": 615e6,
                  "nllb-200-3.3B": 3.3e9}
     for name, size in published.items():

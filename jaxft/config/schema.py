@@ -96,11 +96,18 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. -1 on one axis means "all remaining devices"."""
+    """Device mesh. -1 on one axis means "all remaining devices" (of one slice).
+
+    Multi-slice (DCN): ``dcn_data`` / ``dcn_fsdp`` split the slices between the data and
+    fsdp axes; their product is the number of slices.  The mesh keeps the three axes, the
+    DCN factor outermost (``data`` spans ``dcn_data * data`` devices), so only the gradient
+    reduction (data) or the parameter gathers (fsdp) cross the slow links."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclass(frozen=True)
@@ -251,8 +258,9 @@ class EvalConfig:
     max_examples: int = 200  # per direction
     batch_size: int = 16
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    # averaged over directions; acc / acc_norm: over the answer-choice sources (task multiple_choice)
-    best_metric: Literal["chrf", "bleu", "chrfpp", "acc", "acc_norm"] = "chrf"
+    # averaged over directions; acc / acc_norm: over the answer-choice sources (task multiple_choice);
+    # em / gen_chrf: exact match / chrF over the generation sources (task generation)
+    best_metric: Literal["chrf", "bleu", "chrfpp", "acc", "acc_norm", "em", "gen_chrf"] = "chrf"
     tier_high: tuple[str, ...] = ()  # languages or direction names per resource tier
     tier_mid: tuple[str, ...] = ()
     tier_low: tuple[str, ...] = ()

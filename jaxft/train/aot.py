@@ -8,23 +8,38 @@ and FLOPs.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxft.config.schema import Config
 from jaxft.models.registry import build_model, is_encoder_decoder, model_input_keys
 from jaxft.runs.teacher import check_teacher, teacher_model_config
-from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.peft.methods import method_for
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
 
 
+@dataclasses.dataclass
+class LoweredStep:
+    lowered: jax.stages.Lowered
+    state: Any  # the abstract TrainState (ShapeDtypeStructs carrying their shardings)
+    teacher: Any  # the teacher's abstract state, or None
+    mesh: Mesh
+
+
 def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> jax.stages.Lowered:
+    return lower_step_parts(cfg, devices).lowered
+
+
+def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -> LoweredStep:
     mesh = make_mesh(cfg.mesh, devices)
+    check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer(make_optimizer(cfg.optimizer, cfg.train.steps))
     init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
@@ -37,7 +52,8 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
         step = jit_train_step(step_fn, shardings, bsharding, teacher and teacher[2])
         enc_len = (cfg.data.encoder_seq_len or cfg.data.seq_len) if is_encoder_decoder(cfg.model) else None
         batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len)
-        return step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)))
+        lowered = step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)))
+    return LoweredStep(lowered, abstract, teacher and teacher[1], mesh)
 
 
 def _abstract_teacher(cfg: Config, mesh):

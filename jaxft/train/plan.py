@@ -1,0 +1,271 @@
+"""Plan a run before paying for it: compile the real train step for a TPU slice (or the
+local devices) and report per chip what it needs, whether it fits, how fast it could be,
+and which knob would make it fit.
+
+Everything comes from the same code path as `jaxft train` (`jaxft.train.aot`): PEFT method,
+remat, microbatches, mesh, loss chunking, distillation teacher.  The numbers:
+
+* **memory** -- from the compiled executable (`memory_analysis()`): arguments (split into
+  parameters / optimizer state / other by the inputs' own shardings), outputs not aliased
+  to a donated input, temporaries (gradients, activations, workspace) and code.  When the
+  compiler refuses the step for lack of HBM, the temporaries and the usable HBM are read
+  from its error; the verdict is then DOES NOT FIT by the difference.  LT-SFT keeps its
+  starting parameters (theta0) beside the state: counted on top.
+* **FLOPs** -- the compiled per-chip count (`cost_analysis()`) next to the model's FLOPs
+  (`jaxft.models.flops`, the MFU accounting of training).
+* **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all /
+  collective-permute in the optimized HLO, multiplied by the trip count of enclosing loops.
+* **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16
+  peak), HBM traffic (bytes accessed / HBM bandwidth) and communication (collective bytes,
+  all-reduce counted twice, over ICI; across slices the gradient reduction over DCN), with
+  the tokens/s and MFU it implies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import resource
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+from jaxft.config.schema import Config
+from jaxft.models.flops import train_flops_per_example
+from jaxft.models.registry import is_encoder_decoder
+from jaxft.peft.methods import method_for
+from jaxft.train.aot import lower_step_parts
+from jaxft.train.chips import Chip, Topology
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(-start)?\(")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|c64|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Plan:
+    target: str  # the slice or the local devices, in words
+    n_chips: int
+    mesh: dict[str, int]
+    fits: bool | None  # None: the device's capacity is unknown (CPU)
+    capacity: int | None  # usable bytes per chip
+    memory: dict[str, int]  # per chip
+    flops: dict[str, float]  # per chip per step: compiled, model
+    collectives: dict[str, int]  # bytes per chip per step, by kind
+    estimate: dict[str, float]  # roofline seconds, tokens/s, mfu
+    planning: dict[str, float]  # compile seconds, peak host RSS of this process
+    overrides: tuple[str, ...] = ()
+    suggestions: list["Plan"] = dataclasses.field(default_factory=list)
+    compiler_error: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.memory["total"]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["suggestions"] = [s.to_json() for s in self.suggestions]
+        return out
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit])
+
+
+def per_chip_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of ShapeDtypeStructs carrying shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Result bytes of each collective kind in an optimized HLO module, loops unrolled by
+    their known trip counts (a collective in a microbatch loop runs once per microbatch)."""
+    blocks = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ )", "\n" + hlo)
+    comps: dict[str, str] = {}
+    entry = None
+    for b in blocks:
+        m = re.match(r"(ENTRY )?%([\w.\-]+) ", b.strip())
+        if m:
+            comps[m.group(2)] = b
+            entry = m.group(2) if m.group(1) else entry
+    times: dict[str, int] = {}
+
+    def visit(name: str, mult: int) -> None:
+        if name not in comps or times.get(name, 0) >= mult:
+            return
+        times[name] = mult
+        for line in comps[name].splitlines():
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            for callee in re.findall(r"(?:body|to_apply|calls|condition|branch_computations)=\{?%([\w.\-]+)", line):
+                visit(callee, mult * (int(trip.group(1)) if trip and " while(" in line else 1))
+
+    visit(entry or next(iter(comps), ""), 1)
+    out: dict[str, int] = {}
+    for name, mult in times.items():
+        for line in comps[name].splitlines():
+            m = _COLLECTIVE.search(line)
+            if not m:
+                continue
+            sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t] for t, dims in _SHAPE.findall(m.group(1))]
+            if m.group(2) == "collective-permute":
+                sizes = sizes[:1]  # (operand, result, contexts...)
+            elif m.group(3) and m.group(2) == "all-gather" and len(sizes) % 2 == 0:
+                sizes = sizes[len(sizes) // 2:]  # all-gather-start returns (operands, results)
+            out[m.group(2)] = out.get(m.group(2), 0) + sum(sizes) * mult  # combined ops: a tuple of results
+    return out
+
+
+def _model_flops(cfg: Config, parts) -> float:
+    tgt = cfg.data.seq_len
+    src = (cfg.data.encoder_seq_len or tgt) if is_encoder_decoder(cfg.model) else None
+    try:
+        per_example = train_flops_per_example(cfg.model, tgt, src, trainable=parts.state.params,
+                                              frozen=parts.state.rest)
+    except ValueError:
+        per_example = train_flops_per_example(cfg.model, tgt, src)
+    if parts.teacher is not None:
+        from jaxft.runs.teacher import teacher_model_config
+        per_example += train_flops_per_example(teacher_model_config(cfg.train.distill.teacher), tgt, src) / 3
+    return per_example * cfg.train.global_batch
+
+
+def _memory(cfg: Config, parts, compiled, error: str) -> tuple[dict[str, int], int | None]:
+    state = parts.state
+    mem = {"params": per_chip_bytes(state.params) + per_chip_bytes(state.rest),
+           "optimizer": per_chip_bytes(state.opt_state),
+           "other_inputs": per_chip_bytes(state.mask) + per_chip_bytes(parts.teacher)}
+    mem["gradients"] = per_chip_bytes(state.params)  # inside the temporaries, an estimate
+    mem["theta0"] = per_chip_bytes(state.params) if method_for(cfg.peft, cfg.train, cfg.model).keeps_theta0 else 0
+    capacity = None
+    if compiled is not None:
+        stats = compiled.memory_analysis()
+        args = stats.argument_size_in_bytes
+        mem["other_inputs"] += max(0, args - sum(mem[k] for k in ("params", "optimizer", "other_inputs")))
+        mem["outputs_not_aliased"] = max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes)
+        mem["temporaries"] = stats.temp_size_in_bytes
+        mem["code"] = stats.generated_code_size_in_bytes
+    else:
+        for pattern in _OOM:
+            m = pattern.search(error)
+            if m:
+                mem["temporaries"], capacity = _bytes(*m.group(1, 2)), _bytes(*m.group(3, 4))
+                break
+        mem["outputs_not_aliased"], mem["code"] = 0, 0
+    mem["activations"] = max(0, mem["temporaries"] - mem["gradients"])
+    mem["total"] = sum(mem[k] for k in ("params", "optimizer", "other_inputs", "theta0", "outputs_not_aliased",
+                                        "temporaries", "code"))
+    return mem, capacity
+
+
+def _estimate(cfg: Config, chip: Chip | None, peak: float, n: int, flops: dict, hbm_bytes: float,
+              coll: dict[str, int], dcn_bytes: float) -> dict[str, float]:
+    if (chip is None and not peak) or not flops["compiled"]:
+        return {}  # no executable (out of memory): nothing to time
+    compute = max(flops["compiled"], flops["model"] / n) / peak
+    hbm = hbm_bytes / chip.hbm_bw if chip else 0.0
+    ici = sum(b * (2 if k == "all-reduce" else 1) for k, b in coll.items()) / chip.ici_bw if chip else 0.0
+    dcn = dcn_bytes / chip.dcn_bw if chip and dcn_bytes else 0.0
+    step = max(compute, hbm, ici + dcn)
+    tokens = cfg.train.global_batch * cfg.data.seq_len
+    return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn, "step_s": step,
+            "tokens_per_s": tokens / step if step else 0.0,
+            "mfu": flops["model"] / (step * peak) if step else 0.0}
+
+
+def _loop_corrected_cost(compiled, microbatches: int, mem: dict[str, int]) -> dict[str, float]:
+    """FLOPs and bytes accessed per chip per step.  XLA's cost analysis counts a loop body once, so
+    with gradient accumulation its figures are one microbatch's plus the update: the body is
+    scaled by the microbatch count, the update's traffic (read and write parameters, optimizer
+    state and gradients: an estimate) counted once."""
+    raw = (compiled.cost_analysis() or {}) if compiled is not None else {}
+    flops, accessed = float(raw.get("flops", 0.0)), float(raw.get("bytes accessed", 0.0))
+    if microbatches > 1 and flops:
+        update = min(accessed, 2.0 * (mem["params"] + mem["optimizer"] + mem["gradients"]))
+        flops, accessed = flops * microbatches, (accessed - update) * microbatches + update
+    return {"flops": flops, "bytes accessed": accessed}
+
+
+def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None, peak: float,
+              capacity: int | None, num_slices: int = 1, overrides: tuple[str, ...] = ()) -> Plan:
+    """Compile once and measure; no suggestions."""
+    t0 = time.perf_counter()
+    parts = lower_step_parts(cfg, devices)
+    compiled, error = None, ""
+    try:
+        compiled = parts.lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory verdict is a result
+        error = str(e)
+        if not any(p.search(error) for p in _OOM):
+            raise PlanError(f"compiling the train step failed: {error.splitlines()[0][:500]}") from e
+    n = len(devices)
+    mem, compiler_capacity = _memory(cfg, parts, compiled, error)
+    capacity = compiler_capacity or capacity
+    cost = _loop_corrected_cost(compiled, cfg.train.microbatches, mem)
+    flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
+    coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
+    dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
+    estimate = _estimate(cfg, chip, peak, n, flops, cost["bytes accessed"], coll, dcn)
+    fits = None if capacity is None else (compiled is not None and mem["total"] <= capacity)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return Plan(target=target, n_chips=n, mesh=dict(parts.mesh.shape), fits=fits, capacity=capacity, memory=mem,
+                flops=flops, collectives=coll, estimate=estimate, overrides=overrides,
+                planning={"compile_s": time.perf_counter() - t0, "peak_host_rss": rss},
+                compiler_error=error.splitlines()[0][:300] if error else "")
+
+
+def fix_candidates(cfg: Config, n_dp: int) -> list[tuple[str, ...]]:
+    """Knobs that lower per-chip memory, each tried alone by re-planning (then remat + fsdp together)."""
+    out: list[tuple[str, ...]] = []
+    if cfg.model.remat != "full":
+        out.append(("model.remat=full",))
+    rows = cfg.train.global_batch // cfg.train.microbatches
+    for factor in (2, 4, 8):
+        if rows % (factor * n_dp) == 0:
+            out.append((f"train.microbatches={cfg.train.microbatches * factor}",))
+    if cfg.mesh.data != 1 or cfg.mesh.fsdp != -1:
+        out.append(("mesh.data=1", "mesh.fsdp=-1"))
+    if cfg.peft.method == "none":
+        out.append(("peft.method=lora",))
+    if cfg.model.remat != "full" and (cfg.mesh.data != 1 or cfg.mesh.fsdp != -1):
+        out.append(("model.remat=full", "mesh.data=1", "mesh.fsdp=-1"))
+    return out
+
+
+def plan(load: Callable[[Sequence[str]], Config], overrides: Sequence[str], devices: Sequence, *, target: str,
+         chip: Chip | None = None, peak: float = 0.0, capacity: int | None = None, num_slices: int = 1,
+         suggest: bool = True, max_suggestions: int = 8) -> Plan:
+    """Plan `load(overrides)`; when it does not fit, re-plan each fix candidate."""
+    cfg = load(overrides)
+    base = plan_once(cfg, devices, target=target, chip=chip, peak=peak, capacity=capacity, num_slices=num_slices,
+                     overrides=tuple(overrides))
+    if suggest and base.fits is False:
+        n_dp = base.mesh["data"] * base.mesh["fsdp"]
+        for extra in fix_candidates(cfg, n_dp)[:max_suggestions]:
+            try:
+                alt = plan_once(load(list(overrides) + list(extra)), devices, target=target, chip=chip, peak=peak,
+                                capacity=capacity, num_slices=num_slices, overrides=extra)
+            except (PlanError, ValueError) as e:
+                alt = dataclasses.replace(base, fits=False, overrides=extra, compiler_error=str(e)[:300],
+                                          suggestions=[])
+            base.suggestions.append(alt)
+    return base
+
+
+def topology_target(topology: Topology) -> dict[str, Any]:
+    return {"target": topology.describe(), "chip": topology.chip, "peak": topology.chip.peak_bf16,
+            "capacity": topology.chip.usable_hbm, "num_slices": topology.num_slices}

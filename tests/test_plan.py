@@ -1,0 +1,152 @@
+"""`jaxft plan`: the real train step compiled for an abstract TPU slice (libtpu, no TPU), per-chip
+memory from the compiled executable, FITS / DOES NOT FIT, fixes re-planned; multi-slice meshes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft.config.loader import load_config
+from jaxft.config.schema import MeshConfig
+from jaxft.models.flops import param_count
+from jaxft.sharding import MeshError, check_batch, make_mesh
+from jaxft.train import plan as plan_lib
+from jaxft.train.chips import CHIPS, TopologyError, parse_topology
+
+TINY = textwrap.dedent("""\
+    run_dir: run
+    model: {preset: tiny-llama, vocab_size: 2048, d_model: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2,
+            mlp_dim: 384, max_seq_len: 128}
+    data: {seq_len: 128}
+    train: {global_batch: 8, steps: 10}
+""")
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_slice_names_become_libtpu_topologies():
+    assert parse_topology("v5p-256").name == "v5p:4x4x8"  # 128 chips (v5p names count 2 cores per chip)
+    assert parse_topology("v4-128").name == "v4:4x4x4"
+    assert parse_topology("v4-8").name == "v4:2x2x1"
+    assert parse_topology("v5litepod-16").name == "v5e:4x4"
+    assert parse_topology("v5e-256").name == "v5e:16x16"
+    assert parse_topology("v6e-8").name == "v6e:2x4"
+    t = parse_topology("v5p:2x2x4", num_slices=2)
+    assert (t.n_chips, t.chips_per_slice, t.describe()) == (32, 16, "2 x v5p-32 (v5p:2x2x4, 16 chips)")
+    for bad in ("v7x-8", "v5p-12", "v5e:2x2x2", "tpu"):
+        with pytest.raises(TopologyError, match="--topology"):
+            parse_topology(bad)
+
+
+def test_collective_bytes_counts_loop_trips():
+    hlo = textwrap.dedent("""\
+        %body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+          %ar = f32[1024,4]{1,0} all-reduce(f32[1024,4]{1,0} %x), channel_id=1, to_apply=%add
+          %ag = (f32[64]{0}, bf16[256,8]{1,0}) all-gather-start(f32[64]{0} %y), channel_id=2
+          %agd = bf16[256,8]{1,0} all-gather-done((f32[64]{0}, bf16[256,8]{1,0}) %ag)
+        }
+        ENTRY %main.9 (a: f32[8]) -> f32[8] {
+          %w = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"4"}}
+          %rs = f32[16]{0} reduce-scatter(f32[128]{0} %z), channel_id=3, dimensions={0}
+        }
+    """)
+    assert plan_lib.collective_bytes(hlo) == {"all-reduce": 4 * 1024 * 4 * 4, "all-gather": 4 * 256 * 8 * 2,
+                                              "reduce-scatter": 16 * 4}
+
+
+def test_multi_slice_mesh_puts_dcn_outermost():
+    devices = jax.devices()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, dcn_data=2), devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    # the first half of data rows is slice 0 (devices 0-3), the second half slice 1 (devices 4-7)
+    assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, dcn_fsdp=2), devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    with pytest.raises(MeshError, match="dcn_data x mesh.dcn_fsdp = 3"):
+        make_mesh(MeshConfig(dcn_data=3), devices)
+    with pytest.raises(MeshError, match="rows per microbatch must be divisible by the 8 data-parallel devices"):
+        check_batch(12, 1, make_mesh(MeshConfig(data=2, fsdp=2, dcn_data=2), devices))
+
+
+def test_plan_on_local_devices_has_no_verdict_without_a_capacity(tiny):
+    cfg = load_config(tiny)
+    p = plan_lib.plan(lambda o: load_config(tiny, o), [], jax.devices(), target="cpu", peak=1e11)
+    assert p.fits is None and p.suggestions == [] and p.n_chips == 8
+    assert p.memory["params"] == 4 * param_count(cfg.model)  # mesh data=8: replicated fp32 parameters
+    assert p.flops["compiled"] > 0 and p.estimate["step_s"] > 0
+
+
+libtpu = pytest.importorskip("libtpu", reason="libtpu (the test extra) plans TPU slices")
+
+
+def _compiles(monkeypatch) -> list:
+    """Every executable plan_once compiles, to compare its report with the executable's own stats."""
+    seen = []
+    real = plan_lib.lower_step_parts
+
+    def spy(cfg, devices):
+        parts = real(cfg, devices)
+        lowered = parts.lowered
+
+        class Lowered:
+            def compile(self):
+                seen.append(lowered.compile())
+                return seen[-1]
+        parts.lowered = Lowered()
+        return parts
+    monkeypatch.setattr(plan_lib, "lower_step_parts", spy)
+    return seen
+
+
+def test_v5e_plan_does_not_fit_and_a_replanned_fix_does(tiny, monkeypatch):
+    """A batch whose activations need ~28 GiB per v5e chip: DOES NOT FIT by the compiler's own
+    figures; full remat alone still does not fit, two microbatches do (each re-planned)."""
+    from jaxft.train.chips import abstract_devices
+    from jaxft.train.plan import topology_target
+
+    topology = parse_topology("v5e-4")
+    compiled = _compiles(monkeypatch)
+    p = plan_lib.plan(lambda o: load_config(tiny, o), ["train.global_batch=65536"], abstract_devices(topology),
+                      max_suggestions=2, **topology_target(topology))
+    assert p.fits is False and p.capacity == int(15.75 * 2**30) == CHIPS["v5e"].usable_hbm
+    assert "exceeds available HBM" in p.compiler_error and p.memory["temporaries"] > p.capacity
+    assert p.total - p.capacity > 2 * 2**30 and not p.estimate  # no executable: nothing to time
+    assert [s.overrides for s in p.suggestions] == [("model.remat=full",), ("train.microbatches=2",)]
+    remat, micro = p.suggestions
+    assert remat.fits is False and micro.fits is True
+    # the fitting plan's numbers are the executable's: arguments split by the inputs' shardings
+    stats = compiled[-1].memory_analysis()
+    assert micro.memory["temporaries"] == stats.temp_size_in_bytes
+    assert micro.memory["code"] == stats.generated_code_size_in_bytes
+    args = micro.memory["params"] + micro.memory["optimizer"] + micro.memory["other_inputs"]
+    assert args == stats.argument_size_in_bytes
+    n_params = param_count(load_config(tiny).model)
+    assert micro.memory["params"] == 4 * n_params  # mesh data=4: replicated fp32 parameters
+    assert micro.memory["optimizer"] >= 2 * 4 * n_params  # AdamW's two moments
+    assert micro.total <= micro.capacity and micro.flops["compiled"] > 0
+    assert micro.collectives.get("all-reduce", 0) >= 4 * n_params  # the gradient all-reduce
+    e = micro.estimate
+    assert e["step_s"] == max(e["compute_s"], e["hbm_s"], e["ici_s"] + e["dcn_s"]) > 0
+    assert 0 < e["mfu"] <= 1 and e["tokens_per_s"] == pytest.approx(65536 * 128 / e["step_s"])
+
+
+def test_plan_cli_json_and_exit_status(tiny, capsys):
+    from jaxft.cli import main
+
+    status = main(["plan", str(tiny), "--topology", "v5e-4", "--json", "--no-suggest",
+                   "--set", "train.global_batch=65536"])
+    out = json.loads(capsys.readouterr().out)
+    assert status == 1 and out["fits"] is False and out["target"].startswith("v5e-4 (v5e:2x2")
+    assert main(["plan", str(tiny), "--topology", "v9-8"]) == 2
+    assert "--topology: 'v9-8' is not a TPU slice" in capsys.readouterr().err
