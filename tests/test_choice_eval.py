@@ -177,3 +177,51 @@ def test_choice_sources_in_training_eval_and_jaxft_eval(tmp_path, capsys):
     assert main(["eval", str(path), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "eval.md").read_text()
     assert "| copa_en | eng_Latn | multiple_choice |" in md and "| direction | BLEU |" in md
+
+
+def test_hf_datasets_score_as_the_same_jsonl(tmp_path):
+    """type hf (save_to_disk folders): an XCOPA-layout dataset, and a generic one with its own field
+    names mapped by `fields` (in a DatasetDict split), score as the same records in JSONL."""
+    datasets = pytest.importorskip("datasets")
+    from flax import nnx
+
+    from jaxft.config.schema import ModelConfig
+    from jaxft.eval.choice import evaluate_choices
+    from jaxft.models.registry import build_model
+    from test_generation_eval import PRESETS
+
+    copa = [{"premise": f"The {w} fell.", "question": q, "choice1": "It broke.", "choice2": "It sang.", "label": i % 2}
+            for i, (w, q) in enumerate([("cup", "effect"), ("man", "cause"), ("vase", "effect"), ("tree", "cause")])]
+    _jsonl(tmp_path / "copa.jsonl", copa)
+    datasets.Dataset.from_list(copa).save_to_disk(str(tmp_path / "copa_hf"))
+    mcq = [{"question": "Two plus two is", "options": ["four", "five", "six"], "answer": "four", "id": 1},
+           {"question": "The sky is", "options": ["green", "blue"], "answer": "blue", "id": 2}]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(mcq)}).save_to_disk(str(tmp_path / "mcq_hf"))
+    _jsonl(tmp_path / "mcq.jsonl", [{"prompt": r["question"], "choices": r["options"],
+                                     "label": r["options"].index(r["answer"])} for r in mcq])
+    dev = (SourceConfig(type="jsonl", path="copa.jsonl", task="multiple_choice", choice_format="xcopa"),
+           SourceConfig(type="hf", path="copa_hf", task="multiple_choice", choice_format="xcopa"),
+           SourceConfig(type="jsonl", path="mcq.jsonl", task="multiple_choice"),
+           SourceConfig(type="hf", path="mcq_hf", hf_split="validation", task="multiple_choice",
+                         fields={"prompt": "question", "choices": "options", "label": "answer"}))
+    read = [read_choice_source(src, tmp_path, f"data.dev[{i}]") for i, src in enumerate(dev)]
+    for jsonl, hf in ((read[0], read[1]), (read[2], read[3])):
+        assert [(e.options, e.label) for e in jsonl] == [(e.options, e.label) for e in hf]
+    cfg = ModelConfig(**yaml.safe_load((PRESETS / "tiny-llama.yaml").read_text())["model"])
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    rows = evaluate_choices(model, CharTokenizer(cfg.vocab_size, bos=1, eos=2), cfg, DataConfig(dev=dev, seq_len=32),
+                            base_dir=tmp_path, batch_size=8)
+    assert rows["copa"] == rows["copa_hf"] and rows["mcq"] == rows["mcq_hf"] and rows["mcq_hf"]["examples"] == 2
+    with pytest.raises(DataError, match=r"mcq_hf\[validation\]:0: data\.dev\[3\]\.fields\.label: the record has "
+                                        r"no field 'answr'"):
+        read_choice_source(dataclasses.replace(dev[3], fields={**dev[3].fields, "label": "answr"}), tmp_path,
+                           "data.dev[3]")
+
+
+def test_field_mapping_gathers_columns_and_reads_nested_fields(tmp_path):
+    rec = {"q": {"text": "Pick one:"}, "A": "red", "B": "blue", "ans": "blue"}
+    fields = {"prompt": "q.text", "choices": "A,B", "label": "ans"}
+    ex = _read(tmp_path, [rec], task="multiple_choice", fields=fields)[0]
+    assert ex.options == (("Pick one:", "red"), ("Pick one:", "blue")) and ex.label == 1
+    with pytest.raises(DataError, match=r"x\.jsonl:1: no field 'prompt' .*map it with data\.dev\[0\]\.fields\.prompt"):
+        _read(tmp_path, [rec], task="multiple_choice", fields={"choices": "A,B", "label": "ans"})

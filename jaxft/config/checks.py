@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple
 
 from jaxft.config.errors import ConfigError, Key, Origin
 from jaxft.config.schema import Config
+from jaxft.config.schema_data import EVAL_TYPES, SourceConfig, eval_fields
 
 
 class Check(NamedTuple):
@@ -105,8 +106,36 @@ def _origin_of(key: Key, origins: Mapping[Key, Origin], fallback: Origin | None)
     return fallback
 
 
+def source_problems(src: SourceConfig, section: str) -> list[tuple[Key, str]]:
+    """(key below the source, message) for each problem of one source of ``data.<section>`` with an
+    evaluation-only task (multiple_choice / classification / generation) or a `fields` mapping."""
+    if src.task not in EVAL_TYPES:
+        return [(("fields",), "only for tasks multiple_choice / classification / generation "
+                              "(other tasks: src_field / tgt_field)")] if src.fields else []
+    out: list[tuple[Key, str]] = []
+    if section == "train":
+        out.append((("task",), f"{src.task} is for evaluation only (data.dev / data.test): it is scored, "
+                               "not trained on"))
+    if src.type not in EVAL_TYPES[src.task]:
+        out.append((("type",), f"task {src.task} reads {' / '.join(EVAL_TYPES[src.task])} sources, not {src.type}"))
+    known = eval_fields(src.task, src.choice_format)
+    what = f"choice_format {src.choice_format}" if src.task == "multiple_choice" else f"task {src.task}"
+    aliases = {"text": "src_field", "prompt": "src_field", "label": "tgt_field", "references": "tgt_field"}
+    for name, value in src.fields.items():
+        if name not in known:
+            out.append((("fields", name), f"not a field of {what} (one of: {', '.join(known)})"))
+        elif not value.strip():
+            out.append((("fields", name), "must name a field of the records"))
+        elif src.task != "multiple_choice" and name in aliases and getattr(src, aliases[name]) not in (None, value):
+            out.append((("fields", name), f"{aliases[name]} names this field too; set one of them"))
+    if src.fields and src.type == "text":
+        out.append((("fields",), "type text has no named fields (src_path: prompts, tgt_path: references)"))
+    return out
+
+
 def validate(cfg: Config, origins: Mapping[Key, Origin] | None = None, fallback: str | None = None) -> Config:
-    """Reject impossible values (``_CHECKS``); returns ``cfg`` unchanged when all hold."""
+    """Reject impossible values (``_CHECKS``, then each source's `source_problems`); returns ``cfg``
+    unchanged when all hold."""
     origins = origins or {}
     for check in _CHECKS:
         if check.ok(cfg):
@@ -117,4 +146,9 @@ def validate(cfg: Config, origins: Mapping[Key, Origin] | None = None, fallback:
         value = _get(cfg, check.keys[0])
         value_text = "" if dataclasses.is_dataclass(value) else f", got {value!r}"
         raise ConfigError(check.message.format(c=cfg) + value_text, keys[0], origin)
+    for section in ("train", "dev", "test"):
+        for i, src in enumerate(getattr(cfg.data, section)):
+            for sub, message in source_problems(src, section)[:1]:
+                key = ("data", section, i, *sub)
+                raise ConfigError(message, key, _origin_of(key, origins, Origin(fallback) if fallback else None))
     return cfg

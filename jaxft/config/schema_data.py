@@ -48,8 +48,10 @@ class SourceConfig:
     # chat: multi-turn conversations (decoder-only): records hold `messages`, a list of {role:
     # system|user|assistant, content}; rendered with data.chat_template, loss on the assistant
     # turns only (jaxft.data.chat, docs/data.md)
+    # generation: evaluation only: the model continues `prompt` (eval.decode) and the output is
+    # scored against `references` by exact match and chrF (`jaxft.eval.generation`)
     task: Literal["translation", "prompt", "lm", "span_corruption", "infilling", "multiple_choice",
-                  "classification", "chat"] = "translation"
+                  "classification", "chat", "generation"] = "translation"
     # multiple_choice JSONL layouts: generic (prompt, choices, label), xnli (premise, hypothesis,
     # label), xcopa (premise, question, choice1, choice2, label), xstorycloze (input_sentence_1..4,
     # sentence_quiz1/2, answer_right_ending), xwinograd (sentence with "_", option1/2, answer)
@@ -75,6 +77,35 @@ class SourceConfig:
     hf_name: str | None = None  # a hub id (or a local dataset folder / builder) for datasets.load_dataset
     hf_config: str | None = None
     hf_split: str = "train"
+    # multiple_choice / classification / generation: the record's own name for each field the task
+    # reads (`eval_fields`), e.g. {prompt: question, choices: options, label: answer}; `a.b` is field b
+    # of a nested record a; for `choices`, `f1,f2,...` gathers several fields into the list
+    # (src_field / tgt_field also name classification's text / label, generation's prompt / references)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # `fields` is a dict: configs are hashed (caches, static jit arguments)
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in vars(self).values()))
+
+
+# The fields each evaluation-only task reads from a record (multiple_choice: per choice_format),
+# and the source types it reads them from.
+EVAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "generic": ("prompt", "choices", "label"),
+    "xnli": ("premise", "hypothesis", "label"),
+    "xcopa": ("premise", "question", "choice1", "choice2", "label"),
+    "xstorycloze": (*(f"input_sentence_{i}" for i in range(1, 5)), "sentence_quiz1", "sentence_quiz2",
+                    "answer_right_ending"),
+    "xwinograd": ("sentence", "option1", "option2", "answer"),
+    "classification": ("text", "label"),
+    "generation": ("prompt", "references", "lang"),
+}
+EVAL_TYPES: dict[str, tuple[str, ...]] = {"multiple_choice": ("jsonl", "hf"), "classification": ("jsonl", "hf"),
+                                          "generation": ("jsonl", "hf", "text")}
+
+
+def eval_fields(task: str, choice_format: str) -> tuple[str, ...]:
+    """The record fields an evaluation-only ``task`` reads (what `SourceConfig.fields` may map)."""
+    return EVAL_FIELDS[choice_format if task == "multiple_choice" else task]
 
 
 @dataclass(frozen=True)

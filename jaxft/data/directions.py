@@ -18,7 +18,7 @@ from jaxft.config.schema import DataConfig
 from jaxft.data import seq2seq
 from jaxft.data.chat import ChatFeaturizer
 from jaxft.data.index import build_indexes
-from jaxft.data.readers import CHOICE_TASKS, LINE_FORMATS
+from jaxft.data.readers import EVAL_TASKS, LINE_FORMATS
 from jaxft.data.sources import DataError, Example, ReadStats, Skipped, Source, keyed_sources, open_source
 from jaxft.data.tasks import Featurizer, OverlongError
 from jaxft.data.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def read_directions(cfg: DataConfig, base_dir: Path, *, split: str) -> list[Dire
     """Expand and open ``cfg.train``, ``cfg.dev`` or ``cfg.test`` (split "train" / "dev" / "test")."""
     sources = {"train": cfg.train, "dev": cfg.dev, "test": cfg.test}[split]
     keyed = keyed_sources(sources, Path(base_dir), section=f"data.{split}", split=split)
-    keyed = [(key, src) for key, src in keyed if src.task not in CHOICE_TASKS]  # scored by jaxft.eval.choice
+    keyed = [(key, src) for key, src in keyed if src.task not in EVAL_TASKS]  # scored by jaxft.eval.choice / generation
     build_indexes([(src, key) for key, src in keyed if src.type in LINE_FORMATS], cfg.bad_lines, cfg.index_dir)
     return [Direction(key, src, open_source(src, key=key, bad_lines=cfg.bad_lines, index_dir=cfg.index_dir))
             for key, src in keyed]

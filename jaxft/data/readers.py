@@ -37,6 +37,9 @@ _LOGGED_PER_FILE = 3
 # Tasks on monolingual text (the text is the Example's ``tgt``, ``src`` is "").
 MONOLINGUAL_TASKS = ("lm", "span_corruption", "infilling")
 CHOICE_TASKS = ("multiple_choice", "classification")  # evaluation only: jaxft.data.choice
+# Evaluation only: scored by their own measures (jaxft.eval.choice / generation), never trained on,
+# no dev loss (read by jaxft.data.choice, not as Examples)
+EVAL_TASKS = (*CHOICE_TASKS, "generation")
 
 
 class DataError(ValueError):

@@ -115,7 +115,7 @@ def evaluate_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_
     sources = data_cfg.dev if split == "dev" else getattr(data_cfg, split)
     out = {}
     for key, src in choice_sources(sources, Path(base_dir), f"data.{split}"):
-        examples = read_choice_source(src, Path(base_dir), key)[:max_examples or None]
+        examples = read_choice_source(src, Path(base_dir), key, limit=max_examples)
         scores = score_choices(model, tokenizer, model_cfg, data_cfg, examples, batch_size=batch_size)
         out[src.name] = {"lang": src.src_lang, "task": src.task, **scores.metrics()}
     return out

@@ -1,7 +1,8 @@
 """Evaluation during training, as a train-loop hook: every `eval.every` steps
 (and at the last step) decode the dev directions, log BLEU / chrF / chrF++ per
-direction, and keep the best checkpoint by `eval.best_metric` in
-`<run_dir>/best` (besides the last N).
+direction (and the accuracies of answer-choice sources, exact match / chrF of generation
+sources), and keep the best checkpoint by `eval.best_metric` in `<run_dir>/best` (besides
+the last N).
 
 The hook lives here, above `jaxft.train`, because it decodes and scores;
 `train_and_evaluate` is `train` with this hook added when `eval.every` is set
@@ -24,6 +25,9 @@ from jaxft.train.hooks import Hook
 from jaxft.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
+# what eval.best_metric averages over, where it is not the translation directions
+_MEASURED = {"acc": "answer-choice source", "acc_norm": "answer-choice source", "em": "generation source",
+             "gen_chrf": "generation source"}
 
 
 class EvalHook(Hook):
@@ -46,12 +50,12 @@ class EvalHook(Hook):
         report = evaluate(Translator(model, run.tokenizer, cfg.model, cfg.data), cfg, base_dir=run.base_dir)
         per_direction = {d: {"bleu": s.bleu, "chrf": s.chrf, "chrfpp": s.chrfpp} for d, s in report.scores.items()}
         averages = report.averages()
-        extra = {"choices": report.choices} if report.choices else {}
+        extra = {k: v for k, v in (("choices", report.choices), ("generations", report.generations)) if v}
         run.writer.write(step, {"scores": per_direction, "average": averages, **extra}, kind="eval")
         value = averages.get(cfg.eval.best_metric)
         if value is None:
             raise ValueError(f"eval.best_metric: {cfg.eval.best_metric} has no value: the dev split has no "
-                             f"{'answer-choice source' if cfg.eval.best_metric.startswith('acc') else 'translation direction'}")
+                             f"{_MEASURED.get(cfg.eval.best_metric, 'translation direction')}")
         log.info("eval step %d: %s %.2f (best %s)", step, cfg.eval.best_metric, value, self.best)
         if self.best is None or value > self.best:
             self.best = value

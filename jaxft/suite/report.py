@@ -3,9 +3,10 @@
 Read from each run's ``metrics.jsonl`` (never recomputed): the last dev loss per direction,
 the last evaluation's BLEU / chrF / chrF++ per direction (runs with ``eval.every``) with
 their macro average and, when the experiment sets ``eval.tier_high / tier_mid / tier_low``,
-per-tier averages as ML50 reports them; the trainable size from ``params.json`` (the entries
-the method updates: all for full fine-tuning, the adapters for LoRA, K + dense tensors for
-LT-SFT; and as a % of the model); tokens/s: target tokens (``tokens_per_s``; runs from before it
+per-tier averages as ML50 reports them; the averages over answer-choice sources (``avg_acc`` /
+``avg_acc_norm``) and generation sources (``avg_em`` / ``avg_gen_chrf``); the trainable size
+from ``params.json`` (the entries the method updates: all for full fine-tuning, the adapters
+for LoRA, K + dense tensors for LT-SFT; and as a % of the model); tokens/s: target tokens (``tokens_per_s``; runs from before it
 existed: padded slots, ``seq_tokens_per_s``), mean over logged steps after the first;
 the wall time from the suite's state.  Runs that differ only in their seed are also
 summarised as mean ± std.  A run that has not finished is reported with what it has so far
@@ -33,6 +34,8 @@ from jaxft.suite.runner import read_state
 from jaxft.suite.spec import RunPlan, Suite
 
 _TIERS = ("high", "mid", "low")
+# averages over sources, not directions: accuracies (jaxft.eval.choice), exact match / chrF (jaxft.eval.generation)
+_SOURCE_METRICS = ("acc", "acc_norm", "em", "gen_chrf")
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -80,8 +83,8 @@ def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
         for t in tiers:
             tv = [s[metric] for d, s in scores.items() if _tier(d, tiers) == t and isinstance(s.get(metric), (int, float))]
             out[f"{t}_{metric}"] = statistics.fmean(tv) if tv else None
-    average = evals[-1].get("average") if evals else None  # answer-choice accuracies (jaxft.eval.choice)
-    for metric in ("acc", "acc_norm"):
+    average = evals[-1].get("average") if evals else None  # answer-choice and generation sources' averages
+    for metric in _SOURCE_METRICS:
         value = average.get(metric) if isinstance(average, dict) else None
         out[f"avg_{metric}"] = value if isinstance(value, (int, float)) else None
     out["tiers"] = {d: _tier(d, tiers) for d in scores}
@@ -112,7 +115,7 @@ def _columns(summaries: list[dict[str, Any]]) -> list[str]:
         if scored:
             cols.append(f"avg_{metric}")
             cols += [f"{t}_{metric}" for t in _TIERS if any(s.get(f"{t}_{metric}") is not None for s in summaries)]
-    cols += [f"avg_{m}" for m in ("acc", "acc_norm") if any(s.get(f"avg_{m}") is not None for s in summaries)]
+    cols += [f"avg_{m}" for m in _SOURCE_METRICS if any(s.get(f"avg_{m}") is not None for s in summaries)]
     return cols + ["trainable", "trainable_pct", "tokens_per_s", "wall_s"]
 
 
