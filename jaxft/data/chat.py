@@ -36,6 +36,12 @@ must be one piece of the vocabulary (a run that trains its tokenizer adds those 
 ``template_special_tokens``).  Over ``data.seq_len`` (``data.overlong``): ``skip`` / ``error`` as
 the other tasks; ``truncate`` keeps the first ``seq_len + 1`` tokens (a conversation left with
 no assistant token is skipped, counted as over-long).
+
+**At inference** (``jaxft chat``, ``jaxft translate --chat``) the same ``ChatEncoder`` renders the
+conversation so far with ``add_generation_prompt=True`` (``prompt``: the ids of HF
+``apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``), drops the oldest
+exchanges of a history over the model's length (``fit``), and names the token that ends an
+assistant turn (``end_of_turn``), where generation stops.
 """
 
 from __future__ import annotations
@@ -204,24 +210,20 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
     return mask
 
 
-class ChatFeaturizer:
-    """Callable: a chat Example -> {"inputs","targets","weights"} arrays, or None (skipped); the
-    interface of ``jaxft.data.tasks.Featurizer`` (``limits``, ``lengths``, ``describe``, ``stats``)."""
+class ChatEncoder:
+    """A chat template with its tokenizer: conversations -> token ids, as transformers'
+    ``apply_chat_template(..., tokenize=True)``.  Training (``ChatFeaturizer``) and inference
+    (``jaxft chat``, ``jaxft translate --chat``: ``prompt``, ``fit``, ``end_of_turn``) share it, so
+    a model is prompted with exactly the tokens it was trained on."""
 
-    def __init__(self, tokenizer: Any, *, seq_len: int, chat_template: str | None, overlong: str,
-                 source: str = "?"):
-        if overlong not in ("skip", "truncate", "error"):
-            raise ValueError(f"data.overlong must be skip, truncate or error, got {overlong!r}")
-        if seq_len < 2:
-            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
+    def __init__(self, tokenizer: Any, chat_template: str | None):
         if not hasattr(tokenizer, "encode_with_offsets"):
             raise DataError(f"task chat: tokenizer {tokenizer!r} gives no character offsets")
-        self.tokenizer, self.seq_len, self.overlong, self.source = tokenizer, seq_len, overlong, source
+        self.tokenizer = tokenizer
         self.template = resolve_template(chat_template, tokenizer)
         ids = {tokenizer.id_to_piece(i): i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}
         # bos / eos strings the tokenizer reads as text (SentencePiece control pieces): split out
         self.split = {s: i for s, i in ids.items() if s and tokenizer.encode(s) != [i]}
-        self.stats = TaskStats()
 
     def encode_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of ``text`` and each token's character span."""
@@ -249,8 +251,58 @@ class ChatFeaturizer:
         return ids, token_mask(offsets, spans)
 
     def prompt(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of ``messages`` followed by the assistant header: what generation continues."""
+        """Token ids of ``messages`` followed by the assistant header: what generation continues
+        (HF ``apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``)."""
         return self.encode_text(self.template.render(messages, add_generation_prompt=True))[0]
+
+    def fit(self, messages: Sequence[dict], budget: int) -> tuple[list[int], list[dict], bool]:
+        """(prompt ids, the messages kept, cut) for a prompt of at most ``budget`` tokens: while it
+        is longer, the oldest exchange (the first non-system message up to the next user one) is
+        dropped; system messages and the last user turn stay.  A prompt still too long keeps its
+        last ``budget`` tokens (``cut``: its start, the system prompt with it, is lost)."""
+        if budget < 1:
+            raise ValueError(f"chat: no room for a prompt ({budget} tokens left)")
+        kept = list(messages)
+        while len(ids := self.prompt(kept)) > budget:
+            first = next((i for i, m in enumerate(kept) if m["role"] != "system"), len(kept))
+            after = next((j for j in range(first + 1, len(kept)) if kept[j]["role"] == "user"), None)
+            if after is None:
+                return ids[-budget:], kept, True
+            kept = kept[:first] + kept[after:]
+        return ids, kept, False
+
+    def end_of_turn(self) -> int | None:
+        """The id of the token the template ends an assistant turn with (``<|im_end|>``,
+        ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``): the ``<...>`` token right after the reply
+        (after whitespace) in a rendered exchange; None if the template writes none there."""
+        reply = "jaxftreplyend"
+        try:
+            text = self.template.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}])
+        except DataError:
+            return None
+        at = text.rfind(reply)
+        rest = text[at + len(reply):] if at >= 0 else ""
+        start = len(text) - len(rest.lstrip())
+        found = re.match(r"<[^<>\s]+>", text[start:])
+        if found is None:
+            return None
+        ids, offsets = self.encode_text(text)
+        return next((i for i, span in zip(ids, offsets) if span == (start, start + found.end())), None)
+
+
+class ChatFeaturizer(ChatEncoder):
+    """Callable: a chat Example -> {"inputs","targets","weights"} arrays, or None (skipped); the
+    interface of ``jaxft.data.tasks.Featurizer`` (``limits``, ``lengths``, ``describe``, ``stats``)."""
+
+    def __init__(self, tokenizer: Any, *, seq_len: int, chat_template: str | None, overlong: str,
+                 source: str = "?"):
+        if overlong not in ("skip", "truncate", "error"):
+            raise ValueError(f"data.overlong must be skip, truncate or error, got {overlong!r}")
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
+        super().__init__(tokenizer, chat_template)
+        self.seq_len, self.overlong, self.source = seq_len, overlong, source
+        self.stats = TaskStats()
 
     @property
     def limits(self) -> tuple[int, ...]:

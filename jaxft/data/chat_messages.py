@@ -40,9 +40,8 @@ def _as_list(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else value  # numpy arrays of dicts
 
 
-def record_messages(rec: Any, field: str | None) -> str:
-    """The conversation of a dict-like record as canonical JSON, or the reason it is bad: a
-    key of ``REASONS``, ``"field"`` (no such field) or ``"utf8"``."""
+def _checked(rec: Any, field: str | None) -> list[dict[str, str]] | str:
+    """The messages of a dict-like record, or the reason they are bad (``record_messages``)."""
     field = field or DEFAULT_FIELD
     if not hasattr(rec, "get") or field not in rec:
         return "field"
@@ -61,9 +60,32 @@ def record_messages(rec: Any, field: str | None) -> str:
         if not isinstance(content, str):
             return "content"
         out.append({"role": role, "content": content})
+    return out
+
+
+def record_messages(rec: Any, field: str | None) -> str:
+    """The conversation of a dict-like record as canonical JSON, or the reason it is bad: a
+    key of ``REASONS``, ``"field"`` (no such field) or ``"utf8"``."""
+    out = _checked(rec, field)
+    if isinstance(out, str):
+        return out
     if not any(m["role"] == "assistant" for m in out):
         return "no_assistant"
     return json.dumps(out, ensure_ascii=False)
+
+
+def prompt_messages(rec: Any, where: str, field: str | None = None) -> list[dict[str, str]]:
+    """The conversation of an inference record (``jaxft chat --messages``), checked as in training
+    but ending with a user turn (the reply is generated after it) and needing no assistant one;
+    a bad record raises ``ValueError`` naming ``where``."""
+    out = _checked(rec, field)
+    if out == "field":
+        raise ValueError(f"{where}: no {field or DEFAULT_FIELD!r} field")
+    if isinstance(out, str):
+        raise ValueError(f"{where}: {REASONS.get(out, 'invalid UTF-8')}")
+    if out[-1]["role"] != "user":
+        raise ValueError(f"{where}: the last message is {out[-1]['role']!r}, not 'user' (the reply follows it)")
+    return out
 
 
 def load_messages(text: str) -> list[dict[str, str]]:
