@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from jaxft.paths import local_path
+
 log = logging.getLogger("jaxft")
 DIVERGED_EXIT = 3  # `jaxft train` stopped on non-finite losses (train.nonfinite)
 
@@ -46,6 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxft.train.loop import dev_table
     from jaxft.train.cadence import INTERRUPTED_EXIT
     from jaxft.train.hooks import DivergedError
+    from jaxft.paths import is_remote
 
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config, args.overrides)
@@ -63,7 +66,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return result.exit_status
     if result.dev_after:
         print(dev_table(result))
-    print(f"run dir: {result.run_dir.resolve()}")
+    print(f"run dir: {result.run_dir if is_remote(result.run_dir) else result.run_dir.resolve()}")
     return 0
 
 
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = _command(sub, "tokenizer", None, help="SentencePiece tokenizers")
     q = _command(tsub, "train", _cmd_tokenizer_train, help="train a SentencePiece model on text files")
     q.add_argument("inputs", nargs="+", type=Path, help="UTF-8 text files, one sentence per line")
-    q.add_argument("--out", type=Path, required=True, help="output .model path (a new file)")
+    q.add_argument("--out", type=local_path, required=True, help="output .model path (a new file)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
@@ -196,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = _command(vsub, "hf-to-jaxft", _cmd_convert,
                  help="HF folder (config.json + safetensors) -> orbax params + model.yaml")
     q.add_argument("src", help="HF checkpoint folder, or hf:org/name for a hub model")
-    q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
+    q.add_argument("out", type=local_path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (float32)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder jaxft wrote")
     q = _command(vsub, "jaxft-to-hf", _cmd_convert,
                  help="folder written by hf-to-jaxft -> HF folder transformers loads")
     q.add_argument("src", type=Path)
-    q.add_argument("out", type=Path, help="a new folder (not the source nor inside it)")
+    q.add_argument("out", type=local_path, help="a new folder (not the source nor inside it)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="stored dtype")
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--model-type", default=None, help="HF model_type (default: inferred)")
@@ -216,15 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "then '+ DIFF' items")
     p.add_argument("--add", action="append", default=[], metavar="DIFF[*SCALE]",
                    help="another sparse diff or LoRA adapter dir (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="a new output folder, in BASE's format (a jaxft folder "
-                   "for a run dir); never BASE, a diff, or inside one")
+    p.add_argument("--out", type=local_path, required=True, help="a new output folder, in BASE's format (a jaxft "
+                   "folder for a run dir); never BASE, a diff, or inside one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--revert", action="store_true", help="subtract the diffs instead of adding them")
 
     p = _command(sub, "diff", _cmd_diff, help="fine-tuning difference FINETUNED - BASE as a composable diff")
     p.add_argument("finetuned", help="jaxft folder, HF folder or run dir")
     p.add_argument("base", help="jaxft folder, HF folder or run dir of the same architecture")
-    p.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
+    p.add_argument("--out", type=local_path, required=True, help="a new folder (not an input nor inside one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
     p.add_argument("--sparse-k", type=float, default=None,
                    help="keep only the K largest |delta| entries (a count >= 1 or a proportion < 1); default: dense")
@@ -232,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = _command(sub, "data", None, help="data tools")
     q = _command(dsub, "prepare", _cmd_data_prepare, config=True, help="write the config's train and dev sources as "
                  "ArrayRecord shards, with manifest.json (counts) and sources.yaml (type: arrayrecord sources)")
-    q.add_argument("--out", type=Path, required=True, help="a new folder (not an input nor inside one)")
+    q.add_argument("--out", type=local_path, required=True, help="a new folder (not an input nor inside one)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder jaxft wrote")
 
     ssub = _command(sub, "suite", None, help="experiment suites: a matrix of runs from one file (configs/suites/)")
@@ -254,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_all(sub, _command)
     p = _command(sub, "demo", _cmd_demo, help="build a multilingual corpus, train a tokenizer and a tiny model on it")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=local_path, default=Path("runs/demo"))
     return parser
 
 

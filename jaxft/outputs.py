@@ -15,9 +15,11 @@
   only after the new one is in place; a later command puts back an old output
   that an interruption left aside.
 
-Paths are compared resolved (symlinks followed).  The temporary name is the
-same on every process, so collective writes (orbax) work; only process 0
-creates, renames and removes.  Errors are `OutputError` (a `ValueError`: the
+Paths are compared resolved (symlinks followed); URLs (``gs://``: `jaxft.paths`) as written.
+The temporary name is the same on every process, so collective writes (orbax) work; only
+process 0 creates, renames and removes.  On an object store the temporary sibling is moved
+into place object by object (copy + delete: there is no rename), so an interrupted move can
+leave a partial output there.  Errors are `OutputError` (a `ValueError`: the
 CLI prints one line and exits 2).
 """
 
@@ -25,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
+
+from jaxft.paths import as_path, is_remote, lexists, makedirs, move, remove, write_atomic
 
 Kind = Literal["dir", "file"]
 
@@ -46,6 +49,8 @@ def is_main_process() -> bool:
 
 
 def _resolved(path: str | Path) -> Path:
+    if is_remote(path):
+        return as_path(path)
     return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
 
 
@@ -59,6 +64,8 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, o
         if src is None or str(src).startswith("hf:"):
             continue
         s = _resolved(src)
+        if is_remote(s) != is_remote(target):  # a URL and a local path never overlap
+            continue
         if target == s:
             raise OutputError(f"{flag} {out}: is an input of this command ({src}); choose a new path")
         if s in target.parents:
@@ -66,7 +73,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, o
                               "choose a path outside it")
         if target in s.parents:
             raise OutputError(f"{flag} {out}: contains an input of this command ({src}); choose a new path")
-    if not (target.exists() or target.is_symlink()):
+    if not lexists(target):
         return target
     if not overwrite:
         raise OutputError(f"{flag} {out}: already exists; choose a new path or pass --overwrite")
@@ -109,14 +116,14 @@ def safe_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, ov
     and leaves `out` as it was."""
     main = is_main_process()
     tmp, old = _siblings(_resolved(out))
-    if main and old.exists() and not os.path.lexists(_resolved(out)):
-        os.replace(old, _resolved(out))  # an interrupted overwrite left the old output aside: restore it
+    if main and lexists(old) and not lexists(_resolved(out)):
+        _replace(old, _resolved(out))  # an interrupted overwrite left the old output aside: restore it
     target = check_output(out, inputs, overwrite=overwrite, kind=kind, flag=flag)
     if main:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(target.parent)
         _remove(tmp)  # our own leftover of an interrupted command
         if kind == "dir":
-            tmp.mkdir()
+            makedirs(tmp)
     try:
         yield tmp
     except BaseException:
@@ -128,34 +135,29 @@ def safe_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, ov
 
 
 def _commit(tmp: Path, target: Path, old: Path) -> None:
-    if not os.path.lexists(tmp):
+    if not lexists(tmp):
         raise OutputError(f"{target}: nothing was written")
-    if os.path.lexists(target):  # overwrite (checked in check_output)
+    if lexists(target):  # overwrite (checked in check_output)
         _remove(old)
-        os.replace(target, old)
-        os.replace(tmp, target)
+        _replace(target, old)
+        _replace(tmp, target)
         _remove(old)
     else:
-        os.replace(tmp, target)
+        _replace(tmp, target)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
+def _replace(src: Path, dst: Path) -> None:
+    """A rename; on an object store a move (copy + delete)."""
+    if is_remote(src):
+        move(src, dst)
+    else:
+        os.replace(src, dst)
+
+
+_remove = remove  # a file or a folder, recursively (not following symlinks); nothing when absent
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a part."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a small file so that readers see the old or the new content, never a part
+    (a URL: one object write, `jaxft.paths.write_atomic`)."""
+    write_atomic(path, text.encode("utf-8"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 
 # In `jaxft --help` order.
-MODULES = ("jaxft.commands.evaluate", "jaxft.commands.export", "jaxft.commands.vocab", "jaxft.commands.params")
+MODULES = ("jaxft.commands.evaluate", "jaxft.commands.chat", "jaxft.commands.export", "jaxft.commands.vocab",
+           "jaxft.commands.params", "jaxft.commands.plan")
 
 
 def register_all(sub, command) -> None:

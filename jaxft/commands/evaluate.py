@@ -1,5 +1,6 @@
 """`jaxft translate` (lines through a run dir, a jaxft folder or an HF checkpoint) and `jaxft eval`
-(per-direction sacreBLEU scores of any of them on the dev or test split, or on files named by flags)."""
+(per-direction sacreBLEU scores of any of them on the dev or test split, or on files named by flags);
+with --chat a chat-tuned decoder-only model gets each source as a user turn of its chat template."""
 
 from __future__ import annotations
 
@@ -21,28 +22,56 @@ def _tag_flags(args: argparse.Namespace) -> dict:
 TRANSLATE_CHUNK = 2048  # lines per chunk: `jaxft translate` holds one chunk, not the corpus
 
 
+def decode_config(args: argparse.Namespace):
+    """The DecodeConfig of --strategy and the decode flags (greedy: one hypothesis)."""
+    from jaxft.config.schema import DecodeConfig
+
+    flags = {name: getattr(args, name) for name in DECODE_FLAGS} | ({"n_best": 1} if args.strategy == "greedy" else {})
+    return DecodeConfig(strategy=args.strategy, **flags)
+
+
+def apply_chat_flags(translator, args: argparse.Namespace, *, chat: bool) -> None:
+    """With ``chat`` (--chat) each source becomes a user turn of the chat template (--chat-template,
+    else the model's): --chat-instruction (default the data.prompt_template), after --system; a bad
+    template or instruction fails here, before decoding.  Without it those flags are errors."""
+    import dataclasses
+
+    if not chat:
+        for flag in ("chat_instruction", "system", "chat_template"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --chat (a chat-tuned decoder-only model)")
+        return
+    if args.chat_template:
+        translator.data_cfg = dataclasses.replace(translator.data_cfg, chat_template=args.chat_template)
+    translator.chat_instruction = args.chat_instruction or translator.data_cfg.prompt_template.rstrip("\n")
+    translator.chat_system = args.system
+    translator.chat_encoder()
+    translator.chat_turn("x", args.src_lang or "eng_Latn", args.tgt_lang or "deu_Latn")
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     import itertools
 
-    from jaxft.config.schema import DecodeConfig
     from jaxft.data.readers import read_text_lines
-
     from jaxft.eval.translate import load_translator
 
     if args.input:  # a bad file fails before the model loads (streamed: O(1) memory)
         for _ in read_text_lines(args.input):
             pass
-    translator, _ = load_translator(args.source, args.checkpoint, **_tag_flags(args))
+    translator, cfg = load_translator(args.source, args.checkpoint, **_tag_flags(args))
+    apply_chat_flags(translator, args, chat=args.chat)
     if not args.quiet and sys.stderr.isatty():  # as the progress bar: stderr stays the one-line errors otherwise
+        chat_run = cfg is not None and cfg.data.train and all(s.task == "chat" for s in cfg.data.train)
+        hint = (" (trained with task: chat: --chat prompts it with its chat template)"
+                if chat_run and not args.chat else "")
         print(f"jaxft translate: {args.source}, {args.src_lang} -> {args.tgt_lang}, target language by "
-              f"{translator.tag_style}", file=sys.stderr)
+              f"{translator.tag_style}{hint}", file=sys.stderr)
     if args.input:
         lines = read_text_lines(args.input)
     else:
         stdin = getattr(sys.stdin, "buffer", None)
         lines = read_text_lines(stdin, "<stdin>") if stdin else (line.rstrip("\n") for line in sys.stdin)
-    flags = {name: getattr(args, name) for name in DECODE_FLAGS} | ({"n_best": 1} if args.strategy == "greedy" else {})
-    decode = DecodeConfig(strategy=args.strategy, **flags)
+    decode = decode_config(args)
     done = 0
     while chunk := list(itertools.islice(lines, TRANSLATE_CHUNK)):  # outputs stream as each chunk finishes
         for out in translator.translate(chunk, args.src_lang, args.tgt_lang, decode, args.batch_size,
@@ -64,8 +93,8 @@ def _eval_config(args: argparse.Namespace):
         return cfg, args.config.resolve().parent, args.model or cfg.run_dir
     if not args.model:
         raise ValueError("eval: give a CONFIG, or --model (a run dir, a jaxft folder or an HF folder)")
-    if RunDir(Path(args.model)).is_run():
-        return load_config(RunDir(Path(args.model)).config, args.overrides), Path(args.model), args.model
+    if RunDir(args.model).is_run():  # a local path or a URL (gs://...)
+        return load_config(RunDir(args.model).config, args.overrides), RunDir(args.model).root, args.model
     if args.overrides:
         raise ValueError(f"eval: --set needs a CONFIG ({args.model} is not a run dir with a config)")
     return Config(), Path.cwd(), args.model
@@ -98,12 +127,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg, base_dir, model = _eval_config(args)
     sources = _cli_sources(args)
-    inputs = evaluation_inputs(cfg, base_dir=base_dir, run_dir=Path(model), config_path=args.config,
+    inputs = evaluation_inputs(cfg, base_dir=base_dir, run_dir=model, config_path=args.config,
                                sources=sources or ())
     if args.out:  # refused before decoding; the model and the data are only read
         check_output(args.out, inputs, overwrite=args.overwrite, flag="--out")
     translator, run_cfg = load_translator(str(model), args.checkpoint, data_cfg=cfg.data if args.config else None,
                                           **_tag_flags(args))
+    apply_chat_flags(translator, args, chat=args.chat)
     if args.max_examples:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_examples=args.max_examples))
     settings = {"model": str(model), "checkpoint": str(args.checkpoint) if run_cfg else None,
@@ -130,6 +160,30 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--lang-code-style", choices=("flores", "mbart50"), default=None,
                    help=f"with lang_code: eng_Latn (NLLB) or en_XX (mBART-50) (default {DataConfig.lang_code_style})")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
+    p.add_argument("--chat", action="store_true", help="decoder-only: prompt each source as a user turn of the "
+                   "model's chat template (as task: chat trained it); the output ends at its end-of-turn token")
+    p.add_argument("--chat-instruction", metavar="TEXT", help="with --chat: the user turn, with the fields of "
+                   "data.prompt_template ({src} the line, {src_name}, {tgt_name}, {src_lang}, {tgt_lang}; the line "
+                   "follows on a new line when {src} is absent; default: data.prompt_template)")
+    add_template_flags(p)
+
+
+def add_template_flags(p: argparse.ArgumentParser) -> None:
+    """--system and --chat-template (translate / eval with --chat, and chat)."""
+    p.add_argument("--system", metavar="TEXT", help="a system prompt (the first message of each conversation)")
+    p.add_argument("--chat-template", metavar="NAME|JINJA", help="chatml, llama3 or a Jinja template (default: a "
+                   "run's data.chat_template, else the tokenizer's own chat template)")
+
+
+def add_decode_flags(p: argparse.ArgumentParser, strategy: str) -> None:
+    """--strategy (default ``strategy``) and the DECODE_FLAGS, with the eval.decode defaults."""
+    from jaxft.config.schema import DECODE_STRATEGIES, DecodeConfig
+
+    p.add_argument("--strategy", choices=DECODE_STRATEGIES, default=strategy)
+    for name in DECODE_FLAGS:  # int / float: the types of the defaults
+        default = getattr(DecodeConfig, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help="GNMT alpha" if name == "length_penalty" else None)
 
 
 def register(sub, command) -> None:
@@ -140,12 +194,8 @@ def register(sub, command) -> None:
     p.add_argument("--tgt-lang", required=True)
     p.add_argument("--input", type=Path, help="UTF-8 text, one sentence per line (default: stdin)")
     _common(p, "a run's data config; for folders none, or the family's codes (mBART, NLLB)")
-    from jaxft.config.schema import DECODE_STRATEGIES, DecodeConfig  # flag defaults = the eval.decode defaults
-    p.add_argument("--strategy", choices=DECODE_STRATEGIES, default=DecodeConfig.strategy)
-    for name in DECODE_FLAGS:  # int / float: the types of the defaults
-        default = getattr(DecodeConfig, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
-                       help="GNMT alpha" if name == "length_penalty" else None)
+    from jaxft.config.schema import DecodeConfig  # flag defaults = the eval.decode defaults
+    add_decode_flags(p, DecodeConfig.strategy)
     p.add_argument("--batch-size", type=int, default=16)
 
     p = command(sub, "eval", cmd_eval, help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run dir, a jaxft "

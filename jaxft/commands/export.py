@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from jaxft.paths import as_path, local_path
 
 
 def checkpoint_choice(value: str) -> str | int:
@@ -32,8 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(sub, command) -> None:
     p = command(sub, "export", cmd_export, help="write a run's model (LoRA merged), or with --adapter only its "
                  "adapter / sparse diff, as a jaxft or HF folder; the run dir is only read")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("out", type=Path, help="a new folder (not inside the run dir)")
+    p.add_argument("run_dir", type=as_path, help="a run dir (a local path or a URL: gs://bucket/run)")
+    p.add_argument("out", type=local_path, help="a new local folder (not inside the run dir)")
     p.add_argument("--checkpoint", type=checkpoint_choice, default="latest", metavar="latest|best|N",
                    help="the newest, the best (eval.best_metric) or the step-N checkpoint (default: latest)")
     p.add_argument("--format", choices=("jaxft", "hf"), default="jaxft")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jaxft.paths import local_path
+
 
 def cmd_vocab(args: argparse.Namespace) -> int:
     from jaxft.runs import vocab_adapt
@@ -25,7 +27,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path, help="a run dir (its latest checkpoint, LoRA merged), a jaxft folder "
                    "(params/ + model.yaml) or a Hugging Face folder; only read")
-    p.add_argument("--out", type=Path, required=True, help="the new jaxft folder")
+    p.add_argument("--out", type=local_path, required=True, help="the new jaxft folder")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="the source's SentencePiece model, when not found in SRC (default: the run's / folder's)")
     p.add_argument("--pad-multiple", type=int, default=None, metavar="M",

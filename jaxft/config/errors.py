@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from jaxft.paths import as_path
 
 Key = tuple[str | int, ...]  # ("data", "train", 2, "src_lang")
 Tree = dict[str, Any]
@@ -63,7 +64,7 @@ def read_json(path: Any, what: str = "JSON", *, expect: type | None = dict) -> A
     """The JSON content of ``path``; a file that is not UTF-8 JSON (of type ``expect``,
     an object by default) raises a one-line ``FileFormatError`` naming it (and line:column).
     OS errors (missing file, permissions) propagate."""
-    raw = Path(path).read_bytes()
+    raw = as_path(path).read_bytes()  # a local path or a URL
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -36,6 +36,7 @@ import jaxft
 from jaxft.config.checks import _origin_of, validate
 from jaxft.config.errors import ConfigError, Key, Origin, Origins, Tree, format_key, utf8_position
 from jaxft.config.schema import Config, ModelConfig, to_dict
+from jaxft.paths import as_path, beside, is_remote
 
 __all__ = ["ConfigError", "Origin", "config_diff", "dump_config", "format_key", "load_config", "load_typed",
            "validate"]
@@ -55,9 +56,8 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def _parse(text: str, source: str, prefix: Key = ()) -> tuple[Any, Origins]:
@@ -213,7 +213,7 @@ def _legacy_decode_keys(tree: Tree, origins: Origins, source: str) -> Origins:
 
 def _preset_dirs(config_path: Path) -> list[Path]:
     """Where ``model.preset`` files are looked for, first match wins."""
-    near = [d / "configs" / "models" for d in config_path.resolve().parents]
+    near = [d / "configs" / "models" for d in ([] if is_remote(config_path) else config_path.resolve().parents)]
     return near + [Path(jaxft.__file__).resolve().parents[1] / "configs" / "models"]
 
 
@@ -262,7 +262,7 @@ def _resolve_paths(tree: Tree, origins: Origins) -> None:
         value, origin = node.get(k), origins.get(key)
         if isinstance(value, str) and origin and origin.source != "--set" and "://" not in value \
                 and not value.startswith(("hf:", "run:")):
-            node[k] = os.path.normpath(Path(origin.source).resolve().parent / value)
+            node[k] = str(beside(origin.source, value))  # a URL value is never resolved (above)
 
 
 def _check_init_from(tree: Tree, origins: Origins) -> None:
@@ -362,8 +362,8 @@ def load_typed(path: str | Path, cls: type) -> tuple[Any, Callable[[Key], Origin
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Load, merge (bases, overrides, preset), type-check and validate a YAML config."""
-    path = Path(path)
+    """Load, merge (bases, overrides, preset), type-check and validate a YAML config (a path or a URL)."""
+    path = as_path(path)
     tree, origins = _load_file(path)
     for text in overrides:
         tree, origins = _apply_override(tree, origins, text)

@@ -16,10 +16,15 @@ The cache folder is ``data.index_dir`` when set (e.g. a disk shared by the hosts
 else ``$JAXFT_CACHE/index``, else ``$XDG_CACHE_HOME/jaxft/index`` (``~/.cache/jaxft/index``).
 Indexes are written to a temporary name and renamed, so processes building the same index
 at once cannot see a partial one.
+
+Files at a URL (``gs://``: no ``pread`` on an object store) are read through a local copy made
+once per URL + size + mtime (`jaxft.paths.local_copy`, streamed: memory does not grow with the
+file; disk does, in ``$JAXFT_CACHE/remote``); messages then name the copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +40,7 @@ import numpy as np
 from jaxft.config.schema import SourceConfig
 from jaxft.data.readers import (LINE_FORMATS, DataError, Example, FirstRecordLacksFields, LineFormat,
                                 ReadStats, Source, clean, missing_fields_error)
+from jaxft.paths import is_remote, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ _KEY_FIELDS = ("type", "task", "src_field", "tgt_field", "header", "max_examples
 
 def cache_root(index_dir: str | None = None) -> Path:
     """Where indexes are cached (see the module docstring)."""
+    if index_dir and is_remote(index_dir):
+        raise DataError(f"data.index_dir: {index_dir}: must be a local folder (indexes are read with pread)")
     if index_dir:
         return Path(index_dir).expanduser()
     if os.environ.get("JAXFT_CACHE"):
@@ -84,6 +92,15 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
             off += n
 
 
+def local_files(config: SourceConfig, key: str) -> SourceConfig:
+    """`config` with its files at URLs replaced by local copies (`jaxft.paths.local_copy`)."""
+    fields = [f for f in ("path", "src_path", "tgt_path") if getattr(config, f) and is_remote(getattr(config, f))]
+    try:
+        return dataclasses.replace(config, **{f: str(local_copy(getattr(config, f))) for f in fields})
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{key}: {e}") from None
+
+
 class IndexMissing(LookupError):
     """``LineSource(..., build=False)`` of a file whose index is not cached yet."""
 
@@ -93,6 +110,7 @@ def build_indexes(todo: list[tuple[SourceConfig, str]], bad_lines: str, index_di
     at once in worker processes when there is more than one (an index build is one CPU core
     parsing; a TPU host has dozens).  Errors are raised as in ``LineSource``."""
     missing = []
+    todo = [(local_files(src, key), key) for src, key in todo]
     for src, key in todo:
         try:
             LineSource(src, key, bad_lines, index_dir=index_dir, build=False)
@@ -117,6 +135,7 @@ class LineSource(Source):
     def __init__(self, config: SourceConfig, key: str, bad_lines: str = "skip", *, index_dir: str | None = None,
                  build: bool = True):
         """``build`` False: raise ``IndexMissing`` instead of building a missing index."""
+        config = local_files(config, key)  # files at URLs: local copies
         super().__init__(config, key, bad_lines)
         files = (config.path,) if config.path is not None else (config.src_path, config.tgt_path)
         what = ("file",) if config.path is not None else ("source file", "target file")

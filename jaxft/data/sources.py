@@ -71,7 +71,8 @@ from pathlib import Path
 from jaxft.config.schema import SourceConfig
 from jaxft.data.languages import UnknownLanguageError, language_name
 from jaxft.data.index import LineSource
-from jaxft.data.readers import CHOICE_TASKS, MONOLINGUAL_TASKS, REASONS, DataError, Example, ReadStats, Skipped, Source
+from jaxft.data.readers import EVAL_TASKS, MONOLINGUAL_TASKS, REASONS, DataError, Example, ReadStats, Skipped, Source
+from jaxft.paths import is_remote
 
 __all__ = ["MONOLINGUAL_TASKS", "REASONS", "SOURCES", "DataError", "Example", "ReadStats", "Skipped", "Source",
            "expand_sources", "keyed_sources", "open_source", "read_source"]
@@ -116,8 +117,8 @@ def _substitute(value: str | None, subs: dict[str, str]) -> str | None:
 
 
 def _resolve(path: str | None, base_dir: Path) -> str | None:
-    if path is None:
-        return None
+    if path is None or is_remote(path):  # a URL (gs://...) is kept as written
+        return path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else Path(base_dir) / p)
 
@@ -176,9 +177,9 @@ def keyed_sources(
     out: list[tuple[str, SourceConfig]] = []
     for i, src in enumerate(sources):
         key = f"{section}[{i}]"
-        if src.task in CHOICE_TASKS and section == "data.train":
+        if src.task in EVAL_TASKS and section == "data.train":
             raise DataError(f"{key}.task: {src.task} is for evaluation only (data.dev / data.test): "
-                            "its answer options are scored, not trained on")
+                            "it is scored, not trained on")
         _check_lang(src.src_lang, f"{key}.src_lang")
         _check_lang(src.tgt_lang, f"{key}.tgt_lang")
         if not src.directions:
@@ -234,7 +235,15 @@ def open_source(src: SourceConfig, *, key: str | None = None, bad_lines: str = "
     kinds = SOURCES if src.type in SOURCES else _record_sources()
     if src.type not in kinds:
         raise DataError(f"{key or src.name}.type: unknown source type {src.type!r}")
+    _check_local(src, key or src.name)
     return kinds[src.type](src, key or f"source {src.name!r}", bad_lines, index_dir=index_dir)
+
+
+def _check_local(src: SourceConfig, key: str) -> None:
+    """URLs (gs://...) are read for tsv / jsonl / text (through local copies: `jaxft.data.index`)."""
+    if src.type not in SOURCES and src.path and is_remote(src.path):
+        raise DataError(f"{key}.path: type {src.type} reads local files only; copy {src.path} to a local "
+                        "disk (URLs work for tsv, jsonl and text sources)")
 
 
 def read_source(

@@ -20,6 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from jaxft.config.schema import TokenizerConfig
+from jaxft.paths import as_path, is_remote, makedirs, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,21 @@ def sentencepiece_message(error: BaseException) -> str:
 
 
 def load_processor(path: str | Path) -> spm.SentencePieceProcessor:
-    """A SentencePiece model file, or a ``TokenizerError`` naming it and what is wrong."""
-    path = Path(path)
+    """A SentencePiece model file (a local path or a URL: read as bytes), or a ``TokenizerError``
+    naming it and what is wrong."""
+    path = as_path(path)
     if path.is_dir():
         raise TokenizerError(f"{path}: is a folder, not a SentencePiece model file")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer model {path} does not exist")
-    if path.stat().st_size == 0:
+    if (path.stat().length if is_remote(path) else path.stat().st_size) == 0:
         raise TokenizerError(f"{path}: not a SentencePiece model (the file is empty)")
     sp = spm.SentencePieceProcessor()
     try:
-        sp.Load(str(path))
+        if is_remote(path):
+            sp.LoadFromSerializedProto(path.read_bytes())
+        else:
+            sp.Load(str(path))
     except (RuntimeError, OSError) as e:
         why = sentencepiece_message(e)
         why = "cannot be parsed" if why.startswith("could not parse ModelProto") else why
@@ -157,7 +162,7 @@ def train_tokenizer(
     """
     if not cfg.train_vocab_size:
         raise ValueError("data.tokenizer.train_vocab_size must be set to train a tokenizer")
-    out_path = Path(out_path)
+    out_path = as_path(out_path)
     read_error: list[BaseException] = []
     count = [0]
 
@@ -206,10 +211,8 @@ def train_tokenizer(
         if read_error:
             raise read_error[0] from None
         raise _training_error(e, cfg, len(user_defined_symbols), count[0], setting, corpus) from None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.parent / f".{out_path.name}.partial"  # a kill mid-write never leaves a cut model
-    partial.write_bytes(model.getvalue())
-    os.replace(partial, out_path)
+    makedirs(out_path.parent)
+    write_atomic(out_path, model.getvalue())  # a kill mid-write never leaves a cut model
     tok = Tokenizer.load(out_path)
     if tok.vocab_size < cfg.train_vocab_size:
         log.warning(

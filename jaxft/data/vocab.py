@@ -29,13 +29,14 @@ from jaxft.data.chat import template_special_tokens
 from jaxft.data.langcodes import lang_code_token, t5_tag
 from jaxft.data.sources import keyed_sources
 from jaxft.data.tokenizer import Tokenizer, train_tokenizer
+from jaxft.paths import as_path
 
 log = logging.getLogger(__name__)
 
 
 def read_proto(path: str | Path) -> sp_pb2.ModelProto:
-    """The ModelProto of a SentencePiece ``.model`` file."""
-    path = Path(path)
+    """The ModelProto of a SentencePiece ``.model`` file (a local path or a URL)."""
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer model {path} does not exist")
     proto = sp_pb2.ModelProto()

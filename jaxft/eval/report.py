@@ -20,8 +20,12 @@ listed as ``untiered``.
 All averages are macro averages over directions (each direction weighs the
 same, whatever its number of segments) of the unrounded scores.
 ``settings`` (what was scored: model, checkpoint, split, the target-language tag style)
-go into both formats.  ``write(out_dir)`` writes ``eval.json`` and ``eval.md`` as one folder, atomically
-(`jaxft.outputs.safe_output`).
+go into both formats.  ``write(out_dir)`` writes ``eval.json`` and ``eval.md`` (and, with generation
+sources, their outputs as ``generations.jsonl``) as one folder, atomically (`jaxft.outputs.safe_output`).
+
+Answer-choice (`jaxft.eval.choice`) and generation (`jaxft.eval.generation`) sources have their own
+tables, one row per source with its language; their tier averages take the sources whose language
+is in a tier's entries.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from jaxft.data.langcodes import LangCodeError, flores_code
 from jaxft.eval.choice import choice_averages, choice_markdown
+from jaxft.eval.generation import generation_averages, generation_markdown
 from jaxft.eval.metrics import DirectionScores
 from jaxft.outputs import atomic_write_text, is_main_process, safe_output
+from jaxft.paths import as_path
 
 METRICS = ("bleu", "chrf", "chrfpp")
 _HEADERS = {"bleu": "BLEU", "chrf": "chrF", "chrfpp": "chrF++"}
@@ -68,11 +74,14 @@ class EvalReport:
 
     def __init__(self, scores: Mapping[str, DirectionScores],
                  tiers: Mapping[str, Sequence[str]] | None = None, *, settings: Mapping[str, object] | None = None,
-                 choices: Mapping[str, Mapping] | None = None):
-        if not scores and not choices:
+                 choices: Mapping[str, Mapping] | None = None, generations: Mapping[str, Mapping] | None = None,
+                 outputs: Sequence[Mapping] = ()):
+        if not scores and not choices and not generations:
             raise ValueError("EvalReport: no directions to report")
         self.scores = dict(scores)
         self.choices = dict(choices or {})  # answer-choice sources: jaxft.eval.choice.evaluate_choices
+        self.generations = dict(generations or {})  # generation sources: jaxft.eval.generation
+        self.outputs = list(outputs)  # their outputs (generations.jsonl)
         self.settings = {k: v for k, v in (settings or {}).items() if v is not None}  # model, split, tag_style...
         for name, entries in (tiers or {}).items():
             if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
@@ -102,9 +111,11 @@ class EvalReport:
     # ------------------------------------------------------------- numbers
 
     def averages(self) -> dict:
-        """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}, and over the
-        answer-choice sources when there are any: {acc, acc_norm, n_choice_sources}."""
-        return {**_mean(list(self.scores.values())), **choice_averages(list(self.choices.values()))}
+        """Macro averages over all directions: {bleu, chrf, chrfpp, n_directions}, over the
+        answer-choice sources when there are any: {acc, acc_norm, n_choice_sources}, and over the
+        generation sources when there are any: {em, gen_chrf, n_generation_sources}."""
+        return {**_mean(list(self.scores.values())), **choice_averages(list(self.choices.values())),
+                **generation_averages(list(self.generations.values()))}
 
     def tier_averages(self) -> dict[str, dict]:
         """Per tier (in the tier map's order): macro averages and the directions."""
@@ -136,27 +147,37 @@ class EvalReport:
             "tiers": self.tier_averages(),
             "untiered": self.untiered(),
             **({"choices": self.choices, "choice_tiers": self._choice_tiers()} if self.choices else {}),
+            **({"generations": self.generations, "generation_tiers": self._generation_tiers()}
+               if self.generations else {}),
             **({"settings": self.settings} if self.settings else {}),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
-    def _choice_tiers(self) -> dict[str, dict]:
+    def _source_tiers(self, rows: Mapping[str, Mapping], averages) -> dict[str, dict]:
         out = {}
         for name, entries in self.tiers.items():
             langs = {_norm(e) for e in entries}
-            members = [k for k, c in self.choices.items() if c.get("lang") and _norm(c["lang"]) in langs]
-            out[name] = {**choice_averages([self.choices[k] for k in members]), "sources": members}
+            members = [k for k, c in rows.items() if c.get("lang") and _norm(c["lang"]) in langs]
+            out[name] = {**averages([rows[k] for k in members]), "sources": members}
         return out
+
+    def _choice_tiers(self) -> dict[str, dict]:
+        return self._source_tiers(self.choices, choice_averages)
+
+    def _generation_tiers(self) -> dict[str, dict]:
+        return self._source_tiers(self.generations, generation_averages)
 
     def to_markdown(self) -> str:
         text = self._directions_markdown() if self.scores else ""
         if self.choices:
             text += ("\n" if text else "") + choice_markdown(self.choices, self._choice_tiers())
-            if self.settings and not self.scores:
-                text += "Settings: " + "; ".join(f"{k.replace('_', ' ')} `{v}`" for k, v in self.settings.items())
-                text += ".\n"
+        if self.generations:
+            text += ("\n" if text else "") + generation_markdown(self.generations, self._generation_tiers())
+        if self.settings and not self.scores:
+            text += "Settings: " + "; ".join(f"{k.replace('_', ' ')} `{v}`" for k, v in self.settings.items())
+            text += ".\n"
         return text
 
     def _directions_markdown(self) -> str:
@@ -195,7 +216,8 @@ class EvalReport:
 
     def write(self, out_dir: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
               overwrite: bool = True, flag: str = "output") -> tuple[pathlib.Path, pathlib.Path]:
-        """Write ``eval.json`` and ``eval.md`` as the folder ``out_dir``; returns their paths.
+        """Write ``eval.json`` and ``eval.md`` (and ``generations.jsonl``) as the folder ``out_dir``; returns
+        the paths of the first two.
 
         Through `jaxft.outputs.safe_output`: ``out_dir`` may not be, contain or lie
         inside one of ``inputs`` (`jaxft eval --out`: the run dir, the config and
@@ -207,9 +229,11 @@ class EvalReport:
         process 0 writes; ``flag`` names ``out_dir`` in errors.
         """
         texts = {"eval.json": self.to_json(), "eval.md": self.to_markdown()}
+        if self.outputs:
+            texts["generations.jsonl"] = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in self.outputs)
         with safe_output(out_dir, inputs, overwrite=overwrite, flag=flag) as tmp:
             if is_main_process():
                 for name, text in texts.items():
                     atomic_write_text(tmp / name, text)
-        out = pathlib.Path(out_dir)
+        out = as_path(out_dir)  # a local path or a URL
         return out / "eval.json", out / "eval.md"

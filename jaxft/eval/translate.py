@@ -7,6 +7,10 @@ or source language code + eos) and, with `lang_tokens: lang_code`, the target
 language code forced as the first output token.  Run dirs use their own data
 config; HF and jaxft folders the family's convention (mBART-50 / NLLB codes) or
 what the caller names (`data_config`: `lang_tokens`, `lang_code_style`).
+With `chat_instruction` (`jaxft translate --chat`) a decoder-only model is prompted as in chat
+training instead: each text is a user turn of the chat template (`jaxft.data.chat.ChatEncoder`)
+and the output ends at the template's end-of-turn token; `Translator.reply` answers whole
+conversations (`jaxft chat`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Sequence
 from flax import nnx
 
 from jaxft.config.schema import Config, DataConfig, DecodeConfig, ModelConfig, SourceConfig
+from jaxft.data.chat import ChatEncoder
 from jaxft.data.pipeline import read_directions
 from jaxft.data.seq2seq import Seq2SeqFeaturizer
 from jaxft.data.sources import Example
@@ -40,15 +45,49 @@ class Translator:
     tokenizer: object
     model_cfg: ModelConfig
     data_cfg: DataConfig
+    # decoder-only (`jaxft translate --chat`): each text is one user turn of the chat template
+    # (`data.chat_template`, else the tokenizer's), this instruction formatted with the fields of
+    # `data.prompt_template` (the text goes after it when it has no {src}), after a system prompt
+    chat_instruction: str | None = None
+    chat_system: str | None = None
 
     @property
     def encoder_decoder(self) -> bool:
         return is_encoder_decoder(self.model_cfg)
 
+    def chat_encoder(self) -> ChatEncoder:
+        """The chat template (`data.chat_template`, else the tokenizer's own) with the tokenizer."""
+        if self.encoder_decoder:
+            raise ValueError(f"chat: needs a decoder-only model, not an encoder-decoder ({self.model_cfg.family})")
+        return ChatEncoder(self.tokenizer, self.data_cfg.chat_template)
+
+    def chat_budget(self, max_new: int) -> int:
+        """Prompt tokens left when ``max_new`` are generated within the model's `max_seq_len`."""
+        budget = self.model_cfg.max_seq_len - max_new
+        if budget < 1:
+            raise ValueError(f"chat: --max-len {max_new} leaves no room for a prompt "
+                             f"(model.max_seq_len {self.model_cfg.max_seq_len})")
+        return budget
+
+    def chat_turn(self, text: str, src_lang: str, tgt_lang: str) -> str:
+        """The user turn that asks for the translation of ``text`` (``chat_instruction``)."""
+        instruction = self.chat_instruction or ""
+        instruction += "" if "{src}" in instruction else "\n{src}"
+        try:
+            return render(Example(text, "", src_lang, tgt_lang, "translation"), instruction.lstrip("\n"), "")[0]
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"--chat-instruction {self.chat_instruction!r}: {type(e).__name__} {e} (fields: {{src}}, "
+                             f"{{src_lang}}, {{tgt_lang}}, {{src_name}}, {{tgt_name}}; braces as {{{{ }}}})") from None
+
     def inputs(self, texts: Sequence[str], src_lang: str, tgt_lang: str,
                max_new: int) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids per text, and the forced first output tokens (or None)."""
         tok = self.tokenizer
+        if self.chat_instruction is not None:
+            chat, budget = self.chat_encoder(), self.chat_budget(max_new)
+            system = [{"role": "system", "content": self.chat_system}] if self.chat_system else []
+            return [chat.fit(system + [{"role": "user", "content": self.chat_turn(t, src_lang, tgt_lang)}],
+                             budget)[0] for t in texts], None
         if self.encoder_decoder:
             cfg = dataclasses.replace(self.data_cfg, overlong="truncate")
             feat = Seq2SeqFeaturizer(tok, cfg, SourceConfig(type="text", src_lang=src_lang, tgt_lang=tgt_lang),
@@ -67,12 +106,17 @@ class Translator:
 
     @property
     def tag_style(self) -> str:
-        """How the target language is signalled: `prompt` (decoder-only), else `data.lang_tokens`
-        (with the code style for `lang_code`)."""
+        """How the target language is signalled: `prompt` or `chat` (decoder-only), else
+        `data.lang_tokens` (with the code style for `lang_code`)."""
         if not self.encoder_decoder:
-            return "prompt"
+            return "prompt" if self.chat_instruction is None else "chat"
         mode = self.data_cfg.lang_tokens
         return f"lang_code ({self.data_cfg.lang_code_style})" if mode == "lang_code" else mode
+
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        """The tokens that end an output: the tokenizer's eos, in a chat after the template's end of turn."""
+        ids = ((self.chat_encoder().end_of_turn(),) if chat else ()) + (self.tokenizer.eos_id,)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def translate(self, texts: Sequence[str], src_lang: str, tgt_lang: str, decode: DecodeConfig,
                   batch_size: int = 16, *, progress: bool = False, desc: str | None = None) -> list[str]:
@@ -80,18 +124,39 @@ class Translator:
         if not texts:
             return []
         seqs, forced = self.inputs(texts, src_lang, tgt_lang, decode.max_len)
-        decode = dataclasses.replace(decode, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+        return self.generate(seqs, decode, batch_size, forced=forced, stops=self.stop_ids(self.chat_instruction
+                                                                                          is not None),
+                             desc=(desc or f"{src_lang}-{tgt_lang}") if progress else None)
+
+    def reply(self, prompts: Sequence[Sequence[int]], decode: DecodeConfig, batch_size: int = 16, *,
+              rng=None, desc: str | None = None) -> list[str]:
+        """The assistant's reply to each chat prompt (``ChatEncoder.prompt`` / ``fit`` ids), decoded
+        until the template's end-of-turn token or eos, without it; ``desc``: a progress bar."""
+        return self.generate(prompts, decode, batch_size, stops=self.stop_ids(True), rng=rng, desc=desc)
+
+    def generate(self, seqs: Sequence[Sequence[int]], decode: DecodeConfig, batch_size: int, *,
+                 stops: tuple[int, ...], forced: Sequence[Sequence[int]] | None = None, rng=None,
+                 desc: str | None = None) -> list[str]:
+        """Each input's best output as text, up to its first ``stops`` token: decoding stops at
+        ``stops[0]`` (`decode.eos_id` is one id), a later stop id ends the text all the same."""
+        decode = dataclasses.replace(decode, eos_id=stops[0] if stops else None, pad_id=self.tokenizer.pad_id,
                                      decoder_start_id=self.model_cfg.decoder_start_id)
-        bar = progress_bar(len(texts), desc or f"{src_lang}-{tgt_lang}") if progress else None
+        bar = progress_bar(len(seqs), desc) if desc else None
         try:
             results = decode_all(self.model, seqs, config=decode, batch_size=batch_size,
-                                 encoder_decoder=self.encoder_decoder, forced=forced,
+                                 encoder_decoder=self.encoder_decoder, forced=forced, rng=rng,
                                  on_batch=bar.update if bar else None)
         finally:
             if bar:
                 bar.close()
-        n_forced = len(forced[0]) if forced else 0
-        return [self.tokenizer.decode(best[0][0][n_forced:]) for best in results]
+        n_forced, vocab = len(forced[0]) if forced else 0, self.tokenizer.vocab_size
+        outs = []
+        for best in results:
+            tokens = best[0][0][n_forced:]
+            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+            # ids past the tokenizer (the model's vocabulary padding, drawn by sampling) have no text
+            outs.append(self.tokenizer.decode([t for t in tokens[:end] if t < vocab]))
+        return outs
 
 
 def progress_bar(total: int, desc: str):
@@ -117,8 +182,11 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
              settings: dict | None = None, progress: bool = False) -> EvalReport:
     """Decode the `split` directions (`data.dev` / `data.test`, or `sources`; `eval.directions`
     selects among the configured ones, default all) with ``decode`` (default `eval.decode`) and
-    score them with sacreBLEU.  ``settings`` (model, split, ...) go into the report with the
-    translator's tag style."""
+    score them with sacreBLEU; with the split's own sources, also score its answer-choice
+    (`jaxft.eval.choice`) and generation (`jaxft.eval.generation`) sources.  ``settings`` (model,
+    split, ...) go into the report with the translator's tag style."""
+    from jaxft.eval.generation import evaluate_generation
+
     ecfg = cfg.eval
     decode = decode or ecfg.decode
     limit = max_examples or ecfg.max_examples
@@ -135,15 +203,22 @@ def evaluate(translator: Translator, cfg: Config, *, base_dir: Path, decode: Dec
                                     progress=progress, desc=direction.name)
         scores[direction.name] = score_direction(hyps, [e.tgt for e in examples], tgt_lang=tgt_lang,
                                                  direction=direction.name)
-    choices = {} if sources is not None else evaluate_choices(
-        translator.model, translator.tokenizer, translator.model_cfg, cfg.data, base_dir=base_dir, split=split,
-        batch_size=ecfg.batch_size, max_examples=limit)
-    if not scores and not choices:
+    choices, generations, outputs = {}, {}, []
+    if sources is None:
+        scorer = (translator.model, translator.tokenizer, translator.model_cfg, cfg.data)
+        choices = evaluate_choices(*scorer, base_dir=base_dir, split=split, batch_size=ecfg.batch_size,
+                                   max_examples=limit)
+        generations, outputs = evaluate_generation(*scorer, base_dir=base_dir, split=split, decode=decode,
+                                                   batch_size=ecfg.batch_size, max_examples=limit,
+                                                   progress_bar=progress_bar if progress else None)
+    if not scores and not choices and not generations:
         where = "--src / --ref" if sources is not None else f"data.{split} / eval.directions"
-        raise ValueError(f"eval: no {split} translation direction or answer-choice source to evaluate ({where})")
+        raise ValueError(f"eval: no {split} translation direction, answer-choice or generation source to evaluate "
+                         f"({where})")
     tiers = {k: list(v) for k, v in (("high", ecfg.tier_high), ("mid", ecfg.tier_mid), ("low", ecfg.tier_low)) if v}
     return EvalReport(scores, tiers or None, settings={**(settings or {}), "split": None if sources else split,
-                                                        "tag_style": translator.tag_style}, choices=choices)
+                                                        "tag_style": translator.tag_style}, choices=choices,
+                      generations=generations, outputs=outputs)
 
 
 def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path: Path | None = None,
@@ -155,15 +230,17 @@ def evaluation_inputs(cfg: Config, *, base_dir: Path, run_dir: Path, config_path
     from jaxft.data.sources import expand_sources
     from jaxft.peft.compose import parse_spec
 
-    found: list[Path] = [Path(run_dir)] + ([Path(config_path)] if config_path else [])
+    from jaxft.paths import as_path, is_remote  # a URL (gs://) stays one: never a local --out
+
+    found: list[Path] = [as_path(run_dir)] + ([Path(config_path)] if config_path else [])
     for split, section in (("train", cfg.data.train), ("dev", cfg.data.dev), ("test", cfg.data.test),
                            ("test", tuple(sources))):
         for src in expand_sources(section, Path(base_dir), section=f"data.{split}", split=split):
-            found += [Path(p) for p in (src.path, src.src_path, src.tgt_path, src.tfds_data_dir) if p]
+            found += [as_path(p) for p in (src.path, src.src_path, src.tgt_path, src.tfds_data_dir) if p]
     init_from = cfg.model.init_from or ""
     named = [(cfg.data.tokenizer.path or "").removeprefix("hf:"), init_from.partition(":")[2]]
     named += [parse_spec(spec)[0] for spec in cfg.peft.compose]
-    found += [Path(base_dir) / p for p in named if p]  # an absolute p stays itself
+    found += [as_path(p) if is_remote(p) else Path(base_dir) / p for p in named if p]  # an absolute p stays itself
     return found
 
 
@@ -171,12 +248,14 @@ def load_run(run_dir: Path, *, which: str | int = "latest") -> tuple[Translator,
     """The model of a training run dir (its `config.yaml`, tokenizer and newest checkpoint, the
     best one kept by evaluation during training, or step `which`), opened read-only, without an
     optimizer."""
+    from jaxft.paths import as_path
     from jaxft.runs.model import restore_model
     from jaxft.runs.tokenizer import run_tokenizer
 
-    restored = restore_model(Path(run_dir), which)
+    run_dir = as_path(run_dir)  # a local path or a URL
+    restored = restore_model(run_dir, which)
     cfg = restored.config
-    tokenizer = run_tokenizer(cfg.data, Path(run_dir), Path(run_dir))
+    tokenizer = run_tokenizer(cfg.data, run_dir, run_dir)
     return Translator(restored.model(), tokenizer, cfg.model, cfg.data), cfg
 
 
@@ -246,7 +325,9 @@ def load_translator(source: str, which: str | int = "latest", *, data_cfg: DataC
     given = {k: v for k, v in (("lang_tokens", lang_tokens), ("lang_code_style", lang_code_style)) if v}
     if given:
         data_cfg = dataclasses.replace(data_cfg or DataConfig(), **given)
-    path = Path(source)
+    from jaxft.paths import as_path
+
+    path = as_path(source)  # a URL (gs://bucket/run) stays one
     if source.startswith("hf:") or (path / "config.json").is_file():
         hf = source if source.startswith("hf:") else path
         return load_hf_dir(hf, data_cfg, convention="lang_tokens" not in given), None

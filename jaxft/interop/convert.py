@@ -25,6 +25,7 @@ from jaxft.config.schema import ModelConfig, to_dict
 from jaxft.outputs import check_output, safe_output
 from jaxft.interop.hf import abstract_params, load_hf, path_str, read_hf_config, resolve_path, save_hf
 from jaxft.interop.hf_tokenizer import TOKENIZER_FILES
+from jaxft.paths import absolute
 
 MODEL_YAML, PARAMS, HF_CONFIG, TOKENIZER = "model.yaml", "params", "hf_config.json", "tokenizer"
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -60,7 +61,7 @@ def restore_params(directory: str | Path, cfg: ModelConfig, mesh: Mesh | None = 
                                                           sharding=shardings.get(path_str(p), default))
                         for p, v in flat})
     with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(Path(directory).absolute(), abstract)
+        tree = ckptr.restore(absolute(directory), abstract)  # a URL (gs://) as it is
 
     def get(path: tuple) -> Any:
         node = tree

@@ -31,6 +31,7 @@ from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.families.common import Tensor
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
 from jaxft.models.registry import build_model
+from jaxft.paths import is_remote, local_copy
 from jaxft.sharding import fit_spec, to_host, use_mesh
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def resolve_path(spec: str | Path) -> Path:
     text = str(spec)
     hub = text.startswith("hf:")
     text = text[3:] if hub else text
+    if is_remote(text):  # hf:gs://bucket/model: a local copy, made once (safetensors are memory-mapped)
+        return local_copy(text)
     path = Path(text).expanduser()
     if path.is_dir():
         return path

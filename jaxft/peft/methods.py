@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig, PeftConfig, TrainConfig
 from jaxft.interop.hf import path_str
+from jaxft.paths import staged
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ def param_filter(cfg: TrainConfig) -> Filter:
 class StepContext:
     """What a method's per-step hook and export may use (built by the trainer)."""
 
-    theta0: Any  # the starting state (params, rest), or None when the method does not need it
+    theta0: Any  # the starting trainable parameters (an nnx.State), or None when the method keeps none
     optimizer: optax.GradientTransformation
     shardings: Any  # the train state's shardings
-    copy: Callable[[Any], Any]  # state -> a copy in fresh buffers with the state's shardings
+    copy: Callable[[Any], Any]  # trainable params -> a copy in fresh buffers with their shardings
     graphdef: nnx.GraphDef
     run_dir: Path
     seed: int
@@ -140,8 +141,9 @@ class LoRA(_BaseFree):
     def export(self, state: Any, ctx: StepContext) -> Path | None:
         from jaxft.peft.lora import save_adapter
 
-        return save_adapter(ctx.run_dir / "adapter", nnx.merge(ctx.graphdef, state.params, state.rest),
-                            self.cfg.lora, self.model_cfg)
+        with staged(ctx.run_dir / "adapter") as out:  # a remote run dir: written locally, uploaded
+            save_adapter(out, nnx.merge(ctx.graphdef, state.params, state.rest), self.cfg.lora, self.model_cfg)
+        return ctx.run_dir / "adapter"
 
 
 class SparseFT(_BaseFree):
@@ -175,21 +177,22 @@ class SparseFT(_BaseFree):
             return state
         from jaxft.peft.sparse import select_mask
 
-        mask = select_mask(state.params, ctx.theta0.params, self.cfg.sparse, seed=ctx.seed)
+        mask = select_mask(state.params, ctx.theta0, self.cfg.sparse, seed=ctx.seed)
         mask = jax.device_put(mask, ctx.shardings.mask)
-        opt_state = jax.jit(ctx.optimizer.init, out_shardings=ctx.shardings.opt_state)(ctx.theta0.params)
+        opt_state = jax.jit(ctx.optimizer.init, out_shardings=ctx.shardings.opt_state)(ctx.theta0)
         kept = sum(int(m.sum()) for m in jax.tree.leaves(mask))
         total = sum(m.size for m in jax.tree.leaves(mask))
         log.info("sparse fine-tuning phase 2: %d of %d entries trainable (%.4f%%)", kept, total,
                  100 * kept / total)
-        params = ctx.copy(ctx.theta0).params  # theta0 itself stays alive (the step donates its state)
+        params = ctx.copy(ctx.theta0)  # theta0 itself stays alive (the step donates its state)
         return state.replace(params=params, opt_state=opt_state, mask=mask)
 
     def export(self, state: Any, ctx: StepContext) -> Path | None:
         from jaxft.peft.sparse import save_diff
 
-        return save_diff(ctx.run_dir / "sparse_diff", state.params, ctx.theta0.params, state.mask,
-                         self.cfg.sparse)
+        with staged(ctx.run_dir / "sparse_diff") as out:  # a remote run dir: written locally, uploaded
+            save_diff(out, state.params, ctx.theta0, state.mask, self.cfg.sparse)
+        return ctx.run_dir / "sparse_diff"
 
 
 METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (FullFinetune, LoRA, SparseFT)}

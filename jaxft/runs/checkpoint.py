@@ -16,13 +16,16 @@ previous one is used.  When none restores, that is an error naming them and
 nothing is moved (`jaxft train --restart` sets them aside and starts over).  A
 read-only Checkpointer (inference, exports, `init_from: run:`) skips unreadable
 steps with a warning and changes nothing on disk.
+
+The folder may be a URL (``gs://bucket/run/checkpoints``): orbax writes there from every process
+(tensorstore for arrays; on GCS a step is committed by its ``commit_success`` marker instead of a
+rename).  Setting a step aside there is a copy + delete (`jaxft.paths.move`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxft.config.schema import CheckpointConfig
+from jaxft.paths import absolute, makedirs, move
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def gather_json(local: dict[str, Any]) -> dict[str, Any]:
 class Checkpointer:
     def __init__(self, directory: Path, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)  # a URL stays as it is
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save and not read_only,
@@ -155,8 +159,8 @@ class Checkpointer:
         inspection, never deleted) so training can write that step again."""
         if jax.process_index() == 0:
             aside = self.directory.parent / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), aside)
+            makedirs(aside.parent)
+            move(self.directory / str(step), aside)
             log.warning("moved the unreadable checkpoint to %s", aside)
         multihost_utils.sync_global_devices(f"jaxft:set_aside:{step}")
         self.manager.reload()

@@ -34,6 +34,7 @@ import jax
 from flax import nnx
 
 from jaxft.outputs import check_output, is_main_process, safe_output
+from jaxft.paths import as_path, is_remote, local_copy
 from jaxft.runs.model import read_run_config, restore_model
 from jaxft.runs.layout import RunDir
 
@@ -54,14 +55,14 @@ def run_checkpoint(run_dir: str | Path, which: str | int = "latest"):
     what `jaxft compose` / `jaxft diff` take when given a run dir."""
     from jaxft.peft.compose import Checkpoint
 
-    restored = restore_model(Path(run_dir), which)
-    return Checkpoint("run", Path(run_dir), restored.config.model, plain_params(restored.model()))
+    restored = restore_model(as_path(run_dir), which)
+    return Checkpoint("run", as_path(run_dir), restored.config.model, plain_params(restored.model()))
 
 
 def checkpoint_or_path(path: str | Path):
     """A run dir opens read-only as its restored model; other folders are returned as they are
     (read by jaxft.peft.compose)."""
-    return run_checkpoint(path) if RunDir(Path(path)).is_run() else path
+    return run_checkpoint(path) if RunDir(path).is_run() else path
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, which: str | int = "latest", fmt: str = "jaxft",
@@ -70,7 +71,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, which: str | int = "late
     `out` in `fmt`; returns `out`."""
     if fmt not in FORMATS:
         raise ValueError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = as_path(run_dir), as_path(out)  # RUN_DIR may be a URL (gs://); OUT is written locally
+    if is_remote(out):
+        raise ValueError(f"export: OUT {out}: write it to a local folder, then copy it (gcloud storage cp -r)")
     check_output(out, [run_dir], overwrite=overwrite, flag="OUT")  # before the (slow) restore
     if adapter:
         _check_adapter(read_run_config(run_dir), run_dir, fmt)
@@ -78,7 +81,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, which: str | int = "late
     cfg = restored.config
     extended = cfg.data.tokenizer.extend and RunDir(run_dir).tokenizer.is_file()  # the run's grown copy
     tokenizer = None if extended else (cfg.data.tokenizer.path or None)
-    tok_path = RunDir(run_dir).tokenizer if tokenizer is None else Path(tokenizer.removeprefix("hf:"))
+    tok_path = RunDir(run_dir).tokenizer if tokenizer is None else as_path(tokenizer.removeprefix("hf:"))
+    tok_path = local_copy(tok_path) if is_remote(tok_path) and tok_path.exists() else tok_path
     if adapter:
         with safe_output(out, [run_dir], overwrite=overwrite, flag="OUT") as tmp:
             _write_adapter(tmp, restored, fmt)

@@ -11,6 +11,8 @@
     <run_dir>/eval/step_<n>/           evaluation reports during training
     <run_dir>/adapter/, sparse_diff/   what a PEFT run exports at its end
     <run_dir>/unreadable_checkpoints/  checkpoints training could not restore (moved, never deleted)
+
+`root` may be a URL (``gs://bucket/run``): it is then an ``etils.epath.Path`` (`jaxft.paths.as_path`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from jaxft.paths import as_path
+
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     root: Path
 
     def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", as_path(self.root))
 
     @property
     def config(self) -> Path:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
 from jaxft.models.registry import build_model
+from jaxft.paths import as_path
 from jaxft.peft.methods import PeftMethod, method_for
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.runs.layout import RunDir
@@ -86,7 +87,7 @@ def params_from(spec: str, cfg: Config, mesh: Mesh) -> nnx.State:
         source = hf_config_to_model_config(read_hf_config(resolve_path(spec))).vocab_size
         state = init_params_from(spec, dataclasses.replace(cfg.model, vocab_size=source), mesh)
     elif spec.startswith("run:"):
-        src_cfg, state = _jaxft_params(Path(spec[4:]), mesh)
+        src_cfg, state = _jaxft_params(as_path(spec[4:]), mesh)  # run:gs://... too
         shape = lambda c: {k: v for k, v in vars(c).items() if k not in SHAPE_FREE + ("vocab_size",)}  # noqa: E731
         if shape(src_cfg) != shape(cfg.model):
             diff = [k for k in shape(cfg.model) if shape(cfg.model)[k] != shape(src_cfg)[k]]
@@ -188,7 +189,7 @@ def restore_model(run_dir: str | Path, which: str | int = "latest", *, mesh: Mes
     of step `which` (an int: in `checkpoints/` or `best/`), without its optimizer state.
     Read-only: unreadable checkpoints are skipped with a warning (a chosen step is an
     error), never moved; nothing in the run dir is written."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)  # a local path or a URL
     cfg = read_run_config(run_dir)
     folder = checkpoint_folder(run_dir, which)  # a missing step fails before anything is built
     method = method_for(cfg.peft, cfg.train, cfg.model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 
 from jaxft.config.schema import Config, SourceConfig, to_dict
 from jaxft.outputs import atomic_write_text
+from jaxft.paths import makedirs, move
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,6 @@ def set_aside_history(dirs) -> None:
     unreadable checkpoints (never deleted)."""
     if jax.process_index() == 0 and dirs.metrics.exists():
         aside = dirs.unreadable / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(dirs.metrics, aside)
+        makedirs(aside.parent)
+        move(dirs.metrics, aside)
         log.warning("--restart: moved the old metrics.jsonl to %s", aside)

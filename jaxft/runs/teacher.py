@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
 from jaxft.models.registry import build_model, is_encoder_decoder
+from jaxft.paths import as_path
 from jaxft.runs.layout import RunDir
 from jaxft.runs.model import read_run_config, restore_model
 from jaxft.sharding import use_mesh
@@ -42,7 +43,7 @@ class Teacher:
 def teacher_model_config(spec: str) -> ModelConfig:
     """The teacher's ModelConfig from its config alone (nothing loaded): for checks and plans."""
     if spec.startswith("run:"):
-        return read_run_config(Path(spec[4:])).model
+        return read_run_config(as_path(spec[4:])).model
     from jaxft.interop.hf import hf_config_to_model_config, read_hf_config, resolve_path
 
     return hf_config_to_model_config(read_hf_config(resolve_path(spec)))
@@ -56,9 +57,9 @@ def load_teacher(cfg: Config, mesh: Mesh, student_tokenizer: Path | None = None)
     check_teacher(cfg.model, teacher_model_config(spec), spec)
     with use_mesh(mesh):
         if spec.startswith("run:"):
-            restored = restore_model(Path(spec[4:]), mesh=mesh)
+            restored = restore_model(as_path(spec[4:]), mesh=mesh)
             graphdef, state = nnx.split(restored.model())
-            tokenizer = RunDir(Path(spec[4:])).tokenizer
+            tokenizer = RunDir(spec[4:]).tokenizer
             model_cfg = restored.config.model
         else:
             from jaxft.interop.hf import load_hf
@@ -88,7 +89,7 @@ def check_teacher(student: ModelConfig, teacher: ModelConfig, spec: str) -> None
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(as_path(path).read_bytes()).hexdigest()
 
 
 class WithTeacher:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jaxft.config.schema import DataConfig
 from jaxft.data.tokenizer import Tokenizer
+from jaxft.paths import as_path, is_remote, local_copy
 from jaxft.runs.layout import RunDir
 
 
@@ -20,13 +21,13 @@ def configured_tokenizer(cfg: DataConfig, base_dir: Path) -> Tokenizer | None:
         from jaxft.interop.hf import resolve_path
         from jaxft.interop.hf_tokenizer import load_hf_tokenizer
         return load_hf_tokenizer(resolve_path(path_cfg))
-    path = Path(path_cfg)
-    path = path if path.is_absolute() else base_dir / path
+    path = as_path(path_cfg)  # a URL (gs://...) is never joined to base_dir
+    path = path if is_remote(path) or path.is_absolute() else base_dir / path
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist{_hub_hint(path, base_dir)}")
     if path.is_dir():
         from jaxft.interop.hf_tokenizer import load_hf_tokenizer
-        return load_hf_tokenizer(path)
+        return load_hf_tokenizer(local_copy(path))  # an HF folder at a URL: a local copy
     return Tokenizer.load(path)
 
 

@@ -27,6 +27,7 @@ from jaxft.config.schema import DataConfig
 from jaxft.data.tokenizer import Tokenizer
 from jaxft.data.vocab import add_pieces, read_proto, required_pieces, t5_sentinel_pieces
 from jaxft.models.embedding_resize import remap_vocab, vocab_size_of
+from jaxft.paths import local_copy
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def sentencepiece_file(path: str | Path, what: str = "tokenizer") -> Path:
     """The SentencePiece model of a `.model` file or a tokenizer / HF folder."""
     from jaxft.interop.hf_tokenizer import find_sentencepiece
 
-    path = Path(str(path).removeprefix("hf:"))
+    path = local_copy(str(path).removeprefix("hf:"))  # a URL: a local copy of the file or folder
     found = path if path.is_file() else find_sentencepiece(path) if path.is_dir() else None
     if found is None:
         raise ValueError(f"{what}: {path} has no SentencePiece model (tokenizer.model, spiece.model or "
@@ -106,9 +107,9 @@ def write_extension(ext: Extension, path: Path) -> Tokenizer:
         from jaxft.outputs import is_main_process
 
         if is_main_process():
-            partial = path.parent / f".{path.name}.partial"
-            partial.write_bytes(data)
-            partial.replace(path)
+            from jaxft.paths import write_atomic
+
+            write_atomic(path, data)  # a URL: one object write
     return tokenizer_of(ext.proto, path)
 
 

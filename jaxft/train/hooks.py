@@ -285,6 +285,7 @@ class CheckpointHook(Hook):
             if not bool(_all_finite(state.params)):
                 raise DivergedError(f"step {step}: the weights are not finite; not saving them; the newest "
                                     f"checkpoint in {run.dirs.checkpoints} is kept")
+            run.writer.sync()  # a remote run dir: the metrics up to this step are stored before it
             run.ckpt.save(step, run.checkpoint_items(state), run.pipeline.get_state(), to_dict(run.cfg), run.meta)
 
     def close(self, run):

@@ -6,6 +6,13 @@ the checkpoint it resumes from (a line cut short by a kill, and lines of steps
 that will be trained again, are dropped; the file is replaced atomically), then
 appends: across any kill, every logged step has exactly one line.
 TensorBoard events of the dropped steps are purged the same way (purge_step).
+
+A run dir at a URL (``gs://``: no append on an object store) is written through a local spool
+folder: metrics.jsonl (downloaded first, then cut back) and this process's TensorBoard event
+file are uploaded whole, one object each, at `MetricsWriter.sync`: before every checkpoint (the
+checkpoint hook calls it, so a checkpointed step's line is stored before its checkpoint), at
+most every `SYNC_S` seconds while logging, and at close.  A kill loses at most the lines since
+the last sync, all of steps after the newest checkpoint, which the resumed run logs again.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxft.paths import as_path, copy, is_remote, upload
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +109,59 @@ def _flat(value: dict[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+SYNC_S = 60.0  # a remote run dir's metrics: a logged line is uploaded once this long passed since the last upload
+
+
+def _spool(run_dir) -> Path:
+    """A local folder standing in for a remote run dir's metrics: metrics.jsonl downloaded."""
+    spool = Path(tempfile.mkdtemp(prefix="jaxft-metrics-"))
+    if (as_path(run_dir) / "metrics.jsonl").exists():
+        copy(as_path(run_dir) / "metrics.jsonl", spool / "metrics.jsonl")
+    return spool
+
+
 class MetricsWriter:
-    """`resume_step`: the step the run (re)starts from; later lines are dropped first."""
+    """`resume_step`: the step the run (re)starts from; later lines are dropped first.
+    `run_dir` may be a URL: the files are then written locally and uploaded (`sync`)."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dropped = cut_back(run_dir / "metrics.jsonl", resume_step)
+        self._remote = as_path(run_dir) if is_remote(run_dir) else None
+        self._dir = local = _spool(run_dir) if self._remote else run_dir
+        local.mkdir(parents=True, exist_ok=True)
+        dropped = cut_back(local / "metrics.jsonl", resume_step)
         if dropped:
             log.info("metrics.jsonl: dropped %d line(s) after step %d (the step this run resumes from)",
                      dropped, resume_step)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = open(local / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(str(local / "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
             log.warning("tensorboardX is not installed: no TensorBoard events")
+        self._synced = -math.inf
+        if dropped:
+            self.sync()  # the cut-back file replaces the remote one now
+
+    def sync(self) -> None:
+        """Upload metrics.jsonl and the TensorBoard event files (a remote run dir; else nothing)."""
+        if not self.enabled or self._remote is None:
+            return
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        upload(self._dir / "metrics.jsonl", self._remote / "metrics.jsonl")
+        if (self._dir / "tb").is_dir():
+            for f in sorted((self._dir / "tb").iterdir()):
+                upload(f, self._remote / "tb" / f.name)
+        self._synced = time.monotonic()
 
     def write(self, step: int, scalars: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -130,6 +174,8 @@ class MetricsWriter:
             for k, v in _flat(clean, f"{kind}/").items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._remote is not None and time.monotonic() - self._synced >= SYNC_S:
+            self.sync()
 
     def close(self) -> None:
         if not self.enabled:
@@ -137,6 +183,9 @@ class MetricsWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._remote is not None:
+            self._upload()
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Progress:

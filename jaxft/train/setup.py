@@ -26,6 +26,7 @@ from jaxft.data.tokenizer_sample import tokenizer_sample
 from jaxft.data.vocab import required_pieces
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.outputs import atomic_write_text
+from jaxft.paths import makedirs
 from jaxft.peft.methods import PeftMethod, StepContext, method_for
 from jaxft.runs import resume
 from jaxft.runs.checkpoint import Checkpointer
@@ -33,7 +34,7 @@ from jaxft.runs.layout import RunDir
 from jaxft.runs.model import start_from
 from jaxft.runs.teacher import Teacher, WithTeacher, load_teacher
 from jaxft.runs.tokenizer import configured_tokenizer
-from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.train.metric_sinks import MetricsWriter
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import (TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
@@ -65,7 +66,7 @@ class Run:
     writer: MetricsWriter
     state: TrainState  # where the loop starts (consumed: the step donates it)
     start: int
-    theta0: TrainState | None
+    theta0: nnx.State | None  # LT-SFT: the starting trainable parameters only (no optimizer state, no frozen rest)
     meta: dict[str, Any]  # small JSON facts checkpointed with the run (dev loss before training)
     end: int = 0  # the last step this process runs (set by the loop)
     save_now: bool = False  # set by the loop before a step's hooks: checkpoint this step
@@ -79,7 +80,7 @@ class Run:
 
     def step_context(self) -> StepContext:
         return StepContext(theta0=self.theta0, optimizer=self.tx, shardings=self.shardings,
-                           copy=lambda s: copy_state(s, self.shardings), graphdef=self.graphdef,
+                           copy=lambda p: copy_state(p, self.shardings.params), graphdef=self.graphdef,
                            run_dir=self.dirs.root, seed=self.cfg.train.seed)
 
     def checkpoint_items(self, state: TrainState) -> dict[str, Any]:
@@ -129,11 +130,7 @@ def _check_shapes(cfg: Config, tokenizer: Tokenizer, mesh) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} pieces ({tokenizer.path})")
-    tcfg = cfg.train
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (tcfg.global_batch // tcfg.microbatches) % dp:
-        raise ValueError(f"train.global_batch / train.microbatches = {tcfg.global_batch // tcfg.microbatches} rows "
-                         f"per microbatch must be divisible by the {dp} data-parallel devices (mesh data x fsdp)")
+    check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
 
 
 def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
@@ -157,13 +154,13 @@ def _start_state(run_parts: dict, init_fn, cfg: Config, method: PeftMethod, mesh
     if restored is None:
         # a method that keeps theta0 alive trains on a copy (the step donates its input)
         state = copy_state(theta0, shardings) if method.keeps_theta0 else theta0
-        return state, 0, theta0 if method.keeps_theta0 else None, {}, None
+        return state, 0, theta0.params if method.keeps_theta0 else None, {}, None
     start, items = restored
     rest = items["rest"] if method.checkpoint_base else theta0.rest
     train = items["train"]
     state = TrainState(step=train["step"], params=items["params"], rest=rest, opt_state=train["opt_state"],
                        mask=train["mask"])
-    return state, start, theta0 if method.keeps_theta0 else None, items.get("meta") or {}, items["data"]
+    return state, start, theta0.params if method.keeps_theta0 else None, items.get("meta") or {}, items["data"]
 
 
 def _write_sizes(state: TrainState, method: PeftMethod, mesh, dirs: RunDir) -> None:
@@ -193,7 +190,7 @@ def _steps(cfg: Config, graphdef, tx, shardings, bsharding, teacher: Teacher | N
 def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     """Everything a run needs.  Refuses (before writing anything) a run dir whose
     checkpoints were made with an incompatible config.  `restart`: see `train`."""
-    dirs = RunDir(Path(cfg.run_dir))
+    dirs = RunDir(cfg.run_dir)  # a local path or a URL (gs://...: jaxft.paths)
     if dirs.root.is_dir() and not dirs.is_run() and any(dirs.root.iterdir()):
         raise ValueError(f"run_dir {dirs.root}: exists, is not empty and is not a jaxft run dir (no config.yaml); "
                          "choose a new run_dir")
@@ -202,7 +199,7 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     configured = configured_tokenizer(cfg.data, base_dir)
     fresh = not ckpt.steps()  # a resumed run's config.yaml is rewritten only once a checkpoint restored
     if jax.process_index() == 0:
-        dirs.root.mkdir(parents=True, exist_ok=True)
+        makedirs(dirs.root)
         if fresh:
             resume.write_config(cfg, dirs.root)
     tokenizer = prepare_tokenizer(cfg.data, dirs.root, base_dir, configured)
