@@ -44,7 +44,7 @@ alive_pid() {
   local pid
   pid=$(cat "$STATE_DIR/pid" 2>/dev/null) || return 1
   [ -n "$pid" ] && is_alive "$pid" || return 1
-  ps -o args= -p "$pid" 2>/dev/null | grep -q 'worker\.sh run' || return 1
+  ps -ww -o args= -p "$pid" 2>/dev/null | grep -q 'worker\.sh run' || return 1
   echo "$pid"
 }
 
@@ -201,7 +201,7 @@ stop() {
     for c in $(pgrep -P "$pid"); do
       for t in $(pgrep -P "$c"); do
         [[ $signalled == *" $t "* ]] && continue
-        kill -TERM "$t" 2>/dev/null && echo "$(label): SIGTERM to $(ps -o args= -p "$t" | cut -c1-60) (pid $t)"
+        kill -TERM "$t" 2>/dev/null && echo "$(label): SIGTERM to $(ps -ww -o args= -p "$t" | cut -c1-60) (pid $t)"
         signalled+="$t "
       done
     done
