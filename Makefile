@@ -26,7 +26,7 @@ demo: $(VENV)/.runtime
 # Two passes: everything in parallel, then the `serial` tests alone on a quiet machine (two
 # processes training over gloo, whose communicator set-up has a fixed 30 s deadline).
 test: $(VENV)/.test
-	$(PYBIN) -m pytest -q -p no:cacheprovider -n 2 -m "not serial"
+	$(PYBIN) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=20 -m "not serial"
 	$(PYBIN) -m pytest -q -p no:cacheprovider -m serial
 
 clean:
