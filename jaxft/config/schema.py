@@ -77,6 +77,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # One jax.lax.scan over the layers (compiled once, not n times): compile time and its host
+    # memory stop growing with depth; parameters keep their per-layer paths (jaxft/models/scan.py).
+    scan_layers: bool = False
     # Dropout in training only, each in [0, 1): residual branches (+ embeddings, T5 stack outputs),
     # attention probabilities, MLP hidden after the activation (sites: jaxft/models/<family>.py).
     dropout: float = 0.0

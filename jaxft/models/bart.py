@@ -56,8 +56,9 @@ from jaxft.models.attention import attend
 from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
-                                 mlp_from_config, norm_from_config, normal_param, remat_call)
+                                 mlp_from_config, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
+from jaxft.models.scan import run_layers
 from jaxft.sharding import constrain
 
 POSITIONS = ("learned", "sinusoidal")
@@ -182,7 +183,7 @@ class Stack(nnx.Module):
         self.layers = nnx.List([Layer(cfg, decoder=decoder, rngs=rngs) for _ in range(n_layers)])
         self.final_norm = norm_from_config(cfg)
         self.position_offset, self.d_model = cfg.position_offset, cfg.d_model
-        self.remat, self.dtype = cfg.remat, jnp.dtype(cfg.dtype)
+        self.remat, self.scan_layers, self.dtype = cfg.remat, cfg.scan_layers, jnp.dtype(cfg.dtype)
         self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def positions(self, positions_BL: jax.Array) -> jax.Array:
@@ -200,9 +201,7 @@ class Stack(nnx.Module):
         return constrain(dropout(x_BLD, self.dropout_rate), ACT)
 
     def __call__(self, x_BLD: jax.Array, *layer_args) -> jax.Array:
-        layer_call = remat_call(_layer_call, self.remat)
-        for layer in self.layers:
-            x_BLD = layer_call(layer, x_BLD, *layer_args)
+        x_BLD = run_layers(self.layers, _layer_call, x_BLD, *layer_args, remat=self.remat, scan=self.scan_layers)
         return constrain(self.final_norm(x_BLD), ACT)
 
 

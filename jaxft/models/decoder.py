@@ -31,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
@@ -38,15 +39,17 @@ from jaxft.models.attention import Attention
 from jaxft.models.cache import DecodeCache, KVCache
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
-                                 mlp_from_config, norm_from_config, remat_call, softcap)
+                                 mlp_from_config, norm_from_config, softcap)
 from jaxft.models.masks import causal_segment_mask, is_local_layer, sliding_window_mask
+from jaxft.models.scan import run_layers
 from jaxft.sharding import constrain
 
 
 class DecoderLayer(nnx.Module):
-    """``local``: a sliding-window layer (Gemma 2); ``Decoder`` hands it the windowed mask."""
+    """One block; a sliding-window (Gemma 2 local) layer differs only in the mask ``Decoder``
+    hands it, so every layer has the same structure (one scan body, `jaxft.models.scan`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, local: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.attn_norm = norm_from_config(cfg)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = norm_from_config(cfg)
@@ -54,7 +57,6 @@ class DecoderLayer(nnx.Module):
         # Gemma 2 sandwich norms: x + post_norm(f(pre_norm(x))).
         self.post_attn_norm = norm_from_config(cfg) if cfg.post_norms else None
         self.post_mlp_norm = norm_from_config(cfg) if cfg.post_norms else None
-        self.local = local
         self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
@@ -72,7 +74,9 @@ class DecoderLayer(nnx.Module):
         return constrain(x_BLD + dropout(h_BLD, self.dropout_rate), ACT), cache
 
 
-def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL):
+def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL, local):
+    if local_mask_B1LL is not None:  # Gemma 2: this layer's mask by its (traced) local flag
+        mask_B1LL = jnp.where(local, local_mask_B1LL, mask_B1LL)
     return layer(x_BLD, positions_BL, positions_BL, mask_B1LL)[0]
 
 
@@ -93,9 +97,9 @@ class Decoder(nnx.Module):
         if cfg.sliding_window is not None and (cfg.sliding_window < 1 or cfg.sliding_window_pattern < 1):
             raise ValueError(f"model.sliding_window: must be >= 1 (and sliding_window_pattern >= 1), got "
                              f"{cfg.sliding_window} / {cfg.sliding_window_pattern}")
-        self.layers = nnx.List([
-            DecoderLayer(cfg, rngs=rngs, local=is_local_layer(i, cfg.sliding_window, cfg.sliding_window_pattern))
-            for i in range(cfg.n_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.local_layers = tuple(is_local_layer(i, cfg.sliding_window, cfg.sliding_window_pattern)
+                                  for i in range(cfg.n_layers))
         self.sliding_window = cfg.sliding_window
         self.final_norm = norm_from_config(cfg)
         self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -103,7 +107,7 @@ class Decoder(nnx.Module):
             init_std=cfg.init_std, param_dtype=pdt, dtype=dt, out_dtype=jnp.float32, rngs=rngs)
         self.embed_multiplier = math.sqrt(cfg.d_model) if cfg.embed_scale else None
         self.final_logit_softcap = cfg.final_logit_softcap
-        self.remat = cfg.remat
+        self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         self.dtype = dt
 
     def embed_tokens(self, inputs_BL: jax.Array) -> jax.Array:
@@ -128,9 +132,8 @@ class Decoder(nnx.Module):
         local_mask_B1LL = None
         if self.sliding_window is not None:
             local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
-        layer_call = remat_call(_layer_call, self.remat)
-        for layer in self.layers:
-            x_BLD = layer_call(layer, x_BLD, positions_BL, local_mask_B1LL if layer.local else mask_B1LL)
+        x_BLD = run_layers(self.layers, _layer_call, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL,
+                           remat=self.remat, scan=self.scan_layers, per_layer=(np.array(self.local_layers),))
         return self.final_norm(x_BLD)
 
     def head_logits(self, x_BLD: jax.Array) -> jax.Array:
@@ -180,8 +183,8 @@ class Decoder(nnx.Module):
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
         x_BLD = self.embed_tokens(inputs_BL)
         layers = []
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            mask = local_mask_B1LS if layer.local else mask_B1LS
+        for layer, layer_cache, local in zip(self.layers, cache.layers, self.local_layers):
+            mask = local_mask_B1LS if local else mask_B1LS
             x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
             layers.append(layer_cache)
         return self.head_logits(x_BLD), cache.with_layers(layers)

@@ -56,8 +56,9 @@ from jaxft.models.attention import attend
 from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, default_positions,
-                                 default_segment_ids, norm_from_config, normal_param, remat_call)
+                                 default_segment_ids, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
+from jaxft.models.scan import run_layers
 from jaxft.sharding import constrain
 
 # --------------------------------------------------------------------------- buckets
@@ -210,17 +211,16 @@ class T5Stack(nnx.Module):
         self.rel_bias = RelativeBias(cfg, bidirectional=not decoder, rngs=rngs) if shared else None
         self.layers = nnx.List([T5Block(cfg, decoder=decoder, rngs=rngs) for _ in range(n)])
         self.final_norm = norm_from_config(cfg)
-        self.remat = cfg.remat
+        self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         self.dropout_rate = check_rate("model.dropout", cfg.dropout)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, mask_B1LL: jax.Array,
                  enc_BSD: jax.Array | None = None, cross_mask_B1LS: jax.Array | None = None) -> jax.Array:
         """Embedded tokens -> final-normed states (dropout on the input and the output, as HF)."""
         bias_BHLL = None if self.rel_bias is None else self.rel_bias(positions_BL, positions_BL)
-        call = remat_call(_block_call, self.remat)
         x_BLD = dropout(x_BLD, self.dropout_rate)
-        for layer in self.layers:
-            x_BLD = call(layer, x_BLD, positions_BL, positions_BL, mask_B1LL, bias_BHLL, enc_BSD, cross_mask_B1LS)
+        x_BLD = run_layers(self.layers, _block_call, x_BLD, positions_BL, positions_BL, mask_B1LL, bias_BHLL,
+                           enc_BSD, cross_mask_B1LS, remat=self.remat, scan=self.scan_layers)
         return dropout(self.final_norm(x_BLD), self.dropout_rate)
 
     def extend(self, x_BLD: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
