@@ -64,6 +64,26 @@ def test_collective_bytes_counts_loop_trips():
                                               "reduce-scatter": 16 * 4}
 
 
+def test_collective_bytes_reads_a_scan_trip_count_from_the_loop_condition():
+    """The TPU compiler drops `known_trip_count`; a `lax.scan` loop's condition still says
+    `counter < 32`."""
+    hlo = textwrap.dedent("""\
+        %cond.7 (p: (s32[], f32[8])) -> pred[] {
+          %c = s32[]{:T(128)} constant(32)
+          %i = s32[]{:T(128)} get-tuple-element((s32[], f32[8]) %p), index=0
+          ROOT %lt = pred[]{:T(512)} compare(s32[] %i, s32[] %c), direction=LT
+        }
+        %body.7 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+          %ag = bf16[256,8]{1,0} all-gather(bf16[64,8]{1,0} %y), channel_id=2, dimensions={0}
+        }
+        ENTRY %main.9 (a: f32[8]) -> f32[8] {
+          %w = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%cond.7, body=%body.7
+          %w2 = (s32[], f32[8]) while((s32[], f32[8]) %t), condition=%unknown, body=%body.7
+        }
+    """)
+    assert plan_lib.collective_bytes(hlo) == {"all-gather": 32 * 256 * 8 * 2}  # max over the two callers
+
+
 def test_multi_slice_mesh_puts_dcn_outermost():
     devices = jax.devices()
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, dcn_data=2), devices)
@@ -150,3 +170,24 @@ def test_plan_cli_json_and_exit_status(tiny, capsys):
     assert status == 1 and out["fits"] is False and out["target"].startswith("v5e-4 (v5e:2x2")
     assert main(["plan", str(tiny), "--topology", "v9-8"]) == 2
     assert "--topology: 'v9-8' is not a TPU slice" in capsys.readouterr().err
+
+
+def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny):
+    """`model.scan_layers`: the cost analysis counts the scan body once; the plan extrapolates
+    FLOPs from 1- and 2-layer compiles and counts collectives per layer from the loop condition,
+    so it reports what the unrolled (4-layer, fsdp) step compiles to."""
+    from jaxft.train.chips import abstract_devices
+    from jaxft.train.plan import topology_target
+
+    topology = parse_topology("v5e-8")
+    plans = [plan_lib.plan(lambda o: load_config(tiny, o), ["model.n_layers=4", "mesh.data=1", "mesh.fsdp=-1",
+                                                          f"model.scan_layers={scan}"],
+                           abstract_devices(topology), **topology_target(topology)) for scan in (False, True)]
+    unrolled, scanned = plans
+    assert scanned.planning["cost_extrapolated"] and not unrolled.planning["cost_extrapolated"]
+    assert scanned.flops["compiled"] == pytest.approx(unrolled.flops["compiled"], rel=1e-3)
+    assert scanned.flops["compiled"] >= scanned.flops["model"]  # not one layer's worth
+    assert scanned.collectives["all-reduce"] == unrolled.collectives["all-reduce"]  # the gradients
+    # per-layer FSDP all-gathers, counted 4 times (the scan may re-gather less than the loop)
+    assert 0.6 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] <= 1.0
+    assert scanned.estimate["mfu"] == pytest.approx(unrolled.estimate["mfu"], rel=0.2)

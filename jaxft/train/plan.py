@@ -12,7 +12,9 @@ remat, microbatches, mesh, loss chunking, distillation teacher.  The numbers:
   from its error; the verdict is then DOES NOT FIT by the difference.  LT-SFT keeps its
   starting parameters (theta0) beside the state: counted on top.
 * **FLOPs** -- the compiled per-chip count (`cost_analysis()`) next to the model's FLOPs
-  (`jaxft.models.flops`, the MFU accounting of training).
+  (`jaxft.models.flops`, the MFU accounting of training).  With `model.scan_layers` the
+  compiled FLOPs and bytes are extrapolated from small unrolled compiles
+  (`scan_corrected_cost`): the cost analysis counts a loop body once.
 * **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all /
   collective-permute in the optimized HLO, multiplied by the trip count of enclosing loops.
 * **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16
@@ -92,9 +94,23 @@ def per_chip_bytes(tree: Any) -> int:
     return total
 
 
+def _trip_count(line: str, comps: dict[str, str]) -> int:
+    """The trip count of a `while` instruction: XLA's `known_trip_count` when the backend kept it,
+    else read from its condition -- a counter compared `LT` against one s32 constant, the form
+    `lax.scan` / `fori_loop` lower to (the TPU compiler drops the annotation); 1 when unknown."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%([\w.\-]+)", line)
+    text = comps.get(cond.group(1), "") if cond else ""
+    bounds = re.findall(r"= s32\[\]\S* constant\((\d+)\)", text)
+    return int(bounds[0]) if len(bounds) == 1 and "direction=LT" in text else 1
+
+
 def collective_bytes(hlo: str) -> dict[str, int]:
     """Result bytes of each collective kind in an optimized HLO module, loops unrolled by
-    their known trip counts (a collective in a microbatch loop runs once per microbatch)."""
+    their trip counts (a collective in a microbatch loop runs once per microbatch, one in a
+    scan over layers once per layer)."""
     blocks = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ )", "\n" + hlo)
     comps: dict[str, str] = {}
     entry = None
@@ -110,9 +126,9 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             return
         times[name] = mult
         for line in comps[name].splitlines():
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            trip = _trip_count(line, comps) if " while(" in line else 1
             for callee in re.findall(r"(?:body|to_apply|calls|condition|branch_computations)=\{?%([\w.\-]+)", line):
-                visit(callee, mult * (int(trip.group(1)) if trip and " while(" in line else 1))
+                visit(callee, mult * trip)
 
     visit(entry or next(iter(comps), ""), 1)
     out: dict[str, int] = {}
@@ -176,7 +192,7 @@ def _estimate(cfg: Config, chip: Chip | None, peak: float, n: int, flops: dict, 
               coll: dict[str, int], dcn_bytes: float) -> dict[str, float]:
     if (chip is None and not peak) or not flops["compiled"]:
         return {}  # no executable (out of memory): nothing to time
-    compute = max(flops["compiled"], flops["model"] / n) / peak
+    compute = max(flops["compiled"], flops["model"]) / peak  # both per chip
     hbm = hbm_bytes / chip.hbm_bw if chip else 0.0
     ici = sum(b * (2 if k == "all-reduce" else 1) for k, b in coll.items()) / chip.ici_bw if chip else 0.0
     dcn = dcn_bytes / chip.dcn_bw if chip and dcn_bytes else 0.0
@@ -200,6 +216,34 @@ def _loop_corrected_cost(compiled, microbatches: int, mem: dict[str, int]) -> di
     return {"flops": flops, "bytes accessed": accessed}
 
 
+def _unrolled_cost(cfg: Config, devices: Sequence, sizes: dict[str, int]) -> dict[str, float]:
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, **sizes))
+    parts = lower_step_parts(small, devices)
+    compiled = parts.lowered.compile()
+    mem, _ = _memory(small, parts, compiled, "")
+    return _loop_corrected_cost(compiled, small.train.microbatches, mem)
+
+
+def scan_corrected_cost(cfg: Config, devices: Sequence) -> dict[str, float]:
+    """FLOPs and bytes accessed per chip of a step whose layers are scanned (`model.scan_layers`):
+    the cost analysis counts a loop body once, i.e. one layer per stack.  Both are linear in each
+    stack's depth (its layers are identical), so they are extrapolated from the same step
+    compiled unrolled with 1 layer per stack and with 2 in one stack (in both, when the stacks
+    are equally deep): two or three small compiles instead of the whole unrolled one."""
+    sizes = {"n_layers": cfg.model.n_layers}
+    if is_encoder_decoder(cfg.model):
+        sizes["n_decoder_layers"] = cfg.model.n_decoder_layers or cfg.model.n_layers
+    ones = {k: 1 for k in sizes}
+    out = base = _unrolled_cost(cfg, devices, ones)
+    groups = [sizes] if len(set(sizes.values())) == 1 else [{k: v} for k, v in sizes.items()]
+    for group in groups:
+        depth = next(iter(group.values()))
+        if depth > 1:
+            two = _unrolled_cost(cfg, devices, {**ones, **{k: 2 for k in group}})
+            out = {k: out[k] + (depth - 1) * (two[k] - base[k]) for k in out}
+    return out
+
+
 def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None, peak: float,
               capacity: int | None, num_slices: int = 1, overrides: tuple[str, ...] = ()) -> Plan:
     """Compile once and measure; no suggestions."""
@@ -216,6 +260,9 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     mem, compiler_capacity = _memory(cfg, parts, compiled, error)
     capacity = compiler_capacity or capacity
     cost = _loop_corrected_cost(compiled, cfg.train.microbatches, mem)
+    scanned = bool(cfg.model.scan_layers and compiled is not None and cost["flops"])
+    if scanned:
+        cost = scan_corrected_cost(cfg, devices)
     flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
     coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
@@ -224,7 +271,8 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Plan(target=target, n_chips=n, mesh=dict(parts.mesh.shape), fits=fits, capacity=capacity, memory=mem,
                 flops=flops, collectives=coll, estimate=estimate, overrides=overrides,
-                planning={"compile_s": time.perf_counter() - t0, "peak_host_rss": rss},
+                planning={"compile_s": time.perf_counter() - t0, "peak_host_rss": rss,
+                          "cost_extrapolated": float(scanned)},
                 compiler_error=error.splitlines()[0][:300] if error else "")
 
 
