@@ -261,8 +261,10 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     capacity = compiler_capacity or capacity
     cost = _loop_corrected_cost(compiled, cfg.train.microbatches, mem)
     scanned = bool(cfg.model.scan_layers and compiled is not None and cost["flops"])
+    t1 = time.perf_counter()
     if scanned:
         cost = scan_corrected_cost(cfg, devices)
+    extrapolation_s = time.perf_counter() - t1
     flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
     coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
@@ -272,7 +274,7 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     return Plan(target=target, n_chips=n, mesh=dict(parts.mesh.shape), fits=fits, capacity=capacity, memory=mem,
                 flops=flops, collectives=coll, estimate=estimate, overrides=overrides,
                 planning={"compile_s": time.perf_counter() - t0, "peak_host_rss": rss,
-                          "cost_extrapolated": float(scanned)},
+                          "cost_extrapolated": float(scanned), "extrapolation_s": extrapolation_s},
                 compiler_error=error.splitlines()[0][:300] if error else "")
 
 
@@ -291,6 +293,8 @@ def fix_candidates(cfg: Config, n_dp: int) -> list[tuple[str, ...]]:
         out.append(("peft.method=lora",))
     if cfg.model.remat != "full" and (cfg.mesh.data != 1 or cfg.mesh.fsdp != -1):
         out.append(("model.remat=full", "mesh.data=1", "mesh.fsdp=-1"))
+    if not cfg.model.scan_layers:  # its buffers are assigned per loop body: often less memory
+        out.append(("model.scan_layers=true",))
     return out
 
 
