@@ -89,6 +89,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args()
     cells = args.out.with_suffix(".jsonl")
+    if args.out == cells:  # `--out table.jsonl`: the cells there, the Markdown beside them
+        args.out = cells.with_suffix(".md")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in cells.read_text().splitlines()] if cells.exists() else []
     seen = {(r["model"], r["slice"], r["method"]) for r in done}

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from jaxft.paths import local_path
+from jaxft.paths import as_path, config_dir, local_path
 
 log = logging.getLogger("jaxft")
 DIVERGED_EXIT = 3  # `jaxft train` stopped on non-finite losses (train.nonfinite)
@@ -35,7 +35,7 @@ def _command(sub, name: str, func, *, config: bool = False, **kw):
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
     p.set_defaults(func=func)
     if config:
-        p.add_argument("config", type=Path, help="experiment YAML (may name `base:` overlays)")
+        p.add_argument("config", type=as_path, help="experiment YAML (may name `base:` overlays), a path or a URL")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
     return p
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train_and_evaluate(cfg, base_dir=args.config.resolve().parent, restart=args.restart)
+        result = train_and_evaluate(cfg, base_dir=config_dir(args.config), restart=args.restart)
     except DivergedError as e:
         print(f"jaxft: {cfg.run_dir}: {e}", file=sys.stderr)
         return DIVERGED_EXIT
@@ -111,7 +111,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from jaxft.config.loader import load_config
     from jaxft.data.prepare import prepare, summary_table
 
-    manifest = prepare(load_config(args.config, args.overrides).data, args.config.resolve().parent, args.out,
+    manifest = prepare(load_config(args.config, args.overrides).data, config_dir(args.config), args.out,
                        overwrite=args.overwrite)
     print(summary_table(manifest), f"wrote {args.out} (sources to train on: {args.out}/sources.yaml)", sep="\n")
     return 0

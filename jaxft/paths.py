@@ -60,6 +60,12 @@ def as_path(path: Any) -> Any:
     return epath.Path(text)
 
 
+def config_dir(path: Any) -> Path:
+    """The folder a config's relative paths (run dir, data, tokenizer) are resolved against: a
+    local file's own folder; for a config read from a URL, the working directory (docs/remote.md)."""
+    return Path.cwd() if is_remote(path) else Path(path).resolve().parent
+
+
 def absolute(path: Any) -> Any:
     """A local path made absolute (not resolved); a URL as it is."""
     return as_path(path) if is_remote(path) else as_path(path).absolute()

@@ -203,6 +203,24 @@ def test_paths_on_gcs(gcs, tmp_path):
         paths.local_copy(f"{gcs}/nothing/here")
 
 
+def test_a_config_on_gcs_with_a_base_overlay_from_the_cli(gcs, capsys):
+    """`jaxft config show gs://.../exp.yaml`: the URL reaches the loader intact (not `gs:/...`),
+    its `base:` overlay is read beside it, and relative data paths resolve under its folder."""
+    from jaxft.cli import main
+
+    paths.write_atomic(f"{gcs}/cfg/base.yaml", b"model: {preset: tiny-llama, n_layers: 3}\noptimizer: {lr: 0.01}\n")
+    paths.write_atomic(f"{gcs}/cfg/exp.yaml", yaml.safe_dump({
+        "base": "base.yaml", "run_dir": f"{gcs}/run", "optimizer": {"lr": 0.02},
+        "data": {"train": [{"type": "text", "src_path": "../corpus/a.{src}", "tgt_path": "../corpus/a.{tgt}",
+                            "directions": ["eng_Latn-deu_Latn"]}]}}).encode())
+    assert main(["config", "show", f"{gcs}/cfg/exp.yaml", "--set", "train.steps=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["model"]["n_layers"] == 3 and shown["optimizer"]["lr"] == 0.02 and shown["train"]["steps"] == 7
+    assert shown["data"]["train"][0]["src_path"] == f"{gcs}/corpus/a.{{src}}" and shown["run_dir"] == f"{gcs}/run"
+    assert main(["config", "show", f"{gcs}/cfg/missing.yaml"]) == 2
+    assert f"{gcs}/cfg/missing.yaml" in capsys.readouterr().err
+
+
 def test_tokenizer_data_and_outputs_on_gcs(gcs, tmp_path):
     """A SentencePiece model and text / JSONL sources read from gs:// give what the local files
     give; a record source there is a one-line error; safe_output writes a folder there."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from jaxft.commands.export import checkpoint_choice
+from jaxft.paths import as_path, config_dir
 
 DECODE_FLAGS = ("beam_size", "length_penalty", "max_len", "min_len", "temperature", "top_k", "top_p", "n_best",
                 "repetition_penalty", "no_repeat_ngram_size")
@@ -90,7 +91,7 @@ def _eval_config(args: argparse.Namespace):
 
     if args.config:
         cfg = load_config(args.config, args.overrides)
-        return cfg, args.config.resolve().parent, args.model or cfg.run_dir
+        return cfg, config_dir(args.config), args.model or cfg.run_dir
     if not args.model:
         raise ValueError("eval: give a CONFIG, or --model (a run dir, a jaxft folder or an HF folder)")
     if RunDir(args.model).is_run():  # a local path or a URL (gs://...)
@@ -201,7 +202,7 @@ def register(sub, command) -> None:
     p = command(sub, "eval", cmd_eval, help="per-direction BLEU / chrF / chrF++ (sacreBLEU) of a run dir, a jaxft "
                  "folder or an HF folder on the dev or test directions, or on --src / --ref; prints the report, "
                  "reads only")
-    p.add_argument("config", type=Path, nargs="?", help="experiment YAML (data, eval settings; default: the run "
+    p.add_argument("config", type=as_path, nargs="?", help="experiment YAML (data, eval settings; default: the run "
                    "dir's own config, or none with --src / --ref)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set eval.decode.beam_size=1 (repeatable)")

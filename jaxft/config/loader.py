@@ -129,7 +129,7 @@ def _merge(base: tuple[Tree, Origins], top: tuple[Tree, Origins]) -> tuple[Tree,
 
 def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = None) -> tuple[Tree, Origins]:
     """One YAML file with its ``base:`` overlays merged underneath it."""
-    real = path.resolve()
+    real = path if is_remote(path) else path.resolve()
     if real in stack:
         chain = " -> ".join(str(p) for p in (*stack, real))
         raise ConfigError(f"cycle in base files: {chain}", ("base",) if ref else (), ref or Origin(str(path)))
@@ -154,7 +154,8 @@ def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = No
         raise ConfigError("expected a path or a list of paths", ("base",), here)
     merged: tuple[Tree, Origins] = ({}, {})
     for base in bases:
-        merged = _merge(merged, _load_file(Path(os.path.normpath(path.parent / base)), (*stack, real), here))
+        near = beside(path, base) if is_remote(path) or is_remote(base) else Path(os.path.normpath(path.parent / base))
+        merged = _merge(merged, _load_file(near, (*stack, real), here))
     return _merge(merged, (tree, origins))
 
 
