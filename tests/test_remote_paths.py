@@ -221,6 +221,34 @@ def test_a_config_on_gcs_with_a_base_overlay_from_the_cli(gcs, capsys):
     assert f"{gcs}/cfg/missing.yaml" in capsys.readouterr().err
 
 
+def test_compose_reads_sparse_diffs_from_gcs(gcs, tmp_path):
+    """`peft.compose` / `compose_into` with diffs on gs:// composes what the local diffs compose."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxft.config.schema import SparseConfig
+    from jaxft.models import build_model
+    from jaxft.peft import sparse
+    from jaxft.peft.compose import compose_into
+    from test_peft_sparse import TINY, perturbed
+
+    theta0 = nnx.state(build_model(TINY, rngs=nnx.Rngs(0)), nnx.Param)
+    cfg = SparseConfig(k=0.05)
+    lang = perturbed(theta0, 1, 0.1)
+    local = sparse.save_diff(tmp_path / "lang", lang, theta0, sparse.select_mask(lang, theta0, cfg, seed=0), cfg)
+    paths.copy(local, f"{gcs}/diffs/lang")
+    models = [build_model(TINY, rngs=nnx.Rngs(0)) for _ in range(2)]
+    compose_into(models[0], [f"{local} * 0.5"])
+    compose_into(models[1], [f"{gcs}/diffs/lang * 0.5"])
+    a, b = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in models)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, jax.tree.leaves(theta0)))  # it changed the model
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compose_into(models[1], [f"{gcs}/diffs/nope"])
+
+
 def test_tokenizer_data_and_outputs_on_gcs(gcs, tmp_path):
     """A SentencePiece model and text / JSONL sources read from gs:// give what the local files
     give; a record source there is a one-line error; safe_output writes a folder there."""

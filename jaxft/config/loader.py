@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import functools
 import logging
-import os
 import re
 import types
 import typing
@@ -154,8 +153,7 @@ def _load_file(path: Path, stack: tuple[Path, ...] = (), ref: Origin | None = No
         raise ConfigError("expected a path or a list of paths", ("base",), here)
     merged: tuple[Tree, Origins] = ({}, {})
     for base in bases:
-        near = beside(path, base) if is_remote(path) or is_remote(base) else Path(os.path.normpath(path.parent / base))
-        merged = _merge(merged, _load_file(near, (*stack, real), here))
+        merged = _merge(merged, _load_file(beside(path, base), (*stack, real), here))  # as data paths
     return _merge(merged, (tree, origins))
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig, SparseConfig
 from jaxft.outputs import safe_output
+from jaxft.paths import as_path, is_remote, local_copy
 from jaxft.peft import sparse
 
 ADAPTER_JSON = "adapter.json"
@@ -44,7 +45,8 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 
 def _apply_one(model: nnx.Module, path: str, scale: float, where: str) -> None:
-    p = Path(path)
+    # a diff / adapter on gs:// is read through a local copy (safetensors reads local files)
+    p = local_copy(path) if is_remote(path) and as_path(path).exists() else as_path(path)
     if sparse.is_diff_dir(p):
         try:
             sparse.apply_diff(model, sparse.load_diff(p), scale)
