@@ -213,17 +213,30 @@ def check_remat(remat: str) -> None:
 
 
 def remat_call(fn: Callable, remat: str) -> Callable:
-    """``fn`` (a per-layer call) under ``nnx.remat`` with policy ``model.remat`` ("none": as is).
+    """``fn(layer, *arrays)`` (a per-layer call) under ``jax.checkpoint`` with policy
+    ``model.remat`` ("none": as is).
+
+    The layer enters as its state (``nnx.split``) and is merged inside the checkpointed
+    function, which is then a pure function of arrays (as in the scan over layers):
+    ``nnx.remat`` could not lift the variables of wrapped modules ("Cannot mutate Param
+    from a different trace level").  The forward pass does not write variables.
 
     While dropout is active each call draws its own dropout key and passes it in as an
     argument: ``jax.checkpoint`` reuses one trace for all layers, so a trace-time counter
     would give every layer the same masks.  Masks are the same for every ``model.remat``."""
-    def keyed(key: jax.Array | None, *args):
+    def keyed(key: jax.Array | None, layer, *args):
         with dropout_rng(key):
-            return fn(*args)
+            return fn(layer, *args)
 
-    inner = keyed if remat == "none" else nnx.remat(keyed, policy=REMAT_POLICIES[remat])
-    return lambda *args: inner(next_key(), *args)
+    if remat == "none":
+        return lambda layer, *args: keyed(next_key(), layer, *args)
+    policy = REMAT_POLICIES[remat]
+
+    def call(layer, *args):
+        graphdef, state = nnx.split(layer)
+        pure = lambda state, key, *a: keyed(key, nnx.merge(graphdef, state), *a)  # noqa: E731
+        return jax.checkpoint(pure, policy=policy)(state, next_key(), *args)
+    return call
 
 
 def default_segment_ids(shape_BL: tuple[int, ...], segment_ids_BL: jax.Array | None) -> jax.Array:
