@@ -172,22 +172,38 @@ def test_plan_cli_json_and_exit_status(tiny, capsys):
     assert "--topology: 'v9-8' is not a TPU slice" in capsys.readouterr().err
 
 
-def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny):
-    """`model.scan_layers`: the cost analysis counts the scan body once; the plan extrapolates
-    FLOPs from 1- and 2-layer compiles and counts collectives per layer from the loop condition,
-    so it reports what the unrolled (4-layer, fsdp) step compiles to."""
+TINY_T5 = textwrap.dedent("""\
+    run_dir: run
+    model: {preset: tiny-t5, vocab_size: 2048, d_model: 128, n_heads: 4, mlp_dim: 384}
+    data: {seq_len: 64, encoder_seq_len: 96}
+    train: {global_batch: 8, steps: 10}
+""")
+
+
+@pytest.mark.parametrize("family,layers", [("llama", ["model.n_layers=4"]),
+                                           ("t5", ["model.n_layers=4", "model.n_decoder_layers=3"])])
+def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, tmp_path, family, layers):
+    """`model.scan_layers`: the cost analysis counts the scan body once; the plan adds the other
+    layers from small unrolled compiles (per stack of its own depth: T5 4 + 3) and counts
+    collectives per layer from the loop condition, so it reports what the unrolled fsdp step
+    compiles to."""
     from jaxft.train.chips import abstract_devices
     from jaxft.train.plan import topology_target
 
+    config = tiny
+    if family == "t5":
+        config = tmp_path / "t5.yaml"
+        config.write_text(TINY_T5)
     topology = parse_topology("v5e-8")
-    plans = [plan_lib.plan(lambda o: load_config(tiny, o), ["model.n_layers=4", "mesh.data=1", "mesh.fsdp=-1",
-                                                          f"model.scan_layers={scan}"],
+    plans = [plan_lib.plan(lambda o: load_config(config, o), [*layers, "mesh.data=1", "mesh.fsdp=-1",
+                                                            f"model.scan_layers={scan}"],
                            abstract_devices(topology), **topology_target(topology)) for scan in (False, True)]
     unrolled, scanned = plans
     assert scanned.planning["cost_extrapolated"] and not unrolled.planning["cost_extrapolated"]
     assert scanned.flops["compiled"] == pytest.approx(unrolled.flops["compiled"], rel=1e-3)
     assert scanned.flops["compiled"] >= scanned.flops["model"]  # not one layer's worth
+    assert scanned.estimate["hbm_s"] == pytest.approx(unrolled.estimate["hbm_s"], rel=0.25)  # bytes accessed
     assert scanned.collectives["all-reduce"] == unrolled.collectives["all-reduce"]  # the gradients
-    # per-layer FSDP all-gathers, counted 4 times (the scan may re-gather less than the loop)
+    # per-layer FSDP all-gathers, counted per layer (the scan may re-gather less than the loop)
     assert 0.6 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] <= 1.0
     assert scanned.estimate["mfu"] == pytest.approx(unrolled.estimate["mfu"], rel=0.2)

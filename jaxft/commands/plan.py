@@ -42,7 +42,7 @@ def format_plan(p) -> str:
         rows.append(f"  compiler: {p.compiler_error}")
     compiled = f"{p.flops['compiled']:.3e}" if p.flops["compiled"] else "- (no executable)"
     if p.planning.get("cost_extrapolated"):
-        compiled += " (scanned layers: from 1- and 2-layer unrolled compiles)"
+        compiled += " (scanned layers: extrapolated from small unrolled compiles)"
     rows.append(f"FLOPs per chip per step: compiled {compiled}, model {p.flops['model']:.3e}")
     if p.collectives:
         rows.append("collectives per chip per step: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(p.collectives.items())))
