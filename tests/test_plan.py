@@ -181,6 +181,7 @@ TINY_T5 = textwrap.dedent("""\
 
 
 @pytest.mark.parametrize("family,layers", [("llama", ["model.n_layers=4"]),
+                                           ("llama", ["model.n_layers=3", "peft.method=lora"]),
                                            ("t5", ["model.n_layers=4", "model.n_decoder_layers=3"])])
 def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, tmp_path, family, layers):
     """`model.scan_layers`: the cost analysis counts the scan body once; the plan adds the other

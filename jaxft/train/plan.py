@@ -229,11 +229,12 @@ def _extrapolation_jobs(cfg: Config) -> tuple[dict[str, int], list[tuple[int, di
     """The stack sizes of the base step, and per group of equally deep stacks (the layers the
     base step lacks, its sizes with one more layer in each stack of the group).  Decoder-only
     models start from no layers; encoder-decoders from one per stack (``n_decoder_layers: 0``
-    means "as deep as the encoder")."""
+    means "as deep as the encoder"), and so do LoRA runs (a layerless model has no kernel
+    for the adapters to target)."""
     sizes = {"n_layers": cfg.model.n_layers}
     if is_encoder_decoder(cfg.model):
         sizes["n_decoder_layers"] = cfg.model.n_decoder_layers or cfg.model.n_layers
-    start = 1 if is_encoder_decoder(cfg.model) else 0
+    start = 1 if is_encoder_decoder(cfg.model) or cfg.peft.method == "lora" else 0
     base = {k: start for k in sizes}
     groups = [sizes] if len(set(sizes.values())) == 1 else [{k: v} for k, v in sizes.items()]
     return base, [(next(iter(g.values())) - start, {**base, **{k: start + 1 for k in g}}) for g in groups]
