@@ -6,6 +6,7 @@ Tiny random float32 models with perturbed norm weights and biases, saved with
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,34 @@ def test_sharded_import_on_mesh(tmp_path):
     assert {s.data.shape for s in q.addressable_shards} == {(16, 2, 16)}  # [32/fsdp, 4/tensor, 16]
     ids, mask = batch()
     assert_close(jaxft_logits(cfg, state, ids, mask, mesh=mesh), hf_logits(hf_model, ids, mask), mask)
+
+
+@pytest.mark.parametrize("layout,stored,spec,stored_spec", [
+    (("linear", (32,), (4, 16)), (64, 32), ("fsdp", "tensor", None), ("tensor", "fsdp")),  # q: [H*K, D] -> [D, H, K]
+    (("linear", (4, 16), (32,)), (32, 64), ("tensor", None, "fsdp"), ("fsdp", "tensor")),  # o: [D, H*K] -> [H, K, D]
+    (("identity",), (128, 32), ("tensor", "fsdp"), ("tensor", "fsdp")),  # embedding
+    (("reshape", (4, 16)), (64,), ("tensor", None), ("tensor",)),  # a q bias
+    (("linear", (32,), (4, 16)), (64, 32), (None, None, "tensor"), ()),  # head_dim sharded: replicated
+])
+def test_import_changes_each_layout_on_the_devices_without_communication(layout, stored, spec, stored_spec):
+    """Import places each stored tensor so that its layout change (transpose / reshape / cast,
+    compiled) needs no collective: the slices a device gets are the ones its output comes from."""
+    from jaxft.interop.families.common import identity, linear, reshaped
+    from jaxft.interop.hf import _layout_fn, _place, _stored_sharding
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    kind = layout[0]
+    t = (linear("w", "ours", *layout[1:]) if kind == "linear" else reshaped("w", "ours", layout[1])
+         if kind == "reshape" else identity("w", "ours"))
+    stored_np = np.arange(np.prod(stored), dtype=np.float32).reshape(stored).astype(jnp.bfloat16)
+    want = t.to_ours(stored_np)[0]
+    out_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    fn = _layout_fn(t, stored, "bfloat16", "float32", out_sharding)
+    x = _place(stored_np, _stored_sharding(t.layout, out_sharding, want.ndim, len(stored)))
+    assert x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*stored_spec)),
+                                       len(stored))
+    hlo = fn.lower(x).compile().as_text()
+    assert not re.search(r"all-to-all|all-gather|all-reduce|collective-permute", hlo)
+    out = fn(x)
+    assert out.dtype == jnp.float32 and out.sharding.is_equivalent_to(out_sharding, out.ndim)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want, np.float32))

@@ -212,6 +212,64 @@ def _read_tensor(t: Tensor, name: str, reader: CheckpointReader, abstract: dict[
     return parts
 
 
+def _read_on_device(t: Tensor, name: str, reader: CheckpointReader, want: Any,
+                    sharding: NamedSharding | None) -> jax.Array:
+    """A layout-only tensor (``Tensor.layout``): the HF array goes to the device as stored
+    (e.g. bfloat16, contiguous) and is transposed, reshaped and cast there by one compiled
+    function per layout and shape, output on its sharding.  On a CPU this is 3-5x faster
+    than numpy's strided transpose and cast, and the host holds only the stored bytes."""
+    arr, file = reader.get(name), reader.files[name]
+    expected = _hf_shape(t, {t.ours[0]: want})
+    if expected is None or tuple(arr.shape) != expected:
+        return _place(np.asarray(_read_tensor(t, name, reader, {t.ours[0]: want})[0], dtype=want.dtype), sharding)
+    fn = _layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name)
+    if sharding is None:
+        out = fn(jnp.asarray(arr))
+    else:  # each device gets the stored slice its output slice comes from: no communication
+        fn = _layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name, sharding)
+        out = fn(_place(arr, _stored_sharding(t.layout, sharding, len(want.shape), arr.ndim)))
+    if out.shape != want.shape:  # a family mapping bug: the shape check above said it fits
+        raise ValueError(f"{file}: tensor {name!r} of shape {list(arr.shape)} does not fit "
+                         f"{t.ours[0]} {list(want.shape)} (config.json and weights disagree)")
+    return out
+
+
+def _stored_sharding(layout: tuple, sharding: NamedSharding, ndim: int, stored_ndim: int) -> NamedSharding:
+    """The sharding of the stored (HF) array whose layout change gives ``sharding`` without
+    communication: a reshape merges our dims row-major, so sharding our first dim of a merged
+    group shards the merged dim in the same blocks; later dims of a group must be unsharded
+    (else: replicated, each device then slices its own part)."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    kind = layout[0]
+    if kind == "reshape" and stored_ndim != 1:
+        return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    groups = ([len(layout[2]), len(layout[1])] if kind == "linear" else [ndim] if kind == "reshape"
+              else [1] * ndim)
+    # our dims of each stored dim, in stored order (linear: HF [out, in], ours in + out)
+    starts = [len(layout[1]), 0] if kind == "linear" else [sum(groups[:i]) for i in range(len(groups))]
+    stored = []
+    for start, size in zip(starts, groups):
+        if any(spec[start + 1:start + size]):
+            return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        stored.append(spec[start])
+    return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*stored))
+
+
+_LAYOUT_FNS: dict[tuple, Any] = {}
+
+
+def _layout_fn(t: Tensor, shape: tuple, dtype: str, out_dtype: str, sharding: NamedSharding | None = None):
+    """The compiled ``to_ours`` + cast of one layout for one input shape.  ``t.layout`` names the
+    transform, so the first tensor's ``to_ours`` serves every tensor of that layout and shape."""
+    key = (t.layout, shape, dtype, out_dtype, sharding)
+    if key not in _LAYOUT_FNS:
+        if len(_LAYOUT_FNS) > 256:
+            _LAYOUT_FNS.clear()
+        to_ours = t.to_ours
+        _LAYOUT_FNS[key] = jax.jit(lambda w: to_ours(w)[0].astype(out_dtype), out_shardings=sharding)
+    return _LAYOUT_FNS[key]
+
+
 def _hf_name(name: str, reader: CheckpointReader, family: Family) -> str:
     if name in reader:
         return name
@@ -246,6 +304,10 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
                 t = dataclasses.replace(t, hf=t.fallback)
         name = _hf_name(t.hf, reader, family)
         used.add(name)
+        if t.layout is not None and len(t.ours) == 1 and jax.process_count() == 1:
+            path = t.ours[0]
+            values[path] = _read_on_device(t, name, reader, abstract[path], shardings.get(path))
+            continue
         parts = _read_tensor(t, name, reader, abstract)
         for path, part in zip(t.ours, parts):
             values[path] = _place(np.asarray(part, dtype=abstract[path].dtype), shardings.get(path))

@@ -33,16 +33,20 @@ class Tensor:
     to_hf: Callable[..., np.ndarray]
     optional: bool = False
     fallback: str | None = None
+    # a hashable name of ``to_ours`` when it is a pure layout change (transpose / reshape) that
+    # works on jax arrays too: import then runs it compiled on the device (one compile per
+    # layout and shape) instead of as a strided numpy copy; None = numpy on the host
+    layout: tuple | None = None
 
 
 def identity(hf: str, ours: str) -> Tensor:
-    return Tensor(hf, (ours,), lambda w: (w,), lambda w: w)
+    return Tensor(hf, (ours,), lambda w: (w,), lambda w: w, layout=("identity",))
 
 
 def reshaped(hf: str, ours: str, shape: Sequence[int]) -> Tensor:
     """Same data, our shape (e.g. a q bias ``[H*K]`` -> ``[H, K]``)."""
     shape = tuple(shape)
-    return Tensor(hf, (ours,), lambda w: (w.reshape(shape),), lambda w: w.reshape(-1))
+    return Tensor(hf, (ours,), lambda w: (w.reshape(shape),), lambda w: w.reshape(-1), layout=("reshape", shape))
 
 
 def linear(hf: str, ours: str, in_shape: Sequence[int], out_shape: Sequence[int]) -> Tensor:
@@ -50,7 +54,7 @@ def linear(hf: str, ours: str, in_shape: Sequence[int], out_shape: Sequence[int]
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     return Tensor(hf, (ours,), lambda w: (w.T.reshape(in_shape + out_shape),),
-                  lambda w: w.reshape(n_in, n_out).T)
+                  lambda w: w.reshape(n_in, n_out).T, layout=("linear", in_shape, out_shape))
 
 
 # --------------------------------------------------------------------------- config fields

@@ -30,6 +30,8 @@ when untied, which transformers 4 and 5 load as untied.
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, register
 from jaxft.interop.families.common import Tensor, check_exportable, identity, linear, need, rate, unsupported
@@ -130,7 +132,7 @@ def t5_tensors(cfg: ModelConfig) -> list[Tensor]:
         out.append(identity(f"{stack}.final_layer_norm.weight", f"{stack}/final_norm/scale"))
     if not cfg.tie_embeddings:
         head = linear("lm_head.weight", "lm_head/kernel", (D,), (cfg.vocab_size,))
-        out.append(Tensor(head.hf, head.ours, head.to_ours, head.to_hf, fallback="shared.weight"))
+        out.append(dataclasses.replace(head, fallback="shared.weight"))
     return out
 
 
