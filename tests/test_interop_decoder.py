@@ -187,7 +187,7 @@ def test_import_changes_each_layout_on_the_devices_without_communication(layout,
     """Import places each stored tensor so that its layout change (transpose / reshape / cast,
     compiled) needs no collective: the slices a device gets are the ones its output comes from."""
     from jaxft.interop.families.common import identity, linear, reshaped
-    from jaxft.interop.hf import _layout_fn, _place, _stored_sharding
+    from jaxft.interop.placement import layout_fn as _layout_fn, place as _place, stored_sharding as _stored_sharding
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     kind = layout[0]

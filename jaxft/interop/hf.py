@@ -29,6 +29,7 @@ from jaxft.config.errors import FileFormatError, read_json
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.families.common import Tensor
+from jaxft.interop.placement import layout_fn, place, stored_sharding
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
 from jaxft.models.registry import build_model
 from jaxft.paths import is_remote, local_copy
@@ -41,7 +42,8 @@ _PARAM_DTYPES = ("float32", "bfloat16")
 _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Fields that change the parameters or the function they compute (init_params_from checks them).
 _NOT_ARCHITECTURE = ("preset", "max_seq_len", "init_std", "param_dtype", "dtype", "remat", "init_from",
-                     "decoder_start_id", "rope_scaling", "dropout", "attention_dropout", "activation_dropout")
+                     "decoder_start_id", "rope_scaling", "dropout", "attention_dropout", "activation_dropout",
+                     "scan_layers", "attention_kernel")
 
 
 # --------------------------------------------------------------------------- paths and configs
@@ -173,12 +175,6 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[list, d
     return flat, shardings
 
 
-def _place(arr: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
-    if sharding is None:
-        return jnp.asarray(arr)
-    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
-
-
 def _present(name: str, reader: CheckpointReader, family: Family) -> bool:
     return name in reader or any(name.startswith(p) and name[len(p):] in reader
                                  for p in ("model.", *family.base_prefixes))
@@ -221,53 +217,17 @@ def _read_on_device(t: Tensor, name: str, reader: CheckpointReader, want: Any,
     arr, file = reader.get(name), reader.files[name]
     expected = _hf_shape(t, {t.ours[0]: want})
     if expected is None or tuple(arr.shape) != expected:
-        return _place(np.asarray(_read_tensor(t, name, reader, {t.ours[0]: want})[0], dtype=want.dtype), sharding)
-    fn = _layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name)
+        return place(np.asarray(_read_tensor(t, name, reader, {t.ours[0]: want})[0], dtype=want.dtype), sharding)
+    fn = layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name)
     if sharding is None:
         out = fn(jnp.asarray(arr))
     else:  # each device gets the stored slice its output slice comes from: no communication
-        fn = _layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name, sharding)
-        out = fn(_place(arr, _stored_sharding(t.layout, sharding, len(want.shape), arr.ndim)))
+        fn = layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name, sharding)
+        out = fn(place(arr, stored_sharding(t.layout, sharding, len(want.shape), arr.ndim)))
     if out.shape != want.shape:  # a family mapping bug: the shape check above said it fits
         raise ValueError(f"{file}: tensor {name!r} of shape {list(arr.shape)} does not fit "
                          f"{t.ours[0]} {list(want.shape)} (config.json and weights disagree)")
     return out
-
-
-def _stored_sharding(layout: tuple, sharding: NamedSharding, ndim: int, stored_ndim: int) -> NamedSharding:
-    """The sharding of the stored (HF) array whose layout change gives ``sharding`` without
-    communication: a reshape merges our dims row-major, so sharding our first dim of a merged
-    group shards the merged dim in the same blocks; later dims of a group must be unsharded
-    (else: replicated, each device then slices its own part)."""
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    kind = layout[0]
-    if kind == "reshape" and stored_ndim != 1:
-        return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    groups = ([len(layout[2]), len(layout[1])] if kind == "linear" else [ndim] if kind == "reshape"
-              else [1] * ndim)
-    # our dims of each stored dim, in stored order (linear: HF [out, in], ours in + out)
-    starts = [len(layout[1]), 0] if kind == "linear" else [sum(groups[:i]) for i in range(len(groups))]
-    stored = []
-    for start, size in zip(starts, groups):
-        if any(spec[start + 1:start + size]):
-            return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        stored.append(spec[start])
-    return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*stored))
-
-
-_LAYOUT_FNS: dict[tuple, Any] = {}
-
-
-def _layout_fn(t: Tensor, shape: tuple, dtype: str, out_dtype: str, sharding: NamedSharding | None = None):
-    """The compiled ``to_ours`` + cast of one layout for one input shape.  ``t.layout`` names the
-    transform, so the first tensor's ``to_ours`` serves every tensor of that layout and shape."""
-    key = (t.layout, shape, dtype, out_dtype, sharding)
-    if key not in _LAYOUT_FNS:
-        if len(_LAYOUT_FNS) > 256:
-            _LAYOUT_FNS.clear()
-        to_ours = t.to_ours
-        _LAYOUT_FNS[key] = jax.jit(lambda w: to_ours(w)[0].astype(out_dtype), out_shardings=sharding)
-    return _LAYOUT_FNS[key]
 
 
 def _hf_name(name: str, reader: CheckpointReader, family: Family) -> str:
@@ -310,7 +270,7 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
             continue
         parts = _read_tensor(t, name, reader, abstract)
         for path, part in zip(t.ours, parts):
-            values[path] = _place(np.asarray(part, dtype=abstract[path].dtype), shardings.get(path))
+            values[path] = place(np.asarray(part, dtype=abstract[path].dtype), shardings.get(path))
         del parts
     ignorable = [re.compile(r) for r in family.ignorable]
     unused = [k for k in reader.keys() if k not in used and not _IGNORABLE.search(k)
