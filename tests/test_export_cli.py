@@ -122,3 +122,36 @@ def test_adapter_of_sparse_run_is_its_diff_and_full_runs_refuse(runs, tmp_path, 
     assert main(["export", str(full), str(tmp_path / "fulladapter"), "--adapter"]) == 2
     assert "peft.method none" in capsys.readouterr().err
     assert not (tmp_path / "hfdiff").exists() and not (tmp_path / "fulladapter").exists()
+
+
+def test_hf_export_carries_the_runs_chat_template(runs, tmp_path):
+    """A run trained with `data.chat_template` (built-in or Jinja) exports it as the HF folder's
+    chat template (chat_template.jinja and tokenizer_config.json), which jaxft and transformers
+    read back; a run without one leaves the tokenizer's own."""
+    import dataclasses
+
+    from jaxft.data.chat import BUILTIN_TEMPLATES
+    from jaxft.interop.hf_tokenizer import read_chat_template
+    from jaxft.runs.export import _write, plain_params
+
+    _, lora = runs
+    restored = restore_model(lora)
+    cfg, params = restored.config, plain_params(restored.model())
+    from jaxft.runs.layout import RunDir
+
+    tok = RunDir(lora).tokenizer  # the run's SentencePiece model: export writes a tokenizer_config.json
+    assert tok.is_file()
+    jinja = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for setting, want in (("chatml", BUILTIN_TEMPLATES["chatml"]), (jinja, jinja)):
+        out = tmp_path / f"hf-{len(want)}"
+        out.mkdir()
+        run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_template=setting))
+        _write(out, run_cfg, params, tok, "hf", None)
+        assert (out / "chat_template.jinja").read_text() == want
+        assert read_chat_template(out) == want
+        assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == want
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _write(plain, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_template=None)), params,
+           tok, "hf", None)
+    assert not (plain / "chat_template.jinja").exists()

@@ -93,6 +93,24 @@ def export_run(run_dir: str | Path, out: str | Path, *, which: str | int = "late
     return out
 
 
+def write_chat_template(folder: Path, setting: str | None) -> None:
+    """The run's ``data.chat_template`` (a built-in name or a Jinja string) as the exported HF
+    folder's chat template: ``chat_template.jinja`` (transformers >= 4.43) and the
+    ``chat_template`` of ``tokenizer_config.json`` (older readers), so ``apply_chat_template``
+    renders what the model was trained on.  Unset: the tokenizer's own, copied with it."""
+    if not setting:
+        return
+    from jaxft.data.chat import BUILTIN_TEMPLATES
+
+    source = BUILTIN_TEMPLATES.get(setting, setting)
+    (folder / "chat_template.jinja").write_text(source, encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["chat_template"] = source
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _check_adapter(cfg, run_dir: Path, fmt: str) -> None:
     """Refuse `--adapter` where there is nothing (or no format) to write, before the restore."""
     method = cfg.peft.method
@@ -151,6 +169,8 @@ def _write(tmp: Path, cfg, params: nnx.State, tok_path: Path, fmt: str, dtype: s
 
     if fmt == "hf":
         save_hf(cfg.model, params, tmp, tokenizer_path=tok_path if tok_path.exists() else None, dtype=dtype)
+        if is_main_process():
+            write_chat_template(tmp, cfg.data.chat_template)
         return
     convert.save_params(tmp / convert.PARAMS, params)
     if is_main_process():
