@@ -80,6 +80,9 @@ class ModelConfig:
     # One jax.lax.scan over the layers (compiled once, not n times): compile time and its host
     # memory stop growing with depth; parameters keep their per-layer paths (jaxft/models/scan.py).
     scan_layers: bool = False
+    # Fused attention where the platform has it: auto (GPU cuDNN flash / TPU splash, else XLA),
+    # xla, cudnn, splash; a call a kernel cannot take falls back to XLA (jaxft/models/kernels.py).
+    attention_kernel: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     # Dropout in training only, each in [0, 1): residual branches (+ embeddings, T5 stack outputs),
     # attention probabilities, MLP hidden after the activation (sites: jaxft/models/<family>.py).
     dropout: float = 0.0

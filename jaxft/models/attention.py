@@ -24,7 +24,9 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig, RopeScalingConfig
 from jaxft.models.cache import CACHE_AXES, DecodeCache, KVCache, encoder_decoder_cache, through_cache
+from jaxft.models import kernels
 from jaxft.models.dropout import check_rate, dropout, dropout_active
+from jaxft.models.kernels import SegmentMask
 from jaxft.models.layers import HEADS, Linear, softcap
 from jaxft.models.masks import (attention_mask, bidirectional_segment_mask, causal_segment_mask,
                                 cross_attention_mask, is_local_layer, sliding_window_mask)
@@ -124,13 +126,15 @@ def alibi_bias(q_positions_BL: jax.Array, kv_positions_BS: jax.Array, n_heads: i
 # --------------------------------------------------------------------------- attention
 
 
-def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS: jax.Array,
+def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS: jax.Array | SegmentMask,
            bias_BHLS: jax.Array | None = None, logit_softcap: float | None = None,
-           scale: float | None = None, dropout_rate: float = 0.0) -> jax.Array:
+           scale: float | None = None, dropout_rate: float = 0.0, kernel: str = "xla") -> jax.Array:
     """Grouped-query attention; logits and softmax in float32. Returns out_BLHK.
 
-    Uses ``jax.nn.dot_product_attention`` (native GQA, boolean mask, additive
-    bias for ALiBi).  Logit soft-capping (Gemma 2) must act between the scaled
+    ``kernel`` (`model.attention_kernel`): a fused kernel where the platform has one and the
+    call allows it (`jaxft.models.kernels`; ``mask_B1LS`` may then be a ``SegmentMask``),
+    else the XLA path below.  That uses ``jax.nn.dot_product_attention`` (native GQA, boolean
+    mask, additive bias for ALiBi).  Logit soft-capping (Gemma 2) must act between the scaled
     logits and the mask, and dropout on the probabilities (``dropout_rate``,
     when a `jaxft.models.dropout` stream is active) after the softmax, which
     that API cannot express, so both take the explicit einsum path, written to
@@ -138,7 +142,16 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS
     """
     B, L, H, K = q_BLHK.shape
     scale = K ** -0.5 if scale is None else scale
-    if logit_softcap is None and not dropout_active(dropout_rate):
+    dropping = dropout_active(dropout_rate)
+    chosen = "xla" if kernel == "xla" else kernels.choose(
+        kernel, q_BLHK, k_BSGK, mask_B1LS, has_bias=bias_BHLS is not None, logit_softcap=logit_softcap,
+        dropout=dropping)
+    if chosen == "splash":
+        return kernels.splash_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, scale=scale, logit_softcap=logit_softcap)
+    mask_B1LS = kernels.dense_mask(mask_B1LS)
+    if chosen == "cudnn":
+        return kernels.cudnn_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=scale)
+    if logit_softcap is None and not dropping:
         return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS,
                                             scale=scale, implementation=None)
     S, G = k_BSGK.shape[1], k_BSGK.shape[2]
@@ -186,6 +199,7 @@ class Attention(nnx.Module):
         # Gemma 2 scales by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5.
         self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
+        self.attention_kernel = cfg.attention_kernel
         # Static host constants (tuples, not arrays: NNX modules hold arrays only in Variables).
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
@@ -215,5 +229,5 @@ class Attention(nnx.Module):
         k_BSGK, v_BSGK, cache = through_cache(k_BLGK, v_BLGK, cache, index)
         out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
                           logit_softcap=self.logit_softcap, scale=self.scale,
-                          dropout_rate=self.attention_dropout_rate)
+                          dropout_rate=self.attention_dropout_rate, kernel=self.attention_kernel)
         return self.o(constrain(out_BLHK, HEADS)), cache

@@ -57,7 +57,7 @@ from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, thro
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, normal_param)
-from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
+from jaxft.models.masks import bidirectional_segments, causal_segments, cross_attention_mask
 from jaxft.models.scan import run_layers
 from jaxft.sharding import constrain
 
@@ -117,6 +117,7 @@ class MultiHeadAttention(nnx.Module):
         self.o = Linear((H, K), (D,), in_axes=("heads", "head_dim"), out_axes=("embed",),
                         use_bias=cfg.attn_out_bias, **kw)
         self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
+        self.attention_kernel = cfg.attention_kernel
 
     def kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values k_BSHK, v_BSHK of a stream (what a KV cache stores)."""
@@ -127,7 +128,7 @@ class MultiHeadAttention(nnx.Module):
         q_BLHK = constrain(self.q(x_BLD), HEADS)
         # HF scales q by head_dim**-0.5 before q @ k^T: attend's default scale, same math.
         out_BLHK = constrain(attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS,
-                                    dropout_rate=self.attention_dropout_rate), HEADS)
+                                    dropout_rate=self.attention_dropout_rate, kernel=self.attention_kernel), HEADS)
         return constrain(self.o(out_BLHK), ACT)
 
     def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, cache: KVCache | None = None,
@@ -252,7 +253,7 @@ class Bart(nnx.Module):
     def encode_embedded(self, tok_BSD: jax.Array, enc_positions_BS: jax.Array,
                         enc_segment_ids_BS: jax.Array) -> jax.Array:
         x_BSD = self.encoder.embed(tok_BSD, enc_positions_BS)
-        return self.encoder(x_BSD, bidirectional_segment_mask(enc_segment_ids_BS))
+        return self.encoder(x_BSD, bidirectional_segments(enc_segment_ids_BS))
 
     def decode_embedded(self, tok_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array,
                         enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
@@ -262,7 +263,7 @@ class Bart(nnx.Module):
                       enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array) -> jax.Array:
         """Embedded decoder tokens -> final decoder states h_BLD (after the final norm)."""
         x_BLD = self.decoder.embed(tok_BLD, positions_BL)
-        return self.decoder(x_BLD, causal_segment_mask(segment_ids_BL), enc_BSD,
+        return self.decoder(x_BLD, causal_segments(segment_ids_BL), enc_BSD,
                             cross_attention_mask(segment_ids_BL, enc_segment_ids_BS))
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:

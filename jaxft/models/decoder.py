@@ -40,7 +40,7 @@ from jaxft.models.cache import DecodeCache, KVCache
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, softcap)
-from jaxft.models.masks import causal_segment_mask, is_local_layer, sliding_window_mask
+from jaxft.models.masks import causal_segment_mask, causal_segments, is_local_layer, sliding_window_mask
 from jaxft.models.scan import run_layers
 from jaxft.sharding import constrain
 
@@ -128,9 +128,10 @@ class Decoder(nnx.Module):
                       segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Residual stream after embedding -> final-normed states h_BLD (input of ``logits``)."""
         positions_BL, segment_ids_BL = default_positions(x_BLD.shape, positions_BL, segment_ids_BL)
-        mask_B1LL = causal_segment_mask(segment_ids_BL)
+        mask_B1LL = causal_segments(segment_ids_BL)  # a fused kernel takes the segment ids
         local_mask_B1LL = None
-        if self.sliding_window is not None:
+        if self.sliding_window is not None:  # Gemma 2: local / global masks chosen per layer, dense
+            mask_B1LL = causal_segment_mask(segment_ids_BL)
             local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
         x_BLD = run_layers(self.layers, _layer_call, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL,
                            remat=self.remat, scan=self.scan_layers, per_layer=(np.array(self.local_layers),))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.kernels import SegmentMask
+
 
 def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array,
                    q_index_BL: jax.Array, kv_index_BS: jax.Array) -> jax.Array:
@@ -27,6 +29,16 @@ def causal_segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
     """Training-time mask over a full (packed) sequence: mask_B1LL."""
     idx_BL = jnp.broadcast_to(jnp.arange(segment_ids_BL.shape[1]), segment_ids_BL.shape)
     return attention_mask(segment_ids_BL, segment_ids_BL, idx_BL, idx_BL)
+
+
+def causal_segments(segment_ids_BL: jax.Array) -> SegmentMask:
+    """``causal_segment_mask`` with its segment ids, for a fused attention kernel."""
+    return SegmentMask(causal_segment_mask(segment_ids_BL), segment_ids_BL, segment_ids_BL, causal=True)
+
+
+def bidirectional_segments(segment_ids_BS: jax.Array) -> SegmentMask:
+    """``bidirectional_segment_mask`` with its segment ids, for a fused attention kernel."""
+    return SegmentMask(bidirectional_segment_mask(segment_ids_BS), segment_ids_BS, segment_ids_BS, causal=False)
 
 
 def bidirectional_segment_mask(segment_ids_BS: jax.Array) -> jax.Array:

@@ -133,6 +133,7 @@ class T5Attention(nnx.Module):
                         init_std=f * (H * K) ** -0.5, **kw)
         self.rel_bias = RelativeBias(cfg, bidirectional=bidirectional, rngs=rngs) if rel_bias else None
         self.attention_dropout_rate = check_rate("model.attention_dropout", cfg.attention_dropout)
+        self.attention_kernel = cfg.attention_kernel
 
     def kv(self, x_BSD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values k_BSHK, v_BSHK of a stream (what a KV cache stores)."""
@@ -143,7 +144,7 @@ class T5Attention(nnx.Module):
         """Queries from x_BLD attend to the given keys/values; returns out_BLD."""
         q_BLHK = constrain(self.q(x_BLD), HEADS)
         out_BLHK = attend(q_BLHK, k_BSHK, v_BSHK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=1.0,
-                          dropout_rate=self.attention_dropout_rate)
+                          dropout_rate=self.attention_dropout_rate, kernel=self.attention_kernel)
         return self.o(constrain(out_BLHK, HEADS))
 
     def __call__(self, x_BLD: jax.Array, mask_B1LS: jax.Array, bias_BHLS: jax.Array | None = None,
