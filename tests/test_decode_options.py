@@ -153,3 +153,38 @@ def test_matches_transformers_generate(family, tmp_path):
         for i, (row, length) in enumerate(zip(got, np.asarray(out.lengths).reshape(-1))):
             assert not n or not _repeats(history[i // k] + strip(row, length, eos), n), (history[i // k], row)
 
+
+
+# --------------------------------------------------------------------------- several stop tokens
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_every_stop_id_ends_an_output_like_eos(strategy):
+    """`stop_ids` (a chat template's end of turn beside the tokenizer's eos): greedy and beam
+    search end a hypothesis at any stop token, mask them all before min_len, and the output
+    without stops is the prefix of the free run up to that token."""
+    from jaxft.config.schema import ModelConfig
+
+    cfg = ModelConfig(family="decoder", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                      max_seq_len=64, dtype="float32")
+    model = build_model(cfg, rngs=nnx.Rngs(3))
+    prompt = np.array([[5, 9, 12, 7], [8, 3, 30, 2]], np.int32)
+    base = DecodeConfig(strategy=strategy, beam_size=3, max_len=12, length_penalty=0.0, eos_id=None, pad_id=0)
+    free = generate(model, config=base, inputs=prompt)
+    free_tokens = np.asarray(free.tokens)[:, 0]
+    stop = int(free_tokens[0, 4])  # a token the best output of row 0 produces at step 5
+    out = generate(model, config=dataclasses.replace(base, eos_id=63, stop_ids=(stop,)), inputs=prompt)
+    tokens, lengths = np.asarray(out.tokens)[:, 0], np.asarray(out.lengths)[:, 0]
+    for row in range(2):
+        n = int(lengths[row])
+        assert n <= base.max_len and (n == base.max_len or tokens[row, n - 1] in (63, stop))
+        assert (tokens[row, n:] == 0).all()
+        assert list(tokens[row, :n]).count(stop) <= 1
+    first = list(free_tokens[0]).index(stop) + 1
+    if strategy == "greedy":
+        assert lengths[0] == first and list(tokens[0, :first]) == list(free_tokens[0, :first])
+        assert strip(tokens[0], lengths[0], (63, stop)) == list(free_tokens[0, :first - 1])
+    late = generate(model, config=dataclasses.replace(base, eos_id=63, stop_ids=(stop,), min_len=first + 1),
+                    inputs=prompt)
+    late_tokens = np.asarray(late.tokens)[:, 0]
+    assert stop not in list(late_tokens[0, :first + 1]) and 63 not in list(late_tokens[0, :first + 1])

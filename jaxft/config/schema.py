@@ -218,8 +218,16 @@ class DecodeConfig:
     no_repeat_ngram_size: int = 0  # HF: no n-gram of this size twice (prompt included); 0 = off
     forced_ids: tuple[int, ...] = ()  # the first output tokens of every row
     eos_id: int | None = 1
+    # more tokens that end an output as eos does (HF: a list of eos_token_id), e.g. a chat
+    # template's end of turn beside the tokenizer's eos; masked before min_len like eos
+    stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
     decoder_start_id: int | None = None  # encoder-decoder: first decoder input (T5 0, mBART 2)
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """Every token that ends an output: ``eos_id`` (when set), then ``stop_ids``."""
+        return ((self.eos_id,) if self.eos_id is not None else ()) + tuple(self.stop_ids)
 
     def __post_init__(self):
         def bad(name: str, why: str):

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval.cache import DecodeStart, step
-from jaxft.eval.sampling import NEG_INF, length_penalty, no_repeat_ngram, process_log_probs, repetition_penalty
+from jaxft.eval.sampling import (NEG_INF, is_stop, length_penalty, no_repeat_ngram, process_log_probs,
+                                 repetition_penalty)
 from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
 
@@ -78,14 +79,14 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
         cur = history_RP.shape[1] + t
         logp_RV = repetition_penalty(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.repetition_penalty)
         logp_RV = process_log_probs(no_repeat_ngram(logp_RV, hist_RH, cur, cfg.no_repeat_ngram_size), t,
-                                    forced_BF=forced_RF, min_len=cfg.min_len, eos_id=cfg.eos_id)
+                                    forced_BF=forced_RF, min_len=cfg.min_len, stops=cfg.stops)
         V = logp_RV.shape[-1]
         cand_BN = (s["alive_logp_BK"][:, :, None] + logp_RV.reshape(B, k, V)).reshape(B, k * V)
         top_logp_BC, top_idx_BC = jax.lax.top_k(cand_BN, 2 * k)  # C = 2k candidates, best first
         parent_BC, token_BC = top_idx_BC // V, (top_idx_BC % V).astype(jnp.int32)
         seq_BCL = _gather_beams(s["alive_seq_BKL"], parent_BC)
         seq_BCL = jax.lax.dynamic_update_index_in_dim(seq_BCL, token_BC, t, axis=2)
-        ends_BC = (t == L - 1) | (token_BC == cfg.eos_id if cfg.eos_id is not None else False)
+        ends_BC = (t == L - 1) | is_stop(token_BC, cfg.stops)
 
         # finished pool: ending candidates ranked within the first k, for inputs still running
         joins_BC = ends_BC & (jnp.arange(2 * k) < k)[None, :] & ~s["done_B"][:, None]

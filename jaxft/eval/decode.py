@@ -52,8 +52,8 @@ from flax import nnx
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval import cache as cache_lib
 from jaxft.eval.beam import beam_search
-from jaxft.eval.sampling import (length_penalty, no_repeat_ngram, process_log_probs, repetition_penalty,
-                                 sample)
+from jaxft.eval.sampling import (is_stop, length_penalty, no_repeat_ngram, process_log_probs,
+                                 repetition_penalty, sample)
 from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
 
@@ -86,7 +86,7 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
         hist_RH, cur = jnp.concatenate([start.history_BH, s["seq_RL"]], axis=1), start.history_BH.shape[1] + t
         logits_RV = repetition_penalty(logits_RV, hist_RH, cur, cfg.repetition_penalty)  # HF: on raw logits
         logp_RV = no_repeat_ngram(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.no_repeat_ngram_size)
-        logp_RV = process_log_probs(logp_RV, t, forced_BF=forced_BF, min_len=cfg.min_len, eos_id=cfg.eos_id)
+        logp_RV = process_log_probs(logp_RV, t, forced_BF=forced_BF, min_len=cfg.min_len, stops=cfg.stops)
         if greedy:
             token_R = jnp.argmax(logp_RV, axis=-1).astype(jnp.int32)
         else:
@@ -94,7 +94,7 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
                              top_k=cfg.top_k, top_p=cfg.top_p)
         token_R = constrain(jnp.where(done_R, cfg.pad_id, token_R), ("batch",))
         token_logp_R = jnp.take_along_axis(logp_RV, token_R[:, None], axis=-1)[:, 0]
-        new_done_R = done_R | (token_R == cfg.eos_id) if cfg.eos_id is not None else done_R
+        new_done_R = done_R | is_stop(token_R, cfg.stops)
         return dict(t=t + 1, cache=cache, token_R=token_R, position_R=s["position_R"] + 1,
                     seq_RL=jax.lax.dynamic_update_index_in_dim(s["seq_RL"], token_R, t, axis=1),
                     logp_R=s["logp_R"] + jnp.where(done_R, 0.0, token_logp_R),
@@ -194,10 +194,11 @@ def restore_order(batches: Sequence[LengthBatch], results: Sequence[Sequence[Any
     return out
 
 
-def strip(tokens: Sequence[int], length: int, eos_id: int | None) -> list[int]:
-    """The first ``length`` tokens without a final EOS."""
+def strip(tokens: Sequence[int], length: int, stops: int | None | tuple[int, ...]) -> list[int]:
+    """The first ``length`` tokens without a final stop token (EOS, or any of ``stops``)."""
+    stops = (stops,) if isinstance(stops, int) else stops or ()
     toks = [int(t) for t in tokens[:int(length)]]
-    return toks[:-1] if toks and eos_id is not None and toks[-1] == eos_id else toks
+    return toks[:-1] if toks and toks[-1] in stops else toks
 
 
 def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: DecodeConfig,
@@ -224,7 +225,7 @@ def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: Deco
         out = generate(model, config=config, forced=forced_BF, rng=jax.random.fold_in(rng, i),
                        **{key: batch.ids, key.replace("inputs", "lengths"): batch.lengths})
         tokens, scores, lengths = (np.asarray(x) for x in (out.tokens, out.scores, out.lengths))
-        results.append([[(strip(tokens[r, j], lengths[r, j], config.eos_id), float(scores[r, j]))
+        results.append([[(strip(tokens[r, j], lengths[r, j], config.stops), float(scores[r, j]))
                          for j in range(tokens.shape[1])] for r in range(len(batch.indices))])
         if on_batch is not None:
             on_batch(len(batch.indices))

@@ -45,15 +45,15 @@ def length_penalty(length: jax.Array, alpha: float, mode: Literal["gnmt", "hf"])
 
 
 def process_log_probs(logp_BV: jax.Array, t: jax.Array, *, forced_BF: jax.Array, min_len: int,
-                      eos_id: int | None) -> jax.Array:
+                      stops: tuple[int, ...]) -> jax.Array:
     """Apply min length and forced tokens to log-probs of generated token number ``t`` (0-based).
 
+    ``stops``: the tokens that end an output (eos and any others), masked before ``min_len``.
     ``forced_BF``: per-row forced ids for the first F tokens, -1 where not forced.
     """
     V = logp_BV.shape[-1]
-    if eos_id is not None and min_len > 0:
-        is_eos_V = jnp.arange(V) == eos_id
-        logp_BV = jnp.where(is_eos_V[None, :] & (t < min_len), NEG_INF, logp_BV)
+    if stops and min_len > 0:
+        logp_BV = jnp.where(is_stop(jnp.arange(V), stops)[None, :] & (t < min_len), NEG_INF, logp_BV)
     F = forced_BF.shape[1]
     if F:
         f_B = jnp.where(t < F, jax.lax.dynamic_index_in_dim(forced_BF, jnp.minimum(t, F - 1), axis=1,
@@ -61,6 +61,14 @@ def process_log_probs(logp_BV: jax.Array, t: jax.Array, *, forced_BF: jax.Array,
         hit_BV = jnp.arange(V)[None, :] == f_B[:, None]
         logp_BV = jnp.where((f_B >= 0)[:, None], jnp.where(hit_BV, 0.0, NEG_INF), logp_BV)
     return logp_BV
+
+
+def is_stop(tokens: jax.Array, stops: tuple[int, ...]) -> jax.Array:
+    """Where ``tokens`` is one of ``stops`` (all False for none)."""
+    hit = jnp.zeros(tokens.shape, bool)
+    for s in stops:
+        hit = hit | (tokens == s)
+    return hit
 
 
 def _rows_at(ids_RN: jax.Array, V: int) -> jax.Array:

@@ -137,10 +137,10 @@ class Translator:
     def generate(self, seqs: Sequence[Sequence[int]], decode: DecodeConfig, batch_size: int, *,
                  stops: tuple[int, ...], forced: Sequence[Sequence[int]] | None = None, rng=None,
                  desc: str | None = None) -> list[str]:
-        """Each input's best output as text, up to its first ``stops`` token: decoding stops at
-        ``stops[0]`` (`decode.eos_id` is one id), a later stop id ends the text all the same."""
-        decode = dataclasses.replace(decode, eos_id=stops[0] if stops else None, pad_id=self.tokenizer.pad_id,
-                                     decoder_start_id=self.model_cfg.decoder_start_id)
+        """Each input's best output as text, up to its first ``stops`` token: decoding (every
+        strategy, beam search included) ends a hypothesis at any of them."""
+        decode = dataclasses.replace(decode, eos_id=stops[0] if stops else None, stop_ids=tuple(stops[1:]),
+                                     pad_id=self.tokenizer.pad_id, decoder_start_id=self.model_cfg.decoder_start_id)
         bar = progress_bar(len(seqs), desc) if desc else None
         try:
             results = decode_all(self.model, seqs, config=decode, batch_size=batch_size,
