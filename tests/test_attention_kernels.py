@@ -163,3 +163,20 @@ def test_kernel_choice_falls_back_to_xla_with_one_log_line_per_reason(caplog, mo
                           logit_softcap=None, dropout=False) == "xla"
     with pytest.raises(ValueError, match="model.attention_kernel: unknown 'flash'"):
         choose("flash")
+
+
+def test_auto_takes_the_platforms_kernel_and_skips_splash_for_small_heads(monkeypatch):
+    monkeypatch.setattr(kernels, "_warned", set())
+    mask = causal_segments(_segments())
+    kw = dict(has_bias=False, logit_softcap=None, dropout=False)
+    for where, want in (("tpu", "splash"), ("gpu", "xla"), ("cpu", "xla")):  # gpu: fp32 -> no cuDNN
+        monkeypatch.setattr(kernels, "platform", lambda where=where: where)
+        q, k, _ = _qkv(K=64)
+        assert kernels.choose("auto", q, k, mask, **kw) == want
+    q_bf16, k_bf16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    monkeypatch.setattr(kernels, "platform", lambda: "gpu")
+    assert kernels.choose("auto", q_bf16, k_bf16, mask, **kw) == "cudnn"  # the gpu, in bfloat16
+    monkeypatch.setattr(kernels, "platform", lambda: "tpu")
+    q32, k32, _ = _qkv(K=32)
+    assert kernels.choose("auto", q32, k32, mask, **kw) == "xla"  # 32-wide heads: padded to 128 lanes
+    assert kernels.choose("splash", q32, k32, mask, **kw) == "splash"  # asked for: taken

@@ -34,7 +34,7 @@ from jaxft.eval.choice import evaluate_choices
 from jaxft.eval.decode import decode_all
 from jaxft.eval.metrics import score_direction
 from jaxft.eval.report import EvalReport
-from jaxft.models.registry import build_model, is_encoder_decoder
+from jaxft.models.registry import abstract_model, is_encoder_decoder
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def folder_data_config(model_type: str, data_cfg: DataConfig | None = None, *, c
 
 
 def _translator(model_cfg: ModelConfig, params, tokenizer, data_cfg: DataConfig) -> Translator:
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cfg)
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     return Translator(nnx.merge(graphdef, params, rest), tokenizer, model_cfg, data_cfg)
 

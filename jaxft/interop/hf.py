@@ -31,7 +31,7 @@ from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.families.common import Tensor
 from jaxft.interop.placement import layout_fn, place, stored_sharding
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
-from jaxft.models.registry import build_model
+from jaxft.models.registry import abstract_model
 from jaxft.paths import is_remote, local_copy
 from jaxft.sharding import fit_spec, to_host, use_mesh
 
@@ -159,15 +159,11 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[list, dict[str, NamedSharding]]:
     """``(flat abstract Param state, {path: NamedSharding})`` of ``build_model(cfg)``; no memory used."""
-
-    def build():
-        return build_model(cfg, rngs=nnx.Rngs(0))
-
     if mesh is None:
-        _, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+        _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
         return list(nnx.to_flat_state(params)), {}
     with use_mesh(mesh):
-        _, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+        _, params, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
         specs = nnx.get_partition_spec(params)
     flat = list(nnx.to_flat_state(params))
     shardings = {path_str(p): NamedSharding(mesh, fit_spec(s.get_value(), v.shape, mesh))

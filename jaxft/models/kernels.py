@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 KERNELS = ("auto", "xla", "cudnn", "splash")
 _PLATFORM_KERNEL = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn", "tpu": "splash"}
 _SPLASH_BLOCK = 128  # sequence lengths must be multiples of the kernel's smallest block
+_SPLASH_MIN_HEAD_DIM = 64  # `auto` only: smaller heads take XLA attention (see `choose`)
 # Tests: run the splash kernel on the CPU through the Pallas interpreter (slow; same numerics)
 INTERPRET_ON_CPU = False
 
@@ -83,7 +84,8 @@ def choose(kernel: str, q_BLHK: jax.Array, k_BSGK: jax.Array, mask: Any, *, has_
     if kernel not in KERNELS:
         raise ValueError(f"model.attention_kernel: unknown {kernel!r}; known: {', '.join(KERNELS)}")
     where = platform()
-    if kernel == "auto":
+    auto = kernel == "auto"
+    if auto:
         kernel = _PLATFORM_KERNEL.get(where, "xla")
     if kernel == "xla":
         return "xla"
@@ -108,6 +110,10 @@ def choose(kernel: str, q_BLHK: jax.Array, k_BSGK: jax.Array, mask: Any, *, has_
         return _fallback(kernel, f"sequence lengths {L}, {S} are not multiples of {_SPLASH_BLOCK}")
     if q_BLHK.shape[2] % k_BSGK.shape[2]:
         return _fallback(kernel, "query heads not a multiple of kv heads")
+    if auto and q_BLHK.shape[3] < _SPLASH_MIN_HEAD_DIM:
+        # TPU pads a head to 128 lanes: the kernel's [B, H, L, K] copies of tiny heads cost more
+        # than the scores they save (a v5e plan, head_dim 32, L 128: 17.4 GiB against 14)
+        return _fallback(kernel, f"head_dim {q_BLHK.shape[3]} < {_SPLASH_MIN_HEAD_DIM} under auto")
     return "splash"
 
 

@@ -133,9 +133,9 @@ def save_checkpoint(like: Checkpoint, params: nnx.State, out: str | Path) -> Pat
 
 
 def _model_from(ckpt: Checkpoint) -> nnx.Module:
-    from jaxft.models.registry import build_model
+    from jaxft.models.registry import abstract_model, build_model
 
-    abstract = nnx.eval_shape(lambda: build_model(ckpt.cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(ckpt.cfg)
     graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):  # non-parameter variables need real values
         model = build_model(ckpt.cfg, rngs=nnx.Rngs(0))

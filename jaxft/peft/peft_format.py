@@ -52,9 +52,9 @@ def _param_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from flax import nnx
 
     from jaxft.interop.hf import path_str
-    from jaxft.models.registry import build_model
+    from jaxft.models.registry import abstract_model
 
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(model_cfg)
     return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 

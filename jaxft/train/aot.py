@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft.config.schema import Config
-from jaxft.models.registry import build_model, is_encoder_decoder, model_input_keys
+from jaxft.models.registry import abstract_model, build_model, is_encoder_decoder, model_input_keys
 from jaxft.runs.teacher import check_teacher, teacher_model_config
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.peft.methods import method_for
@@ -63,6 +63,6 @@ def _abstract_teacher(cfg: Config, mesh):
         return None
     model_cfg = teacher_model_config(cfg.train.distill.teacher)
     check_teacher(cfg.model, model_cfg, cfg.train.distill.teacher)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(abstract_model(model_cfg))
     state, shardings = sharded_abstract(lambda: nnx.split(build_model(model_cfg, rngs=nnx.Rngs(0)))[1], mesh)
     return graphdef, state, shardings
