@@ -1,6 +1,6 @@
 """HF checkpoint conversion: time and peak host memory, jaxft vs transformers.
 
-    python benchmarks/convert.py [--workdir /tmp/x] [--layers 24] [--vocab 250112] [--keep]
+    python benchmarks/convert.py [--workdir /tmp/x] [--layers 24] [--vocab 250112] [--keep] [--repeats 3]
 
 Writes a random mT5-large-shaped checkpoint (~1.2B parameters, bfloat16
 safetensors in 2GB shards, HF names and config from a meta-device
@@ -14,6 +14,8 @@ safetensors in 2GB shards, HF names and config from a meta-device
 - ``jaxft_save``: ``save_hf`` (bfloat16, 2GB shards) of the loaded state;
   seconds are the export alone, peak RSS includes the load before it.
 
+Each of the four runs ``--repeats`` times (rounds in rotated order, after ``os.sync()``: the
+freshly written checkpoint's writeback made whichever ran first slower); medians are reported.
 Prints one JSON line and a Markdown row per measurement plus the
 jaxft/transformers ratios.  Needs torch + transformers (benchmark extras).
 """
@@ -27,6 +29,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,6 +140,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=MODEL["vocab_size"], help="smaller for a smoke test")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the four measurements; medians reported")
     ap.add_argument("--child", default=None)
     ap.add_argument("--src", default=None)
     ap.add_argument("--out", default=None)
@@ -150,11 +154,17 @@ def main() -> None:
         n = make_checkpoint(work / "hf", args.layers, args.vocab)
         print(f"# random mT5-shaped checkpoint: {n / 1e9:.2f}B params, bf16, written in "
               f"{time.perf_counter() - t0:.1f}s to {work / 'hf'}", file=sys.stderr)
-        results = {}
-        for kind in ("jaxft_load", "jaxft_load_mesh", "transformers_load", "jaxft_save"):
-            results[kind] = run_child(kind, work / "hf", work / "out")
-            shutil.rmtree(work / "out", ignore_errors=True)
-            print(f"# {results[kind]}", file=sys.stderr)
+        os.sync()  # the checkpoint's dirty pages are flushed before anything is timed
+        runs: dict[str, list[dict]] = {}
+        kinds = ["jaxft_load", "jaxft_load_mesh", "transformers_load", "jaxft_save"]
+        for r in range(args.repeats):  # rounds in rotated order: no kind always runs first
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                runs.setdefault(kind, []).append(run_child(kind, work / "hf", work / "out"))
+                shutil.rmtree(work / "out", ignore_errors=True)
+                print(f"# {runs[kind][-1]}", file=sys.stderr)
+        results = {k: dict(v[0], seconds=statistics.median(x["seconds"] for x in v),
+                           peak_rss_mib=statistics.median(x["peak_rss_mib"] for x in v), repeats=len(v))
+                   for k, v in runs.items()}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

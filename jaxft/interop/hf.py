@@ -216,7 +216,7 @@ def _read_on_device(t: Tensor, name: str, reader: CheckpointReader, want: Any,
         return place(np.asarray(_read_tensor(t, name, reader, {t.ours[0]: want})[0], dtype=want.dtype), sharding)
     fn = layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name)
     if sharding is None:
-        out = fn(jnp.asarray(arr))
+        out = fn(jax.device_put(arr))  # device_put: about half the time of jnp.asarray on a CPU
     else:  # each device gets the stored slice its output slice comes from: no communication
         fn = layout_fn(t, tuple(arr.shape), np.dtype(arr.dtype).name, np.dtype(want.dtype).name, sharding)
         out = fn(place(arr, stored_sharding(t.layout, sharding, len(want.shape), arr.ndim)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -15,7 +14,7 @@ from jaxft.interop.families.common import Tensor
 
 def place(arr: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
     if sharding is None:
-        return jnp.asarray(arr)
+        return jax.device_put(arr)  # about half the time of jnp.asarray on a CPU
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
