@@ -127,7 +127,7 @@ TINY = textwrap.dedent("""\
 
 def test_a_tpu_train_step_compiled_ahead_of_time_runs_the_splash_kernel(tmp_path):
     """`auto` on (abstract) TPU devices: each layer's forward, dq and dkv kernels are Mosaic
-    custom calls of the compiled step; `xla` has none."""
+    custom calls of the compiled step (`xla` takes none: the choice test)."""
     pytest.importorskip("libtpu")
     from jaxft.train.aot import lower_step_parts
     from jaxft.train.chips import abstract_devices, parse_topology
@@ -135,11 +135,8 @@ def test_a_tpu_train_step_compiled_ahead_of_time_runs_the_splash_kernel(tmp_path
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     devices = abstract_devices(parse_topology("v5e-4"))
-    counts = {}
-    for kernel in ("auto", "xla"):
-        cfg = load_config(path, [f"model.attention_kernel={kernel}"])
-        counts[kernel] = lower_step_parts(cfg, devices).lowered.compile().as_text().count("tpu_custom_call")
-    assert counts == {"auto": 3 * 2, "xla": 0}
+    hlo = lower_step_parts(load_config(path), devices).lowered.compile().as_text()
+    assert hlo.count("tpu_custom_call") == 3 * 2
 
 
 def test_kernel_choice_falls_back_to_xla_with_one_log_line_per_reason(caplog, monkeypatch):

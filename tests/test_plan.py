@@ -172,6 +172,16 @@ def test_plan_cli_json_and_exit_status(tiny, capsys):
     assert "--topology: 'v9-8' is not a TPU slice" in capsys.readouterr().err
 
 
+def test_extrapolation_starts_from_a_layer_a_model_can_lose(tiny):
+    """Decoder-only steps extrapolate from 0 and 1 layers; LoRA (a layerless model has no kernel
+    to adapt) and encoder-decoders (`n_decoder_layers: 0` means "as deep as the encoder") from 1
+    per stack, with one group per stack depth."""
+    jobs = plan_lib._extrapolation_jobs
+    assert jobs(load_config(tiny, ["model.n_layers=4"])) == ({"n_layers": 0}, [(4, {"n_layers": 1})])
+    assert jobs(load_config(tiny, ["model.n_layers=4", "peft.method=lora"])) == (
+        {"n_layers": 1}, [(3, {"n_layers": 2})])
+
+
 TINY_T5 = textwrap.dedent("""\
     run_dir: run
     model: {preset: tiny-t5, vocab_size: 2048, d_model: 128, n_heads: 4, mlp_dim: 384}
@@ -181,11 +191,10 @@ TINY_T5 = textwrap.dedent("""\
 
 
 @pytest.mark.parametrize("family,layers", [("llama", ["model.n_layers=4"]),
-                                           ("llama", ["model.n_layers=3", "peft.method=lora"]),
-                                           ("t5", ["model.n_layers=4", "model.n_decoder_layers=3"])])
+                                           ("t5", ["model.n_layers=3", "model.n_decoder_layers=2"])])
 def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, tmp_path, family, layers):
     """`model.scan_layers`: the cost analysis counts the scan body once; the plan adds the other
-    layers from small unrolled compiles (per stack of its own depth: T5 4 + 3) and counts
+    layers from small unrolled compiles (per stack of its own depth: T5 3 + 2) and counts
     collectives per layer from the loop condition, so it reports what the unrolled fsdp step
     compiles to."""
     from jaxft.train.chips import abstract_devices
