@@ -122,13 +122,18 @@ def cudnn_attention(q_BLHK, k_BSGK, v_BSGK, *, mask_B1LS, bias_BHLS, scale: floa
                                         implementation="cudnn")
 
 
+def _block(length: int) -> int:
+    """The largest of 512 / 256 / 128 that divides ``length`` (a multiple of 128: `choose`)."""
+    return next(b for b in (512, 256, _SPLASH_BLOCK) if length % b == 0)
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, L: int, S: int, causal: bool, softcap: float | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((L, S)) if causal else sm.FullMask((L, S))
-    block_q, block_kv = min(512, L), min(512, S)
+    block_q, block_kv = _block(L), _block(S)
     blocks = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                            block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                            block_q_dq=block_q, block_kv_dq=block_kv)
