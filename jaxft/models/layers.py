@@ -11,6 +11,7 @@ Conventions (flax gemma / nanodo):
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
+from jaxft.models import kernels
 from jaxft.models.dropout import check_rate, dropout, dropout_rng, next_key
 from jaxft.sharding import constrain
 
@@ -54,8 +56,33 @@ class Embed(nnx.Module):
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Tied output projection: float32 logits ``x @ embedding.T``."""
         table_VD = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
-        return jnp.einsum("bld,vd->blv", x_BLD.astype(self.dtype), table_VD,
-                          preferred_element_type=jnp.float32)
+        x_BLD = x_BLD.astype(self.dtype)
+        if kernels.platform() == "cpu":  # one 2-D matmul: see `dense`
+            y_TV = jax.lax.dot_general(x_BLD.reshape(-1, x_BLD.shape[-1]), table_VD, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            return y_TV.reshape(x_BLD.shape[:-1] + table_VD.shape[:1])
+        return jnp.einsum("bld,vd->blv", x_BLD, table_VD, preferred_element_type=jnp.float32)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """``x[..., *in] . w[*in, *out] -> [..., *out]``: the trailing ``n_in`` dims of x contract
+    with the leading ``n_in`` dims of w.
+
+    On the CPU the contraction is done as one 2-D matmul ([tokens, in] . [in, out]).  XLA:CPU
+    turns a dot_general that contracts or keeps several dims into transposed copies of the
+    activations, fused into the producers' elementwise work (the SwiGLU backward's went from 3
+    ms to 22 ms per layer, 32M LLaMA): the 2-D form keeps every weight gradient a plain matmul.
+    Other platforms take the dot_general as is (the TPU compiler contracts several dims
+    natively, and a reshape across tiled minor dims can cost a relayout).
+    """
+    lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    if kernels.platform() == "cpu" and (len(lead) != 1 or len(ins) != 1 or len(outs) != 1):
+        k, m = math.prod(ins), math.prod(outs)
+        y = jax.lax.dot_general(x.reshape(-1, k), w.reshape(k, m), (((1,), (0,)), ((), ())),
+                                preferred_element_type=out_dtype)
+        return y.reshape(lead + outs)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
 
 
 class Linear(nnx.Module):
@@ -80,10 +107,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
-        n = self.n_in
-        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
-                                preferred_element_type=self.out_dtype)
+        y = dense(x.astype(self.dtype), kernel, self.n_in, out_dtype=self.out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
         return y

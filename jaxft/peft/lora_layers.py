@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxft.interop.hf import path_str
 from jaxft.models.dropout import check_rate, dropout
-from jaxft.models.layers import Linear
+from jaxft.models.layers import Linear, dense
 
 
 class LoRAParam(nnx.LoRAParam):
@@ -56,12 +56,9 @@ class LoRA(nnx.Module):
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         if self.merged:
             return y
-        n_in = self.a.ndim - 1
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         x = dropout(x, self.dropout_rate)
-        h = jax.lax.dot_general(x.astype(self.dtype), self.a[...].astype(self.dtype), (contract, ((), ())))
-        d = jax.lax.dot_general(h, self.b[...].astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())),
-                                preferred_element_type=y.dtype)
+        h = dense(x.astype(self.dtype), self.a[...].astype(self.dtype), self.a.ndim - 1)
+        d = dense(h, self.b[...].astype(self.dtype), 1, out_dtype=y.dtype)
         return y + d * jnp.asarray(self.scale, y.dtype)
 
 
