@@ -1,10 +1,15 @@
 """Train-step throughput: jaxft vs Hugging Face transformers (PyTorch) on the same
-LLaMA-shaped model, batch and optimizer (AdamW), measured in one run.
+model (LLaMA or mT5 shape), batch and optimizer (AdamW), measured in one run.
 
 Reports tokens/s for both, the ratio, and model-FLOPs utilisation against the
 device's *measured* peak (a large f32 matmul timed in the same run).
 
-    python benchmarks/train_step.py [--d-model 512 --layers 8 --batch 8 --seq 256 --steps 10]
+    python benchmarks/train_step.py --preset 32m          # or 5m, 100m, mt5-90m
+    python benchmarks/train_step.py [--family llama|mt5 --d-model 512 --layers 8 --batch 8 --seq 256]
+
+The mT5 model is built by transformers from an ``MT5Config`` and converted to a jaxft
+``ModelConfig`` by `jaxft.interop.hf`, so both sides have the same shapes; its batch has
+``--seq`` source and ``--seq`` target tokens, tokens/s counts target tokens.
 
 Needs the test extra (torch, transformers).  Prints one Markdown row for
 benchmarks/RESULTS.md and a JSON line.
@@ -35,13 +40,26 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / min(times)
 
 
+# Shapes of the sizes the performance issue names (params with these vocabularies).
+PRESETS = {
+    "5m": dict(family="llama", d_model=256, layers=4, heads=4, kv_heads=2, mlp=704, vocab=4096, seq=128),
+    "32m": dict(family="llama", d_model=512, layers=8, heads=8, kv_heads=4, mlp=1408, vocab=8192, seq=256),
+    "100m": dict(family="llama", d_model=768, layers=12, heads=12, kv_heads=4, mlp=2048, vocab=16384, seq=256),
+    "mt5-90m": dict(family="mt5", d_model=512, layers=8, heads=8, kv_heads=8, mlp=1344, vocab=32128, seq=256),
+}
+
+
 def batch_arrays(args, vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocab, size=(args.batch, args.seq + 1)).astype(np.int32)
     ones = np.ones((args.batch, args.seq), np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": ones.astype(np.float32),
-            "segment_ids": ones, "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32),
-                                                              (args.batch, args.seq)).copy()}
+    positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": ones.astype(np.float32),
+             "segment_ids": ones, "positions": positions}
+    if getattr(args, "family", "llama") == "mt5":
+        batch.update(enc_inputs=rng.integers(3, vocab, size=(args.batch, args.seq)).astype(np.int32),
+                     enc_segment_ids=ones, enc_positions=positions)
+    return batch
 
 
 def time_steps(step, n: int) -> list[float]:
@@ -55,6 +73,7 @@ def time_steps(step, n: int) -> list[float]:
 
 def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
     from jaxft.config.schema import MeshConfig, OptimizerConfig, TrainConfig
+    from jaxft.models.registry import model_input_keys
     from jaxft.sharding import batch_sharding, make_mesh, use_mesh
     from jaxft.train.optim import make_optimizer, make_schedule
     from jaxft.train.state import init_train_state, make_init_fn
@@ -68,7 +87,8 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
     with use_mesh(mesh):
         state, shardings = init_train_state(init_fn, mesh)
         bs = batch_sharding(mesh)
-        step_fn = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100)), shardings, bs)
+        step_fn = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100),
+                                                     model_input_keys(model_cfg)), shardings, bs)
         dev_batch = jax.device_put(batch, bs)
         holder = {"state": state}
 
@@ -80,27 +100,46 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
         return time_steps(step, args.steps), holder["loss"]
 
 
+def hf_model(args, model_cfg):
+    """The transformers model of the same shape (dropout off, as in the jaxft step)."""
+    import transformers
+
+    if args.family == "mt5":
+        return transformers.MT5ForConditionalGeneration(mt5_hf_config(args))
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.d_model, intermediate_size=model_cfg.mlp_dim,
+        num_hidden_layers=model_cfg.n_layers, num_attention_heads=model_cfg.n_heads,
+        num_key_value_heads=model_cfg.kv_heads, max_position_embeddings=args.seq, rms_norm_eps=model_cfg.norm_eps,
+        rope_theta=model_cfg.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(hf_cfg)
+
+
+def mt5_hf_config(args):
+    import transformers
+
+    return transformers.MT5Config(vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // args.heads,
+                                  d_ff=args.mlp, num_layers=args.layers, num_decoder_layers=args.layers,
+                                  num_heads=args.heads, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                  dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
 def bench_torch(args, model_cfg, batch) -> tuple[list[float], float]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    hf_cfg = LlamaConfig(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.d_model,
-                         intermediate_size=model_cfg.mlp_dim, num_hidden_layers=model_cfg.n_layers,
-                         num_attention_heads=model_cfg.n_heads, num_key_value_heads=model_cfg.kv_heads,
-                         max_position_embeddings=args.seq, rms_norm_eps=model_cfg.norm_eps,
-                         rope_theta=model_cfg.rope_theta, tie_word_embeddings=False,
-                         attn_implementation="sdpa")
-    model = LlamaForCausalLM(hf_cfg).train()
+    model = hf_model(args, model_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     inputs = torch.from_numpy(batch["inputs"]).long()
     labels = torch.from_numpy(batch["targets"]).long()
+    kw = {"input_ids": inputs}
+    if args.family == "mt5":
+        kw = {"input_ids": torch.from_numpy(batch["enc_inputs"]).long(), "decoder_input_ids": inputs}
     holder = {}
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs).logits
+        logits = model(**kw).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         opt.step()
@@ -110,37 +149,58 @@ def bench_torch(args, model_cfg, batch) -> tuple[list[float], float]:
     return time_steps(step, args.steps), holder["loss"]
 
 
-def main() -> None:
+def model_config(args):
+    from jaxft.config.schema import ModelConfig
+
+    if args.family == "mt5":
+        import dataclasses
+
+        from jaxft.interop.hf import hf_config_to_model_config
+
+        cfg = hf_config_to_model_config(mt5_hf_config(args).to_dict())
+        return dataclasses.replace(cfg, dtype="float32", dropout=0.0, max_seq_len=max(cfg.max_seq_len, args.seq))
+    return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                       n_kv_heads=args.kv_heads, mlp_dim=args.mlp, dtype="float32", max_seq_len=args.seq,
+                       norm_eps=1e-6)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--mlp", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named shape (the flags below override it)")
+    p.add_argument("--family", choices=("llama", "mt5"))
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--layers", type=int, help="layers (mT5: per stack)")
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--mlp", type=int)
+    p.add_argument("--vocab", type=int)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset or "32m"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
-    from jaxft.config.schema import ModelConfig
-    from jaxft.models.flops import param_count, train_flops_per_token
 
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, mlp_dim=args.mlp, dtype="float32", max_seq_len=args.seq,
-                      norm_eps=1e-6)
+def main() -> None:
+    from jaxft.models.flops import param_count, train_flops_per_example
+
+    args = parse_args()
+    cfg = model_config(args)
     batch = batch_arrays(args, args.vocab)
     tokens = args.batch * args.seq
-    flops_step = train_flops_per_token(cfg, args.seq) * tokens
+    flops_step = train_flops_per_example(cfg, args.seq) * args.batch
     peak = measure_peak_flops()
     jx, jx_loss = bench_jaxft(args, cfg, batch)
     pt, pt_loss = bench_torch(args, cfg, batch)
     j_med, p_med = statistics.median(jx), statistics.median(pt)
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {jax.devices()[0].device_kind}",
-        "devices": jax.device_count(), "params": param_count(cfg), "batch": args.batch, "seq": args.seq,
-        "jaxft_step_s": j_med, "torch_step_s": p_med,
+        "devices": jax.device_count(), "family": args.family, "params": param_count(cfg), "batch": args.batch,
+        "seq": args.seq, "jaxft_step_s": j_med, "torch_step_s": p_med,
         "jaxft_tokens_per_s": tokens / j_med, "torch_tokens_per_s": tokens / p_med,
         "speedup_vs_torch": p_med / j_med, "measured_peak_tflops": peak / 1e12,
         "jaxft_mfu": flops_step / j_med / (peak * jax.device_count()),
@@ -148,7 +208,7 @@ def main() -> None:
         "jaxft_loss": jx_loss, "torch_loss": pt_loss,
     }
     print(json.dumps(result))
-    print(f"| {result['date']} | {result['machine']} | {result['params'] / 1e6:.1f}M llama, "
+    print(f"| {result['date']} | {result['machine']} | {result['params'] / 1e6:.1f}M {args.family}, "
           f"b{args.batch}x{args.seq} fp32 AdamW | {result['jaxft_tokens_per_s']:.0f} | "
           f"{result['torch_tokens_per_s']:.0f} | {result['speedup_vs_torch']:.2f}x | "
           f"{result['jaxft_mfu']:.1%} / {result['torch_mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s |")

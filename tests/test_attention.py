@@ -43,14 +43,23 @@ def _qkv(H=4, G=2, K=8, L=6, seed=0):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_explicit_path_matches_dot_product_attention(with_bias):
+    """The head-major path (the CPU's, and everyone's for soft-capping / dropout) against
+    `jax.nn.dot_product_attention`: outputs and all three gradients, GQA, packed rows."""
     q, k, v = _qkv()
     seg_BL = jnp.array([[1, 1, 1, 2, 2, 0], [1] * 6])
     mask = causal_segment_mask(seg_BL)
     pos_BL = jnp.array([[0, 1, 2, 0, 1, 0], list(range(6))])
     bias = alibi_bias(pos_BL, pos_BL, 4) if with_bias else None
-    want = attend(q, k, v, mask_B1LS=mask, bias_BHLS=bias)
-    got = attend(q, k, v, mask_B1LS=mask, bias_BHLS=bias, logit_softcap=1e6)  # tanh(x/c)*c ~ x
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    weights = jax.random.normal(jax.random.key(3), q.shape)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda *qkv: jnp.sum(fn(*qkv) * weights), argnums=(0, 1, 2))(q, k, v)
+
+    want = loss(lambda *qkv: jax.nn.dot_product_attention(*qkv, bias=bias, mask=mask, implementation="xla"))
+    for softcap in (None, 1e6):  # tanh(x/c)*c ~ x
+        got = loss(lambda *qkv: attend(*qkv, mask_B1LS=mask, bias_BHLS=bias, logit_softcap=softcap))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
 
 
 def test_rope_is_relative():
