@@ -125,17 +125,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), xs)
         denom = jnp.maximum(aux["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        if state.mask is not None:
-            updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         # a step whose loss or gradients are not finite changes nothing but the step
         # counter (the data it read is consumed): its update is dropped, params and
-        # optimizer state stay finite; the loop's guard counts and stops (train.nonfinite)
+        # optimizer state stay finite; the loop's guard counts and stops (train.nonfinite).
+        # A cond, not a select of new vs old: with the state donated, a select keeps the old
+        # moments alive next to the new ones, and XLA copies every optimizer buffer per step.
         finite = jnp.isfinite(aux["loss_sum"]) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            if state.mask is not None:
+                updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, state.mask)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
         metrics = {
             "loss": aux["loss_sum"] / denom,
             "z_loss": aux["z_loss_sum"] / denom,
