@@ -137,3 +137,24 @@ def test_train_step_lowers_from_abstract_inputs_alone():
     assert compiled.memory_analysis() is not None
     flops = (compiled.cost_analysis() or {}).get("flops", 0)
     assert flops > 0
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_keep_if_takes_the_update_only_when_finite_in_both_forms(monkeypatch, platform):
+    """The non-finite guard's two forms (a cond on the CPU, a select elsewhere) agree, under jit
+    with the old state donated as in the train step."""
+    from jaxft.models import kernels
+    from jaxft.train.step import _keep_if
+
+    monkeypatch.setattr(kernels, "platform", lambda: platform)
+    step = jax.jit(lambda old, finite: _keep_if(finite, lambda _: jax.tree.map(lambda a: a * 2 + 1, old), old),
+                   donate_argnums=(0,))
+    old = {"w": jnp.arange(4.0), "mu": jnp.ones((2, 2))}
+    kept = step(jax.tree.map(jnp.copy, old), jnp.array(True))
+    dropped = step(jax.tree.map(jnp.copy, old), jnp.array(False))
+    np.testing.assert_array_equal(np.asarray(kept["w"]), [1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_array_equal(np.asarray(kept["mu"]), np.full((2, 2), 3.0))
+    for k in old:
+        np.testing.assert_array_equal(np.asarray(dropped[k]), np.asarray(old[k]))
+    text = step.lower(old, jnp.array(True)).as_text()
+    assert ("stablehlo.case" in text) == (platform == "cpu")
