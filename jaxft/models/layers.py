@@ -56,12 +56,7 @@ class Embed(nnx.Module):
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Tied output projection: float32 logits ``x @ embedding.T``."""
         table_VD = constrain(self.embedding[...].astype(self.dtype), ("vocab", None))
-        x_BLD = x_BLD.astype(self.dtype)
-        if kernels.platform() == "cpu":  # one 2-D matmul: see `dense`
-            y_TV = jax.lax.dot_general(x_BLD.reshape(-1, x_BLD.shape[-1]), table_VD, (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-            return y_TV.reshape(x_BLD.shape[:-1] + table_VD.shape[:1])
-        return jnp.einsum("bld,vd->blv", x_BLD, table_VD, preferred_element_type=jnp.float32)
+        return dense(x_BLD.astype(self.dtype), table_VD.T, 1, out_dtype=jnp.float32)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
