@@ -154,8 +154,9 @@ run() {
   fi
   "$here/train-loop.sh" "$@"
   local rc=$?
-  echo "$rc" > "$STATE_DIR/exit_status.tmp" && mv -f "$STATE_DIR/exit_status.tmp" "$STATE_DIR/exit_status"
+  # log first: whoever sees exit_status (status, logs, tests) then also sees the closing line
   echo "[$(stamp)] worker.sh: train-loop.sh exited $rc"
+  echo "$rc" > "$STATE_DIR/exit_status.tmp" && mv -f "$STATE_DIR/exit_status.tmp" "$STATE_DIR/exit_status"
   exit "$rc"
 }
 
