@@ -213,7 +213,8 @@ def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, 
     assert scanned.flops["compiled"] == pytest.approx(unrolled.flops["compiled"], rel=1e-3)
     assert scanned.flops["compiled"] >= scanned.flops["model"]  # not one layer's worth
     assert scanned.estimate["hbm_s"] == pytest.approx(unrolled.estimate["hbm_s"], rel=0.25)  # bytes accessed
-    assert scanned.collectives["all-reduce"] == unrolled.collectives["all-reduce"]  # the gradients
+    # the gradients; stacked storage has fewer leaves, so a few fewer scalar (norm) reductions
+    assert scanned.collectives["all-reduce"] == pytest.approx(unrolled.collectives["all-reduce"], rel=1e-4)
     # per-layer FSDP all-gathers, counted per layer (the scan may re-gather less than the loop)
     assert 0.6 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] <= 1.0
     assert scanned.estimate["mfu"] == pytest.approx(unrolled.estimate["mfu"], rel=0.2)

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxft.config.loader import load_config
-from jaxft.config.schema import LoraConfig, MeshConfig, PeftConfig, TrainConfig
+from jaxft.config.schema import LoraConfig, MeshConfig, OptimizerConfig, PeftConfig, TrainConfig
 from jaxft.models import build_model
 from jaxft.models.registry import model_input_keys
 from jaxft.train.step import make_loss_fn
@@ -139,3 +139,95 @@ def test_lt_sft_run_with_scan_resumes_and_matches_the_unrolled_run(tmp_path):
     assert sorted(resumed.losses) == [3, 4] and sorted(ref.losses) == [1, 2, 3, 4]
     for step in (3, 4):  # phase 2 (masked), after a restore
         np.testing.assert_allclose(resumed.losses[step], ref.losses[step], rtol=2e-5)
+    # what leaves the run is per layer: the restored model and the sparse diff match the unrolled run's
+    from jaxft.peft.sparse import load_diff
+    from jaxft.runs.model import restore_model
+
+    a, b = restore_model(tmp_path / "unrolled"), restore_model(tmp_path / "scanned")
+    assert [p for p, _ in nnx.to_flat_state(b.params)] == [p for p, _ in nnx.to_flat_state(a.params)]
+    for x, y in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    da, db = load_diff(tmp_path / "unrolled" / "sparse_diff"), load_diff(tmp_path / "scanned" / "sparse_diff")
+    assert sorted(db.tensors) == sorted(da.tensors) and any("layers/1/" in p for p in da.tensors)
+    chosen = [(set(t.indices.tolist()), set(db.tensors[p].indices.tolist())) for p, t in da.tensors.items()
+              if t.indices is not None]
+    assert sum(len(x & y) for x, y in chosen) >= 0.98 * sum(len(x) for x, _ in chosen)  # the same entries chosen
+
+
+# --------------------------------------------------------------------------- stacked storage
+
+
+def _train(cfg, opt: OptimizerConfig, steps: int, mesh_cfg: MeshConfig = MeshConfig(data=-1)):
+    """(initial state, state after ``steps`` AdamW steps) on one batch; stacked storage iff ``cfg.scan_layers``."""
+    from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+    from jaxft.train.optim import make_optimizer, make_schedule
+    from jaxft.train.state import init_train_state, make_init_fn
+    from jaxft.train.step import jit_train_step, make_train_step
+
+    mesh, tx = make_mesh(mesh_cfg), make_optimizer(opt, 10)
+    init_fn, graphdef = make_init_fn(cfg, TrainConfig(), tx, 0)
+    with use_mesh(mesh):
+        state, shardings = init_train_state(init_fn, mesh)
+        first = jax.tree.map(np.asarray, state.params)
+        step = jit_train_step(make_train_step(graphdef, tx, TrainConfig(), make_schedule(opt, 10),
+                                              model_input_keys(cfg)), shardings, batch_sharding(mesh))
+        batch = jax.device_put(make_batch(cfg, rows=4, length=8), batch_sharding(mesh))
+        for _ in range(steps):
+            state, _ = step(state, batch)
+        return first, state
+
+
+def test_the_stacked_train_state_trains_as_the_per_layer_one():
+    """With ``scan_layers`` the state holds one [layers, ...] array per parameter kind; AdamW with
+    weight decay (matrices only: a stacked norm is still a vector per layer) and a parameter group
+    that matches layer 1 alone (its own lr scale and decay) moves every entry as per-layer storage
+    does, on a data x fsdp x tensor mesh."""
+    from jaxft.config.schema import ParamGroup
+    from jaxft.models.scan import STACKED, unstack_layers
+
+    cfg = cfg_of("llama")
+    opt = OptimizerConfig(lr=1e-2, schedule="constant", weight_decay=0.1,
+                          groups=(ParamGroup(pattern=r"layers/1/", lr_scale=0.5, weight_decay=0.3),))
+    first_u, unrolled = _train(cfg, opt, 3, MESH)
+    first_s, stacked = _train(dataclasses.replace(cfg, scan_layers=True), opt, 3, MESH)
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(stacked.params)]
+    assert any(f"layers/{STACKED}/attn/q/kernel" == p for p in paths) and not any("layers/0/" in p for p in paths)
+    q = stacked.params["layers"][STACKED]["attn"]["q"]["kernel"]
+    assert q.shape[0] == cfg.n_layers and q.sharding.spec[0] is None  # layer axis replicated
+    for a, b in zip(jax.tree.leaves(unstack_layers(first_s)), jax.tree.leaves(first_u), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same initial values
+    for a, b in zip(jax.tree.leaves(unstack_layers(stacked.params)), jax.tree.leaves(unrolled.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)  # Adam on ~0 gradients
+    moved = lambda i: np.abs(np.asarray(unrolled.params["layers"][i]["attn"]["q"]["kernel"])  # noqa: E731
+                             - np.asarray(first_u["layers"][i]["attn"]["q"]["kernel"])).mean()
+    assert 0.3 < moved(1) / moved(0) < 0.7  # the group did act on layer 1 only
+
+
+def _compiled_lines(cfg) -> int:
+    from jaxft.config.schema import Config, DataConfig
+    from jaxft.train.aot import lower_step_parts
+
+    run = Config(model=cfg, data=DataConfig(seq_len=16), train=TrainConfig(global_batch=8, steps=10),
+                 mesh=MeshConfig(data=-1))
+    return len(lower_step_parts(run).lowered.compile().as_text().splitlines())
+
+
+def test_the_stacked_step_compiles_to_one_program_whatever_the_depth():
+    """Stacked storage: no per-layer stacking, unstacking or optimizer update is left, so the compiled
+    train step (forward, backward and AdamW) does not grow with depth; the unrolled one does."""
+    shallow, deep = cfg_of("llama", n_layers=2), cfg_of("llama", n_layers=6)
+    unrolled = [_compiled_lines(c) for c in (shallow, deep)]
+    scanned = [_compiled_lines(dataclasses.replace(c, scan_layers=True)) for c in (shallow, deep)]
+    assert unrolled[1] > 2 * unrolled[0]
+    assert scanned[1] < 1.05 * scanned[0]
+
+
+def test_adafactor_keeps_per_layer_storage():
+    """Adafactor's factored moments and parameter scale are per tensor: stacked, they would span all
+    layers, so an Adafactor run scans with per-layer storage (stacked inside the step)."""
+    from jaxft.config.schema import Config
+    from jaxft.runs.model import stores_stacked
+
+    run = lambda name, scan: Config(model=cfg_of("llama", scan_layers=scan), optimizer=OptimizerConfig(name=name))  # noqa: E731
+    assert stores_stacked(run("adamw", True))
+    assert not stores_stacked(run("adafactor", True)) and not stores_stacked(run("adamw", False))

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxft.config.errors import read_json
 from jaxft.config.schema import CheckpointConfig, Config, to_dict
+from jaxft.models.scan import unstack_layers
 from jaxft.outputs import atomic_write_text
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.train.hooks import Hook
@@ -46,7 +47,8 @@ class EvalHook(Hook):
         from jaxft.eval.translate import Translator, evaluate
 
         cfg = run.cfg
-        model = nnx.merge(run.graphdef, state.params, state.rest)
+        # decoding runs the per-layer model: stacked layers (`model.scan_layers`) unstack here
+        model = nnx.merge(run.graphdef, unstack_layers(state.params), unstack_layers(state.rest))
         report = evaluate(Translator(model, run.tokenizer, cfg.model, cfg.data), cfg, base_dir=run.base_dir)
         per_direction = {d: {"bleu": s.bleu, "chrf": s.chrf, "chrfpp": s.chrfpp} for d, s in report.scores.items()}
         averages = report.averages()

@@ -145,15 +145,24 @@ def train_flops_per_example(cfg: ModelConfig, tgt_len: int, src_len: int | None 
 
 
 def _sizes(tree: Any) -> Iterator[tuple[str, int]]:
-    """``(path "a/b/c", size)`` of every Param of an nnx.State (other Variables skipped)."""
+    """``(path "a/b/c", size)`` of every Param of an nnx.State (other Variables skipped); a stacked
+    stack of layers (`jaxft.models.scan.stack_layers`) counts as its layers, one path each."""
     if tree is None:
         return
     from flax import nnx
 
+    from jaxft.models.scan import STACKED
+
     for path, v in nnx.to_flat_state(tree):
         if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param):
             continue
-        yield "/".join(str(p) for p in path), math.prod(v.shape)
+        parts = [str(p) for p in path]
+        if STACKED not in parts:
+            yield "/".join(parts), math.prod(v.shape)
+            continue
+        at, n = parts.index(STACKED), v.shape[0]
+        for i in range(n):
+            yield "/".join(parts[:at] + [str(i)] + parts[at + 1:]), math.prod(v.shape[1:])
 
 
 def _parse(path: str, size: int, trains: bool, encdec: bool) -> dict:

@@ -14,12 +14,25 @@ every other axis keeps its logical sharding); see docs/decisions.md.
 
 Layers of different structure (a wrapped module on some layers only) cannot share one trace: the
 stack falls back to the loop, with one log line.
+
+Stacked storage (what the train state keeps with ``model.scan_layers``): `stack_layers` turns
+every stack of identical layers of a state (``layers/{0..n-1}/...``) into one subtree
+``layers/stacked/...`` whose arrays have a leading layer axis, and `unstack_layers` undoes it.
+`merged(graphdef, *states)` builds the model from such states: the per-layer modules hold slices
+(so anything that reads a layer's parameters still sees them), and `run_layers` of a stacked stack
+scans the stored arrays directly, so the step neither stacks the parameters nor unstacks their
+gradients, and the optimizer updates one array per parameter kind: the program stops growing
+with depth.  Paths outside the train state (HF import/export, adapters, sparse diffs) stay
+per layer; the train code unstacks at those boundaries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from typing import Callable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +45,9 @@ from jaxft.sharding import constrain
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
+STACKED = "stacked"  # the key of a stack's layers stored as one subtree with a leading layer axis
+# id(layers container) -> the stacked states of those layers, while `merged` is active
+_BOUND: contextvars.ContextVar[dict[int, tuple]] = contextvars.ContextVar("jaxft_stacked_layers", default={})
 
 
 def run_layers(layers: Sequence[nnx.Module], fn: Callable, x: jax.Array, *args, remat: str,
@@ -39,7 +55,12 @@ def run_layers(layers: Sequence[nnx.Module], fn: Callable, x: jax.Array, *args, 
     """``x`` after every layer in order.  ``fn(layer, x, *args, *extra) -> x`` with ``extra``
     the i-th entries of ``per_layer`` (arrays with a leading axis of len(layers)): values that
     differ between layers, such as Gemma 2's local / global flag."""
+    bound = _BOUND.get().get(id(layers))
     layers = list(layers)
+    if bound is not None:
+        if (why := _not_scannable(layers)) is not None:
+            raise ValueError(f"stacked layers: {why}")
+        return _scan(layers, fn, x, args, remat, per_layer, bound)
     if scan and len(layers) > 1:
         why = _not_scannable(layers)
         if why is None:
@@ -82,16 +103,19 @@ def _stack(states: list[nnx.State]) -> nnx.State:
 
 
 def _scan(layers: list[nnx.Module], fn: Callable, x: jax.Array, args: tuple, remat: str,
-          per_layer: tuple[np.ndarray, ...]) -> jax.Array:
+          per_layer: tuple[np.ndarray, ...], stored: tuple | None = None) -> jax.Array:
     graphdef = nnx.graphdef(layers[0])
-    stacked = _stack([nnx.state(layer) for layer in layers])
+    if stored is None:
+        stacked = (_stack([nnx.state(layer) for layer in layers]),)
+    else:  # stacked storage: the layer axis's metadata dropped, so a layer's Variables look unstacked
+        stacked = tuple(jax.tree.map(_layer_view, s, is_leaf=_is_var) for s in stored)
     keys = [next_key() for _ in layers]
     keys_N = None if keys[0] is None else jnp.stack(keys)
     extra_N = tuple(jnp.asarray(p) for p in per_layer)
 
     def one(state, key, x, extra, args):
         with dropout_rng(key):
-            return fn(nnx.merge(graphdef, state), x, *args, *extra)
+            return fn(nnx.merge(graphdef, *state), x, *args, *extra)
 
     if remat != "none":
         one = jax.checkpoint(one, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -102,3 +126,162 @@ def _scan(layers: list[nnx.Module], fn: Callable, x: jax.Array, args: tuple, rem
 
     x, _ = jax.lax.scan(body, x, (stacked, keys_N, extra_N))
     return x
+
+
+# --------------------------------------------------------------------------- stacked storage
+
+
+def _is_var(v: Any) -> bool:
+    return isinstance(v, nnx.Variable)
+
+
+def _axes(v: nnx.Variable) -> tuple | None:
+    axes = v.get_metadata().get("out_sharding")
+    return None if axes is None else tuple(axes)
+
+
+def _layer_view(v: nnx.Variable) -> nnx.Variable:
+    axes = _axes(v)
+    return v if axes is None else v.replace(v[...], out_sharding=axes[1:])
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(tuple(x.shape), x.dtype) for x in leaves]
+
+
+def _stackable(node: Mapping) -> bool:
+    keys = list(node.keys())
+    if len(keys) < 2 or sorted(keys, key=str) != sorted(range(len(keys)), key=str):
+        return False
+    first = _signature(node[0])
+    return all(_signature(node[i]) == first for i in range(1, len(keys)))
+
+
+def _stackable_paths(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, bool]]:
+    """(path, stackable?) of every node keyed by integers (the stacks of layers) in ``state``."""
+    if not isinstance(state, Mapping):
+        return
+    if state and all(isinstance(k, int) for k in state.keys()):
+        yield prefix, _stackable(state)
+        if _stackable(state):
+            return
+    for k, v in _items(state):
+        yield from _stackable_paths(v, prefix + (k,))
+
+
+def stack_layers(*states: Any) -> tuple:
+    """``states`` (nnx.States of one model, e.g. trainable and frozen) with each stack of identical
+    layers (a node keyed 0..n-1, n >= 2, whose children match in structure, shapes and dtypes in
+    every state that has it) stored as ``{STACKED: subtree}``, its arrays stacked on a new leading
+    axis (sharding metadata: that axis replicated).  A stack that fails the test in any state
+    stays per layer in all of them, so each stack is stacked everywhere or nowhere."""
+    verdicts: dict[tuple, bool] = {}
+    for state in states:
+        for path, ok in _stackable_paths(state):
+            verdicts[path] = verdicts.get(path, True) and ok
+    chosen = {p for p, ok in verdicts.items() if ok}
+    return tuple(_stack_at(s, chosen) for s in states)
+
+
+def _stack_at(state: Any, chosen: set, prefix: tuple = ()) -> Any:
+    if not isinstance(state, Mapping):
+        return state
+    if prefix in chosen:
+        def stack(*vs):
+            value = jnp.stack([v[...] for v in vs])
+            axes = _axes(vs[0])
+            return vs[0].replace(value) if axes is None else vs[0].replace(value, out_sharding=(None,) + axes)
+
+        return _like(state, {STACKED: jax.tree.map(stack, *[dict(_items(state))[i] for i in range(len(state))], is_leaf=_is_var)})
+    return _like(state, {k: _stack_at(v, chosen, prefix + (k,)) for k, v in _items(state)})
+
+
+def _like(node: Mapping, items: dict) -> Mapping:
+    """``items`` in a container of ``node``'s kind (nnx.State or dict: the tree structure is kept)."""
+    return nnx.State(items) if isinstance(node, nnx.State) else items
+
+
+def _items(node: Mapping):
+    """A node's (key, child) pairs, children as stored (an nnx.State wraps nested dicts on access)."""
+    return (node.raw_mapping if isinstance(node, nnx.State) else node).items()
+
+
+def stack_like(state: Any, like: Any) -> Any:
+    """``state`` (per layer; e.g. a mask of a stacked tree's parameters) stacked where ``like`` is."""
+    return _stack_at(state, {path for path, _ in _stacks(like)})
+
+
+def unstack_layers(state: Any) -> Any:
+    """`stack_layers` undone: per-layer subtrees ``0..n-1`` again (a state without stacks is returned as is)."""
+    if not isinstance(state, Mapping):
+        return state
+    if set(state.keys()) == {STACKED}:
+        sub = dict(_items(state))[STACKED]
+        n = jax.tree.leaves(sub)[0].shape[0]
+
+        def take(i):
+            def one(v):
+                if not _is_var(v):
+                    return v[i]
+                axes = _axes(v)
+                return v.replace(v[...][i]) if axes is None else v.replace(v[...][i], out_sharding=axes[1:])
+            return jax.tree.map(one, sub, is_leaf=_is_var)
+
+        return _like(state, {i: take(i) for i in range(n)})
+    return _like(state, {k: unstack_layers(v) for k, v in _items(state)})
+
+
+def has_stacks(state: Any) -> bool:
+    """Whether ``state`` holds a stacked stack (`stack_layers`)."""
+    return any(STACKED in path for path, _ in _flat_keys(state))
+
+
+def _flat_keys(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    if isinstance(state, Mapping):
+        for k, v in _items(state):
+            yield from _flat_keys(v, prefix + (k,))
+    else:
+        yield prefix, state
+
+
+def _stacks(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path of the stack, its stacked subtree) of every stack in ``state``."""
+    if isinstance(state, Mapping):
+        if set(state.keys()) == {STACKED}:
+            yield prefix, dict(_items(state))[STACKED]
+            return
+        for k, v in _items(state):
+            yield from _stacks(v, prefix + (k,))
+
+
+def _slices(state: Any) -> Any:
+    """``state`` with every stack replaced by per-layer slices (what `nnx.merge` needs)."""
+    if not isinstance(state, Mapping):
+        return state
+    if set(state.keys()) == {STACKED}:
+        return unstack_layers(state)
+    return _like(state, {k: _slices(v) for k, v in _items(state)})
+
+
+@contextlib.contextmanager
+def merged(graphdef: nnx.GraphDef, *states: Any) -> Iterator[nnx.Module]:
+    """``nnx.merge(graphdef, *states)`` for states that may hold stacks (`stack_layers`).
+    Inside the block, `run_layers` of each stacked stack scans the stored arrays (every state's part
+    of that stack: e.g. an adapter's factors train while its base kernels are frozen)."""
+    model = nnx.merge(graphdef, *(_slices(s) for s in states))
+    found: dict[tuple, list] = {}
+    for s in states:
+        for path, sub in _stacks(s):
+            found.setdefault(path, []).append(sub)
+    bound = dict(_BOUND.get())
+    for path, subs in found.items():
+        node = model
+        for k in path:
+            node = node[k] if isinstance(k, int) else getattr(node, k)
+        bound[id(node)] = tuple(subs)
+    token = _BOUND.set(bound)
+    try:
+        yield model
+    finally:
+        _BOUND.reset(token)

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig, PeftConfig, TrainConfig
 from jaxft.interop.hf import path_str
+from jaxft.models.scan import stack_like, unstack_layers
 from jaxft.paths import staged
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class LoRA(_BaseFree):
         from jaxft.peft.lora import save_adapter
 
         with staged(ctx.run_dir / "adapter") as out:  # a remote run dir: written locally, uploaded
-            save_adapter(out, nnx.merge(ctx.graphdef, state.params, state.rest), self.cfg.lora, self.model_cfg)
+            save_adapter(out, nnx.merge(ctx.graphdef, unstack_layers(state.params), unstack_layers(state.rest)),
+                         self.cfg.lora, self.model_cfg)
         return ctx.run_dir / "adapter"
 
 
@@ -167,7 +169,7 @@ class SparseFT(_BaseFree):
     def updated_entries(self, params: nnx.State) -> int:  # K maskable entries + the dense tensors
         from jaxft.peft.sparse import classify, flat_with_paths, resolve_k
 
-        paths, leaves, _ = flat_with_paths(params)
+        paths, leaves, _ = flat_with_paths(unstack_layers(params))  # per-layer paths, as classify knows them
         kinds = classify(paths, self.cfg.sparse)
         size = lambda kind: sum(int(x.size) for x, c in zip(leaves, kinds) if c == kind)  # noqa: E731
         return resolve_k(self.cfg.sparse.k, size("maskable")) + size("dense")
@@ -177,7 +179,9 @@ class SparseFT(_BaseFree):
             return state
         from jaxft.peft.sparse import select_mask
 
-        mask = select_mask(state.params, ctx.theta0, self.cfg.sparse, seed=ctx.seed)
+        # chosen on per-layer paths (the same entries whatever the storage), stored like the params
+        mask = stack_like(select_mask(unstack_layers(state.params), unstack_layers(ctx.theta0), self.cfg.sparse,
+                                      seed=ctx.seed), state.params)
         mask = jax.device_put(mask, ctx.shardings.mask)
         opt_state = jax.jit(ctx.optimizer.init, out_shardings=ctx.shardings.opt_state)(ctx.theta0)
         kept = sum(int(m.sum()) for m in jax.tree.leaves(mask))
@@ -191,7 +195,7 @@ class SparseFT(_BaseFree):
         from jaxft.peft.sparse import save_diff
 
         with staged(ctx.run_dir / "sparse_diff") as out:  # a remote run dir: written locally, uploaded
-            save_diff(out, state.params, ctx.theta0, state.mask, self.cfg.sparse)
+            save_diff(out, *(unstack_layers(t) for t in (state.params, ctx.theta0, state.mask)), self.cfg.sparse)
         return ctx.run_dir / "sparse_diff"
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
 from jaxft.models.registry import build_model
+from jaxft.models.scan import stack_layers, unstack_layers
 from jaxft.paths import as_path
 from jaxft.peft.methods import PeftMethod, method_for
 from jaxft.runs.checkpoint import Checkpointer
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 
 SHAPE_FREE = ("preset", "init_from", "remat", "dropout", "attention_dropout",
               "activation_dropout", "dtype")  # model keys that do not change the parameters
+
+
+def stores_stacked(cfg: Config) -> bool:
+    """Whether the train state stores each stack of layers as one stacked array per parameter kind
+    (`jaxft.models.scan.stack_layers`): with ``model.scan_layers``, unless the optimizer is
+    Adafactor, whose factored moments and parameter scale are per tensor (stacked, they would
+    span all layers); Adafactor runs keep per-layer storage and stack inside the step."""
+    return bool(cfg.model.scan_layers) and cfg.optimizer.name != "adafactor"
 
 
 def build_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int) -> nnx.Module:
@@ -195,8 +204,12 @@ def restore_model(run_dir: str | Path, which: str | int = "latest", *, mesh: Mes
     method = method_for(cfg.peft, cfg.train, cfg.model)
     mesh = mesh or make_mesh(cfg.mesh)
     with use_mesh(mesh):
+        stacked = stores_stacked(cfg)
+
         def fn():
             _, params, rest = split_train_model(cfg.model, method, cfg.train.seed)
+            if stacked:  # the layout the run's train state (and so its checkpoints) had
+                params, rest = stack_layers(params, rest)
             return {"params": params, "rest": rest}
 
         targets, _ = sharded_abstract(fn, mesh)
@@ -212,6 +225,8 @@ def restore_model(run_dir: str | Path, which: str | int = "latest", *, mesh: Mes
             raise FileNotFoundError(f"{run_dir}: no readable {which} checkpoint")
         step, items = restored
         rest = items.get("rest")
+        if stacked:  # callers see per-layer paths, as the model and every exported format has them
+            items["params"], rest = items["params"] and unstack_layers(items["params"]), rest and unstack_layers(rest)
         if rest is None:
             rest = initial_rest(cfg, method, mesh)
         graphdef = split_train_model(cfg.model, method, cfg.train.seed, abstract=True)[0]

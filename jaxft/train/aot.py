@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxft.config.schema import Config
 from jaxft.models.registry import abstract_model, build_model, is_encoder_decoder, model_input_keys
+from jaxft.runs.model import stores_stacked
 from jaxft.runs.teacher import check_teacher, teacher_model_config
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.peft.methods import method_for
@@ -42,7 +43,7 @@ def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -
     check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer(make_optimizer(cfg.optimizer, cfg.train.steps))
-    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft)
+    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft, stacked=stores_stacked(cfg))
     with use_mesh(mesh):
         abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)

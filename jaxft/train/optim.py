@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.config.schema import OptimizerConfig, ParamGroup
+from jaxft.models.scan import STACKED
 from jaxft.peft.sparse import l1_pull
 
 
@@ -54,8 +55,26 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay only on matrices (ndim >= 2): not on norms, biases or scalars."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay only on matrices (ndim >= 2 per layer): not on norms, biases or scalars."""
+    return _per_leaf(params, lambda path, p: _layer_ndim(path, p) >= 2)
+
+
+def _layer_ndim(path: str, p) -> int:
+    """A parameter's rank as one layer has it (stacked layers carry a leading layer axis)."""
+    return p.ndim - 1 if STACKED in path.split("/") else p.ndim
+
+
+def _per_layer(path: str, p, fn):
+    """fn(path) of a parameter; for stacked layers one value per layer (fn of the per-layer path
+    ``.../layers/{i}/...``), a scalar when they agree, else an array that broadcasts over the leaf."""
+    parts = path.split("/")
+    if STACKED not in parts:
+        return fn(path)
+    at = parts.index(STACKED)
+    values = [fn("/".join(parts[:at] + [str(i)] + parts[at + 1:])) for i in range(p.shape[0])]
+    if all(v == values[0] for v in values):
+        return values[0]
+    return jnp.asarray(values, jnp.float32).reshape((-1,) + (1,) * (p.ndim - 1))
 
 
 def group_of(path: str, groups: Sequence[ParamGroup]) -> ParamGroup | None:
@@ -77,16 +96,15 @@ def _per_leaf(tree: Any, fn) -> Any:
 def add_group_decay(default: float, groups: Sequence[ParamGroup], sign: float = 1.0) -> optax.GradientTransformation:
     """updates += sign * wd(path) * params on matrices; wd from the first matching group, else `default`."""
 
-    def rate(path: str, p) -> float:
+    def rate(path: str) -> float:
         g = group_of(path, groups)
-        wd = default if g is None or g.weight_decay is None else g.weight_decay
-        return wd if p.ndim >= 2 else 0.0
+        return default if g is None or g.weight_decay is None else g.weight_decay
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_group_decay needs the params")
-        rates = _per_leaf(params, rate)
-        return jax.tree.map(lambda u, p, r: u + sign * r * p if r else u, updates, params, rates), state
+        rates = _per_leaf(params, lambda path, p: _per_layer(path, p, rate) if _layer_ndim(path, p) >= 2 else 0.0)
+        return jax.tree.map(lambda u, p, r: u + sign * r * p if _nonzero(r) else u, updates, params, rates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -96,10 +114,19 @@ def scale_by_group(groups: Sequence[ParamGroup]) -> optax.GradientTransformation
 
     def update_fn(updates, state, params=None):
         del params
-        scales = _per_leaf(updates, lambda path, _: (g.lr_scale if (g := group_of(path, groups)) else 1.0))
-        return jax.tree.map(lambda u, s: u if s == 1.0 else (u * s).astype(u.dtype), updates, scales), state
+        def scale(path: str) -> float:
+            g = group_of(path, groups)
+            return g.lr_scale if g else 1.0
+
+        scales = _per_leaf(updates, lambda path, u: _per_layer(path, u, scale))
+        return jax.tree.map(lambda u, s: (u * s).astype(u.dtype) if _nonzero(s - 1.0) else u, updates, scales), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _nonzero(x) -> bool:
+    """Whether a per-leaf rate (a Python scalar, or per-layer values) is not all zero."""
+    return bool(x != 0) if not hasattr(x, "shape") else True
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0) -> optax.GradientTransformation:

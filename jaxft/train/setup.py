@@ -25,13 +25,14 @@ from jaxft.data.tokenizer import Tokenizer, train_tokenizer
 from jaxft.data.tokenizer_sample import tokenizer_sample
 from jaxft.data.vocab import required_pieces
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
+from jaxft.models.scan import has_stacks, stack_layers, unstack_layers
 from jaxft.outputs import atomic_write_text
 from jaxft.paths import makedirs
 from jaxft.peft.methods import PeftMethod, StepContext, method_for
 from jaxft.runs import resume
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.runs.layout import RunDir
-from jaxft.runs.model import start_from
+from jaxft.runs.model import start_from, stores_stacked
 from jaxft.runs.teacher import Teacher, WithTeacher, load_teacher
 from jaxft.runs.tokenizer import configured_tokenizer
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
@@ -136,10 +137,16 @@ def _check_shapes(cfg: Config, tokenizer: Tokenizer, mesh) -> None:
 def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
     """theta0 as a sharded TrainState, its optimizer state initialised from theta0 itself."""
     state = jax.jit(init_fn, out_shardings=shardings)()
-    model = nnx.merge(graphdef, state.params, state.rest)
-    if not start_from(model, cfg, mesh):
+    stacked = has_stacks(state.params) or has_stacks(state.rest)
+    if not (cfg.model.init_from or cfg.peft.compose):
         return state
+    # init_from / compose write the model's per-layer variables: unstack, start, stack again
+    model = nnx.merge(graphdef, unstack_layers(state.params), unstack_layers(state.rest))
+    state = state.replace(params=None, rest=None)  # the model holds them now
+    start_from(model, cfg, mesh)
     _, params, rest = nnx.split(model, method.trainable_filter(), ...)
+    if stacked:
+        params, rest = jax.jit(stack_layers, out_shardings=(shardings.params, shardings.rest))(params, rest)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return state.replace(params=params, rest=rest, opt_state=opt_state)
 
@@ -208,7 +215,7 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     tcfg = cfg.train
     method = method_for(cfg.peft, tcfg, cfg.model)
     tx = method.wrap_optimizer(make_optimizer(cfg.optimizer, tcfg.steps))
-    init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft)
+    init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft, stacked=stores_stacked(cfg))
     seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
         if is_encoder_decoder(cfg.model) else {}
     with use_mesh(mesh):

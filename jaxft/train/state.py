@@ -16,6 +16,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from jaxft.config.schema import ModelConfig, PeftConfig, TrainConfig
+from jaxft.models.scan import stack_layers
 from jaxft.interop.hf import path_str  # noqa: F401 - re-exported: parameter paths as "a/b/c"
 from jaxft.peft.methods import method_for
 from jaxft.runs.model import split_train_model
@@ -39,13 +40,20 @@ class TrainState:
 
 
 def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
-                 seed: int, peft_cfg: PeftConfig | None = None) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
+                 seed: int, peft_cfg: PeftConfig | None = None, *, stacked: bool | None = None,
+                 ) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
     """Returns (init_fn, graphdef).  `init_fn()` builds the whole TrainState;
-    call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract)."""
+    call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract).  ``stacked`` (default:
+    ``model.scan_layers``; a run passes `jaxft.runs.model.stores_stacked`): the state stores each
+    stack of layers stacked (`jaxft.models.scan.stack_layers`); the graphdef stays per layer and
+    the step builds the model with `jaxft.models.scan.merged`."""
     method = method_for(peft_cfg, train_cfg, model_cfg)
+    stacked = model_cfg.scan_layers if stacked is None else stacked
 
     def init_fn() -> TrainState:
         _, params, rest = split_train_model(model_cfg, method, seed)
+        if stacked:
+            params, rest = stack_layers(params, rest)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=tx.init(params), mask=method.init_extra(params))
 

@@ -25,6 +25,7 @@ from jaxft.config.schema import TrainConfig
 from jaxft.models import kernels
 from jaxft.models.dropout import dropout_rng, has_dropout, step_key
 from jaxft.models.registry import DECODER_INPUTS
+from jaxft.models.scan import merged
 from jaxft.sharding import constrain
 from jaxft.train.losses import chunked_distill_sums, chunked_token_losses, summed_token_losses, token_losses
 from jaxft.train.state import TrainState
@@ -53,8 +54,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
 
     def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch, rng: jax.Array | None = None,
                 teacher: nnx.State | None = None):
-        model = nnx.merge(graphdef, params, rest)
-        inputs = [batch[k] for k in input_keys]
+        with merged(graphdef, params, rest) as model:  # stacked layers (`stack_layers`) scan as stored
+            return _loss(model, [batch[k] for k in input_keys], batch, rng, teacher)
+
+    def _loss(model, inputs, batch, rng, teacher):
         if teacher_graphdef is not None:
             teacher_model = nnx.merge(teacher_graphdef, teacher)
             teacher_h = jax.lax.stop_gradient(teacher_model.hidden(*inputs))
@@ -106,8 +109,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         # Dropout keys depend on train.seed, the step and the microbatch only (exact resume, any
         # mesh); a model without dropout (or LoRA dropout) gets none: the program without it.
         key = None
-        if has_dropout(nnx.merge(graphdef, state.params, state.rest)):
-            key = step_key(cfg.seed, state.step)
+        with merged(graphdef, state.params, state.rest) as model:
+            if has_dropout(model):
+                key = step_key(cfg.seed, state.step)
         if cfg.microbatches == 1:
             grads, aux = grad_fn(state.params, state.rest, batch, key, teacher)
         else:
