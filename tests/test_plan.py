@@ -129,6 +129,30 @@ def _compiles(monkeypatch) -> list:
     return seen
 
 
+def test_a_refused_scanned_step_stops_its_extrapolation_workers(tiny):
+    """`model.scan_layers` on a slice: the small unrolled compiles run in worker processes beside the
+    scanned step's; when the compiler refuses the step they are stopped (not waited for), and a
+    fitting step gets their extrapolated FLOPs."""
+    import multiprocessing
+    import threading
+
+    from jaxft.train.chips import abstract_devices
+    from jaxft.train.plan import topology_target
+
+    topology = parse_topology("v5e-4")
+    run = lambda batch: plan_lib.plan(lambda o: load_config(tiny, o), [f"train.global_batch={batch}",  # noqa: E731
+                                      "model.scan_layers=true", "model.n_layers=3"], abstract_devices(topology),
+                                      suggest=False, **topology_target(topology))
+    threads = threading.active_count()
+    refused = run(65536)
+    assert refused.fits is False and "exceeds available HBM" in refused.compiler_error
+    assert not refused.planning["cost_extrapolated"] and multiprocessing.active_children() == []
+    assert threading.active_count() == threads  # nothing left compiling behind the answer
+    fits = run(8)
+    assert fits.fits is True and fits.planning["cost_extrapolated"] and fits.flops["compiled"] > 0
+    assert multiprocessing.active_children() == []
+
+
 def test_v5e_plan_does_not_fit_and_a_replanned_fix_does(tiny, monkeypatch):
     """A batch whose activations need ~28 GiB per v5e chip: DOES NOT FIT by the compiler's own
     figures; full remat alone still does not fit, two microbatches do (each re-planned)."""

@@ -18,8 +18,8 @@ stack falls back to the loop, with one log line.
 Stacked storage (what the train state keeps with ``model.scan_layers``): `stack_layers` turns
 every stack of identical layers of a state (``layers/{0..n-1}/...``) into one subtree
 ``layers/stacked/...`` whose arrays have a leading layer axis, and `unstack_layers` undoes it.
-`merged(graphdef, *states)` builds the model from such states: the per-layer modules hold slices
-(so anything that reads a layer's parameters still sees them), and `run_layers` of a stacked stack
+`merged(graphdef, *states)` builds the model from such states: the per-layer modules hold only
+shapes (computing with one is an error), and `run_layers` of a stacked stack
 scans the stored arrays directly, so the step neither stacks the parameters nor unstacks their
 gradients, and the optimizer updates one array per parameter kind: the program stops growing
 with depth.  Paths outside the train state (HF import/export, adapters, sparse diffs) stay
@@ -212,7 +212,7 @@ def stack_like(state: Any, like: Any) -> Any:
     return _stack_at(state, {path for path, _ in _stacks(like)})
 
 
-def unstack_layers(state: Any) -> Any:
+def unstack_layers(state: Any, _value: Callable[[Any, int], Any] = lambda x, i: x[i]) -> Any:
     """`stack_layers` undone: per-layer subtrees ``0..n-1`` again (a state without stacks is returned as is)."""
     if not isinstance(state, Mapping):
         return state
@@ -223,13 +223,13 @@ def unstack_layers(state: Any) -> Any:
         def take(i):
             def one(v):
                 if not _is_var(v):
-                    return v[i]
-                axes = _axes(v)
-                return v.replace(v[...][i]) if axes is None else v.replace(v[...][i], out_sharding=axes[1:])
+                    return _value(v, i)
+                axes, value = _axes(v), _value(v[...], i)
+                return v.replace(value) if axes is None else v.replace(value, out_sharding=axes[1:])
             return jax.tree.map(one, sub, is_leaf=_is_var)
 
         return _like(state, {i: take(i) for i in range(n)})
-    return _like(state, {k: unstack_layers(v) for k, v in _items(state)})
+    return _like(state, {k: unstack_layers(v, _value) for k, v in _items(state)})
 
 
 def has_stacks(state: Any) -> bool:
@@ -255,13 +255,10 @@ def _stacks(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
             yield from _stacks(v, prefix + (k,))
 
 
-def _slices(state: Any) -> Any:
-    """``state`` with every stack replaced by per-layer slices (what `nnx.merge` needs)."""
-    if not isinstance(state, Mapping):
-        return state
-    if set(state.keys()) == {STACKED}:
-        return unstack_layers(state)
-    return _like(state, {k: _slices(v) for k, v in _items(state)})
+def _placeholders(state: Any) -> Any:
+    """``state`` with every stack as per-layer Variables holding only shapes and dtypes (what
+    `nnx.merge` needs; no slice is traced per layer, and computing with one fails loudly)."""
+    return unstack_layers(state, lambda x, i: jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
 
 
 @contextlib.contextmanager
@@ -269,7 +266,7 @@ def merged(graphdef: nnx.GraphDef, *states: Any) -> Iterator[nnx.Module]:
     """``nnx.merge(graphdef, *states)`` for states that may hold stacks (`stack_layers`).
     Inside the block, `run_layers` of each stacked stack scans the stored arrays (every state's part
     of that stack: e.g. an adapter's factors train while its base kernels are frozen)."""
-    model = nnx.merge(graphdef, *(_slices(s) for s in states))
+    model = nnx.merge(graphdef, *(_placeholders(s) for s in states))
     found: dict[tuple, list] = {}
     for s in states:
         for path, sub in _stacks(s):

@@ -240,7 +240,44 @@ def _extrapolation_jobs(cfg: Config) -> tuple[dict[str, int], list[tuple[int, di
     return base, [(next(iter(g.values())) - start, {**base, **{k: start + 1 for k in g}}) for g in groups]
 
 
-def scan_corrected_cost(cfg: Config, devices: Sequence, pool: concurrent.futures.Executor | None = None
+def _unrolled_cost_for(cfg: Config, topology: Any, sizes: dict[str, int]) -> dict[str, float]:
+    """`_unrolled_cost` in a worker process: the slice's abstract devices rebuilt there."""
+    from jaxft.train.chips import abstract_devices
+
+    return _unrolled_cost(cfg, abstract_devices(topology), sizes)
+
+
+class _Workers:
+    """Where the extrapolation's small compiles run beside the scanned step's compile: worker
+    processes for a TPU topology (a step the compiler refuses needs none, and a process can be
+    stopped mid-compile; threads would run on for minutes, and the process would wait for them at
+    exit), threads for local devices."""
+
+    def __init__(self, topology: Any | None):
+        import multiprocessing
+
+        self.topology = topology
+        self.procs = multiprocessing.get_context("spawn").Pool(3) if topology is not None else None
+        self.threads = concurrent.futures.ThreadPoolExecutor(max_workers=3) if topology is None else None
+
+    def submit(self, cfg: Config, devices: Sequence, sizes: dict[str, int]) -> Callable[[], dict[str, float]]:
+        if self.procs is not None:
+            return self.procs.apply_async(_unrolled_cost_for, (cfg, self.topology, sizes)).get
+        return self.threads.submit(_unrolled_cost, cfg, devices, sizes).result
+
+    def stop(self, needed: bool) -> None:
+        """Not ``needed``: stop what runs (processes) or has not started (threads)."""
+        if self.procs is not None:
+            if needed:
+                self.procs.close()
+            else:
+                self.procs.terminate()
+                self.procs.join()
+        else:
+            self.threads.shutdown(wait=False, cancel_futures=not needed)
+
+
+def scan_corrected_cost(cfg: Config, devices: Sequence, pool: _Workers | None = None
                         ) -> Callable[[], dict[str, float]]:
     """FLOPs and bytes accessed per chip of a step whose layers are scanned (`model.scan_layers`):
     the cost analysis counts a loop body once.  Both are linear in each stack's depth (its
@@ -249,11 +286,10 @@ def scan_corrected_cost(cfg: Config, devices: Sequence, pool: concurrent.futures
     60 s for the scanned step), or with one per stack and one more in each stack of its own
     depth (encoder-decoder).  The difference has a layer's FLOPs exactly; from no layers, its
     bytes miss what the layer boundary fuses (about 10% of a layer's bytes on that model).
-    With a ``pool`` the compiles run in its threads (XLA compiles without the GIL), beside the
-    scanned step's own; the returned callable waits for them."""
+    With a ``pool`` (`_Workers`) the compiles run in its workers, beside the scanned step's own;
+    the returned callable waits for them."""
     base_sizes, groups = _extrapolation_jobs(cfg)
-    run = (lambda *a: pool.submit(_unrolled_cost, *a).result) if pool is not None else (
-        lambda *a: lambda: _unrolled_cost(*a))
+    run = pool.submit if pool is not None else (lambda *a: lambda: _unrolled_cost(*a))
     base = run(cfg, devices, base_sizes)
     more = [(missing, run(cfg, devices, sizes)) for missing, sizes in groups]
 
@@ -267,12 +303,14 @@ def scan_corrected_cost(cfg: Config, devices: Sequence, pool: concurrent.futures
 
 
 def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None, peak: float,
-              capacity: int | None, num_slices: int = 1, overrides: tuple[str, ...] = ()) -> Plan:
-    """Compile once and measure; no suggestions."""
+              capacity: int | None, num_slices: int = 1, overrides: tuple[str, ...] = (),
+              topology: Any | None = None) -> Plan:
+    """Compile once and measure; no suggestions.  ``topology``: what ``devices`` were built from
+    (`jaxft.train.chips.abstract_devices`), so worker processes can rebuild them."""
     t0 = time.perf_counter()
     parts = lower_step_parts(cfg, devices)
     # the extrapolation's small compiles run beside the scanned step's compile
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3) if cfg.model.scan_layers else None
+    pool = _Workers(topology) if cfg.model.scan_layers else None
     pending = scan_corrected_cost(cfg, devices, pool) if pool is not None else None
     compiled, error = None, ""
     try:
@@ -282,8 +320,8 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
         if not any(p.search(error) for p in _OOM):
             raise PlanError(f"compiling the train step failed: {error.splitlines()[0][:500]}") from e
     finally:
-        if pool is not None:  # a refused step needs no extrapolation: drop what has not started
-            pool.shutdown(wait=False, cancel_futures=compiled is None)
+        if pool is not None:  # a refused step needs no extrapolation
+            pool.stop(needed=compiled is not None)
     n = len(devices)
     mem, compiler_capacity = _memory(cfg, parts, compiled, error)
     capacity = compiler_capacity or capacity
@@ -298,7 +336,10 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
     estimate = _estimate(cfg, chip, peak, n, flops, cost["bytes accessed"], coll, dcn)
     fits = None if capacity is None else (compiled is not None and mem["total"] <= capacity)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if pool is not None and pool.procs is not None:
+        pool.procs.join()
+    # this process's peak plus the largest worker's (the workers overlap with it)
+    rss = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * 1024
     return Plan(target=target, n_chips=n, mesh=dict(parts.mesh.shape), fits=fits, capacity=capacity, memory=mem,
                 flops=flops, collectives=coll, estimate=estimate, overrides=overrides,
                 planning={"compile_s": time.perf_counter() - t0, "peak_host_rss": rss,
@@ -328,17 +369,17 @@ def fix_candidates(cfg: Config, n_dp: int) -> list[tuple[str, ...]]:
 
 def plan(load: Callable[[Sequence[str]], Config], overrides: Sequence[str], devices: Sequence, *, target: str,
          chip: Chip | None = None, peak: float = 0.0, capacity: int | None = None, num_slices: int = 1,
-         suggest: bool = True, max_suggestions: int = 8) -> Plan:
+         suggest: bool = True, max_suggestions: int = 8, topology: Any | None = None) -> Plan:
     """Plan `load(overrides)`; when it does not fit, re-plan each fix candidate."""
     cfg = load(overrides)
     base = plan_once(cfg, devices, target=target, chip=chip, peak=peak, capacity=capacity, num_slices=num_slices,
-                     overrides=tuple(overrides))
+                     overrides=tuple(overrides), topology=topology)
     if suggest and base.fits is False:
         n_dp = base.mesh["data"] * base.mesh["fsdp"]
         for extra in fix_candidates(cfg, n_dp)[:max_suggestions]:
             try:
                 alt = plan_once(load(list(overrides) + list(extra)), devices, target=target, chip=chip, peak=peak,
-                                capacity=capacity, num_slices=num_slices, overrides=extra)
+                                capacity=capacity, num_slices=num_slices, overrides=extra, topology=topology)
             except (PlanError, ValueError) as e:
                 alt = dataclasses.replace(base, fits=False, overrides=extra, compiler_error=str(e)[:300],
                                           suggestions=[])
@@ -348,4 +389,4 @@ def plan(load: Callable[[Sequence[str]], Config], overrides: Sequence[str], devi
 
 def topology_target(topology: Topology) -> dict[str, Any]:
     return {"target": topology.describe(), "chip": topology.chip, "peak": topology.chip.peak_bf16,
-            "capacity": topology.chip.usable_hbm, "num_slices": topology.num_slices}
+            "capacity": topology.chip.usable_hbm, "num_slices": topology.num_slices, "topology": topology}
