@@ -247,3 +247,27 @@ def test_adafactor_keeps_per_layer_storage():
     run = lambda name, scan: Config(model=cfg_of("llama", scan_layers=scan), optimizer=OptimizerConfig(name=name))  # noqa: E731
     assert stores_stacked(run("adamw", True))
     assert not stores_stacked(run("adafactor", True)) and not stores_stacked(run("adamw", False))
+
+
+def test_lora_run_with_scan_exports_the_unrolled_run_s_adapter(tmp_path):
+    """`jaxft train` with LoRA and stacked storage (adapters trained, base frozen, both stacked):
+    the adapter written at the end has per-layer paths and the unrolled run's factors."""
+    from jaxft.peft.lora import read_adapter
+    from jaxft.train.loop import train
+
+    def config(name: str, scan: bool):
+        path = write_run_config(tmp_path, steps=3, name=name)
+        tree = yaml.safe_load(path.read_text())
+        tree["model"]["scan_layers"] = scan
+        tree["peft"] = {"method": "lora", "lora": {"rank": 4}}
+        path.write_text(yaml.safe_dump(tree))
+        return load_config(path)
+
+    ref = train(config("unrolled", False), base_dir=tmp_path)
+    got = train(config("scanned", True), base_dir=tmp_path)
+    np.testing.assert_allclose([got.losses[s] for s in (1, 2, 3)], [ref.losses[s] for s in (1, 2, 3)], rtol=2e-5)
+    (_, a), (_, b) = read_adapter(tmp_path / "unrolled" / "adapter"), read_adapter(tmp_path / "scanned" / "adapter")
+    assert sorted(b) == sorted(a) and any("layers/1/" in p for p in a)
+    for p, (fa, fb) in a.items():
+        np.testing.assert_allclose(b[p][0], fa, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b[p][1], fb, rtol=1e-4, atol=1e-6)
