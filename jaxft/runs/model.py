@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
-from jaxft.models.registry import build_model
+from jaxft.models.registry import CountedKeys, build_model
 from jaxft.models.scan import stack_layers, unstack_layers
 from jaxft.paths import as_path
 from jaxft.peft.methods import PeftMethod, method_for
@@ -44,8 +44,8 @@ def stores_stacked(cfg: Config) -> bool:
 
 def build_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int) -> nnx.Module:
     """The model as the run trains it: built from the config, then the PEFT method's tree surgery."""
-    rngs = nnx.Rngs(seed)
-    return method.transform_model(build_model(model_cfg, rngs=rngs), rngs)
+    rngs = CountedKeys(seed)  # nnx.Rngs(seed)'s draws, cheap to trace
+    return method.transform_model(build_model(model_cfg, rngs=rngs), rngs)  # type: ignore[arg-type]
 
 
 def split_train_model(model_cfg: ModelConfig, method: PeftMethod, seed: int, *,
