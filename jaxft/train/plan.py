@@ -247,6 +247,19 @@ def _unrolled_cost_for(cfg: Config, topology: Any, sizes: dict[str, int]) -> dic
     return _unrolled_cost(cfg, abstract_devices(topology), sizes)
 
 
+def _die_with(parent: int) -> None:
+    """A worker's initializer: exit when the planner is gone (killed by a timeout, say), even mid-compile."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class _Workers:
     """Where the extrapolation's small compiles run beside the scanned step's compile: worker
     processes for a TPU topology (a step the compiler refuses needs none, and a process can be
@@ -257,7 +270,10 @@ class _Workers:
         import multiprocessing
 
         self.topology = topology
-        self.procs = multiprocessing.get_context("spawn").Pool(3) if topology is not None else None
+        import os
+
+        self.procs = (multiprocessing.get_context("spawn").Pool(3, initializer=_die_with, initargs=(os.getpid(),))
+                      if topology is not None else None)
         self.threads = concurrent.futures.ThreadPoolExecutor(max_workers=3) if topology is None else None
 
     def submit(self, cfg: Config, devices: Sequence, sizes: dict[str, int]) -> Callable[[], dict[str, float]]:
