@@ -401,7 +401,7 @@ args = sys.argv[1:]
 sets = dict(a.split("=", 1) for a in args[args.index("train") + 2:][1::2])
 os.makedirs(sets["run_dir"], exist_ok=True)
 t0 = time.time()
-time.sleep(1.0)
+time.sleep(3.0)  # long enough that the second run starts before the first ends on a loaded machine
 m = re.search(r"device_count=(\\d+)", os.environ.get("XLA_FLAGS", ""))
 info = {"start": t0, "end": time.time(), "devices": int(m.group(1)) if m else None,
         "cpus": sorted(os.sched_getaffinity(0))}

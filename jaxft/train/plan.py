@@ -25,7 +25,6 @@ remat, microbatches, mesh, loss chunking, distillation teacher.  The numbers:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import re
@@ -41,6 +40,7 @@ from jaxft.models.registry import is_encoder_decoder
 from jaxft.peft.methods import method_for
 from jaxft.train.aot import lower_step_parts
 from jaxft.train.chips import Chip, Topology
+from jaxft.train.plan_workers import Workers
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
@@ -247,53 +247,7 @@ def _unrolled_cost_for(cfg: Config, topology: Any, sizes: dict[str, int]) -> dic
     return _unrolled_cost(cfg, abstract_devices(topology), sizes)
 
 
-def _die_with(parent: int) -> None:
-    """A worker's initializer: exit when the planner is gone (killed by a timeout, say), even mid-compile."""
-    import os
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-class _Workers:
-    """Where the extrapolation's small compiles run beside the scanned step's compile: worker
-    processes for a TPU topology (a step the compiler refuses needs none, and a process can be
-    stopped mid-compile; threads would run on for minutes, and the process would wait for them at
-    exit), threads for local devices."""
-
-    def __init__(self, topology: Any | None):
-        import multiprocessing
-
-        self.topology = topology
-        import os
-
-        self.procs = (multiprocessing.get_context("spawn").Pool(3, initializer=_die_with, initargs=(os.getpid(),))
-                      if topology is not None else None)
-        self.threads = concurrent.futures.ThreadPoolExecutor(max_workers=3) if topology is None else None
-
-    def submit(self, cfg: Config, devices: Sequence, sizes: dict[str, int]) -> Callable[[], dict[str, float]]:
-        if self.procs is not None:
-            return self.procs.apply_async(_unrolled_cost_for, (cfg, self.topology, sizes)).get
-        return self.threads.submit(_unrolled_cost, cfg, devices, sizes).result
-
-    def stop(self, needed: bool) -> None:
-        """Not ``needed``: stop what runs (processes) or has not started (threads)."""
-        if self.procs is not None:
-            if needed:
-                self.procs.close()
-            else:
-                self.procs.terminate()
-                self.procs.join()
-        else:
-            self.threads.shutdown(wait=False, cancel_futures=not needed)
-
-
-def scan_corrected_cost(cfg: Config, devices: Sequence, pool: _Workers | None = None
+def scan_corrected_cost(cfg: Config, devices: Sequence, pool: Workers | None = None
                         ) -> Callable[[], dict[str, float]]:
     """FLOPs and bytes accessed per chip of a step whose layers are scanned (`model.scan_layers`):
     the cost analysis counts a loop body once.  Both are linear in each stack's depth (its
@@ -302,10 +256,11 @@ def scan_corrected_cost(cfg: Config, devices: Sequence, pool: _Workers | None = 
     60 s for the scanned step), or with one per stack and one more in each stack of its own
     depth (encoder-decoder).  The difference has a layer's FLOPs exactly; from no layers, its
     bytes miss what the layer boundary fuses (about 10% of a layer's bytes on that model).
-    With a ``pool`` (`_Workers`) the compiles run in its workers, beside the scanned step's own;
-    the returned callable waits for them."""
+    With a ``pool`` (`jaxft.train.plan_workers.Workers`) the compiles run in its workers, beside
+    the scanned step's own; the returned callable waits for them."""
     base_sizes, groups = _extrapolation_jobs(cfg)
-    run = pool.submit if pool is not None else (lambda *a: lambda: _unrolled_cost(*a))
+    run = (lambda *a: pool.submit(_unrolled_cost, _unrolled_cost_for, *a)) if pool is not None else (
+        lambda *a: lambda: _unrolled_cost(*a))
     base = run(cfg, devices, base_sizes)
     more = [(missing, run(cfg, devices, sizes)) for missing, sizes in groups]
 
@@ -326,7 +281,7 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     t0 = time.perf_counter()
     parts = lower_step_parts(cfg, devices)
     # the extrapolation's small compiles run beside the scanned step's compile
-    pool = _Workers(topology) if cfg.model.scan_layers else None
+    pool = Workers(topology) if cfg.model.scan_layers else None
     pending = scan_corrected_cost(cfg, devices, pool) if pool is not None else None
     compiled, error = None, ""
     try:
