@@ -234,15 +234,7 @@ def unstack_layers(state: Any, _value: Callable[[Any, int], Any] = lambda x, i: 
 
 def has_stacks(state: Any) -> bool:
     """Whether ``state`` holds a stacked stack (`stack_layers`)."""
-    return any(STACKED in path for path, _ in _flat_keys(state))
-
-
-def _flat_keys(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    if isinstance(state, Mapping):
-        for k, v in _items(state):
-            yield from _flat_keys(v, prefix + (k,))
-    else:
-        yield prefix, state
+    return next(_stacks(state), None) is not None
 
 
 def _stacks(state: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
