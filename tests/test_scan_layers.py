@@ -271,3 +271,38 @@ def test_lora_run_with_scan_exports_the_unrolled_run_s_adapter(tmp_path):
     for p, (fa, fb) in a.items():
         np.testing.assert_allclose(b[p][0], fa, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b[p][1], fb, rtol=1e-4, atol=1e-6)
+
+
+def test_a_scanned_run_resumes_from_checkpoints_written_layer_by_layer(tmp_path, monkeypatch):
+    """Checkpoints of `scan_layers` runs written before stacked storage (each layer's parameters and
+    AdamW moments under ``layers/{i}/``) restore into the stacked train state: the resumed run logs
+    the losses of a run that was stacked all along, its next checkpoint is stacked, and
+    `restore_model` reads both layouts."""
+    import jaxft.train.setup as setup_module
+    from jaxft.runs.model import restore_model
+    from jaxft.train.loop import train
+
+    def config(name: str):
+        path = write_run_config(tmp_path, steps=4, name=name)
+        tree = yaml.safe_load(path.read_text())
+        tree["model"]["scan_layers"] = True
+        tree["train"]["dev_batches"] = 0
+        path.write_text(yaml.safe_dump(tree))
+        return load_config(path)
+
+    ref = train(config("stacked"), base_dir=tmp_path)
+    cfg = config("old")
+    with monkeypatch.context() as m:  # the train state as jaxft stored it before stacked storage
+        m.setattr(setup_module, "stores_stacked", lambda cfg: False)
+        assert train(cfg, base_dir=tmp_path, stop_after=2).step == 2
+    layout = lambda step: (tmp_path / "old" / "checkpoints" / str(step) / "params" / "_METADATA").read_text()  # noqa: E731
+    assert "stacked" not in layout(2) and "layers" in layout(2)
+    resumed = train(cfg, base_dir=tmp_path)
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):  # the moments came back too: AdamW's step 3 depends on them
+        np.testing.assert_allclose(resumed.losses[step], ref.losses[step], rtol=2e-5)
+    assert "stacked" in layout(4)
+    a, b = restore_model(tmp_path / "stacked", 2), restore_model(tmp_path / "old", 2)  # read-only, per-layer on disk
+    assert [p for p, _ in nnx.to_flat_state(b.params)] == [p for p, _ in nnx.to_flat_state(a.params)]
+    for x, y in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

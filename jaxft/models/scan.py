@@ -224,7 +224,7 @@ def unstack_layers(state: Any, _value: Callable[[Any, int], Any] = lambda x, i: 
             def one(v):
                 if not _is_var(v):
                     return _value(v, i)
-                axes, value = _axes(v), _value(v[...], i)
+                axes, value = _axes(v), _value(v.get_value(), i)
                 return v.replace(value) if axes is None else v.replace(value, out_sharding=axes[1:])
             return jax.tree.map(one, sub, is_leaf=_is_var)
 
@@ -274,3 +274,38 @@ def merged(graphdef: nnx.GraphDef, *states: Any) -> Iterator[nnx.Module]:
         yield model
     finally:
         _BOUND.reset(token)
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, nnx.State)
+
+
+def _abstract_layer(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+    """One layer of an abstract stacked array: the layer axis dropped from its shape and sharding."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def per_layer_abstract(tree: Any) -> Any:
+    """An abstract tree (ShapeDtypeStructs with shardings, e.g. a checkpoint's restore target) whose
+    nnx.States hold stacks, with every stack as per-layer entries again: the layout of the same
+    state without stacked storage."""
+    return jax.tree.map(lambda s: unstack_layers(s, _abstract_layer) if _is_state(s) else s, tree, is_leaf=_is_state)
+
+
+def restack_like(values: Any, targets: Any) -> Any:
+    """``values`` (per-layer, e.g. restored with `per_layer_abstract(targets)`) in the layout and on
+    the shardings of ``targets``: each nnx.State stacked where the target's is."""
+    def restack(vals):
+        return jax.tree.map(lambda v, t: stack_like(v, t) if _is_state(v) else v, vals, targets, is_leaf=_is_state)
+
+    want = [getattr(t, "sharding", None) for t in jax.tree.leaves(targets)]
+    shape = jax.eval_shape(restack, values)
+    got = [(tuple(x.shape), x.dtype) for x in jax.tree.leaves(shape)]
+    if got != [(tuple(t.shape), t.dtype) for t in jax.tree.leaves(targets)]:
+        raise ValueError("restacked layers do not match the target's shapes")
+    flat = jax.jit(lambda v: jax.tree.leaves(restack(v)), out_shardings=want)(values)
+    return jax.tree.unflatten(jax.tree.structure(shape), flat)

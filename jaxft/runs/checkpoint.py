@@ -10,6 +10,10 @@
 
 so inference restores `params` (+ `rest`) and never builds an optimizer.
 
+A train state with stacked layers (`model.scan_layers`) also restores checkpoints whose layers
+are stored one by one (written before stacked storage, or by an unrolled run of the same model):
+they are read per layer and stacked.
+
 Training resumes from the newest step that restores cleanly: an unreadable
 newest checkpoint is moved to `unreadable_checkpoints/` (never deleted) and the
 previous one is used.  When none restores, that is an error naming them and
@@ -33,9 +37,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxft.config.schema import CheckpointConfig
+from jaxft.models.scan import has_stacks, per_layer_abstract, restack_like
 from jaxft.paths import absolute, makedirs, move
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,10 @@ def gather_json(local: dict[str, Any]) -> dict[str, Any]:
     for size, buf in zip(np.asarray(sizes).reshape(-1), np.asarray(everything)):
         merged.update(json.loads(bytes(buf[: int(size)]).decode()))
     return merged
+
+
+def _holds_stacks(tree: Any) -> bool:
+    return any(has_stacks(s) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.State)))
 
 
 class Checkpointer:
@@ -148,6 +158,25 @@ class Checkpointer:
         return self._restore(step, targets)
 
     def _restore(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._restore_as(step, targets)
+        except Exception as e:
+            stacked = [k for k, v in targets.items() if jax.tree.leaves(v) and _holds_stacks(v)]
+            if not stacked:
+                raise
+            first = e
+        # stacked storage (`model.scan_layers`) restores a checkpoint written with per-layer paths
+        # (before stacked storage, or by an unrolled run of the same model) and stacks it here
+        try:
+            out = self._restore_as(step, {k: per_layer_abstract(v) if k in stacked else v
+                                          for k, v in targets.items()})
+        except Exception:  # noqa: BLE001 - not that layout either: the first error is the one to report
+            raise first from None
+        log.warning("checkpoint %s/%d stores its layers one by one; stacked on restore (the next save "
+                    "writes the stacked layout)", self.directory, step)
+        return {**out, **{k: restack_like(out[k], targets[k]) for k in stacked}}
+
+    def _restore_as(self, step: int, targets: dict[str, Any]) -> dict[str, Any]:
         args = {k: ocp.args.StandardRestore(v) for k, v in targets.items() if jax.tree.leaves(v)}
         args.update(data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
