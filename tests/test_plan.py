@@ -185,22 +185,6 @@ def test_v5e_plan_does_not_fit_and_a_replanned_fix_does(tiny, monkeypatch):
     assert 0 < e["mfu"] <= 1 and e["tokens_per_s"] == pytest.approx(65536 * 128 / e["step_s"])
 
 
-def test_dropout_on_a_tpu_slice_uses_the_hardware_generator(tiny):
-    """train.dropout_rng: auto lowers dropout to RngBitGenerator for TPU devices (threefry's integer
-    arithmetic over [B, H, L, L] attention masks doubled mT5-XXL's planning compile) and keeps
-    threefry on the CPU; an explicit threefry is kept on the TPU too."""
-    from jaxft.train.aot import lower_step_parts
-    from jaxft.train.chips import abstract_devices
-
-    def text(overrides, devices):
-        return lower_step_parts(load_config(tiny, ["model.dropout=0.1", *overrides]), devices).lowered.as_text()
-
-    tpu = abstract_devices(parse_topology("v5e-4"))
-    assert "rng_bit_generator" in text([], tpu)
-    assert "rng_bit_generator" not in text(["train.dropout_rng=threefry"], tpu)
-    assert "rng_bit_generator" not in text(["mesh.data=-1"], jax.devices()[:4])
-
-
 def test_plan_cli_json_and_exit_status(tiny, capsys):
     from jaxft.cli import main
 

@@ -160,9 +160,6 @@ class TrainConfig:
     global_batch: int = 8  # sequences per optimizer step, over all devices
     microbatches: int = 1  # gradient accumulation: global_batch is split in this many
     seed: int = 0
-    # Dropout's random generator: threefry (masks independent of the mesh), rbg (XLA's
-    # RngBitGenerator: the TPU's hardware generator), auto = rbg on TPUs, threefry elsewhere.
-    dropout_rng: Literal["auto", "threefry", "rbg"] = "auto"
     log_every: int = 10
     dev_every: int = 0  # 0 = only at the start and the end
     dev_batches: int = 4

@@ -91,22 +91,6 @@ def has_dropout(model: nnx.Module) -> bool:
 _SALT = 0x64726F70  # "drop": keeps dropout keys apart from parameter-init keys of the same seed
 
 
-RNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg"}  # train.dropout_rng -> jax PRNG implementation
-
-
-def rng_impl(choice: str, platform: str) -> str:
-    """``train.dropout_rng`` for devices of ``platform``: ``auto`` is ``rbg`` on TPUs (XLA's
-    RngBitGenerator: the hardware generator, far cheaper to compile and run than threefry's
-    integer arithmetic on [batch, heads, L, L] attention-dropout masks), ``threefry`` elsewhere
-    (masks independent of the mesh, as on CPU / GPU)."""
-    if choice == "auto":
-        return "rbg" if platform == "tpu" else "threefry"
-    if choice not in RNG_IMPLS:
-        raise ValueError(f"train.dropout_rng: one of auto, {', '.join(RNG_IMPLS)}; got {choice!r}")
-    return choice
-
-
-def step_key(seed: int, step: jax.Array | int, impl: str = "threefry") -> jax.Array:
-    """The dropout key of train step ``step`` (a function of ``train.seed``, the step and the
-    generator ``impl`` (`rng_impl`) only)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed, impl=RNG_IMPLS[impl]), _SALT), step)
+def step_key(seed: int, step: jax.Array | int) -> jax.Array:
+    """The dropout key of train step ``step`` (a function of ``train.seed`` and the step only)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SALT), step)

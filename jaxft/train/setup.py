@@ -186,8 +186,7 @@ def _steps(cfg: Config, graphdef, tx, shardings, bsharding, teacher: Teacher | N
     first call); with a distillation teacher the train step also reads its state."""
     keys, tcfg = model_input_keys(cfg.model), cfg.train
     schedule = make_schedule(cfg.optimizer, tcfg.steps)
-    step_fn = make_train_step(graphdef, tx, tcfg, schedule, keys, teacher and teacher.graphdef,
-                              platform=bsharding.mesh.devices.flat[0].platform)
+    step_fn = make_train_step(graphdef, tx, tcfg, schedule, keys, teacher and teacher.graphdef)
     train_step = CompileThenMeet(jit_train_step(step_fn, shardings, bsharding, teacher and teacher.shardings),
                                  "train_step")
     eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 
 from jaxft.config.schema import TrainConfig
 from jaxft.models import kernels
-from jaxft.models.dropout import dropout_rng, has_dropout, rng_impl, step_key
+from jaxft.models.dropout import dropout_rng, has_dropout, step_key
 from jaxft.models.registry import DECODER_INPUTS
 from jaxft.models.scan import merged
 from jaxft.sharding import constrain
@@ -99,11 +99,9 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
                     schedule: optax.Schedule, input_keys: tuple[str, ...] = DECODER_INPUTS,
-                    teacher_graphdef: nnx.GraphDef | None = None, platform: str | None = None,
+                    teacher_graphdef: nnx.GraphDef | None = None,
                     ) -> Callable[..., tuple[TrainState, dict]]:
-    """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``).
-    ``platform``: of the devices it will run on (``train.dropout_rng: auto``); default: jax's backend."""
-    impl = rng_impl(cfg.dropout_rng, platform or jax.default_backend())
+    """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``)."""
     loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -113,7 +111,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         key = None
         with merged(graphdef, state.params, state.rest) as model:
             if has_dropout(model):
-                key = step_key(cfg.seed, state.step, impl)
+                key = step_key(cfg.seed, state.step)
         if cfg.microbatches == 1:
             grads, aux = grad_fn(state.params, state.rest, batch, key, teacher)
         else:
