@@ -161,3 +161,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a part
     (a URL: one object write, `jaxft.paths.write_atomic`)."""
     write_atomic(path, text.encode("utf-8"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a .jsonl file (e.g. a run's metrics.jsonl); lines that do not parse (one
+    cut short by a kill) are skipped; a missing file is empty."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out

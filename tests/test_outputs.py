@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxft.cli import main
-from jaxft.outputs import OutputError, check_output, safe_output
+from jaxft.outputs import OutputError, check_output, read_jsonl, safe_output
 
 from trainutil import write_run_config
 
@@ -260,3 +260,10 @@ def test_diff_overwrite_and_compose_over_its_base(tmp_path, capsys):
     assert meta["count"] == 10 and not meta["dense"]  # replaced by the sparse one
     assert sorted(os.listdir(tmp_path)) == ["base", "delta", "ft"]  # no temporary or old folder left
     assert {n: tree_digest(tmp_path / n) for n in ("base", "ft")} == inputs
+
+
+def test_read_jsonl_skips_a_line_cut_short_and_reads_a_missing_file_as_empty(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n[1, 2]\n\n{"step": 2, "lo')  # a list, a blank, a kill mid-line
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.5}]
+    assert read_jsonl(tmp_path / "absent.jsonl") == []

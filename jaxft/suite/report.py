@@ -29,7 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from jaxft.outputs import atomic_write_text
+from jaxft.outputs import atomic_write_text, read_jsonl
 from jaxft.suite.runner import read_state
 from jaxft.suite.spec import RunPlan, Suite
 
@@ -37,16 +37,6 @@ _TIERS = ("high", "mid", "low")
 # averages over sources, not directions: accuracies (jaxft.eval.choice), exact match / chrF (jaxft.eval.generation)
 _SOURCE_METRICS = ("acc", "acc_norm", "em", "gen_chrf")
 
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def _tier(direction: str, tiers: dict[str, tuple[str, ...]]) -> str | None:
@@ -59,7 +49,7 @@ def _tier(direction: str, tiers: dict[str, tuple[str, ...]]) -> str | None:
 
 def run_summary(plan: RunPlan, state: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one run (see the module docstring)."""
-    metrics = _rows(plan.run_dir / "metrics.jsonl")
+    metrics = read_jsonl(plan.run_dir / "metrics.jsonl")
     train = [m for m in metrics if m.get("kind") == "train"]
     dev = [m for m in metrics if m.get("kind") == "dev" and isinstance(m.get("dev_loss"), dict)]
     evals = [m for m in metrics if m.get("kind") == "eval" and isinstance(m.get("scores"), dict)]

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from jaxft.config.schema import to_dict
-from jaxft.outputs import atomic_write_text
+from jaxft.outputs import atomic_write_text, read_jsonl
 from jaxft.runs.resume import fix_schedule_length, incompatible_keys
 from jaxft.suite.spec import RunPlan, Suite
 
@@ -293,22 +293,16 @@ def status_rows(suite: Suite) -> list[dict[str, Any]]:
             status = "interrupted"
         step, loss, dev, best = 0, None, None, None
         metric = plan.config.eval.best_metric if plan.config is not None else "chrf"
-        metrics = plan.run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get("kind") == "train":
-                    step, loss = row.get("step", step), row.get("loss", loss)
-                elif row.get("kind") == "dev" and isinstance(row.get("dev_loss"), dict):
-                    values = [v for v in row["dev_loss"].values() if isinstance(v, (int, float))]
-                    dev = sum(values) / len(values) if values else dev
-                elif row.get("kind") == "eval" and isinstance(row.get("average"), dict):
-                    score = row["average"].get(metric)
-                    if isinstance(score, (int, float)):
-                        best = score if best is None else max(best, score)
+        for row in read_jsonl(plan.run_dir / "metrics.jsonl"):
+            if row.get("kind") == "train":
+                step, loss = row.get("step", step), row.get("loss", loss)
+            elif row.get("kind") == "dev" and isinstance(row.get("dev_loss"), dict):
+                values = [v for v in row["dev_loss"].values() if isinstance(v, (int, float))]
+                dev = sum(values) / len(values) if values else dev
+            elif row.get("kind") == "eval" and isinstance(row.get("average"), dict):
+                score = row["average"].get(metric)
+                if isinstance(score, (int, float)):
+                    best = score if best is None else max(best, score)
         total = plan.config.train.steps if plan.config is not None else None
         rows.append({"run": plan.id, "state": status, "step": step, "steps": total, "loss": loss, "dev_loss": dev,
                      "best": f"{metric} {best:.2f}" if best is not None else None, "wall_s": st.get("wall_s"),

@@ -209,8 +209,3 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
