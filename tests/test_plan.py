@@ -242,3 +242,21 @@ def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, 
     # per-layer FSDP all-gathers, counted per layer (the scan may re-gather less than the loop)
     assert 0.6 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] <= 1.0
     assert scanned.estimate["mfu"] == pytest.approx(unrolled.estimate["mfu"], rel=0.2)
+
+
+def test_planning_workers_start_from_a_script_without_a_main_guard(tmp_path):
+    """The extrapolation's worker processes are spawned; they must not re-run the caller's script
+    (a script calling `plan` with no ``if __name__ == "__main__":`` guard made every worker plan
+    again, fail in its bootstrap and be replaced forever: the planner hung)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from jaxft.train.plan_workers import Workers\n"
+                      "print('top level ran')\n"
+                      "w = Workers(topology='any')\n"
+                      "print('result', w.submit(None, slice, 'cfg', None, {})())\n"
+                      "w.stop(True)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines() == ["top level ran", "result slice('cfg', 'any', {})"]

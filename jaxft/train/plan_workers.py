@@ -24,6 +24,27 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _pool():
+    """Three spawned worker processes that do not run the caller's main script.  A spawned child
+    normally re-imports ``__main__`` (as ``__mp_main__``): a script calling `jaxft.train.plan.plan`
+    without an ``if __name__ == "__main__":`` guard would plan again in every worker, which fails
+    in their bootstrap, and the pool would replace them forever.  The workers need nothing from
+    the main script (their work is module-level jaxft functions), so while they start the main
+    module shows no file or spec to re-import."""
+    import multiprocessing
+    import os
+    import sys
+
+    main = sys.modules["__main__"]
+    hidden = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__spec__ = None
+    try:
+        return multiprocessing.get_context("spawn").Pool(3, initializer=_die_with, initargs=(os.getpid(),))
+    finally:
+        del main.__spec__
+        main.__dict__.update(hidden)
+
+
 class Workers:
     """Where the extrapolation's small compiles run beside the scanned step's compile: worker
     processes for a TPU topology (a step the compiler refuses needs none, and a process can be
@@ -31,13 +52,8 @@ class Workers:
     exit), threads for local devices."""
 
     def __init__(self, topology: Any | None):
-        import multiprocessing
-
         self.topology = topology
-        import os
-
-        self.procs = (multiprocessing.get_context("spawn").Pool(3, initializer=_die_with, initargs=(os.getpid(),))
-                      if topology is not None else None)
+        self.procs = _pool() if topology is not None else None
         self.threads = concurrent.futures.ThreadPoolExecutor(max_workers=3) if topology is None else None
 
     def submit(self, local: Callable, remote: Callable, cfg: Config, devices: Sequence, sizes: dict[str, int]
