@@ -17,7 +17,7 @@ from flax import nnx
 from jaxft.config.schema import MeshConfig, ModelConfig
 from jaxft.eval import cache as cache_lib
 from jaxft.eval.decode import (DecodeConfig, decode_all, generate, length_sorted_batches, restore_order)
-from jaxft.eval.sampling import length_penalty, top_k_filter, top_p_filter
+from jaxft.eval.sampling import first_argmax, length_penalty, top_k_filter, top_p_filter
 from jaxft.models import build_model
 from jaxft.sharding import make_mesh, use_mesh
 
@@ -351,3 +351,14 @@ def test_sharded_decoding_matches_unsharded(name):
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.tokens, w.tokens)
         np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
+
+
+def test_first_argmax_is_argmax_with_ties_and_masked_entries():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(16, 300)).astype(np.float32)  # many tied maxima per row
+    x[3, :] = -np.inf
+    x[3, 7] = -1e30
+    x[5, :] = -np.inf  # a row with nothing left: argmax says 0
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+    nan_row = jnp.asarray(np.where(np.arange(300) == 4, np.nan, 0.0)[None].astype(np.float32))
+    assert 0 <= int(first_argmax(nan_row)[0]) < 300

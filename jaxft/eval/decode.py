@@ -52,7 +52,7 @@ from flax import nnx
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval import cache as cache_lib
 from jaxft.eval.beam import beam_search
-from jaxft.eval.sampling import (is_stop, length_penalty, no_repeat_ngram, process_log_probs,
+from jaxft.eval.sampling import (first_argmax, is_stop, length_penalty, no_repeat_ngram, process_log_probs,
                                  repetition_penalty, sample)
 from jaxft.eval.types import DecodeOutput
 from jaxft.sharding import constrain
@@ -88,7 +88,7 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
         logp_RV = no_repeat_ngram(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.no_repeat_ngram_size)
         logp_RV = process_log_probs(logp_RV, t, forced_BF=forced_BF, min_len=cfg.min_len, stops=cfg.stops)
         if greedy:
-            token_R = jnp.argmax(logp_RV, axis=-1).astype(jnp.int32)
+            token_R = first_argmax(logp_RV)
         else:
             token_R = sample(jax.random.fold_in(rng, t), logp_RV, temperature=cfg.temperature,
                              top_k=cfg.top_k, top_p=cfg.top_p)

@@ -134,9 +134,19 @@ def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits_BV < cutoff_B1, NEG_INF, logits_BV)
 
 
+def first_argmax(x_BV: jax.Array) -> jax.Array:
+    """``jnp.argmax(x_BV, axis=-1)`` as int32 (the first of tied maxima), as two plain reductions:
+    XLA:CPU runs argmax's (value, index) reduce element by element, about half the time of the
+    [32, 8192] output-head matmul in a greedy decode step; a max and a min over indices vectorise."""
+    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    iota_BV = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+    first_B = jnp.min(jnp.where(x_BV == max_B1, iota_BV, x_BV.shape[-1]), axis=-1)
+    return jnp.minimum(first_B, x_BV.shape[-1] - 1)  # a NaN row matches nothing: an id in range still
+
+
 def sample(key: jax.Array, logp_BV: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Draw one token per row from processed log-probs (temperature 0: argmax)."""
     if temperature == 0.0:
-        return jnp.argmax(logp_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(logp_BV)
     x_BV = top_p_filter(top_k_filter(logp_BV / temperature, top_k), top_p)
     return jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
