@@ -29,7 +29,7 @@ from jaxft.config.errors import FileFormatError, read_json
 from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.families.common import Tensor
-from jaxft.interop.placement import layout_fn, place, stored_sharding
+from jaxft.interop.placement import export_fn, layout_fn, place, stored_sharding
 from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
 from jaxft.models.registry import abstract_model
 from jaxft.paths import is_remote, local_copy
@@ -345,9 +345,17 @@ def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenize
         raise ValueError(f"state does not match model config: missing {sorted(covered - set(flat))[:5]}, "
                          f"unexpected {sorted(set(flat) - covered)[:5]}")
 
+    def host(t):
+        value = flat[t.ours[0]] if len(t.ours) == 1 else None
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        if t.layout is not None and isinstance(value, jax.Array):  # transposed and cast on its devices
+            value = export_fn(t, tuple(value.shape), np.dtype(value.dtype).name, np.dtype(np_dtype).name)(value)
+            return np.asarray(to_host(value), dtype=np_dtype)
+        return np.asarray(t.to_hf(*(to_host(flat[p]) for p in t.ours)), dtype=np_dtype)
+
     def hf_tensors():
         for t in tensors:
-            yield t.hf, np.asarray(t.to_hf(*(to_host(flat[p]) for p in t.ours)), dtype=np_dtype)
+            yield t.hf, host(t)
 
     if jax.process_index() != 0:
         for _ in hf_tensors():  # take part in the gathers

@@ -52,3 +52,20 @@ def layout_fn(t: Tensor, shape: tuple, dtype: str, out_dtype: str, sharding: Nam
         to_ours = t.to_ours
         _LAYOUT_FNS[key] = jax.jit(lambda w: to_ours(w)[0].astype(out_dtype), out_shardings=sharding)
     return _LAYOUT_FNS[key]
+
+
+_EXPORT_FNS: dict[tuple, Any] = {}
+
+
+def export_fn(t: Tensor, shape: tuple, dtype: str, out_dtype: str):
+    """The compiled ``to_hf`` + cast of one layout-only tensor (export's mirror of `layout_fn`):
+    the transpose and the cast to the stored dtype run on the devices holding the parameter,
+    and the host receives the finished HF array (numpy's strided transpose and bfloat16 cast
+    were most of `save_hf`'s time)."""
+    key = (t.layout, shape, dtype, out_dtype)
+    if key not in _EXPORT_FNS:
+        if len(_EXPORT_FNS) > 256:
+            _EXPORT_FNS.clear()
+        to_hf = t.to_hf
+        _EXPORT_FNS[key] = jax.jit(lambda w: to_hf(w).astype(out_dtype))
+    return _EXPORT_FNS[key]
