@@ -163,20 +163,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a .jsonl file (e.g. a run's metrics.jsonl); lines that do not parse (one
-    cut short by a kill) are skipped; a missing file is empty."""
+def read_jsonl(path: str | Path, *, strict: bool = False) -> list[dict]:
+    """The JSON objects of a .jsonl file (e.g. a run's metrics.jsonl); a missing file is empty and
+    blank lines are skipped.  A line that is not a JSON object (one cut short by a kill) is skipped,
+    or with ``strict`` a ValueError naming the file and line."""
     import json
 
-    path = Path(path)
+    path = path if hasattr(path, "read_text") else Path(path)  # a URL's epath stays one
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict):
             out.append(row)
+        elif strict:
+            raise ValueError(f"{path}:{n}: not a JSON object: {line[:80]!r}")
     return out

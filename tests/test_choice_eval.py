@@ -148,7 +148,7 @@ def test_choice_sources_in_training_eval_and_jaxft_eval(tmp_path, capsys):
     from jaxft.config.loader import load_config
     from jaxft.eval.during_training import train_and_evaluate
     from jaxft.runs.model import restore_model
-    from jaxft.train.metric_sinks import read_jsonl
+    from trainutil import read_jsonl
     from jaxft.data.tokenizer import Tokenizer
     from trainutil import write_run_config
 

@@ -11,7 +11,7 @@ from jaxft.config.loader import load_config
 from jaxft.runs.model import restore_model
 from jaxft.train.loop import train
 from jaxft.train.losses import chunked_distill_sums, distill_token_sums, summed_token_losses, token_kl
-from jaxft.train.metric_sinks import read_jsonl
+from trainutil import read_jsonl
 
 from trainutil import write_run_config
 

@@ -12,7 +12,7 @@ from jaxft.config.loader import load_config
 from jaxft.config.schema import DecodeConfig
 from jaxft.eval.translate import evaluate, load_run
 from jaxft.eval.during_training import train_and_evaluate as train
-from jaxft.train.metric_sinks import read_jsonl
+from trainutil import read_jsonl
 
 from trainutil import write_run_config
 

@@ -20,7 +20,8 @@ from jaxft.models.registry import is_encoder_decoder, model_input_keys
 from jaxft.peft.methods import method_for
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.loop import train
-from jaxft.train.metric_sinks import device_peak_flops, read_jsonl
+from jaxft.train.metric_sinks import device_peak_flops
+from trainutil import read_jsonl
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import abstract_batch, make_train_step

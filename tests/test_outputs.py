@@ -267,3 +267,5 @@ def test_read_jsonl_skips_a_line_cut_short_and_reads_a_missing_file_as_empty(tmp
     path.write_text('{"step": 1, "loss": 2.5}\n[1, 2]\n\n{"step": 2, "lo')  # a list, a blank, a kill mid-line
     assert read_jsonl(path) == [{"step": 1, "loss": 2.5}]
     assert read_jsonl(tmp_path / "absent.jsonl") == []
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object"):
+        read_jsonl(path, strict=True)

@@ -20,7 +20,8 @@ from jaxft.runs.checkpoint import UnreadableCheckpoints
 from jaxft.train.cadence import INTERRUPTED_EXIT, PREEMPTED_EXIT, Cadence
 from jaxft.train.hooks import GuardHook
 from jaxft.train.loop import train
-from jaxft.train.metric_sinks import cut_back, read_jsonl
+from jaxft.train.metric_sinks import cut_back
+from trainutil import read_jsonl
 
 from trainutil import SignalHook, write_run_config
 

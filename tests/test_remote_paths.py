@@ -296,7 +296,7 @@ def test_train_resume_and_restore_on_gcs(gcs, tmp_path):
     from jaxft.eval.translate import load_translator
     from jaxft.runs.export import export_run
     from jaxft.train.loop import train
-    from jaxft.train.metric_sinks import read_jsonl
+    from trainutil import read_jsonl
 
     cfg_path = write_run_config(tmp_path, steps=5)
     paths.copy(tmp_path / "corpus", f"{gcs}/corpus")

@@ -7,7 +7,7 @@ import pytest
 from jaxft.config.loader import load_config
 from jaxft.interop.hf import init_params_from
 from jaxft.train.loop import train
-from jaxft.train.metric_sinks import read_jsonl
+from trainutil import read_jsonl
 
 from trainutil import write_run_config
 

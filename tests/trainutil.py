@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from jaxft.demo.corpus import build_corpus
+from jaxft.outputs import read_jsonl as _read_jsonl
 
 LANGS = ("eng_Latn", "deu_Latn", "rus_Cyrl")
 
@@ -108,3 +109,8 @@ def cli_train_slowly(config_path: str, seconds: float, *extra: str, start_delay:
 
     during_training.train = slow_train
     return main(["train", config_path, *extra])
+
+
+def read_jsonl(path) -> list[dict]:
+    """A run's .jsonl file, every line a JSON object (else the test fails naming the line)."""
+    return _read_jsonl(path, strict=True)
