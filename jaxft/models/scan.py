@@ -289,6 +289,11 @@ def _abstract_layer(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
 
 
+def holds_stacks(tree: Any) -> bool:
+    """Whether any nnx.State in ``tree`` (e.g. a train state's checkpoint item) holds a stack."""
+    return any(has_stacks(s) for s in jax.tree.leaves(tree, is_leaf=_is_state) if _is_state(s))
+
+
 def per_layer_abstract(tree: Any) -> Any:
     """An abstract tree (ShapeDtypeStructs with shardings, e.g. a checkpoint's restore target) whose
     nnx.States hold stacks, with every stack as per-layer entries again: the layout of the same

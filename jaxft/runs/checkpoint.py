@@ -37,11 +37,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxft.config.schema import CheckpointConfig
-from jaxft.models.scan import has_stacks, per_layer_abstract, restack_like
+from jaxft.models.scan import holds_stacks, per_layer_abstract, restack_like
 from jaxft.paths import absolute, makedirs, move
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,6 @@ def gather_json(local: dict[str, Any]) -> dict[str, Any]:
     for size, buf in zip(np.asarray(sizes).reshape(-1), np.asarray(everything)):
         merged.update(json.loads(bytes(buf[: int(size)]).decode()))
     return merged
-
-
-def _holds_stacks(tree: Any) -> bool:
-    return any(has_stacks(s) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.State)))
 
 
 class Checkpointer:
@@ -161,7 +156,7 @@ class Checkpointer:
         try:
             return self._restore_as(step, targets)
         except Exception as e:
-            stacked = [k for k, v in targets.items() if jax.tree.leaves(v) and _holds_stacks(v)]
+            stacked = [k for k, v in targets.items() if jax.tree.leaves(v) and holds_stacks(v)]
             if not stacked:
                 raise
             first = e

@@ -38,7 +38,6 @@ _TIERS = ("high", "mid", "low")
 _SOURCE_METRICS = ("acc", "acc_norm", "em", "gen_chrf")
 
 
-
 def _tier(direction: str, tiers: dict[str, tuple[str, ...]]) -> str | None:
     langs = direction.split("-") if direction.count("-") == 1 else [direction]
     for name, members in tiers.items():
