@@ -3,6 +3,7 @@ one process x 8 devices, including a preemption checkpoint written by the two
 processes (after SIGTERM to one of them) and restored by them in a second launch."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +36,8 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
     and process 1 starting training `delay_second` seconds after process 0."""
     port = free_port()
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     sets = [a for o in overrides for a in ("--set", o)]
     procs = []
