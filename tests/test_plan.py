@@ -64,6 +64,36 @@ def test_collective_bytes_counts_loop_trips():
                                               "reduce-scatter": 16 * 4}
 
 
+def test_collective_bytes_counts_an_async_collective_fusion_once():
+    """The TPU compiler's async collective fusions repeat one all-gather (one channel_id) in the
+    start, each continuation and the done computation: one gather of the weight, not four."""
+    hlo = textwrap.dedent("""\
+        %fused_computation.1 (p0: bf16[512,14336]) -> (bf16[512,14336], bf16[4096,14336]) {
+          %all-gather.1 = bf16[4096,14336]{1,0} all-gather(bf16[512,14336]{1,0} %p0), channel_id=51, dimensions={0}
+        }
+        %async_collective_fusion.2 (p0: bf16[512,14336], p1: bf16[4096,14336]) -> bf16[2,1024,16] {
+          %all-gather.2 = bf16[4096,14336]{1,0} all-gather(bf16[512,14336]{1,0} %p0), channel_id=51, dimensions={0}
+        }
+        %async_collective_fusion.3 (p0: bf16[512,14336], p1: bf16[4096,14336]) -> bf16[2,1024,16] {
+          %all-gather.3 = bf16[4096,14336]{1,0} all-gather(bf16[512,14336]{1,0} %p0), channel_id=51, dimensions={0}
+        }
+        %fused_computation.4 (p0: bf16[512,14336]) -> bf16[4096,14336] {
+          %all-gather.4 = bf16[4096,14336]{1,0} all-gather(bf16[512,14336]{1,0} %p0), channel_id=51, dimensions={0}
+          %all-reduce.5 = f32[16]{0} all-reduce(f32[16]{0} %q), channel_id=52, to_apply=%add
+        }
+        ENTRY %main.9 (a: bf16[512,14336]) -> bf16[4096,14336] {
+          %start = (bf16[512,14336], bf16[4096,14336]) fusion(%a), kind=kCustom, calls=%fused_computation.1
+          %f2 = bf16[2,1024,16] fusion(%start), kind=kCustom, calls=%async_collective_fusion.2
+          %f3 = bf16[2,1024,16] fusion(%start), kind=kCustom, calls=%async_collective_fusion.3
+          ROOT %done = bf16[4096,14336] fusion(%start), kind=kCustom, calls=%fused_computation.4
+          %ar = f32[16]{0} all-reduce(f32[16]{0} %r), to_apply=%add
+          %ar2 = f32[16]{0} all-reduce(f32[16]{0} %r), to_apply=%add
+        }
+    """)
+    # channel-less collectives (the CPU's) count per instruction
+    assert plan_lib.collective_bytes(hlo) == {"all-gather": 4096 * 14336 * 2, "all-reduce": 3 * 16 * 4}
+
+
 def test_collective_bytes_reads_a_scan_trip_count_from_the_loop_condition():
     """The TPU compiler drops `known_trip_count`; a `lax.scan` loop's condition still says
     `counter < 32`."""
@@ -239,8 +269,9 @@ def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, 
     assert scanned.estimate["hbm_s"] == pytest.approx(unrolled.estimate["hbm_s"], rel=0.25)  # bytes accessed
     # the gradients; stacked storage has fewer leaves, so a few fewer scalar (norm) reductions
     assert scanned.collectives["all-reduce"] == pytest.approx(unrolled.collectives["all-reduce"], rel=1e-4)
-    # per-layer FSDP all-gathers, counted per layer (the scan may re-gather less than the loop)
-    assert 0.6 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] <= 1.0
+    # per-layer FSDP all-gathers, counted per layer (once they would read as a quarter); the two
+    # programs schedule their gathers differently (4.5 vs 4.2 MiB for this llama)
+    assert 0.75 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] < 1.25
     assert scanned.estimate["mfu"] == pytest.approx(unrolled.estimate["mfu"], rel=0.2)
 
 

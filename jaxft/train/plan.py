@@ -132,19 +132,38 @@ def collective_bytes(hlo: str) -> dict[str, int]:
                 visit(callee, mult * trip)
 
     visit(entry or next(iter(comps), ""), 1)
-    out: dict[str, int] = {}
+    # The TPU compiler's async collective fusions repeat one collective, same channel_id and
+    # shapes, in its start, continuation and done computations: counted per computation, one
+    # FSDP weight gather read as up to 4.  Count each (channel, kind, shapes) once; a channel_id
+    # alone is not unique (all-reduce-scatter computations in and outside a scan share one).
+    ops: dict[tuple, tuple[str, int, int]] = {}
     for name, mult in times.items():
-        for line in comps[name].splitlines():
-            m = _COLLECTIVE.search(line)
-            if not m:
-                continue
-            sizes = [math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t] for t, dims in _SHAPE.findall(m.group(1))]
-            if m.group(2) == "collective-permute":
-                sizes = sizes[:1]  # (operand, result, contexts...)
-            elif m.group(3) and m.group(2) == "all-gather" and len(sizes) % 2 == 0:
-                sizes = sizes[len(sizes) // 2:]  # all-gather-start returns (operands, results)
-            out[m.group(2)] = out.get(m.group(2), 0) + sum(sizes) * mult  # combined ops: a tuple of results
+        for i, line in enumerate(comps[name].splitlines()):
+            found = _collective(line)
+            if found:
+                kind, shapes, size = found
+                channel = re.search(r"channel_id=(\d+)", line)
+                key = (channel.group(1), kind, shapes) if channel else (name, i)
+                ops[key] = (kind, size, max(mult, ops.get(key, ("", 0, 0))[2]))
+    out: dict[str, int] = {}
+    for kind, size, mult in ops.values():
+        out[kind] = out.get(kind, 0) + size * mult
     return out
+
+
+def _collective(line: str) -> tuple[str, tuple, int] | None:
+    """(kind, the shapes moved, their bytes) of a collective HLO instruction; combined ops
+    move a tuple of results."""
+    m = _COLLECTIVE.search(line)
+    if not m:
+        return None
+    shapes = _SHAPE.findall(m.group(1))
+    if m.group(2) == "collective-permute":
+        shapes = shapes[:1]  # (operand, result, contexts...)
+    elif m.group(3) and m.group(2) == "all-gather" and len(shapes) % 2 == 0:
+        shapes = shapes[len(shapes) // 2:]  # all-gather-start returns (operands, results)
+    size = sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t] for t, dims in shapes)
+    return m.group(2), tuple(shapes), size
 
 
 def _model_flops(cfg: Config, parts) -> float:
