@@ -94,6 +94,24 @@ def test_collective_bytes_counts_an_async_collective_fusion_once():
     assert plan_lib.collective_bytes(hlo) == {"all-gather": 4096 * 14336 * 2, "all-reduce": 3 * 16 * 4}
 
 
+def test_collective_bytes_counts_a_reduce_scatter_by_the_array_each_chip_sends():
+    """A reduce-scatter moves its whole input through each chip (not the slice it keeps); the
+    TPU compiler writes one as an all-reduce + dynamic slice in an all-reduce-scatter fusion,
+    which is a reduce-scatter's bytes, not an all-reduce's (counted twice over ICI)."""
+    hlo = textwrap.dedent("""\
+        %all-reduce-scatter.10 (input_0.1: f32[2048,128]) -> f32[2048,16] {
+          %all-reduce.60 = (f32[2048,128]{0,1:T(8,128)}) all-reduce(%input_0.1), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+          ROOT %dynamic-slice.302 = f32[2048,16]{0,1} dynamic-slice(%get-tuple-element.2549, %c, %m), dynamic_slice_sizes={2048,16}
+        }
+        ENTRY %main.9 (a: f32[2048,128]) -> f32[2048,16] {
+          %fusion.291 = f32[2048,16]{0,1} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.10
+          %rs = f32[16]{0} reduce-scatter(f32[128]{0} %z), channel_id=3, replica_groups=[2,8]<=[16], dimensions={0}
+          %ar = f32[64]{0} all-reduce(f32[64]{0} %z), channel_id=4, replica_groups={{0,1},{2,3}}, to_apply=%add
+        }
+    """)
+    assert plan_lib.collective_bytes(hlo) == {"reduce-scatter": 2048 * 128 * 4 + 16 * 8 * 4, "all-reduce": 64 * 4}
+
+
 def test_collective_bytes_reads_a_scan_trip_count_from_the_loop_condition():
     """The TPU compiler drops `known_trip_count`; a `lax.scan` loop's condition still says
     `counter < 32`."""
@@ -267,8 +285,9 @@ def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, 
     assert scanned.flops["compiled"] == pytest.approx(unrolled.flops["compiled"], rel=1e-3)
     assert scanned.flops["compiled"] >= scanned.flops["model"]  # not one layer's worth
     assert scanned.estimate["hbm_s"] == pytest.approx(unrolled.estimate["hbm_s"], rel=0.25)  # bytes accessed
-    # the gradients; stacked storage has fewer leaves, so a few fewer scalar (norm) reductions
-    assert scanned.collectives["all-reduce"] == pytest.approx(unrolled.collectives["all-reduce"], rel=1e-4)
+    # the gradients' reduce-scatters (the TPU's all-reduce-scatter fusions), the same bytes
+    assert scanned.collectives["reduce-scatter"] == pytest.approx(unrolled.collectives["reduce-scatter"], rel=1e-4)
+    assert unrolled.collectives["reduce-scatter"] > 10 * unrolled.collectives.get("all-reduce", 0)
     # per-layer FSDP all-gathers, counted per layer (once they would read as a quarter); the two
     # programs schedule their gathers differently (4.5 vs 4.2 MiB for this llama)
     assert 0.75 < scanned.collectives["all-gather"] / unrolled.collectives["all-gather"] < 1.25

@@ -16,7 +16,8 @@ remat, microbatches, mesh, loss chunking, distillation teacher.  The numbers:
   compiled FLOPs and bytes are extrapolated from small unrolled compiles
   (`scan_corrected_cost`): the cost analysis counts a loop body once.
 * **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all /
-  collective-permute in the optimized HLO, multiplied by the trip count of enclosing loops.
+  collective-permute in the optimized HLO (each once, the array a chip sends or receives),
+  multiplied by the trip count of enclosing loops.
 * **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16
   peak), HBM traffic (bytes accessed / HBM bandwidth) and communication (collective bytes,
   all-reduce counted twice, over ICI; across slices the gradient reduction over DCN), with
@@ -109,9 +110,12 @@ def _trip_count(line: str, comps: dict[str, str]) -> int:
 
 
 def collective_bytes(hlo: str) -> dict[str, int]:
-    """Result bytes of each collective kind in an optimized HLO module, loops unrolled by
+    """Bytes each chip moves per collective kind in an optimized HLO module, loops unrolled by
     their trip counts (a collective in a microbatch loop runs once per microbatch, one in a
-    scan over layers once per layer)."""
+    scan over layers once per layer): the gathered result of an all-gather, the reduced array
+    of an all-reduce or a reduce-scatter (its input: what a chip sends, not the slice it keeps).
+    The TPU compiler writes a reduce-scatter as an all-reduce plus a dynamic slice inside an
+    ``all-reduce-scatter`` fusion computation; that counts as the reduce-scatter it runs."""
     blocks = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ )", "\n" + hlo)
     comps: dict[str, str] = {}
     entry = None
@@ -142,6 +146,10 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             found = _collective(line)
             if found:
                 kind, shapes, size = found
+                if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                    kind = "reduce-scatter"
+                elif kind == "reduce-scatter":
+                    size *= _group_size(line)
                 channel = re.search(r"channel_id=(\d+)", line)
                 key = (channel.group(1), kind, shapes) if channel else (name, i)
                 ops[key] = (kind, size, max(mult, ops.get(key, ("", 0, 0))[2]))
@@ -149,6 +157,15 @@ def collective_bytes(hlo: str) -> dict[str, int]:
     for kind, size, mult in ops.values():
         out[kind] = out.get(kind, 0) + size * mult
     return out
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group of a collective (``{{0,1},{2,3}}`` or iota ``[G,S]<=[N]``)."""
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if listed:
+        return len(listed.group(1).split(","))
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    return int(iota.group(1)) if iota else 1
 
 
 def _collective(line: str) -> tuple[str, tuple, int] | None:
