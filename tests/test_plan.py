@@ -107,9 +107,11 @@ def test_collective_bytes_counts_a_reduce_scatter_by_the_array_each_chip_sends()
           %fusion.291 = f32[2048,16]{0,1} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.10
           %rs = f32[16]{0} reduce-scatter(f32[128]{0} %z), channel_id=3, replica_groups=[2,8]<=[16], dimensions={0}
           %ar = f32[64]{0} all-reduce(f32[64]{0} %z), channel_id=4, replica_groups={{0,1},{2,3}}, to_apply=%add
+          %rs2 = bf16[8]{0} reduce-scatter(%z), channel_id=5, replica_groups=mesh['axis_0'=8,'axis_1'=4] {'axis_0','axis_1'}, dimensions={0}
         }
     """)
-    assert plan_lib.collective_bytes(hlo) == {"reduce-scatter": 2048 * 128 * 4 + 16 * 8 * 4, "all-reduce": 64 * 4}
+    assert plan_lib.collective_bytes(hlo) == {"reduce-scatter": 2048 * 128 * 4 + 16 * 8 * 4 + 8 * 32 * 2,
+                                              "all-reduce": 64 * 4}
 
 
 def test_collective_bytes_reads_a_scan_trip_count_from_the_loop_condition():

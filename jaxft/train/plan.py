@@ -110,12 +110,10 @@ def _trip_count(line: str, comps: dict[str, str]) -> int:
 
 
 def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes each chip moves per collective kind in an optimized HLO module, loops unrolled by
-    their trip counts (a collective in a microbatch loop runs once per microbatch, one in a
-    scan over layers once per layer): the gathered result of an all-gather, the reduced array
-    of an all-reduce or a reduce-scatter (its input: what a chip sends, not the slice it keeps).
-    The TPU compiler writes a reduce-scatter as an all-reduce plus a dynamic slice inside an
-    ``all-reduce-scatter`` fusion computation; that counts as the reduce-scatter it runs."""
+    """Bytes each chip moves per collective kind in an optimized HLO module, times the trip
+    counts of enclosing loops (microbatches, a scan over layers): an all-gather's result, the
+    array an all-reduce or reduce-scatter reduces (not the slice a chip keeps). A TPU
+    ``all-reduce-scatter`` fusion (all-reduce + dynamic slice) counts as its reduce-scatter."""
     blocks = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ )", "\n" + hlo)
     comps: dict[str, str] = {}
     entry = None
@@ -136,9 +134,8 @@ def collective_bytes(hlo: str) -> dict[str, int]:
                 visit(callee, mult * trip)
 
     visit(entry or next(iter(comps), ""), 1)
-    # The TPU compiler's async collective fusions repeat one collective, same channel_id and
-    # shapes, in its start, continuation and done computations: counted per computation, one
-    # FSDP weight gather read as up to 4.  Count each (channel, kind, shapes) once; a channel_id
+    # TPU async collective fusions repeat one collective (same channel and shapes) in their start,
+    # continuation and done computations: count each (channel, kind, shapes) once; channel_id
     # alone is not unique (all-reduce-scatter computations in and outside a scan share one).
     ops: dict[tuple, tuple[str, int, int]] = {}
     for name, mult in times.items():
@@ -160,10 +157,14 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 
 
 def _group_size(line: str) -> int:
-    """Devices per replica group of a collective (``{{0,1},{2,3}}`` or iota ``[G,S]<=[N]``)."""
+    """Devices per replica group: ``{{0,1},{2,3}}``, ``[G,S]<=[N]``, ``mesh['a'=8,'b'=4] {'a'}``."""
     listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
     if listed:
         return len(listed.group(1).split(","))
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if mesh:
+        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'(\w+)'", mesh.group(2)))
     iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
     return int(iota.group(1)) if iota else 1
 
