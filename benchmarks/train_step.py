@@ -61,12 +61,7 @@ def measure_torch_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> f
     torch.set_num_threads(threads)
     x = torch.ones((n, n), dtype=torch.float32)
     x @ x
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x @ x
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+    return 2 * n**3 / min(time_steps(lambda: x @ x, repeats))
 
 
 def batch_arrays(args, vocab: int) -> dict[str, np.ndarray]:
