@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from jaxft.config.errors import FileFormatError
-from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
+from jaxft.interop.safetensors_io import CheckpointReader, write_file, write_sharded
 
 
 def tensors() -> dict[str, np.ndarray]:
@@ -59,15 +59,42 @@ def write_raw(path, entries: dict[str, np.ndarray], dtypes: dict[str, str]) -> N
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
-def test_float8_tensors_are_viewed_as_ml_dtypes(tmp_path):
+@pytest.mark.parametrize("writer", ["by hand", "write_file"])
+def test_float8_tensors_are_viewed_as_ml_dtypes(tmp_path, writer):
     rng = np.random.default_rng(1)
     want = {"x": rng.normal(size=(3, 5)).astype(ml_dtypes.float8_e4m3fn),
             "y": rng.normal(size=(7,)).astype(ml_dtypes.float8_e5m2)}
-    write_raw(tmp_path / "model.safetensors", want, {"x": "F8_E4M3", "y": "F8_E5M2"})
+    if writer == "by hand":
+        write_raw(tmp_path / "model.safetensors", want, {"x": "F8_E4M3", "y": "F8_E5M2"})
+    else:
+        write_file(tmp_path / "model.safetensors", want)
     reader = CheckpointReader(tmp_path)
     for name, ref in want.items():
         got = reader.get(name)
         assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
+
+
+def test_written_files_are_laid_out_as_safetensors_lays_them_out(tmp_path):
+    """The streaming writer's file holds what ``safetensors.numpy.save_file`` writes for the same
+    tensors: the same header entries (dtypes, shapes, offsets) and the same data bytes, 8-byte aligned."""
+    from safetensors.numpy import save_file
+
+    want = tensors()
+    write_file(tmp_path / "ours.safetensors", want, metadata={"format": "pt"})
+    save_file(want, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+
+    def parse(path):
+        raw = path.read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+    (n_ours, ours, data_ours), (_, theirs, data_theirs) = (parse(tmp_path / f) for f in ("ours.safetensors", "theirs.safetensors"))
+    assert ours == theirs and data_ours == data_theirs and n_ours % 8 == 0
+
+
+def test_a_dtype_safetensors_cannot_store_is_refused_with_the_tensor_name(tmp_path):
+    with pytest.raises(ValueError, match="'z'.*complex64"):
+        write_file(tmp_path / "x.safetensors", {"z": np.zeros(2, np.complex64)})
 
 
 def test_mapped_arrays_are_read_only_and_outlive_a_replaced_file(tmp_path):
@@ -103,3 +130,47 @@ def test_a_missing_tensor_of_an_index_names_the_file(tmp_path):
     with pytest.raises(FileFormatError, match="has no tensor 'ghost'"):
         CheckpointReader(tmp_path).get("ghost")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
+
+
+def specs_of(arrays: dict[str, np.ndarray]) -> list[tuple]:
+    return [(k, tuple(v.shape), v.dtype) for k, v in arrays.items()]
+
+
+@pytest.mark.parametrize("shard_size", ["1GB", 2000], ids=["single", "sharded"])
+def test_streamed_checkpoint_equals_the_buffered_one(tmp_path, shard_size):
+    """Headers first, tensors produced one at a time, in `stream_order`: the same files, byte for
+    byte, as writing the arrays at hand."""
+    from jaxft.interop.safetensors_io import stream_order, write_sharded_stream
+
+    want = tensors()
+    calls = []
+
+    def produce(name):
+        calls.append(name)
+        return want[name]
+
+    names = write_sharded_stream(specs_of(want), produce, tmp_path / "stream", shard_size)
+    assert names == write_sharded(want.items(), tmp_path / "buffered", shard_size)
+    assert calls == stream_order(specs_of(want), shard_size) and sorted(calls) == sorted(want)
+    for f in sorted((tmp_path / "buffered").iterdir()):
+        assert (tmp_path / "stream" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("failure", ["wrong shape", "raises"])
+def test_a_failed_stream_keeps_the_previous_checkpoint(tmp_path, failure):
+    from jaxft.interop.safetensors_io import write_sharded_stream
+
+    old = tensors()
+    write_sharded(old.items(), tmp_path, max_shard_size=2000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def produce(name):
+        if name == "j.big":
+            if failure == "raises":
+                raise RuntimeError("device gone")
+            return np.zeros((2, 2), np.float32)
+        return old[name]
+
+    with pytest.raises((ValueError, RuntimeError), match="j.big.*planned float32\\[300, 257\\]|device gone"):
+        write_sharded_stream(specs_of(old), produce, tmp_path, max_shard_size=2000)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either

@@ -30,7 +30,7 @@ from jaxft.config.schema import ModelConfig
 from jaxft.interop.families import Family, family_for_hf, family_for_model
 from jaxft.interop.families.common import Tensor
 from jaxft.interop.placement import export_fn, layout_fn, place, stored_sharding
-from jaxft.interop.safetensors_io import CheckpointReader, write_sharded
+from jaxft.interop.safetensors_io import CheckpointReader, stream_order, write_sharded_stream
 from jaxft.models.registry import abstract_model
 from jaxft.paths import is_remote, local_copy
 from jaxft.sharding import fit_spec, to_host, use_mesh
@@ -317,6 +317,15 @@ def init_params_from(spec: str, cfg: ModelConfig, mesh: Mesh | None) -> nnx.Stat
 # --------------------------------------------------------------------------- export
 
 
+def _export_shape(t: Tensor, flat: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of ``t``'s HF tensor for our parameters' shapes, without computing it."""
+    shapes = [tuple(flat[p].shape) for p in t.ours]
+    try:
+        return tuple(jax.eval_shape(t.to_hf, *(jax.ShapeDtypeStruct(s, np.float32) for s in shapes)).shape)
+    except Exception:  # noqa: BLE001 - a numpy-only mapping: zero-stride arrays cost no memory
+        return tuple(np.shape(t.to_hf(*(np.broadcast_to(np.zeros((), np.float32), s) for s in shapes))))
+
+
 def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
             max_shard_size: int | str = "2GB", dtype: Any = None, model_type: str | None = None,
             extra_config: dict | None = None) -> Path:
@@ -345,23 +354,36 @@ def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | Path, *, tokenize
         raise ValueError(f"state does not match model config: missing {sorted(covered - set(flat))[:5]}, "
                          f"unexpected {sorted(set(flat) - covered)[:5]}")
 
-    def host(t):
+    def on_device(t):  # a layout-only tensor's transpose and cast, dispatched on its devices (async)
         value = flat[t.ours[0]] if len(t.ours) == 1 else None
         value = value.get_value() if isinstance(value, nnx.Variable) else value
-        if t.layout is not None and isinstance(value, jax.Array):  # transposed and cast on its devices
-            value = export_fn(t, tuple(value.shape), np.dtype(value.dtype).name, np.dtype(np_dtype).name)(value)
+        if t.layout is not None and isinstance(value, jax.Array):
+            return export_fn(t, tuple(value.shape), np.dtype(value.dtype).name, np.dtype(np_dtype).name)(value)
+        return None
+
+    # shapes first: the files' headers are written before their tensors are gathered one at a time
+    by_name = {t.hf: t for t in tensors}
+    specs = [(t.hf, _export_shape(t, flat), np.dtype(np_dtype)) for t in tensors]
+    order = stream_order(specs, max_shard_size)
+    after = dict(zip(order, order[1:]))
+    started: dict[str, Any] = {}
+
+    def host(name):
+        """The finished HF array; the next tensor's device work starts first, so that it runs while
+        this one is gathered and written.  Every process calls this in `order` (the gathers)."""
+        if (following := after.get(name)) is not None:
+            started[following] = on_device(by_name[following])
+        t = by_name[name]
+        value = started.pop(name) if name in started else on_device(t)
+        if value is not None:
             return np.asarray(to_host(value), dtype=np_dtype)
         return np.asarray(t.to_hf(*(to_host(flat[p]) for p in t.ours)), dtype=np_dtype)
 
-    def hf_tensors():
-        for t in tensors:
-            yield t.hf, host(t)
-
     if jax.process_index() != 0:
-        for _ in hf_tensors():  # take part in the gathers
-            pass
+        for name in order:  # take part in the gathers, in the writer's order
+            host(name)
         return out_dir
-    write_sharded(hf_tensors(), out_dir, max_shard_size)
+    write_sharded_stream(specs, host, out_dir, max_shard_size)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer_path is not None:
         copy_tokenizer(tokenizer_path, out_dir, model_type=family.model_type, max_length=cfg.max_seq_len)

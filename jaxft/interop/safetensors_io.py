@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -182,12 +182,107 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+# the order of safetensors' Dtype enum (its files lay tensors out by it, descending, then by name)
+_RANK = {code: i for i, code in enumerate(["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+                                           "I32", "U32", "F32", "F64", "I64", "U64"])}
+
+
+Spec = tuple  # (name, shape, numpy dtype) of a tensor to write
+
+
+def write_file(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file (`write_stream` of arrays at hand)."""
+    write_stream(path, [(k, tuple(np.shape(v)), np.asarray(v).dtype) for k, v in tensors.items()],
+                 tensors.__getitem__, metadata)
+
+
+def write_stream(path: str | Path, specs: Sequence[Spec], produce: Callable[[str], np.ndarray],
+                 metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file whose header is written from ``specs`` first, then each tensor's bytes
+    as ``produce(name)`` returns it: the host holds one tensor at a time (the library's
+    ``save_file`` serialises a whole file into one bytes object first).  The layout is the
+    library's: a header padded to 8 bytes, then the tensors by dtype (widest first, its enum
+    order) and name, so every tensor is aligned.  A produced array whose shape or dtype is not
+    the planned one is an error naming the file and tensor; a failed write leaves no file."""
+    path = Path(path)
+    for name, _, dtype in specs:
+        if np.dtype(dtype) not in _CODES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {np.dtype(dtype)}, which safetensors cannot store")
+    order = sorted(specs, key=lambda spec: (-_RANK[_CODES[np.dtype(spec[2])]], spec[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape, dtype in order:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape, dtype in order:
+                arr = np.asarray(produce(name))
+                if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                    raise ValueError(f"{path}: tensor {name!r} came out {arr.dtype}{list(arr.shape)}, "
+                                     f"planned {np.dtype(dtype)}{list(shape)}")
+                if arr.size:
+                    f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+                del arr
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def shard_plan(specs: Sequence[Spec], max_shard_size: int | str = "2GB") -> list[list[Spec]]:
+    """``specs`` cut into shards in order, as transformers does: a new shard starts when the
+    current one would exceed ``max_shard_size`` (a tensor larger than that gets its own)."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[Spec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * np.dtype(spec[2]).itemsize
+        if not shards or (shards[-1] and size + nbytes > limit):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def stream_order(specs: Sequence[Spec], max_shard_size: int | str = "2GB") -> list[str]:
+    """The order in which `write_sharded_stream` calls ``produce`` (processes that only take part
+    in gathering the tensors must follow it)."""
+    return [spec[0] for shard in shard_plan(specs, max_shard_size)
+            for spec in sorted(shard, key=lambda spec: (-_RANK[_CODES[np.dtype(spec[2])]], spec[0]))]
+
+
+def write_sharded_stream(specs: Sequence[Spec], produce: Callable[[str], np.ndarray], out_dir: str | Path,
+                         max_shard_size: int | str = "2GB") -> list[str]:
+    """An HF checkpoint folder (one file, or shards plus the index) of tensors known by ``specs``
+    up front and produced one at a time (`write_stream`).  The folder's previous checkpoint files
+    are replaced only once every new shard is complete.  Returns the written file names."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = shard_plan(specs, max_shard_size)
+    tmp = [out_dir / f".shard-{i:05d}.tmp" for i in range(len(shards))]
+    try:
+        for path, shard in zip(tmp, shards):
+            write_stream(path, shard, produce, metadata={"format": "pt"})
+    except BaseException:
+        for path in tmp:
+            path.unlink(missing_ok=True)
+        raise
+    return _publish(out_dir, [[spec[0] for spec in shard] for shard in shards],
+                    sum(math.prod(spec[1]) * np.dtype(spec[2]).itemsize for spec in specs))
+
+
 def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path,
                   max_shard_size: int | str = "2GB") -> list[str]:
-    """Write ``(name, array)`` pairs as they come; a new shard starts when the current one
-    would exceed ``max_shard_size``.  Returns the written file names."""
-    from safetensors.numpy import save_file
-
+    """Write ``(name, array)`` pairs as they come, holding one shard's arrays at a time; a new
+    shard starts when the current one would exceed ``max_shard_size``.  Returns the written
+    file names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
@@ -198,20 +293,29 @@ def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | Path
     def flush() -> None:
         nonlocal buf, size
         if buf:
-            save_file(buf, str(out_dir / f".shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            write_file(out_dir / f".shard-{len(shards):05d}.tmp", buf, metadata={"format": "pt"})
             shards.append(list(buf))
         buf, size = {}, 0
 
-    for name, arr in tensors:
-        arr = np.asarray(arr)
-        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape [1])
-            arr = np.ascontiguousarray(arr)
-        if buf and size + arr.nbytes > limit:
-            flush()
-        buf[name] = arr
-        size += arr.nbytes
-        total += arr.nbytes
-    flush()
+    try:
+        for name, arr in tensors:
+            arr = np.asarray(arr)
+            if buf and size + arr.nbytes > limit:
+                flush()
+            buf[name] = arr
+            size += arr.nbytes
+            total += arr.nbytes
+        flush()
+    except BaseException:
+        for path in out_dir.glob(".shard-*.tmp"):
+            path.unlink(missing_ok=True)
+        raise
+    return _publish(out_dir, shards, total)
+
+
+def _publish(out_dir: Path, shards: list[list[str]], total: int) -> list[str]:
+    """The written ``.shard-*.tmp`` files renamed into place (the old checkpoint's files removed
+    first), plus the index for more than one shard."""
     for stale in [SINGLE, INDEX, *(p.name for p in out_dir.glob("model-*-of-*.safetensors"))]:
         if (out_dir / stale).exists():
             os.remove(out_dir / stale)
