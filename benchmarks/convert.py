@@ -12,9 +12,13 @@ safetensors in 2GB shards, HF names and config from a meta-device
   (``--xla_force_host_platform_device_count`` = CPU cores, fsdp over them);
 - ``transformers_load``: ``AutoModelForSeq2SeqLM.from_pretrained(dtype=float32)``;
 - ``jaxft_save``: ``save_hf`` (bfloat16, 2GB shards) of the loaded state;
-  seconds are the export alone, peak RSS includes the load before it.
+  seconds are the export alone, peak RSS includes the load before it;
+- ``transformers_save``: its peer, ``model.to(bfloat16).save_pretrained(max_shard_size="2GB")``
+  after ``from_pretrained``, timed and measured the same way.
 
-Each of the four runs ``--repeats`` times (rounds in rotated order, after ``os.sync()``: the
+Loads are compared with ``transformers_load``, saves with ``transformers_save``.
+
+Each of the five runs ``--repeats`` times (rounds in rotated order, after ``os.sync()``: the
 freshly written checkpoint's writeback made whichever ran first slower); medians are reported.
 Prints one JSON line and a Markdown row per measurement plus the
 jaxft/transformers ratios.  Needs torch + transformers (benchmark extras).
@@ -95,12 +99,16 @@ def _numel(shape) -> int:
 
 def child(kind: str, src: str, out: str) -> None:
     t0 = time.perf_counter()
-    if kind == "transformers_load":
+    if kind in ("transformers_load", "transformers_save"):
         import torch
         import transformers
         model = transformers.AutoModelForSeq2SeqLM.from_pretrained(src, dtype=torch.float32)
         n = sum(p.numel() for p in model.parameters())
         seconds = time.perf_counter() - t0
+        if kind == "transformers_save":  # the export's peer: cast to the stored dtype, then write
+            t1 = time.perf_counter()
+            model.to(torch.bfloat16).save_pretrained(out, max_shard_size="2GB", safe_serialization=True)
+            seconds = time.perf_counter() - t1
     else:
         import jax
         from jaxft.interop import load_hf, save_hf
@@ -140,7 +148,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=MODEL["vocab_size"], help="smaller for a smoke test")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of the four measurements; medians reported")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the five measurements; medians reported")
     ap.add_argument("--child", default=None)
     ap.add_argument("--src", default=None)
     ap.add_argument("--out", default=None)
@@ -156,9 +164,10 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f}s to {work / 'hf'}", file=sys.stderr)
         os.sync()  # the checkpoint's dirty pages are flushed before anything is timed
         runs: dict[str, list[dict]] = {}
-        kinds = ["jaxft_load", "jaxft_load_mesh", "transformers_load", "jaxft_save"]
+        kinds = ["jaxft_load", "jaxft_load_mesh", "transformers_load", "jaxft_save", "transformers_save"]
         for r in range(args.repeats):  # rounds in rotated order: no kind always runs first
             for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                os.sync()  # no child pays for the previous one's writeback (saves took 2-3x longer)
                 runs.setdefault(kind, []).append(run_child(kind, work / "hf", work / "out"))
                 shutil.rmtree(work / "out", ignore_errors=True)
                 print(f"# {runs[kind][-1]}", file=sys.stderr)
@@ -168,13 +177,15 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    base = results["transformers_load"]
+    def peer(kind: str) -> dict:  # loads against transformers' load, saves against its save
+        return results["transformers_save" if kind.endswith("_save") else "transformers_load"]
+
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.python_version()}",
         "params": n, "results": results,
-        "ratio_seconds": {k: round(v["seconds"] / base["seconds"], 2) for k, v in results.items()},
-        "ratio_peak_rss": {k: round(v["peak_rss_mib"] / base["peak_rss_mib"], 2) for k, v in results.items()},
+        "ratio_seconds": {k: round(v["seconds"] / peer(k)["seconds"], 2) for k, v in results.items()},
+        "ratio_peak_rss": {k: round(v["peak_rss_mib"] / peer(k)["peak_rss_mib"], 2) for k, v in results.items()},
     }
     print(json.dumps(record))
     print("| date | machine | measurement | seconds | peak RSS MiB | vs transformers (s / RSS) |")
