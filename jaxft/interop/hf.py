@@ -259,8 +259,8 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
                 t = dataclasses.replace(t, hf=t.fallback)
         name = _hf_name(t.hf, reader, family)
         used.add(name)
-        if t.layout is not None and len(t.ours) == 1 and jax.process_count() == 1:
-            path = t.ours[0]
+        path = t.ours[0]
+        if t.layout is not None and len(t.ours) == 1 and (jax.process_count() == 1 or path in shardings):
             values[path] = _read_on_device(t, name, reader, abstract[path], shardings.get(path))
             continue
         parts = _read_tensor(t, name, reader, abstract)
