@@ -7,6 +7,12 @@ matmul peak is reported beside it: on some CPUs its BLAS is faster than XLA's ke
 
     python benchmarks/train_step.py --preset 32m          # or 5m, 100m, mt5-90m
     python benchmarks/train_step.py [--family llama|mt5 --d-model 512 --layers 8 --batch 8 --seq 256]
+    python benchmarks/train_step.py --preset 1b --dtype bfloat16   # on a GPU: torch on cuda, SDPA
+
+``--dtype bfloat16`` is mixed precision on both sides (float32 parameters and AdamW state, bf16
+compute: jaxft's ``model.dtype``, torch's ``autocast``), with the peak a bf16 matmul.  On an
+accelerator the peak matmul is 8192^2 and torch runs on ``--device cuda`` (the default when
+torch sees one).
 
 The mT5 model is built by transformers from an ``MT5Config`` and converted to a jaxft
 ``ModelConfig`` by `jaxft.interop.hf`, so both sides have the same shapes; its batch has
@@ -29,8 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    x = jnp.ones((n, n), jnp.float32)
+def peak_size() -> int:
+    return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+def measure_peak_flops(n: int = 0, repeats: int = 5, dtype: str = "float32") -> float:
+    n = n or peak_size()
+    x = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a).lower(x).compile()
     f(x).block_until_ready()
     times = []
@@ -46,12 +57,15 @@ PRESETS = {
     "5m": dict(family="llama", d_model=256, layers=4, heads=4, kv_heads=2, mlp=704, vocab=4096, seq=128),
     "32m": dict(family="llama", d_model=512, layers=8, heads=8, kv_heads=4, mlp=1408, vocab=8192, seq=256),
     "100m": dict(family="llama", d_model=768, layers=12, heads=12, kv_heads=4, mlp=2048, vocab=16384, seq=256),
+    # the GPU check of the performance issue: a 1B decoder-only model in bf16 (TinyLlama's shape)
+    "1b": dict(family="llama", d_model=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocab=32000, seq=2048),
     "mt5-90m": dict(family="mt5", d_model=512, layers=8, heads=8, kv_heads=8, mlp=1344, vocab=32128, seq=256),
 }
 
 
-def measure_torch_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """The same f32 matmul by torch (its CPU BLAS): the device's peak is the faster of the two."""
+def measure_torch_peak_flops(threads: int, n: int = 0, repeats: int = 5, dtype: str = "float32",
+                             device: str = "cpu") -> float:
+    """The same matmul by torch (its CPU BLAS, or cuBLAS): the device's peak is the faster of the two."""
     import torch
 
     # XLA:CPU flushes denormals to zero; torch does not by default, and HF's mT5 initialisation
@@ -59,9 +73,16 @@ def measure_torch_peak_flops(threads: int, n: int = 2048, repeats: int = 5) -> f
     # torch's first parallel op: its worker threads copy the flag when they start.
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
-    x = torch.ones((n, n), dtype=torch.float32)
-    x @ x
-    return 2 * n**3 / min(time_steps(lambda: x @ x, repeats))
+    n = n or peak_size()
+    x = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
+
+    def product():
+        x @ x
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    product()
+    return 2 * n**3 / min(time_steps(product, repeats))
 
 
 def batch_arrays(args, vocab: int) -> dict[str, np.ndarray]:
@@ -139,22 +160,29 @@ def mt5_hf_config(args):
 
 
 def bench_torch(args, model_cfg, batch) -> tuple[list[float], float]:
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = hf_model(args, model_cfg).train()
+    device = args.device
+    model = hf_model(args, model_cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    inputs = torch.from_numpy(batch["inputs"]).long()
-    labels = torch.from_numpy(batch["targets"]).long()
+    inputs = torch.from_numpy(batch["inputs"]).long().to(device)
+    labels = torch.from_numpy(batch["targets"]).long().to(device)
     kw = {"input_ids": inputs}
     if args.family == "mt5":
-        kw = {"input_ids": torch.from_numpy(batch["enc_inputs"]).long(), "decoder_input_ids": inputs}
+        kw = {"input_ids": torch.from_numpy(batch["enc_inputs"]).long().to(device), "decoder_input_ids": inputs}
     holder = {}
+    # mixed precision as HF's Trainer does it: float32 weights and optimizer, bf16 compute
+    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(**kw).logits
+        with autocast:
+            logits = model(**kw).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         opt.step()
@@ -173,9 +201,9 @@ def model_config(args):
         from jaxft.interop.hf import hf_config_to_model_config
 
         cfg = hf_config_to_model_config(mt5_hf_config(args).to_dict())
-        return dataclasses.replace(cfg, dtype="float32", dropout=0.0, max_seq_len=max(cfg.max_seq_len, args.seq))
+        return dataclasses.replace(cfg, dtype=args.dtype, dropout=0.0, max_seq_len=max(cfg.max_seq_len, args.seq))
     return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=args.kv_heads, mlp_dim=args.mlp, dtype="float32", max_seq_len=args.seq,
+                       n_kv_heads=args.kv_heads, mlp_dim=args.mlp, dtype=args.dtype, max_seq_len=args.seq,
                        norm_eps=1e-6)
 
 
@@ -193,7 +221,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both sides (parameters and optimizer stay float32)")
+    p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
     args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     for key, value in PRESETS[args.preset or "32m"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -208,14 +243,15 @@ def main() -> None:
     batch = batch_arrays(args, args.vocab)
     tokens = args.batch * args.seq
     flops_step = train_flops_per_example(cfg, args.seq) * args.batch
-    peak = measure_peak_flops()
-    torch_peak = measure_torch_peak_flops(args.threads)
+    peak = measure_peak_flops(dtype=args.dtype)
+    torch_peak = measure_torch_peak_flops(args.threads, dtype=args.dtype, device=args.device)
     jx, jx_loss = bench_jaxft(args, cfg, batch)
     pt, pt_loss = bench_torch(args, cfg, batch)
     j_med, p_med = statistics.median(jx), statistics.median(pt)
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {jax.devices()[0].device_kind}",
-        "devices": jax.device_count(), "family": args.family, "params": param_count(cfg), "batch": args.batch,
+        "devices": jax.device_count(), "dtype": args.dtype, "torch_device": args.device,
+        "family": args.family, "params": param_count(cfg), "batch": args.batch,
         "seq": args.seq, "jaxft_step_s": j_med, "torch_step_s": p_med,
         "jaxft_tokens_per_s": tokens / j_med, "torch_tokens_per_s": tokens / p_med,
         "speedup_vs_torch": p_med / j_med, "measured_peak_tflops": peak / 1e12,
@@ -227,7 +263,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     print(f"| {result['date']} | {result['machine']} | {result['params'] / 1e6:.1f}M {args.family}, "
-          f"b{args.batch}x{args.seq} fp32 AdamW | {result['jaxft_tokens_per_s']:.0f} | "
+          f"b{args.batch}x{args.seq} {args.dtype} AdamW ({jax.default_backend()} / torch {args.device}) | {result['jaxft_tokens_per_s']:.0f} | "
           f"{result['torch_tokens_per_s']:.0f} | {result['speedup_vs_torch']:.2f}x | "
           f"{result['jaxft_mfu']:.1%} / {result['torch_mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s "
           f"(torch's matmul: {torch_peak / 1e9:.0f}) |")
