@@ -72,6 +72,7 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     hf, model, model_cfg = build_pair(kind, args, tmp)
+    hf = hf.to(args.device)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
     rows = []
@@ -84,10 +85,13 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
             jax.block_until_ready(generate(model, config=cfg, **{key: ids}).tokens)
 
         def run_hf():
+            ids_t = torch.from_numpy(ids).long().to(args.device)
             with torch.no_grad():
-                hf.generate(torch.from_numpy(ids).long(), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                hf.generate(ids_t, attention_mask=torch.ones_like(ids_t),
                             max_new_tokens=args.new, min_new_tokens=args.new, num_beams=beams, do_sample=False,
                             length_penalty=0.0, early_stopping=True, pad_token_id=0, eos_token_id=1)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
 
         t_jax, t_hf = timed(run_jax, args.repeats), timed(run_hf, args.repeats)
         tokens = args.batch * args.new
@@ -107,14 +111,20 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
     args = p.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("llama", "mt5"):
             rows += bench(kind, args, tmp)
     date, machine = time.strftime("%Y-%m-%d"), f"{platform.machine()} {jax.devices()[0].device_kind}"
     for r in rows:
-        print(json.dumps({"date": date, "machine": machine, "batch": args.batch, "prompt": args.prompt,
+        print(json.dumps({"date": date, "machine": machine, "torch_device": args.device, "batch": args.batch,
+                          "prompt": args.prompt,
                           "new": args.new, "d_model": args.d_model, "layers": args.layers, **r}))
     for r in rows:
         print(f"| {date} | {machine} | {r['model']} d{args.d_model} L{args.layers} b{args.batch} "
