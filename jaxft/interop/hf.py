@@ -259,9 +259,8 @@ def load_hf_params(directory: str | Path, cfg: ModelConfig, *, mesh: Mesh | None
                 t = dataclasses.replace(t, hf=t.fallback)
         name = _hf_name(t.hf, reader, family)
         used.add(name)
-        path = t.ours[0]
-        if t.layout is not None and len(t.ours) == 1 and (jax.process_count() == 1 or path in shardings):
-            values[path] = _read_on_device(t, name, reader, abstract[path], shardings.get(path))
+        if t.layout is not None and len(t.ours) == 1 and (jax.process_count() == 1 or t.ours[0] in shardings):
+            values[t.ours[0]] = _read_on_device(t, name, reader, abstract[t.ours[0]], shardings.get(t.ours[0]))
             continue
         parts = _read_tensor(t, name, reader, abstract)
         for path, part in zip(t.ours, parts):
