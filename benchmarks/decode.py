@@ -3,7 +3,7 @@ Hugging Face transformers `generate` (PyTorch) on the same weights and batch,
 greedy and beam 4, for a decoder-only (LLaMA) and an encoder-decoder (mT5-style)
 model.  Generated tokens/s, median of repeats, in one run.
 
-    python benchmarks/decode.py [--batch 8 --prompt 32 --new 32 --repeats 3]
+    python benchmarks/decode.py [--batch 8 --prompt 32 --new 32 --repeats 3] [--stacked]
 
 Needs the test extra (torch, transformers).  Both sides are forced to generate
 exactly --new tokens (min = max length), so the work is the same.
@@ -72,6 +72,14 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     hf, model, model_cfg = build_pair(kind, args, tmp)
+    if args.stacked:  # as evaluation during a `model.scan_layers` run decodes: one scan over stacked layers
+        from flax import nnx
+
+        from jaxft.eval.types import SplitModel
+        from jaxft.models.scan import stack_layers
+
+        graphdef, state = nnx.split(model)
+        model = SplitModel(graphdef, stack_layers(state))
     hf = hf.to(args.device)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
@@ -112,6 +120,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
+    p.add_argument("--stacked", action="store_true", help="jaxft decodes from stacked layers (a scan)")
     args = p.parse_args()
     if args.device is None:
         import torch
@@ -127,7 +136,8 @@ def main() -> None:
                           "prompt": args.prompt,
                           "new": args.new, "d_model": args.d_model, "layers": args.layers, **r}))
     for r in rows:
-        print(f"| {date} | {machine} | {r['model']} d{args.d_model} L{args.layers} b{args.batch} "
+        print(f"| {date} | {machine} | {r['model']}{' stacked' if args.stacked else ''} d{args.d_model} "
+              f"L{args.layers} b{args.batch} "
               f"p{args.prompt}+{args.new} | {r['strategy']} | {r['jaxft_tokens_per_s']:.0f} | "
               f"{r['hf_tokens_per_s']:.0f} | {r['speedup_vs_hf']:.2f}x |")
 

@@ -27,7 +27,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxft.eval.types import SplitModel
 from jaxft.models.attention import DecodeCache
+from jaxft.models.scan import merged
 from jaxft.sharding import constrain
 
 
@@ -43,7 +45,11 @@ class DecodeStart:
 
 
 def model_is_encoder_decoder(model) -> bool:
-    """Whether a built model has an encoder (``jaxft.models.registry.is_encoder_decoder`` asks its config)."""
+    """Whether a built model (or a `SplitModel`) has an encoder (``jaxft.models.registry.is_encoder_decoder``
+    asks its config)."""
+    if isinstance(model, SplitModel):
+        with merged(model.graphdef, *model.states) as module:  # shapes only: nothing computed
+            return hasattr(module, "encode")
     return hasattr(model, "encode")
 
 

@@ -29,7 +29,9 @@ from jaxft.config.schema import DataConfig, ModelConfig
 from jaxft.data.choice import ChoiceExample, choice_sources, read_choice_source
 from jaxft.data.seq2seq import pad_seq2seq_row
 from jaxft.data.tasks import pad_row
+from jaxft.eval.types import SplitModel, split_model
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
+from jaxft.models.scan import merged
 from jaxft.train.losses import scan_chunks
 
 CHUNK = 256  # sequence tokens per chunk of the per-row log-likelihood
@@ -72,8 +74,11 @@ def option_row(context: str, continuation: str, tokenizer, model_cfg: ModelConfi
 @functools.lru_cache(maxsize=8)
 def _row_loglik_fn(graphdef: nnx.GraphDef, keys: tuple[str, ...]):
     """One jitted scorer per model structure: evaluations during training reuse its compilation."""
-    def loglik(state, batch):
-        model = nnx.merge(graphdef, state)
+    def loglik(states, batch):
+        with merged(graphdef, *states) as model:  # stacked layers: one scan over the stored arrays
+            return _loglik(model, batch)
+
+    def _loglik(model, batch):
         hidden = model.hidden(*[batch[k] for k in keys])
 
         def sums(h_BCD, t_BC, w_BC):
@@ -87,10 +92,10 @@ def _row_loglik_fn(graphdef: nnx.GraphDef, keys: tuple[str, ...]):
     return jax.jit(loglik)
 
 
-def score_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
+def score_choices(model: nnx.Module | SplitModel, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
                   examples: Sequence[ChoiceExample], *, batch_size: int = 16) -> ChoiceScores:
     """Every option of every example scored, in batches of ``batch_size`` rows."""
-    graphdef, state = nnx.split(model)
+    graphdef, states = split_model(model)
     fn = _row_loglik_fn(graphdef, model_input_keys(model_cfg))
     flat = [(i, j, ctx, cont) for i, ex in enumerate(examples) for j, (ctx, cont) in enumerate(ex.options)]
     width = max((len(ex.options) for ex in examples), default=0)
@@ -101,13 +106,13 @@ def score_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg
         rows = [option_row(ctx, cont, tokenizer, model_cfg, data_cfg) for _, _, ctx, cont in part]
         rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))  # fixed shape
         batch: dict[str, Any] = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        values = np.asarray(jax.device_get(fn(state, batch)))
+        values = np.asarray(jax.device_get(fn(states, batch)))
         for (i, j, _, cont), v in zip(part, values):
             loglik[i, j], nbytes[i, j] = v, len(cont.encode("utf-8"))
     return ChoiceScores(loglik, nbytes, np.asarray([ex.label for ex in examples], np.int64))
 
 
-def evaluate_choices(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, *,
+def evaluate_choices(model: nnx.Module | SplitModel, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, *,
                      base_dir, split: str = "dev", batch_size: int = 16,
                      max_examples: int | None = None) -> dict[str, dict[str, Any]]:
     """Per `multiple_choice` / `classification` source of ``data.<split>``: its language

@@ -54,7 +54,8 @@ from jaxft.eval import cache as cache_lib
 from jaxft.eval.beam import beam_search
 from jaxft.eval.sampling import (first_argmax, is_stop, length_penalty, no_repeat_ngram, process_log_probs,
                                  repetition_penalty, sample)
-from jaxft.eval.types import DecodeOutput
+from jaxft.eval.types import DecodeOutput, SplitModel, split_model
+from jaxft.models.scan import merged
 from jaxft.sharding import constrain
 
 __all__ = ["DecodeConfig", "DecodeOutput", "LengthBatch", "decode_all", "generate", "length_sorted_batches",
@@ -116,14 +117,14 @@ def _generate(model, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, *
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate_jit(graphdef, state, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, *, config: DecodeConfig):
+def _generate_jit(graphdef, states, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, *, config: DecodeConfig):
     # jax.jit over the split model: nnx.jit re-traverses the module graph on every call (about
     # 3-4 ms of host time per batch for a small model; nnx.split + jax.jit is about 1 ms)
-    return _generate(nnx.merge(graphdef, state), inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng,
-                     config=config)
+    with merged(graphdef, *states) as model:  # stacked layers decode by a scan over the stored arrays
+        return _generate(model, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, config=config)
 
 
-def generate(model: nnx.Module, *, config: DecodeConfig, inputs: Any = None, lengths: Any = None,
+def generate(model: nnx.Module | SplitModel, *, config: DecodeConfig, inputs: Any = None, lengths: Any = None,
              enc_inputs: Any = None, enc_lengths: Any = None, forced: Any = None,
              rng: jax.Array | None = None) -> DecodeOutput:
     """Decode a batch with ``config`` (see the module docstring); compiled once per config and shape.
@@ -147,8 +148,8 @@ def generate(model: nnx.Module, *, config: DecodeConfig, inputs: Any = None, len
         raise ValueError(f"generate: forced must be [batch={B}, F <= max_len], got {forced.shape}")
     rng = jax.random.key(0) if rng is None else rng
     as_int = lambda a: None if a is None else jnp.asarray(a, jnp.int32)  # noqa: E731
-    graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, as_int(inputs), as_int(lengths), as_int(enc_inputs), as_int(enc_lengths),
+    graphdef, states = split_model(model)
+    return _generate_jit(graphdef, states, as_int(inputs), as_int(lengths), as_int(enc_inputs), as_int(enc_lengths),
                          forced, rng, config=config)
 
 
@@ -201,7 +202,7 @@ def strip(tokens: Sequence[int], length: int, stops: int | None | tuple[int, ...
     return toks[:-1] if toks and toks[-1] in stops else toks
 
 
-def decode_all(model: nnx.Module, seqs: Sequence[Sequence[int]], *, config: DecodeConfig,
+def decode_all(model: nnx.Module | SplitModel, seqs: Sequence[Sequence[int]], *, config: DecodeConfig,
                batch_size: int, encoder_decoder: bool | None = None,
                forced: Sequence[Sequence[int]] | None = None, rng: jax.Array | None = None,
                length_multiple: int = 8,

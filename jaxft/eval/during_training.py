@@ -15,11 +15,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from flax import nnx
-
 from jaxft.config.errors import read_json
 from jaxft.config.schema import CheckpointConfig, Config, to_dict
-from jaxft.models.scan import unstack_layers
+from jaxft.eval.types import SplitModel
 from jaxft.outputs import atomic_write_text
 from jaxft.runs.checkpoint import Checkpointer
 from jaxft.train.hooks import Hook
@@ -47,8 +45,9 @@ class EvalHook(Hook):
         from jaxft.eval.translate import Translator, evaluate
 
         cfg = run.cfg
-        # decoding runs the per-layer model: stacked layers (`model.scan_layers`) unstack here
-        model = nnx.merge(run.graphdef, unstack_layers(state.params), unstack_layers(state.rest))
+        # the train state as it is: stacked layers (`model.scan_layers`) decode and score by a scan
+        # over the stored arrays, with no unstacked copy of the parameters
+        model = SplitModel(run.graphdef, (state.params, state.rest))
         report = evaluate(Translator(model, run.tokenizer, cfg.model, cfg.data), cfg, base_dir=run.base_dir)
         per_direction = {d: {"bleu": s.bleu, "chrf": s.chrf, "chrfpp": s.chrfpp} for d, s in report.scores.items()}
         averages = report.averages()

@@ -33,6 +33,7 @@ from sacrebleu.metrics import CHRF
 from jaxft.config.schema import DataConfig, DecodeConfig, ModelConfig
 from jaxft.data.choice import GenerationExample, read_generation_source, task_sources
 from jaxft.eval.decode import decode_all
+from jaxft.eval.types import SplitModel
 from jaxft.models.registry import is_encoder_decoder
 
 
@@ -66,7 +67,7 @@ def generation_inputs(prompts: Sequence[str], tokenizer, model_cfg: ModelConfig,
     return [(bos + tokenizer.encode(p))[-budget:] for p in prompts]
 
 
-def generate_texts(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
+def generate_texts(model: nnx.Module | SplitModel, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
                    prompts: Sequence[str], decode: DecodeConfig, batch_size: int = 16, *,
                    on_batch: Callable[[int], object] | None = None) -> list[str]:
     """The best output of each prompt as text (without its eos)."""
@@ -91,7 +92,7 @@ def _groups(name: str, examples: Sequence[GenerationExample]) -> dict[str, list[
     return {f"{name}/{lang or '-'}": group for lang, group in by_lang.items()}
 
 
-def evaluate_generation(model: nnx.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, *,
+def evaluate_generation(model: nnx.Module | SplitModel, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig, *,
                         base_dir, decode: DecodeConfig, split: str = "dev", batch_size: int = 16,
                         max_examples: int | None = None, progress_bar: Callable | None = None
                         ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:

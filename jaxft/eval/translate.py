@@ -34,6 +34,7 @@ from jaxft.eval.choice import evaluate_choices
 from jaxft.eval.decode import decode_all
 from jaxft.eval.metrics import score_direction
 from jaxft.eval.report import EvalReport
+from jaxft.eval.types import SplitModel
 from jaxft.models.registry import abstract_model, is_encoder_decoder
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Translator:
-    model: nnx.Module
+    model: nnx.Module | SplitModel  # a SplitModel: the train state's layout (e.g. stacked layers)
     tokenizer: object
     model_cfg: ModelConfig
     data_cfg: DataConfig

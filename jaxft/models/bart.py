@@ -58,7 +58,7 @@ from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segments, causal_segments, cross_attention_mask
-from jaxft.models.scan import run_layers
+from jaxft.models.scan import map_layers, run_layers, run_layers_cached
 from jaxft.sharding import constrain
 
 POSITIONS = ("learned", "sinusoidal")
@@ -314,7 +314,9 @@ class Bart(nnx.Module):
     def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
         """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
         cross-attention k/v projected once from the encoder output."""
-        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype)
+        layers = self.decoder.layers
+        return encoder_decoder_cache(layers, map_layers(layers, lambda layer: layer.cross.kv(enc_BSD)),
+                                     enc_segment_ids_BS, max_len, self.dtype)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                     segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
@@ -327,9 +329,10 @@ class Bart(nnx.Module):
         cache, mask_B1LS, _ = cache.advance(positions_BL, segment_ids_BL)
         cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
         x_BLD = self.decoder.embed(self.embed_tokens(inputs_BL), positions_BL)
-        layers = []
-        for layer, layer_cache, cross in zip(self.decoder.layers, cache.layers, cache.cross):
-            x_BLD, layer_cache = layer(x_BLD, mask_B1LS, None, cross_mask_B1LS, layer_cache, index, cross)
-            layers.append(layer_cache)
+
+        def call(layer, x_BLD, layer_cache, cross):
+            return layer(x_BLD, mask_B1LS, None, cross_mask_B1LS, layer_cache, index, cross)
+
+        x_BLD, layers = run_layers_cached(self.decoder.layers, call, x_BLD, cache.layers, cache.cross)
         x_BLD = constrain(self.decoder.final_norm(x_BLD), ACT)
         return self.logits(x_BLD), cache.with_layers(layers)

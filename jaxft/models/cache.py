@@ -1,6 +1,11 @@
 """KV caches for incremental decoding: plain pytrees carried through ``lax.while_loop``.
 
-Shapes: B batch, L new tokens, S cache slots, G kv heads, K head_dim.
+Shapes: B batch, L new tokens, S cache slots, G kv heads, K head_dim, N layers.
+
+Per-layer storage keeps one ``KVCache`` per layer (a tuple); a stack of layers stored stacked
+(`jaxft.models.scan.stack_layers`, what training keeps with ``model.scan_layers``) decodes with one
+``KVCache`` whose arrays carry a leading layer axis, carried through the scan over the layers, each
+layer writing its own slots through a ``LayerSlot`` view (`jaxft.models.scan.run_layers_cached`).
 """
 
 from __future__ import annotations
@@ -16,10 +21,16 @@ from jaxft.sharding import constrain
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
+def _constrain(a: jax.Array) -> jax.Array:
+    """A cache array on its logical sharding; a leading layer axis (stacked layers) is replicated."""
+    return constrain(a, (None,) * (a.ndim - len(CACHE_AXES)) + CACHE_AXES)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """One attention layer's keys and values, k_BSGK / v_BSGK, in the compute dtype.
+    """One attention layer's keys and values, k_BSGK / v_BSGK, in the compute dtype (or every
+    layer's of a stacked stack, k_NBSGK / v_NBSGK).
 
     A plain pytree (not NNX state): it is carried through ``lax.while_loop`` and
     gathered along the batch axis by beam search.  Sharded by logical axes:
@@ -30,13 +41,20 @@ class KVCache:
     v: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, length: int, heads: int, head_dim: int, dtype) -> KVCache:
-        zeros = constrain(jnp.zeros((batch, length, heads, head_dim), dtype), CACHE_AXES)
+    def zeros(cls, batch: int, length: int, heads: int, head_dim: int, dtype, layers: int | None = None) -> KVCache:
+        """Empty; with ``layers``, for that many stacked layers (a leading layer axis)."""
+        lead = () if layers is None else (layers,)
+        zeros = _constrain(jnp.zeros(lead + (batch, length, heads, head_dim), dtype))
         return cls(zeros, zeros)
 
     @classmethod
     def of(cls, k_BSGK: jax.Array, v_BSGK: jax.Array) -> KVCache:
-        return cls(constrain(k_BSGK, CACHE_AXES), constrain(v_BSGK, CACHE_AXES))
+        return cls(_constrain(k_BSGK), _constrain(v_BSGK))
+
+    def rows(self, fn) -> KVCache:
+        """``fn(array, axis)`` applied along the batch axis of k and v (1 when stacked)."""
+        axis = self.k.ndim - len(CACHE_AXES)
+        return KVCache.of(fn(self.k, axis), fn(self.v, axis))
 
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
         """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
@@ -45,8 +63,34 @@ class KVCache:
         return KVCache.of(k, v)
 
 
-def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | None,
-                  index: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerSlot:
+    """Layer ``layer`` (a traced index) of a stacked ``KVCache``, as the scan over the layers hands
+    it to that layer: ``k`` / ``v`` read the layer's slice, ``write`` updates the stacked arrays in
+    place (they are the scan's carry), so decoding never copies the cache of the other layers."""
+
+    stack: KVCache
+    layer: jax.Array
+
+    @property
+    def k(self) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(self.stack.k, self.layer, 0, keepdims=False)
+
+    @property
+    def v(self) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(self.stack.v, self.layer, 0, keepdims=False)
+
+    def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> LayerSlot:
+        """Store L new keys/values of this layer at slots ``index .. index + L - 1``."""
+        at = (self.layer, 0, index, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.stack.k, k_BLGK[None].astype(self.stack.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(self.stack.v, v_BLGK[None].astype(self.stack.v.dtype), at)
+        return LayerSlot(KVCache.of(k, v), self.layer)
+
+
+def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | LayerSlot | None,
+                  index: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache | LayerSlot | None]:
     """Self-attention keys/values (k_BSGK, v_BSGK, cache): the L new tokens' own without a
     cache (full forward); with one, written at slot ``index`` and read back from all S slots."""
     if cache is None:
@@ -60,7 +104,8 @@ def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | None,
 class DecodeCache:
     """Everything a model needs to decode one more token, for every layer.
 
-    - ``layers``: self-attention ``KVCache`` per decoder layer, S = max total length;
+    - ``layers``: self-attention ``KVCache`` per decoder layer, S = max total length (stacked
+      layers: one ``KVCache`` with a leading layer axis; ``cross`` likewise);
     - ``segment_ids_BS``: 1 where a slot holds a real token, 0 for an empty slot or
       (decoder-only) a left-padding slot of the prompt; ``positions_BS``: each
       slot's token position (RoPE is applied before caching; ALiBi and T5's
@@ -71,17 +116,17 @@ class DecodeCache:
       from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding).
     """
 
-    layers: tuple[KVCache, ...]
+    layers: tuple[KVCache, ...] | KVCache
     segment_ids_BS: jax.Array
     positions_BS: jax.Array
     index: jax.Array
-    cross: tuple[KVCache, ...] = ()
+    cross: tuple[KVCache, ...] | KVCache = ()
     enc_segment_ids_BS: jax.Array | None = None
 
     @classmethod
-    def empty(cls, layers: tuple[KVCache, ...], batch: int, length: int, **cross) -> DecodeCache:
+    def empty(cls, layers: tuple[KVCache, ...] | KVCache, batch: int, length: int, **cross) -> DecodeCache:
         zeros_BS = constrain(jnp.zeros((batch, length), jnp.int32), ("batch", "length"))
-        return cls(tuple(layers), zeros_BS, zeros_BS, jnp.zeros((), jnp.int32), **cross)
+        return cls(_kv(layers), zeros_BS, zeros_BS, jnp.zeros((), jnp.int32), **cross)
 
     def advance(self, positions_BL: jax.Array,
                 segment_ids_BL: jax.Array) -> tuple[DecodeCache, jax.Array, jax.Array]:
@@ -102,33 +147,44 @@ class DecodeCache:
         new = dataclasses.replace(self, segment_ids_BS=seg_BS, positions_BS=pos_BS, index=self.index + L)
         return new, mask_B1LS, pos_BS
 
-    def with_layers(self, layers: list[KVCache] | tuple[KVCache, ...]) -> DecodeCache:
-        return dataclasses.replace(self, layers=tuple(layers))
+    def with_layers(self, layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> DecodeCache:
+        return dataclasses.replace(self, layers=_kv(layers))
 
     def gather_rows(self, rows_B: jax.Array) -> DecodeCache:
         """Reorder the batch rows of the self-attention state (beam search).  ``cross`` and
         ``enc_segment_ids_BS`` are left alone: beams only move within their own input."""
-        take = lambda a: jnp.take(a, rows_B, axis=0)  # noqa: E731
-        layers = tuple(KVCache.of(take(c.k), take(c.v)) for c in self.layers)
-        return dataclasses.replace(self, layers=layers, segment_ids_BS=take(self.segment_ids_BS),
+        take = lambda a, axis=0: jnp.take(a, rows_B, axis=axis)  # noqa: E731
+        return dataclasses.replace(self, layers=_rows(self.layers, take), segment_ids_BS=take(self.segment_ids_BS),
                                    positions_BS=take(self.positions_BS))
 
     def repeat_rows(self, n: int) -> DecodeCache:
         """Each row n times in a row (``jnp.repeat``): one copy per beam / sample."""
-        rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
-        kv = lambda cs: tuple(KVCache.of(rep(c.k), rep(c.v)) for c in cs)  # noqa: E731
-        return dataclasses.replace(self, layers=kv(self.layers), segment_ids_BS=rep(self.segment_ids_BS),
-                                   positions_BS=rep(self.positions_BS), cross=kv(self.cross),
+        rep = lambda a, axis=0: None if a is None else jnp.repeat(a, n, axis=axis)  # noqa: E731
+        return dataclasses.replace(self, layers=_rows(self.layers, rep), segment_ids_BS=rep(self.segment_ids_BS),
+                                   positions_BS=rep(self.positions_BS), cross=_rows(self.cross, rep),
                                    enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
 
 
-def encoder_decoder_cache(layers, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int,
-                          dtype) -> DecodeCache:
-    """Empty self-attention cache for ``max_len`` decoder tokens over the decoder
-    ``layers``, plus each layer's cross-attention k/v projected once from the
-    encoder output by ``layer.cross.kv`` (T5 and BART)."""
-    B = enc_BSD.shape[0]
+def _kv(layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> tuple[KVCache, ...] | KVCache:
+    return layers if isinstance(layers, KVCache) else tuple(layers)
+
+
+def _rows(layers: tuple[KVCache, ...] | KVCache, fn) -> tuple[KVCache, ...] | KVCache:
+    """``fn(array, batch_axis)`` over the k/v of per-layer caches or of a stacked one."""
+    return layers.rows(fn) if isinstance(layers, KVCache) else tuple(c.rows(fn) for c in layers)
+
+
+def encoder_decoder_cache(layers, cross_kv: list[tuple[jax.Array, jax.Array]] | tuple[jax.Array, jax.Array],
+                          enc_segment_ids_BS: jax.Array, max_len: int, dtype) -> DecodeCache:
+    """Empty self-attention cache for ``max_len`` decoder tokens over the decoder ``layers``, with
+    the cross-attention k/v each layer projected once from the encoder output (T5 and BART):
+    ``cross_kv`` is a list of (k_BSHK, v_BSHK), one per layer, or for stacked layers one pair
+    (k_NBSHK, v_NBSHK) (`jaxft.models.scan.map_layers` gives either)."""
+    B = enc_segment_ids_BS.shape[0]
     _, H, K = layers[0].attn.k.kernel.shape
-    self_kv = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers)
-    cross = tuple(KVCache.of(*layer.cross.kv(enc_BSD)) for layer in layers)
+    if isinstance(cross_kv, list):
+        self_kv, cross = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers), tuple(
+            KVCache.of(k, v) for k, v in cross_kv)
+    else:
+        self_kv, cross = KVCache.zeros(B, max_len, H, K, dtype, layers=len(layers)), KVCache.of(*cross_kv)
     return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))

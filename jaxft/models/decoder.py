@@ -41,7 +41,7 @@ from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, softcap)
 from jaxft.models.masks import causal_segment_mask, causal_segments, is_local_layer, sliding_window_mask
-from jaxft.models.scan import run_layers
+from jaxft.models.scan import is_stacked, run_layers, run_layers_cached
 from jaxft.sharding import constrain
 
 
@@ -165,6 +165,9 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
         _, G, K = self.layers[0].attn.k.kernel.shape
+        if is_stacked(self.layers):  # one cache with a leading layer axis, carried by the scan
+            return DecodeCache.empty(KVCache.zeros(batch, max_len, G, K, self.dtype, layers=len(self.layers)),
+                                     batch, max_len)
         layers = tuple(KVCache.zeros(batch, max_len, G, K, self.dtype) for _ in self.layers)
         return DecodeCache.empty(layers, batch, max_len)
 
@@ -182,10 +185,11 @@ class Decoder(nnx.Module):
         local_mask_B1LS = None
         if self.sliding_window is not None:
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
-        x_BLD = self.embed_tokens(inputs_BL)
-        layers = []
-        for layer, layer_cache, local in zip(self.layers, cache.layers, self.local_layers):
-            mask = local_mask_B1LS if local else mask_B1LS
-            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
-            layers.append(layer_cache)
+
+        def call(layer, x_BLD, layer_cache, _, local):
+            mask = mask_B1LS if local_mask_B1LS is None else jnp.where(local, local_mask_B1LS, mask_B1LS)
+            return layer(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
+
+        x_BLD, layers = run_layers_cached(self.layers, call, self.embed_tokens(inputs_BL), cache.layers,
+                                          per_layer=(np.array(self.local_layers),))
         return self.head_logits(x_BLD), cache.with_layers(layers)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.models.cache import LayerSlot
 from jaxft.models.dropout import dropout_rng, next_key
 from jaxft.models.layers import REMAT_POLICIES, remat_call
 from jaxft.sharding import constrain
@@ -126,6 +127,58 @@ def _scan(layers: list[nnx.Module], fn: Callable, x: jax.Array, args: tuple, rem
 
     x, _ = jax.lax.scan(body, x, (stacked, keys_N, extra_N))
     return x
+
+
+# --------------------------------------------------------------------------- incremental decoding
+
+
+def is_stacked(layers: Sequence[nnx.Module]) -> bool:
+    """Whether ``layers`` (a model's stack, inside `merged`) run from stacked storage."""
+    return id(layers) in _BOUND.get()
+
+
+def _stored_views(layers: Sequence[nnx.Module]) -> tuple:
+    """The stacked states bound to ``layers``, each Variable's layer axis dropped from its metadata."""
+    return tuple(jax.tree.map(_layer_view, s, is_leaf=_is_var) for s in _BOUND.get()[id(layers)])
+
+
+def map_layers(layers: Sequence[nnx.Module], fn: Callable[[nnx.Module], Any]) -> Any:
+    """``fn(layer)`` of every layer: a list for per-layer storage; for stacked storage one
+    ``lax.map`` over the stored arrays, whose outputs carry a leading layer axis."""
+    if not is_stacked(layers):
+        return [fn(layer) for layer in layers]
+    graphdef = nnx.graphdef(list(layers)[0])
+    return jax.lax.map(lambda state: fn(nnx.merge(graphdef, *state)), _stored_views(layers))
+
+
+def run_layers_cached(layers: Sequence[nnx.Module], fn: Callable, x: jax.Array, cache: Any,
+                      cross: Any = None, per_layer: tuple[np.ndarray, ...] = ()) -> tuple[jax.Array, Any]:
+    """Incremental decoding through a stack: ``fn(layer, x, layer_cache, layer_cross, *extra) ->
+    (x, layer_cache)`` for every layer in order; returns (x, cache).
+
+    Per-layer storage: a loop; ``cache`` and ``cross`` (or None) are sequences of per-layer
+    caches.  Stacked storage: one scan over the stored arrays (the decode step does not grow
+    with depth and nothing is unstacked); ``cache`` is one ``KVCache`` with a leading layer axis,
+    carried by the scan and handed to each layer as a ``LayerSlot`` (written in place), and
+    ``cross`` (stacked likewise, read only) is scanned.  ``per_layer`` as in `run_layers`."""
+    if not is_stacked(layers):
+        out = []
+        for i, (layer, layer_cache) in enumerate(zip(layers, cache)):
+            x, layer_cache = fn(layer, x, layer_cache, None if cross is None else cross[i], *(p[i] for p in per_layer))
+            out.append(layer_cache)
+        return x, tuple(out)
+    graphdef = nnx.graphdef(list(layers)[0])
+
+    def body(carry, xs):
+        x, stack = carry
+        state, i, layer_cross, extra = xs
+        x, slot = fn(nnx.merge(graphdef, *state), x, LayerSlot(stack, i), layer_cross, *extra)
+        return (x, slot.stack), None
+
+    xs = (_stored_views(layers), jnp.arange(len(layers), dtype=jnp.int32), cross,
+          tuple(jnp.asarray(p) for p in per_layer))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    return x, cache
 
 
 # --------------------------------------------------------------------------- stacked storage

@@ -58,7 +58,7 @@ from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, default_positions,
                                  default_segment_ids, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
-from jaxft.models.scan import run_layers
+from jaxft.models.scan import map_layers, run_layers, run_layers_cached
 from jaxft.sharding import constrain
 
 # --------------------------------------------------------------------------- buckets
@@ -231,12 +231,13 @@ class T5Stack(nnx.Module):
         cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
         cross_mask_B1LS = cross_attention_mask(segment_ids_BL, cache.enc_segment_ids_BS)
         bias_BHLS = None if self.rel_bias is None else self.rel_bias(positions_BL, kv_positions_BS)
-        layers = []
-        x_BLD = dropout(x_BLD, self.dropout_rate)
-        for layer, layer_cache, cross in zip(self.layers, cache.layers, cache.cross):
-            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None,
-                                       cross_mask_B1LS, layer_cache, index, cross)
-            layers.append(layer_cache)
+
+        def call(layer, x_BLD, layer_cache, cross):
+            return layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None, cross_mask_B1LS,
+                         layer_cache, index, cross)
+
+        x_BLD, layers = run_layers_cached(self.layers, call, dropout(x_BLD, self.dropout_rate), cache.layers,
+                                          cache.cross)
         return dropout(self.final_norm(x_BLD), self.dropout_rate), cache.with_layers(layers)
 
 
@@ -334,7 +335,9 @@ class T5(nnx.Module):
     def init_cache(self, enc_BSD: jax.Array, enc_segment_ids_BS: jax.Array, max_len: int) -> DecodeCache:
         """Empty self-attention cache for ``max_len`` decoder tokens, plus every layer's
         cross-attention k/v projected once from the encoder output."""
-        return encoder_decoder_cache(self.decoder.layers, enc_BSD, enc_segment_ids_BS, max_len, self.dtype)
+        layers = self.decoder.layers
+        return encoder_decoder_cache(layers, map_layers(layers, lambda layer: layer.cross.kv(enc_BSD)),
+                                     enc_segment_ids_BS, max_len, self.dtype)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
                     segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
