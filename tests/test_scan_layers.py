@@ -306,3 +306,20 @@ def test_a_scanned_run_resumes_from_checkpoints_written_layer_by_layer(tmp_path,
     assert [p for p, _ in nnx.to_flat_state(b.params)] == [p for p, _ in nnx.to_flat_state(a.params)]
     for x, y in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_unstack_owned_frees_each_stack_once_sliced():
+    """What `restore_model` unstacks with: the per-layer values of `unstack_layers`, and no stacked
+    array left alive (a second copy of an 8B model's parameters is what it avoids)."""
+    from jaxft.models.scan import STACKED, stack_layers, unstack_layers, unstack_owned
+
+    model = build_model(preset("tiny-llama"), rngs=nnx.Rngs(0))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    stacked_params = stack_layers(params, rest)[0]
+    want = jax.tree.map(np.asarray, unstack_layers(stacked_params))
+    arrays = [x for x in jax.tree.leaves(stacked_params["layers"][STACKED])]
+    got = unstack_owned(stacked_params)
+    assert all(x.is_deleted() for x in arrays) and len(arrays) > 3
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

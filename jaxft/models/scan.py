@@ -285,6 +285,19 @@ def unstack_layers(state: Any, _value: Callable[[Any, int], Any] = lambda x, i: 
     return _like(state, {k: unstack_layers(v, _value) for k, v in _items(state)})
 
 
+def unstack_owned(state: Any) -> Any:
+    """`unstack_layers` of a state whose stacked arrays nothing else holds (e.g. just restored):
+    each stacked array is deleted as soon as its layers are sliced out, so the peak is the
+    parameters plus one array, not two copies of every stack."""
+    parts: dict[int, list] = {}
+    for _, sub in _stacks(state):
+        for leaf in jax.tree.leaves(sub):
+            parts[id(leaf)] = jax.block_until_ready([leaf[i] for i in range(leaf.shape[0])])
+            if isinstance(leaf, jax.Array):
+                leaf.delete()
+    return unstack_layers(state, lambda x, i: parts[id(x)][i])
+
+
 def has_stacks(state: Any) -> bool:
     """Whether ``state`` holds a stacked stack (`stack_layers`)."""
     return next(_stacks(state), None) is not None

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
 from jaxft.models.registry import CountedKeys, build_model
-from jaxft.models.scan import stack_layers, unstack_layers
+from jaxft.models.scan import stack_layers, unstack_owned
 from jaxft.paths import as_path
 from jaxft.peft.methods import PeftMethod, method_for
 from jaxft.runs.checkpoint import Checkpointer
@@ -226,7 +226,8 @@ def restore_model(run_dir: str | Path, which: str | int = "latest", *, mesh: Mes
         step, items = restored
         rest = items.get("rest")
         if stacked:  # callers see per-layer paths, as the model and every exported format has them
-            items["params"], rest = items["params"] and unstack_layers(items["params"]), rest and unstack_layers(rest)
+            # (each restored stack freed once sliced: no second copy of the parameters at any time)
+            items["params"], rest = items["params"] and unstack_owned(items["params"]), rest and unstack_owned(rest)
         if rest is None:
             rest = initial_rest(cfg, method, mesh)
         graphdef = split_train_model(cfg.model, method, cfg.train.seed, abstract=True)[0]
