@@ -16,7 +16,8 @@ from flax import nnx
 
 from jaxft.config.schema import MeshConfig, ModelConfig
 from jaxft.eval import cache as cache_lib
-from jaxft.eval.decode import (DecodeConfig, decode_all, generate, length_sorted_batches, restore_order)
+from jaxft.eval.decode import (DecodeConfig, _generate_jit, decode_all, generate, length_sorted_batches,
+                               restore_order)
 from jaxft.eval.sampling import first_argmax, length_penalty, top_k_filter, top_p_filter
 from jaxft.models import build_model
 from jaxft.sharding import make_mesh, use_mesh
@@ -362,3 +363,50 @@ def test_first_argmax_is_argmax_with_ties_and_masked_entries():
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
     nan_row = jnp.asarray(np.where(np.arange(300) == 4, np.nan, 0.0)[None].astype(np.float32))
     assert 0 <= int(first_argmax(nan_row)[0]) < 300
+
+
+# --------------------------------------------------------------------------- cache layout
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mbart", "tiny-t5"])
+def test_both_cache_layouts_decode_alike(name, monkeypatch):
+    """The CPU stores caches head-major ([B, G, S, K], what its attention contracts); other
+    platforms [B, S, G, K].  Forcing the latter here: the same outputs, per layer and stacked."""
+    from jaxft.eval.types import SplitModel
+    from jaxft.models import cache as cache_mod
+    from jaxft.models.scan import stack_layers
+
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg, lengths=(7, 3, 5, 1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    split = SplitModel(graphdef, stack_layers(params, rest))
+    configs = [DecodeConfig(strategy="greedy", max_len=6, eos_id=1),
+               DecodeConfig(strategy="beam", beam_size=2, n_best=2, max_len=6, eos_id=1)]
+    assert cache_mod.head_major_default()  # the CPU's layout
+    want = [run(m, cfg, c, ids, lengths) for m in (model, split) for c in configs]
+    asked = []
+    monkeypatch.setattr(cache_mod, "head_major_default", lambda: asked.append(1) is None and False)
+    assert not cache_mod.KVCache.zeros(2, 5, 3, 4, jnp.float32).head_major
+    asked.clear()
+    _generate_jit.clear_cache()  # retrace: the layout is chosen when the program is traced
+    try:
+        got = [run(m, cfg, c, ids, lengths) for m in (model, split) for c in configs]
+    finally:
+        _generate_jit.clear_cache()
+    assert asked  # the programs were traced with [B, S, G, K] caches
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.tokens, w.tokens)
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_layouts_store_the_same_keys():
+    from jaxft.models.cache import KVCache
+
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32) for _ in range(2))  # [B, L, G, K]
+    plain = KVCache.of(jnp.zeros((2, 6, 4, 5)), jnp.zeros((2, 6, 4, 5))).write(k, v, jnp.int32(2))
+    major = KVCache.of(jnp.zeros((2, 4, 6, 5)), jnp.zeros((2, 4, 6, 5)), True).write(k, v, jnp.int32(2))
+    assert major.k.shape == (2, 4, 6, 5)
+    for a, b in zip(plain.kv_BSGK(), major.kv_BSGK()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(plain.kv_BSGK()[0][:, 2:5]), np.asarray(k))

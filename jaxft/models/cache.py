@@ -15,22 +15,34 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.kernels import platform
 from jaxft.models.masks import attention_mask
 from jaxft.sharding import constrain
 
 CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+HEAD_MAJOR_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
-def _constrain(a: jax.Array) -> jax.Array:
-    """A cache array on its logical sharding; a leading layer axis (stacked layers) is replicated."""
-    return constrain(a, (None,) * (a.ndim - len(CACHE_AXES)) + CACHE_AXES)
+def head_major_default() -> bool:
+    """Whether new caches store keys/values head-major: on the CPU, where attention contracts
+    [B, G, S, K] (`jaxft.models.attention._attend_head_major`), reading a step's keys is then free
+    instead of a transposed copy of the whole cache, per layer and step.  Elsewhere the
+    [B, S, G, K] layout that `jax.nn.dot_product_attention` and the fused kernels take."""
+    return platform() == "cpu"
+
+
+def _swap(a: jax.Array) -> jax.Array:
+    """[.., S, G, K] <-> [.., G, S, K]."""
+    return jnp.swapaxes(a, -3, -2)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """One attention layer's keys and values, k_BSGK / v_BSGK, in the compute dtype (or every
-    layer's of a stacked stack, k_NBSGK / v_NBSGK).
+    """One attention layer's keys and values in the compute dtype, stored k_BSGK / v_BSGK or,
+    ``head_major``, k_BGSK / v_BGSK (every layer's of a stacked stack: a leading layer axis N).
+    `kv_BSGK` reads them as [B, S, G, K] either way (for head-major storage a transpose that the
+    head-major attention's own transpose cancels, so no copy is made).
 
     A plain pytree (not NNX state): it is carried through ``lax.while_loop`` and
     gathered along the batch axis by beam search.  Sharded by logical axes:
@@ -39,54 +51,75 @@ class KVCache:
 
     k: jax.Array
     v: jax.Array
+    head_major: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def zeros(cls, batch: int, length: int, heads: int, head_dim: int, dtype, layers: int | None = None) -> KVCache:
-        """Empty; with ``layers``, for that many stacked layers (a leading layer axis)."""
+        """Empty, in the platform's layout (`head_major_default`); with ``layers``, for that many
+        stacked layers (a leading layer axis)."""
         lead = () if layers is None else (layers,)
-        zeros = _constrain(jnp.zeros(lead + (batch, length, heads, head_dim), dtype))
-        return cls(zeros, zeros)
+        head_major = head_major_default()
+        shape = (batch, heads, length, head_dim) if head_major else (batch, length, heads, head_dim)
+        zeros = jnp.zeros(lead + shape, dtype)
+        return cls.of(zeros, zeros, head_major)
 
     @classmethod
-    def of(cls, k_BSGK: jax.Array, v_BSGK: jax.Array) -> KVCache:
-        return cls(_constrain(k_BSGK), _constrain(v_BSGK))
+    def of(cls, k: jax.Array, v: jax.Array, head_major: bool = False) -> KVCache:
+        """Stored as given: [.., B, S, G, K], or [.., B, G, S, K] when ``head_major``."""
+        axes = HEAD_MAJOR_AXES if head_major else CACHE_AXES
+        lead = (None,) * (k.ndim - len(axes))  # a stacked stack's layer axis: replicated
+        return cls(constrain(k, lead + axes), constrain(v, lead + axes), head_major)
+
+    @classmethod
+    def from_bsgk(cls, k_BSGK: jax.Array, v_BSGK: jax.Array) -> KVCache:
+        """Keys/values given as [.., B, S, G, K], stored in the platform's layout (cross-attention's
+        projected once from the encoder output)."""
+        if head_major_default():
+            return cls.of(_swap(k_BSGK), _swap(v_BSGK), True)
+        return cls.of(k_BSGK, v_BSGK)
+
+    def kv_BSGK(self) -> tuple[jax.Array, jax.Array]:
+        """(k, v) as [.., B, S, G, K]."""
+        return (_swap(self.k), _swap(self.v)) if self.head_major else (self.k, self.v)
 
     def rows(self, fn) -> KVCache:
         """``fn(array, axis)`` applied along the batch axis of k and v (1 when stacked)."""
         axis = self.k.ndim - len(CACHE_AXES)
-        return KVCache.of(fn(self.k, axis), fn(self.v, axis))
+        return KVCache.of(fn(self.k, axis), fn(self.v, axis), self.head_major)
 
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
         """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
-        k = jax.lax.dynamic_update_slice_in_dim(self.k, k_BLGK.astype(self.k.dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(self.v, v_BLGK.astype(self.v.dtype), index, axis=1)
-        return KVCache.of(k, v)
+        axis = 2 if self.head_major else 1
+        new = (lambda a: _swap(a)) if self.head_major else (lambda a: a)  # noqa: E731
+        k = jax.lax.dynamic_update_slice_in_dim(self.k, new(k_BLGK).astype(self.k.dtype), index, axis=axis)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v, new(v_BLGK).astype(self.v.dtype), index, axis=axis)
+        return KVCache.of(k, v, self.head_major)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerSlot:
     """Layer ``layer`` (a traced index) of a stacked ``KVCache``, as the scan over the layers hands
-    it to that layer: ``k`` / ``v`` read the layer's slice, ``write`` updates the stacked arrays in
+    it to that layer: `kv_BSGK` reads the layer's slice, ``write`` updates the stacked arrays in
     place (they are the scan's carry), so decoding never copies the cache of the other layers."""
 
     stack: KVCache
     layer: jax.Array
 
-    @property
-    def k(self) -> jax.Array:
-        return jax.lax.dynamic_index_in_dim(self.stack.k, self.layer, 0, keepdims=False)
-
-    @property
-    def v(self) -> jax.Array:
-        return jax.lax.dynamic_index_in_dim(self.stack.v, self.layer, 0, keepdims=False)
+    def kv_BSGK(self) -> tuple[jax.Array, jax.Array]:
+        one = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False)  # noqa: E731
+        return KVCache(one(self.stack.k), one(self.stack.v), self.stack.head_major).kv_BSGK()
 
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> LayerSlot:
         """Store L new keys/values of this layer at slots ``index .. index + L - 1``."""
-        at = (self.layer, 0, index, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.stack.k, k_BLGK[None].astype(self.stack.k.dtype), at)
-        v = jax.lax.dynamic_update_slice(self.stack.v, v_BLGK[None].astype(self.stack.v.dtype), at)
-        return LayerSlot(KVCache.of(k, v), self.layer)
+        stack = self.stack
+        if stack.head_major:
+            at, k_BLGK, v_BLGK = (self.layer, 0, 0, index, 0), _swap(k_BLGK), _swap(v_BLGK)
+        else:
+            at = (self.layer, 0, index, 0, 0)
+        k = jax.lax.dynamic_update_slice(stack.k, k_BLGK[None].astype(stack.k.dtype), at)
+        v = jax.lax.dynamic_update_slice(stack.v, v_BLGK[None].astype(stack.v.dtype), at)
+        return LayerSlot(KVCache.of(k, v, stack.head_major), self.layer)
 
 
 def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | LayerSlot | None,
@@ -96,7 +129,7 @@ def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | LayerSl
     if cache is None:
         return k_BLGK, v_BLGK, None
     cache = cache.write(k_BLGK, v_BLGK, index)
-    return cache.k, cache.v, cache
+    return (*cache.kv_BSGK(), cache)
 
 
 @jax.tree_util.register_dataclass
@@ -184,7 +217,7 @@ def encoder_decoder_cache(layers, cross_kv: list[tuple[jax.Array, jax.Array]] | 
     _, H, K = layers[0].attn.k.kernel.shape
     if isinstance(cross_kv, list):
         self_kv, cross = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers), tuple(
-            KVCache.of(k, v) for k, v in cross_kv)
+            KVCache.from_bsgk(k, v) for k, v in cross_kv)
     else:
-        self_kv, cross = KVCache.zeros(B, max_len, H, K, dtype, layers=len(layers)), KVCache.of(*cross_kv)
+        self_kv, cross = KVCache.zeros(B, max_len, H, K, dtype, layers=len(layers)), KVCache.from_bsgk(*cross_kv)
     return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))

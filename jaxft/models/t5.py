@@ -193,7 +193,7 @@ class T5Block(nnx.Module):
         h_BLD, cache = self.attn(self.attn_norm(x_BLD), mask_B1LS, bias_BHLS, cache, index)
         x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
         if self.cross is not None:
-            k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else (cross.k, cross.v)
+            k_BSHK, v_BSHK = self.cross.kv(enc_BSD) if cross is None else cross.kv_BSGK()
             h_BLD = self.cross.attend(self.cross_norm(x_BLD), k_BSHK, v_BSHK, cross_mask_B1LS)
             x_BLD = constrain(x_BLD + dropout(h_BLD, rate), ACT)
         return constrain(x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate), ACT), cache
