@@ -11,5 +11,5 @@ python benchmarks/train_step.py --preset 1b --dtype bfloat16 --batch 8 --steps 1
 python benchmarks/decode.py --batch 8 --d-model 1024 --layers 8
 python benchmarks/decode.py --batch 32 --d-model 1024 --layers 8
 # stacked layers (evaluation during a model.scan_layers run) against the per-layer model: on the CPU
-# the scan copies each layer's weights out of the stack per token (8-23% slower); GPUs may fuse it
+# the scan copies each layer's weights out of the stack per token (13-27% slower); GPUs may fuse it
 python benchmarks/decode_depth.py --d-model 1024 --layers 8 32 --strategy greedy
