@@ -90,7 +90,7 @@ class KVCache:
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
         """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
         axis = 2 if self.head_major else 1
-        new = (lambda a: _swap(a)) if self.head_major else (lambda a: a)  # noqa: E731
+        new = _swap if self.head_major else (lambda a: a)
         k = jax.lax.dynamic_update_slice_in_dim(self.k, new(k_BLGK).astype(self.k.dtype), index, axis=axis)
         v = jax.lax.dynamic_update_slice_in_dim(self.v, new(v_BLGK).astype(self.v.dtype), index, axis=axis)
         return KVCache.of(k, v, self.head_major)
@@ -207,6 +207,15 @@ def _rows(layers: tuple[KVCache, ...] | KVCache, fn) -> tuple[KVCache, ...] | KV
     return layers.rows(fn) if isinstance(layers, KVCache) else tuple(c.rows(fn) for c in layers)
 
 
+def self_attention_caches(n_layers: int, stacked: bool, batch: int, length: int, heads: int, head_dim: int,
+                          dtype) -> tuple[KVCache, ...] | KVCache:
+    """Empty self-attention caches of a stack: one per layer, or one with a leading layer axis
+    for stacked layers."""
+    if stacked:
+        return KVCache.zeros(batch, length, heads, head_dim, dtype, layers=n_layers)
+    return tuple(KVCache.zeros(batch, length, heads, head_dim, dtype) for _ in range(n_layers))
+
+
 def encoder_decoder_cache(layers, cross_kv: list[tuple[jax.Array, jax.Array]] | tuple[jax.Array, jax.Array],
                           enc_segment_ids_BS: jax.Array, max_len: int, dtype) -> DecodeCache:
     """Empty self-attention cache for ``max_len`` decoder tokens over the decoder ``layers``, with
@@ -215,9 +224,7 @@ def encoder_decoder_cache(layers, cross_kv: list[tuple[jax.Array, jax.Array]] | 
     (k_NBSHK, v_NBSHK) (`jaxft.models.scan.map_layers` gives either)."""
     B = enc_segment_ids_BS.shape[0]
     _, H, K = layers[0].attn.k.kernel.shape
-    if isinstance(cross_kv, list):
-        self_kv, cross = tuple(KVCache.zeros(B, max_len, H, K, dtype) for _ in layers), tuple(
-            KVCache.from_bsgk(k, v) for k, v in cross_kv)
-    else:
-        self_kv, cross = KVCache.zeros(B, max_len, H, K, dtype, layers=len(layers)), KVCache.from_bsgk(*cross_kv)
+    stacked = not isinstance(cross_kv, list)
+    self_kv = self_attention_caches(len(layers), stacked, B, max_len, H, K, dtype)
+    cross = KVCache.from_bsgk(*cross_kv) if stacked else tuple(KVCache.from_bsgk(k, v) for k, v in cross_kv)
     return DecodeCache.empty(self_kv, B, max_len, cross=cross, enc_segment_ids_BS=enc_segment_ids_BS.astype(jnp.int32))

@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import Attention
-from jaxft.models.cache import DecodeCache, KVCache
+from jaxft.models.cache import DecodeCache, KVCache, self_attention_caches
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, softcap)
@@ -165,10 +165,8 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
         _, G, K = self.layers[0].attn.k.kernel.shape
-        if is_stacked(self.layers):  # one cache with a leading layer axis, carried by the scan
-            return DecodeCache.empty(KVCache.zeros(batch, max_len, G, K, self.dtype, layers=len(self.layers)),
-                                     batch, max_len)
-        layers = tuple(KVCache.zeros(batch, max_len, G, K, self.dtype) for _ in self.layers)
+        # stacked layers: one cache with a leading layer axis, carried by the scan
+        layers = self_attention_caches(len(self.layers), is_stacked(self.layers), batch, max_len, G, K, self.dtype)
         return DecodeCache.empty(layers, batch, max_len)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,

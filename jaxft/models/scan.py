@@ -109,7 +109,7 @@ def _scan(layers: list[nnx.Module], fn: Callable, x: jax.Array, args: tuple, rem
     if stored is None:
         stacked = (_stack([nnx.state(layer) for layer in layers]),)
     else:  # stacked storage: the layer axis's metadata dropped, so a layer's Variables look unstacked
-        stacked = tuple(jax.tree.map(_layer_view, s, is_leaf=_is_var) for s in stored)
+        stacked = _views(stored)
     keys = [next_key() for _ in layers]
     keys_N = None if keys[0] is None else jnp.stack(keys)
     extra_N = tuple(jnp.asarray(p) for p in per_layer)
@@ -137,9 +137,14 @@ def is_stacked(layers: Sequence[nnx.Module]) -> bool:
     return id(layers) in _BOUND.get()
 
 
+def _views(stored: tuple) -> tuple:
+    """Stacked states with each Variable's layer axis dropped from its metadata (a layer's view)."""
+    return tuple(jax.tree.map(_layer_view, s, is_leaf=_is_var) for s in stored)
+
+
 def _stored_views(layers: Sequence[nnx.Module]) -> tuple:
-    """The stacked states bound to ``layers``, each Variable's layer axis dropped from its metadata."""
-    return tuple(jax.tree.map(_layer_view, s, is_leaf=_is_var) for s in _BOUND.get()[id(layers)])
+    """The stacked states bound to ``layers`` (`merged`), as `_views`."""
+    return _views(_BOUND.get()[id(layers)])
 
 
 def map_layers(layers: Sequence[nnx.Module], fn: Callable[[nnx.Module], Any]) -> Any:
