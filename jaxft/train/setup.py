@@ -25,7 +25,7 @@ from jaxft.data.tokenizer import Tokenizer, train_tokenizer
 from jaxft.data.tokenizer_sample import tokenizer_sample
 from jaxft.data.vocab import required_pieces
 from jaxft.models.registry import is_encoder_decoder, model_input_keys
-from jaxft.models.scan import has_stacks, stack_layers, unstack_layers
+from jaxft.models.stacking import has_stacks, stack_owned, unstack_owned
 from jaxft.outputs import atomic_write_text
 from jaxft.paths import makedirs
 from jaxft.peft.methods import PeftMethod, StepContext, method_for
@@ -135,18 +135,22 @@ def _check_shapes(cfg: Config, tokenizer: Tokenizer, mesh) -> None:
 
 
 def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
-    """theta0 as a sharded TrainState, its optimizer state initialised from theta0 itself."""
-    state = jax.jit(init_fn, out_shardings=shardings)()
-    stacked = has_stacks(state.params) or has_stacks(state.rest)
+    """theta0 as a sharded TrainState, its optimizer state initialised from theta0 itself.
+    `model.init_from` / `peft.compose` write the model's per-layer variables: the random state is
+    built without optimizer state, unstacked and restacked array by array (`unstack_owned` /
+    `stack_owned`), and the optimizer state is made once, from the loaded values, so start-up
+    peaks at the parameters plus the loaded copy (what `params_from` reads), not several copies."""
     if not (cfg.model.init_from or cfg.peft.compose):
-        return state
-    # init_from / compose write the model's per-layer variables: unstack, start, stack again
-    model = nnx.merge(graphdef, unstack_layers(state.params), unstack_layers(state.rest))
+        return jax.jit(init_fn, out_shardings=shardings)()
+    state = jax.jit(lambda: init_fn().replace(opt_state=None), out_shardings=shardings.replace(opt_state=None))()
+    stacked = has_stacks(state.params) or has_stacks(state.rest)
+    model = nnx.merge(graphdef, unstack_owned(state.params), unstack_owned(state.rest))
     state = state.replace(params=None, rest=None)  # the model holds them now
     start_from(model, cfg, mesh)
     _, params, rest = nnx.split(model, method.trainable_filter(), ...)
+    del model  # `stack_owned` deletes the per-layer arrays it holds
     if stacked:
-        params, rest = jax.jit(stack_layers, out_shardings=(shardings.params, shardings.rest))(params, rest)
+        params, rest = jax.device_put(stack_owned(params, rest), (shardings.params, shardings.rest))
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return state.replace(params=params, rest=rest, opt_state=opt_state)
 
