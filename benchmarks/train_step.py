@@ -116,7 +116,8 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
     from jaxft.train.step import jit_train_step, make_train_step
 
     opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
-    tcfg = TrainConfig(global_batch=args.batch)
+    tcfg = TrainConfig(global_batch=args.batch, **{k: v for k, v in (("loss_chunk", args.loss_chunk),
+                                                                   ("loss_chunk_mib", args.loss_chunk_mib)) if v is not None})
     tx = make_optimizer(opt, 100)
     mesh = make_mesh(MeshConfig(data=-1))
     init_fn, graphdef = make_init_fn(model_cfg, tcfg, tx, seed=0)
@@ -220,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss-chunk", type=int, default=None, help="train.loss_chunk (default: the config's)")
+    p.add_argument("--loss-chunk-mib", type=float, default=None, help="train.loss_chunk_mib (default: the config's)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both sides (parameters and optimizer stay float32)")

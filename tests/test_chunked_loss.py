@@ -18,7 +18,7 @@ from jaxft.models import build_model
 from jaxft.models.registry import model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.aot import lower_train_step
-from jaxft.train.losses import chunk_layout
+from jaxft.train.losses import chunk_layout, chunk_within
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_loss_fn, make_train_step
@@ -73,7 +73,8 @@ def test_chunked_loss_and_grads_equal_full_logits(name, overrides):
     def run(params, rest, batch):  # 19 tokens: full logits; 4 chunks of 5 (1 padded); 1 chunk > L
         model = nnx.merge(graphdef, params, rest)
         inputs = [batch[k] for k in keys]
-        grads = [jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=chunk, **LOSS), keys), has_aux=True)(
+        grads = [jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=chunk, loss_chunk_mib=0, **LOSS), keys),
+                               has_aux=True)(
             params, rest, batch) for chunk in (0, 5, 64)]
         return model(*inputs), model.logits(model.hidden(*inputs)), grads
 
@@ -97,9 +98,9 @@ TINY = ModelConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=4, n_kv_heads=
 LINEAR_OPT = OptimizerConfig(lr=1e-2, warmup_steps=0, schedule="constant", eps=1.0)  # update ~ linear in grads
 
 
-def run_step(chunk: int, mesh_cfg: MeshConfig, state0, batch: dict):
+def run_step(chunk: int, mesh_cfg: MeshConfig, state0, batch: dict, mib: float = 0):
     """One eval and one train step from the host state ``state0`` on a ``mesh_cfg`` mesh."""
-    train_cfg = TrainConfig(loss_chunk=chunk, **LOSS)
+    train_cfg = TrainConfig(loss_chunk=chunk, loss_chunk_mib=mib, **LOSS)
     tx = make_optimizer(LINEAR_OPT, 10)
     init_fn, graphdef = make_init_fn(TINY, train_cfg, tx, seed=0)
     mesh = make_mesh(mesh_cfg)
@@ -122,16 +123,97 @@ def test_chunked_step_on_tensor_sharded_vocab_matches_full():
     want = run_step(0, MeshConfig(data=-1), state0, batch)
     got = run_step(7, MeshConfig(data=2, fsdp=2, tensor=2), state0, batch)  # vocab 96 / tensor=2; 4 chunks of 6
     assert_trees_close(got, want)
+    # a chunk of 512 tokens cut by the logits budget (24 tokens: 9 kB > 2 kB): 2 rows x 48 vocab per device, 4 bytes: 384 B
+    # per token; 2 kB -> 5-token chunks (5 chunks of 5)
+    got = run_step(512, MeshConfig(data=2, fsdp=2, tensor=2), state0, batch, mib=2000 / 2 ** 20)
+    assert_trees_close(got, want)
+
+
+def test_the_logits_budget_chunks_only_what_does_not_fit():
+    V = 250_112  # 1,000,448 B of float32 logits per token and row
+    assert chunk_within(512, 0, batch=8, length=64, vocab=V) == 512  # no budget: loss_chunk alone
+    assert chunk_within(512, 1024, batch=8, length=128, vocab=V) == 128  # 977 MiB fit: the whole sequence
+    assert chunk_within(512, 1024, batch=8, length=1024, vocab=V) == 134  # 1 GiB / (8 x V x 4 B)
+    assert chunk_within(64, 1024, batch=8, length=1024, vocab=V) == 64  # never longer than loss_chunk
+    assert chunk_within(512, 1e-6, batch=8, length=1024, vocab=V) == 1
+    with use_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):  # 2 rows, 125,056 entries per device
+        assert chunk_within(512, 1024, batch=8, length=1024, vocab=V) == 1024  # 954 MiB per device
+        assert chunk_within(512, 1024, batch=8, length=4096, vocab=V) == 512
+    with use_mesh(make_mesh(MeshConfig(data=-1))):  # 1 row per device, the whole vocabulary
+        assert chunk_within(512, 256, batch=8, length=1024, vocab=V) == 268
 
 
 def test_chunked_loss_shrinks_compiled_step_memory():
     model = ModelConfig(vocab_size=32768, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32,
                         dtype="float32", max_seq_len=256)
 
-    def temp_bytes(chunk):
+    def temp_bytes(chunk, mib=0.0):
         cfg = Config(model=model, mesh=MeshConfig(data=-1), data=DataConfig(seq_len=256),
-                     train=TrainConfig(global_batch=8, loss_chunk=chunk))
+                     train=TrainConfig(global_batch=8, loss_chunk=chunk, loss_chunk_mib=mib))
         return lower_train_step(cfg).compile().memory_analysis().temp_size_in_bytes
 
     full, chunked = temp_bytes(0), temp_bytes(32)  # one 256 x 32768 fp32 logits row per device: 32 MiB
     assert chunked < 0.5 * full, (full, chunked)
+    # the default chunk (512) holds the whole row; a 4 MiB logits budget cuts it to 32 tokens
+    assert temp_bytes(512) == full
+    assert temp_bytes(512, mib=4.0) == chunked
+    assert temp_bytes(512, mib=1024.0) == full  # the default budget: 32 MiB of logits are not chunked
+
+
+def _vocab_dots(jaxpr, vocab: int) -> int:
+    """dot_generals (in every sub-jaxpr: scans, remat) with a vocabulary-sized operand or result."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes = [v.aval.shape for v in eqn.invars + eqn.outvars]
+            count += any(vocab in s for s in shapes)
+        for v in eqn.params.values():
+            for j in (v if isinstance(v, (list, tuple)) else (v,)):
+                inner = getattr(j, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    count += _vocab_dots(inner, vocab)
+                elif hasattr(j, "eqns"):
+                    count += _vocab_dots(j, vocab)
+    return count
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_the_chunked_gradient_builds_each_chunk_s_logits_once(frozen_head):
+    """The chunked loss's gradient comes from one pass over the chunks: the head's product for the
+    logits, the input gradient and (when the head trains) the weight gradient, as unchunked; a
+    rematerialised backward pass would build every chunk's logits a second time."""
+    cfg = preset("tiny-llama", n_layers=1, vocab_size=1000)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    trainable = (lambda path, v: isinstance(v, nnx.Param) and "lm_head" not in path) if frozen_head else nnx.Param
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    keys = model_input_keys(cfg)
+    batch = {k: v for k, v in make_batch(cfg, rows=4, length=19).items() if not k.startswith("enc_")}
+
+    def grads(chunk):
+        return jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=chunk, loss_chunk_mib=0, **LOSS), keys),
+                        has_aux=True)
+
+    dots = {chunk: _vocab_dots(jax.make_jaxpr(grads(chunk))(params, rest, batch).jaxpr, 1000) for chunk in (0, 5)}
+    assert dots[0] == (2 if frozen_head else 3)
+    assert dots[5] == dots[0], dots
+    want, got = grads(0)(params, rest, batch), grads(5)(params, rest, batch)
+    assert_trees_close(got, want)
+
+
+def test_a_gradient_of_the_other_sums_takes_the_plain_backward_pass():
+    """Differentiating the z-loss sum (not only the loss) is still exact: the rematerialised pass."""
+    from jaxft.train.losses import chunked_token_losses
+
+    cfg = preset("tiny-llama", n_layers=1)
+    graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    batch = make_batch(cfg, rows=4, length=19)
+
+    def objective(params, chunk):
+        model = nnx.merge(graphdef, params, rest)
+        h = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        loss, z, w = chunked_token_losses(h, model.logits, batch["targets"], batch["weights"], chunk=chunk, **LOSS)
+        return loss + 100.0 * z + w
+
+    want = jax.grad(objective)(params, 19)
+    got = jax.jit(jax.grad(objective), static_argnums=1)(params, 5)
+    assert_trees_close(got, want, rtol=1e-4)

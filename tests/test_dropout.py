@@ -149,7 +149,7 @@ def test_remat_and_chunked_loss_see_the_same_masks():
     for remat, chunk in (("none", 0), ("full", 5)):
         cfg = preset("tiny-llama", remat=remat, **RATES)
         graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-        loss_fn = jax.jit(jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=chunk)), has_aux=True))
+        loss_fn = jax.jit(jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=chunk, loss_chunk_mib=0)), has_aux=True))
         grads, aux = loss_fn(params, rest, batch, jax.random.key(3))
         sums.append((float(aux["loss_sum"]), grads))
     for loss, grads in sums[1:]:

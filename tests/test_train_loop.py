@@ -102,7 +102,8 @@ def test_incompatible_config_is_refused_and_nothing_is_written(reference):
         train(load_config(path, ["model.d_model=64"]), base_dir=tmp)
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     # Changing only bookkeeping (log cadence, more steps) or memory (remat, loss chunks) resumes fine.
-    more = train(load_config(path, ["train.log_every=2", "model.remat=full", "train.loss_chunk=16"]), base_dir=tmp)
+    more = train(load_config(path, ["train.log_every=2", "model.remat=full", "train.loss_chunk=16",
+                                           "train.loss_chunk_mib=0"]), base_dir=tmp)
     assert more.step == 6
 
 

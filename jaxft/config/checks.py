@@ -60,6 +60,7 @@ _CHECKS: tuple[Check, ...] = (
     *(_bound(f"train.{k}", ">=", 0) for k in ("dev_every", "z_loss")),
     _bound("train.label_smoothing", ">=", 0, 1),
     _bound("train.loss_chunk", ">=", 0),
+    _bound("train.loss_chunk_mib", ">=", 0),
     Check(("train.distill.alpha",), lambda c: 0 <= c.train.distill.alpha <= 1, "must be in [0, 1]"),
     _bound("train.distill.temperature", ">", 0),
     _bound("train.distill.top_k", ">=", 0),

@@ -165,10 +165,15 @@ class TrainConfig:
     dev_batches: int = 4
     z_loss: float = 0.0
     label_smoothing: float = 0.0
-    # Loss over sequence chunks of this many tokens, never holding the whole [B, L, V]
+    # Loss over sequence chunks of at most this many tokens, never holding the whole [B, L, V]
     # logits (the largest activation with 250k vocabularies); 0 = full logits.  A
-    # sequence of at most loss_chunk tokens takes the full-logits path unchanged.
+    # sequence of at most one chunk takes the full-logits path unchanged.
     loss_chunk: int = 512
+    # A budget for the logits, MiB of float32 per device (batch over the data axes, vocabulary
+    # over tensor): sequences whose whole logits fit it are not chunked (chunking costs
+    # head-sized gradient buffers); longer ones get chunks of at most loss_chunk tokens that fit
+    # it (a 250k vocabulary at 8 sequences per device: 128).  0 = loss_chunk alone.
+    loss_chunk_mib: float = 1024.0
     trainable: tuple[str, ...] = (".*",)  # regexes over parameter paths ("layers/0/attn/q/kernel")
     frozen: tuple[str, ...] = ()  # regexes; win over `trainable`
     progress_bar: bool = True

@@ -30,7 +30,7 @@ SAFE_TO_CHANGE = ("run_dir", "mesh.", "checkpoint.", "eval.", "train.steps", "tr
                   "train.dev_every", "train.dev_batches", "train.progress_bar",
                   # memory only, same numbers up to float summation order: what a resume on a
                   # smaller slice (or after an out-of-memory) needs to change
-                  "model.remat", "train.loss_chunk")
+                  "model.remat", "train.loss_chunk", "train.loss_chunk_mib")
 
 
 class ResumeError(ValueError):

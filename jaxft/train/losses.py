@@ -18,8 +18,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
-from jaxft.sharding import constrain
+from jaxft.sharding import constrain, logical_to_spec
 
 Sums = tuple[jax.Array, jax.Array, jax.Array]  # (loss_sum, z_loss_sum, weight_sum), float32
 
@@ -56,16 +57,42 @@ def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
     return n, math.ceil(length / n)
 
 
+def chunk_within(chunk: int, budget_mib: float, batch: int, length: int, vocab: int) -> int:
+    """The loss's chunk length with a logits budget of ``budget_mib`` MiB per device of the active
+    mesh (batch over the data axes, the vocabulary over the tensor axis, as the head shards
+    them): the whole sequence (``length``: no chunking) when its float32 [batch, length, vocab]
+    logits fit the budget, else at most ``chunk`` tokens whose logits fit it.  ``budget_mib`` 0:
+    ``chunk`` as is.  Chunking costs head-sized buffers (the weight gradient accumulated over
+    the chunks): below the budget the whole logits are cheaper (docs/decisions.md)."""
+    if budget_mib <= 0:
+        return chunk
+    mesh = jax.sharding.get_abstract_mesh()
+    per_device = [batch, vocab]
+    if mesh is not None and not mesh.empty:
+        for i, axes in enumerate(logical_to_spec(("batch", "vocab"))):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            per_device[i] = -(-per_device[i] // math.prod(mesh.shape[a] for a in names))
+    token_bytes = 4 * per_device[0] * per_device[1]
+    if length * token_bytes <= budget_mib * 2 ** 20:
+        return length
+    return max(1, min(chunk, int(budget_mib * 2 ** 20 // token_bytes)))
+
+
 def scan_chunks(fn: Callable[..., tuple[jax.Array, ...]], arrays: tuple[jax.Array, ...],
                 logical: tuple[tuple[str | None, ...], ...], *, chunk: int) -> tuple[jax.Array, ...]:
     """``fn(*arrays)`` -- a tuple of sums over the sequence axis (scalars or per-row) -- computed over chunks of
     at most ``chunk`` tokens and added up.  Each array is [B, L, ...] with ``logical`` axis
     names for its chunks; padding to whole chunks is zeros, so ``fn`` must give padded
-    tokens zero weight (a zero weights array does).  The chunk body is rematerialised:
-    the backward pass recomputes what ``fn`` builds (the chunk's logits)."""
+    tokens zero weight (a zero weights array does).
+
+    Differentiated, the first sum's gradient is computed in the same pass over the chunks
+    (`_fused_sums`): each chunk's logits are built once, their gradient taken at once, and only
+    the gradients w.r.t. the chunk inputs and the arrays ``fn`` closes over (the head's
+    parameters, those that are differentiated) are kept: no chunk is recomputed in the backward
+    pass, so the head costs what it costs unchunked (forward, input and weight gradients)."""
     B, L = arrays[0].shape[:2]
     n, C = chunk_layout(L, chunk)
-    if n == 1:  # one chunk: the plain computation, nothing to recompute
+    if n == 1:  # one chunk: the plain computation
         return fn(*arrays)
     pad = n * C - L
 
@@ -76,31 +103,96 @@ def scan_chunks(fn: Callable[..., tuple[jax.Array, ...]], arrays: tuple[jax.Arra
         return constrain(x, (None,) + names)
 
     xs = tuple(by_chunk(x, names) for x, names in zip(arrays, logical))
+    # the arrays `fn` closes over become arguments, so the custom gradient can see them
+    fn_c, consts = jax.closure_convert(lambda *c: fn(*(constrain(x, nm) for x, nm in zip(c, logical))),
+                                       *(x[0] for x in xs))
+    return _fused_sums(fn_c, xs, tuple(consts))
 
+
+def _summed(fn_c: Callable, xs: tuple, consts: tuple) -> tuple[jax.Array, ...]:
+    """The chunk sums added up, each chunk's body rematerialised (what a plain backward pass runs)."""
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sums(*chunks):
-        return fn(*(constrain(c, names) for c, names in zip(chunks, logical)))
+    def chunk_sums(x, consts):
+        return fn_c(*x, *consts)
 
     def body(carry, x):
-        return tuple(a + b for a, b in zip(carry, chunk_sums(*x))), None
+        return tuple(a + b for a, b in zip(carry, chunk_sums(x, consts))), None
 
-    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(fn, *(x[0] for x in xs)))
+    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(fn_c, *(x[0] for x in xs), *consts))
     sums, _ = jax.lax.scan(body, zeros, xs)
     return sums
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sums(fn_c: Callable, xs: tuple, consts: tuple) -> tuple[jax.Array, ...]:
+    return _summed(fn_c, xs, consts)
+
+
+def _fused_fwd(fn_c: Callable, xs: tuple, consts: tuple):
+    """One pass: the sums and, for a scalar first sum, its gradient w.r.t. every differentiated
+    chunk input (stacked per chunk) and closed-over array (accumulated in float32)."""
+    xs_v, consts_v = tuple(p.value for p in xs), tuple(p.value for p in consts)
+    dx, dc = [p.perturbed for p in xs], [p.perturbed for p in consts]
+    first = jax.eval_shape(fn_c, *(x[0] for x in xs_v), *consts_v)[0]
+    if first.ndim or not (any(dx) or any(dc)):  # per-row sums: the plain backward pass
+        return _summed(fn_c, xs_v, consts_v), (None, None, xs_v, consts_v)
+    acc0 = tuple(jnp.zeros(c.shape, jnp.float32) if d else None for c, d in zip(consts_v, dc))
+
+    def body(carry, x):
+        sums, acc = carry
+
+        def of(x_diff, c_diff):
+            xi, ci = iter(x_diff), iter(c_diff)
+            return fn_c(*(next(xi) if d else v for v, d in zip(x, dx)),
+                        *(next(ci) if d else v for v, d in zip(consts_v, dc)))
+
+        out, vjp = jax.vjp(of, [v for v, d in zip(x, dx) if d], [c for c, d in zip(consts_v, dc) if d])
+        g_x, g_c = vjp(tuple(jnp.ones_like(o) if i == 0 else jnp.zeros_like(o) for i, o in enumerate(out)))
+        g_x, g_c = iter(g_x), iter(g_c)
+        acc = tuple(None if a is None else a + next(g_c).astype(jnp.float32) for a in acc)
+        return (tuple(a + b for a, b in zip(sums, out)), acc), tuple(next(g_x) if d else None for d in dx)
+
+    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(fn_c, *(x[0] for x in xs_v), *consts_v))
+    (sums, g_c), g_x = jax.lax.scan(body, (zeros, acc0), xs_v)
+    return sums, (g_x, g_c, xs_v, consts_v)
+
+
+def _fused_bwd(fn_c: Callable, res, cts):
+    """The stored gradients times the first sum's cotangent; the plain (rematerialised) backward
+    pass where another sum has a cotangent too."""
+    g_x, g_c, xs, consts = res
+    fused = g_x is not None and not isinstance(cts[0], SymbolicZero) and \
+        all(isinstance(c, SymbolicZero) for c in cts[1:])
+    if not fused:
+        cts = tuple(jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in cts)
+        _, vjp = jax.vjp(lambda xs, consts: _summed(fn_c, xs, consts), xs, consts)
+        return vjp(cts)
+    ct = cts[0]
+    return (tuple(None if g is None else g * ct.astype(g.dtype) for g in g_x),
+            tuple(None if g is None else (g * ct).astype(c.dtype) for g, c in zip(g_c, consts)))
+
+
+_fused_sums.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 _H, _T = ("batch", "length", "embed"), ("batch", "length")
 
 
+def _vocab(head_fn: Callable[[jax.Array], jax.Array], hidden_BLD: jax.Array) -> int:
+    return jax.eval_shape(head_fn, hidden_BLD[:, :1]).shape[-1]
+
+
 def chunked_token_losses(hidden_BLD: jax.Array, head_fn: Callable[[jax.Array], jax.Array],
                          targets_BL: jax.Array, weights_BL: jax.Array, *, chunk: int,
-                         label_smoothing: float, z_loss: float) -> Sums:
+                         label_smoothing: float, z_loss: float, budget_mib: float = 0) -> Sums:
     """`summed_token_losses(head_fn(hidden_BLD), ...)` without materialising [B, L, V]:
     `scan_chunks` over the sequence (the batch axis stays on the data axes and the
-    vocabulary on the tensor axis: ``head_fn`` constrains its logits as the full path does)."""
+    vocabulary on the tensor axis: ``head_fn`` constrains its logits as the full path does),
+    chunks of at most ``chunk`` tokens and `chunk_within` ``budget_mib``."""
     def sums(h_BCD, t_BC, w_BC):
         return summed_token_losses(head_fn(h_BCD), t_BC, w_BC, label_smoothing=label_smoothing, z_loss=z_loss)
 
+    chunk = chunk_within(chunk, budget_mib, *hidden_BLD.shape[:2], _vocab(head_fn, hidden_BLD))
     return scan_chunks(sums, (hidden_BLD, targets_BL, weights_BL.astype(jnp.float32)), (_H, _T, _T), chunk=chunk)
 
 
@@ -132,12 +224,16 @@ def distill_token_sums(student_BLV: jax.Array, teacher_BLV: jax.Array, targets_B
 
 def chunked_distill_sums(student_h_BLD: jax.Array, student_head: Callable[[jax.Array], jax.Array],
                          teacher_h_BLD: jax.Array, teacher_head: Callable[[jax.Array], jax.Array],
-                         targets_BL: jax.Array, weights_BL: jax.Array, *, chunk: int,
+                         targets_BL: jax.Array, weights_BL: jax.Array, *, chunk: int, budget_mib: float = 0,
                          **kw) -> tuple[jax.Array, ...]:
     """`distill_token_sums` of both models' logits, ``chunk`` tokens at a time (`scan_chunks`):
-    neither model's [B, L, V] logits are ever held whole."""
+    neither model's [B, L, V] logits are ever held whole (``budget_mib``: both models' chunk
+    logits together, `chunk_within`)."""
     def sums(hs_BCD, ht_BCD, t_BC, w_BC):
         return distill_token_sums(student_head(hs_BCD), teacher_head(ht_BCD), t_BC, w_BC, **kw)
+
+    vocab = _vocab(student_head, student_h_BLD) + _vocab(teacher_head, teacher_h_BLD)
+    chunk = chunk_within(chunk, budget_mib, *student_h_BLD.shape[:2], vocab)
 
     return scan_chunks(sums, (student_h_BLD, teacher_h_BLD, targets_BL, weights_BL.astype(jnp.float32)),
                        (_H, _H, _T, _T), chunk=chunk)

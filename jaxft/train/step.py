@@ -41,7 +41,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
                  teacher_graphdef: nnx.GraphDef | None = None) -> Callable[..., tuple[jax.Array, dict]]:
     """``loss_fn(params, rest, batch, rng=None, teacher=None) -> (loss_sum, aux)``.
     ``train.loss_chunk`` > 0 computes the loss from the model's last hidden states,
-    ``loss_chunk`` sequence tokens at a time (`jaxft.train.losses.chunked_token_losses`),
+    at most ``loss_chunk`` sequence tokens at a time, fewer where one chunk's logits would
+    pass ``loss_chunk_mib`` per device (`jaxft.train.losses.chunked_token_losses`),
     never holding the whole [B, L, V] logits; 0 takes the full logits from ``model(...)``.
     ``rng``: the model runs with dropout drawn from this key (`jaxft.models.dropout`); None:
     none.  With ``teacher_graphdef`` (``train.distill``), ``teacher`` is the frozen teacher's
@@ -64,7 +65,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
             with dropout_rng(rng):
                 hidden = model.hidden(*inputs)
             sums = chunked_distill_sums(hidden, model.logits, teacher_h, teacher_model.logits, batch["targets"],
-                                        batch["weights"], chunk=cfg.loss_chunk or hidden.shape[1], alpha=dcfg.alpha,
+                                        batch["weights"], chunk=cfg.loss_chunk or hidden.shape[1],
+                                        budget_mib=cfg.loss_chunk_mib if cfg.loss_chunk else 0, alpha=dcfg.alpha,
                                         temperature=dcfg.temperature, top_k=dcfg.top_k, **kw)
         elif cfg.loss_chunk:
             if not hasattr(model, "hidden"):
@@ -72,7 +74,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
             with dropout_rng(rng):
                 hidden = model.hidden(*inputs)
             sums = chunked_token_losses(hidden, model.logits, batch["targets"], batch["weights"],
-                                        chunk=cfg.loss_chunk, **kw)
+                                        chunk=cfg.loss_chunk, budget_mib=cfg.loss_chunk_mib, **kw)
         else:
             with dropout_rng(rng):
                 logits = model(*inputs)
