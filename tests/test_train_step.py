@@ -60,6 +60,13 @@ def test_gradient_accumulation_equals_large_batch():
     np.testing.assert_allclose(loss_acc, loss_big, rtol=1e-5)  # loss and grad norm, both steps
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the chunked loss's one-pass gradient (a custom VJP) inside the microbatch loop, on a
+    # data x fsdp x tensor mesh: 3 chunks of 6 tokens
+    chunked, loss_chunked = run_steps(TrainConfig(microbatches=4, loss_chunk=6, loss_chunk_mib=0),
+                                      MeshConfig(data=2, fsdp=2, tensor=2), batches, LINEAR_OPT)
+    np.testing.assert_allclose(loss_chunked, loss_big, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(big.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=1, fsdp=-1), MeshConfig(data=2, fsdp=2, tensor=2)])
