@@ -312,3 +312,16 @@ def test_planning_workers_start_from_a_script_without_a_main_guard(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.splitlines() == ["top level ran", "result slice('cfg', 'any', {})"]
+
+
+def test_large_logits_add_the_loss_chunking_fixes(tiny):
+    """With more than 256 MiB of logits per chip the re-planned fixes include whole logits (chunks
+    hold head-sized gradient buffers: sometimes more memory) and a smaller logits budget."""
+    small = plan_lib.fix_candidates(load_config(tiny), n_dp=4)
+    assert not any(o[0].startswith("train.loss_chunk") for o in small)
+    big = load_config(tiny, ["model.vocab_size=250112", "data.seq_len=1024", "train.global_batch=32"])
+    fixes = plan_lib.fix_candidates(big, n_dp=4)  # 8 rows x 1024 x 250,112 x 4 B = 7.6 GiB per chip
+    assert fixes[-2:] == [("train.loss_chunk=0",), ("train.loss_chunk_mib=256",)]
+    unbudgeted = load_config(tiny, ["model.vocab_size=250112", "data.seq_len=1024", "train.global_batch=32",
+                                    "train.loss_chunk_mib=0"])
+    assert plan_lib.fix_candidates(unbudgeted, n_dp=4)[-1] == ("train.loss_chunk=128",)

@@ -1,27 +1,23 @@
-"""Plan a run before paying for it: compile the real train step for a TPU slice (or the
-local devices) and report per chip what it needs, whether it fits, how fast it could be,
-and which knob would make it fit.
+"""Plan a run before paying for it: compile the real train step for a TPU slice (or the local devices) and report per
+chip what it needs, whether it fits, how fast it could be, and which knob would make it fit.
 
-Everything comes from the same code path as `jaxft train` (`jaxft.train.aot`): PEFT method,
-remat, microbatches, mesh, loss chunking, distillation teacher.  The numbers:
+Everything comes from the same code path as `jaxft train` (`jaxft.train.aot`): PEFT method, remat, microbatches,
+mesh, loss chunking, distillation teacher.  The numbers:
 
-* **memory** -- from the compiled executable (`memory_analysis()`): arguments (split into
-  parameters / optimizer state / other by the inputs' own shardings), outputs not aliased
-  to a donated input, temporaries (gradients, activations, workspace) and code.  When the
-  compiler refuses the step for lack of HBM, the temporaries and the usable HBM are read
-  from its error; the verdict is then DOES NOT FIT by the difference.  LT-SFT keeps its
-  starting parameters (theta0) beside the state: counted on top.
-* **FLOPs** -- the compiled per-chip count (`cost_analysis()`) next to the model's FLOPs
-  (`jaxft.models.flops`, the MFU accounting of training).  With `model.scan_layers` the
-  compiled FLOPs and bytes are extrapolated from small unrolled compiles
-  (`scan_corrected_cost`): the cost analysis counts a loop body once.
-* **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all /
-  collective-permute in the optimized HLO (each once, the array a chip sends or receives),
-  multiplied by the trip count of enclosing loops.
-* **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16
-  peak), HBM traffic (bytes accessed / HBM bandwidth) and communication (collective bytes,
-  all-reduce counted twice, over ICI; across slices the gradient reduction over DCN), with
-  the tokens/s and MFU it implies.
+* **memory** -- from the compiled executable (`memory_analysis()`): arguments (split into parameters / optimizer
+  state / other by the inputs' own shardings), outputs not aliased to a donated input, temporaries (gradients,
+  activations, workspace) and code.  When the compiler refuses the step for lack of HBM, the temporaries and the
+  usable HBM are read from its error; the verdict is then DOES NOT FIT by the difference.  LT-SFT keeps its starting
+  parameters (theta0) beside the state: counted on top.
+* **FLOPs** -- the compiled per-chip count (`cost_analysis()`) next to the model's FLOPs (`jaxft.models.flops`, the
+  MFU accounting of training).  With `model.scan_layers` the compiled FLOPs and bytes are extrapolated from small
+  unrolled compiles (`scan_corrected_cost`): the cost analysis counts a loop body once.
+* **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute in
+  the optimized HLO (each once, the array a chip sends or receives), multiplied by the trip count of enclosing
+  loops.
+* **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16 peak), HBM traffic
+  (bytes accessed / HBM bandwidth) and communication (collective bytes, all-reduce counted twice, over ICI; across
+  slices the gradient reduction over DCN), with the tokens/s and MFU it implies.
 """
 
 from __future__ import annotations
@@ -372,6 +368,10 @@ def fix_candidates(cfg: Config, n_dp: int) -> list[tuple[str, ...]]:
         out.append(("model.remat=full", "mesh.data=1", "mesh.fsdp=-1"))
     if not cfg.model.scan_layers:  # its buffers are assigned per loop body: often less memory
         out.append(("model.scan_layers=true",))
+    t = cfg.train  # > 256 MiB of logits per chip: whole logits (chunks hold head-sized gradients) or smaller chunks
+    if t.loss_chunk and max(1, rows // n_dp) * cfg.data.seq_len * cfg.model.vocab_size * 4 > 2 ** 28:
+        out += [("train.loss_chunk=0",), (f"train.loss_chunk_mib={t.loss_chunk_mib / 4:g}",) if t.loss_chunk_mib
+                else (f"train.loss_chunk={max(1, t.loss_chunk // 4)}",)]
     return out
 
 
