@@ -19,7 +19,7 @@ import jaxft.train.setup as setup_mod
 from jaxft.config.loader import load_config
 from jaxft.interop.hf import init_params_from
 from jaxft.models.scan import STACKED, stack_layers, stack_owned, unstack_layers
-from trainutil import write_run_config
+from trainutil import save_tiny_hf_llama, write_run_config
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -35,12 +35,7 @@ def tree_bytes(tree) -> int:
 
 @pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "stacked"])
 def test_starting_from_a_checkpoint_holds_one_copy_of_the_parameters(tmp_path, monkeypatch, scan):
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
-    hf_dir = tmp_path / "hf"
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf_dir, safe_serialization=True)
+    hf_dir = save_tiny_hf_llama(tmp_path / "hf", layers=3)
     path = write_run_config(tmp_path, steps=2, extra={"model.n_layers": 3, "model.scan_layers": scan,
                                                       "model.init_from": f"hf:{hf_dir}"})
     cfg = load_config(path, ["model.max_seq_len=128", "model.norm_eps=1e-6"])

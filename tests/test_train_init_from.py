@@ -9,19 +9,14 @@ from jaxft.interop.hf import init_params_from
 from jaxft.train.loop import train
 from trainutil import read_jsonl
 
-from trainutil import write_run_config
+from trainutil import save_tiny_hf_llama, write_run_config
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 
 def test_training_starts_from_hf_weights(tmp_path):
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
-    hf_dir = tmp_path / "hf"
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf_dir, safe_serialization=True)
+    hf_dir = save_tiny_hf_llama(tmp_path / "hf")
     path = write_run_config(tmp_path, steps=2, extra={"train.frozen": ["^embed/"]})
     text = path.read_text().replace("preset: tiny-llama", f"preset: tiny-llama\n  init_from: hf:{hf_dir}")
     text = text.replace("max_seq_len: 2048", "max_seq_len: 128")

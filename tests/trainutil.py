@@ -114,3 +114,17 @@ def cli_train_slowly(config_path: str, seconds: float, *extra: str, start_delay:
 def read_jsonl(path) -> list[dict]:
     """A run's .jsonl file, every line a JSON object (else the test fails naming the line)."""
     return _read_jsonl(path, strict=True)
+
+
+def save_tiny_hf_llama(folder: Path, layers: int = 2) -> Path:
+    """A random transformers LLaMA of `write_run_config`'s shapes (vocabulary 512, d_model 32),
+    saved as safetensors: what `model.init_from: hf:<folder>` reads (needs torch + transformers)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
