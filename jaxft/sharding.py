@@ -154,6 +154,12 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical))
 
 
+def ways(axes: str | tuple[str, ...] | None, mesh: Any) -> int:
+    """How many shards one PartitionSpec entry (a mesh axis, several, or None) makes on ``mesh``."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in names)
+
+
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """Make `spec` valid for `shape`: a spec of another rank (e.g. Adafactor's
     factored moments, which inherit their parameter's metadata) is replicated,
@@ -163,9 +169,7 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
         return P()
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if dim % size == 0 else None)
+        out.append(axes if dim % ways(axes, mesh) == 0 else None)
     return P(*out)
 
 

@@ -99,12 +99,16 @@ def _stacked(values: tuple, sharding: NamedSharding | None) -> jax.Array:
     return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
+def _full_spec(sharding: NamedSharding, ndim: int) -> tuple:
+    """A sharding's PartitionSpec with an entry for every one of ``ndim`` dimensions."""
+    return tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+
+
 def _stacked_sharding(x: Any) -> NamedSharding | None:
     sharding = getattr(x, "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return None
-    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    return NamedSharding(sharding.mesh, PartitionSpec(None, *spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *_full_spec(sharding, x.ndim)))
 
 
 def _stack_at(state: Any, chosen: set, values: Callable[[list], Any] = jnp.stack, prefix: tuple = ()) -> Any:
@@ -196,9 +200,8 @@ def _is_state(x: Any) -> bool:
 def _abstract_layer(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
     """One layer of an abstract stacked array: the layer axis dropped from its shape and sharding."""
     sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*_full_spec(sharding, len(x.shape))[1:]))
     return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
 
 

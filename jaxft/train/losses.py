@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxft.sharding import constrain, logical_to_spec
+from jaxft.sharding import constrain, logical_to_spec, ways
 
 Sums = tuple[jax.Array, jax.Array, jax.Array]  # (loss_sum, z_loss_sum, weight_sum), float32
 
@@ -67,12 +67,10 @@ def chunk_within(chunk: int, budget_mib: float, batch: int, length: int, vocab: 
     if budget_mib <= 0:
         return chunk
     mesh = jax.sharding.get_abstract_mesh()
-    per_device = [batch, vocab]
     if mesh is not None and not mesh.empty:
-        for i, axes in enumerate(logical_to_spec(("batch", "vocab"))):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            per_device[i] = -(-per_device[i] // math.prod(mesh.shape[a] for a in names))
-    token_bytes = 4 * per_device[0] * per_device[1]
+        batch_ways, vocab_ways = (ways(axes, mesh) for axes in logical_to_spec(("batch", "vocab")))
+        batch, vocab = -(-batch // batch_ways), -(-vocab // vocab_ways)
+    token_bytes = 4 * batch * vocab  # float32 logits of one token position, per device
     if length * token_bytes <= budget_mib * 2 ** 20:
         return length
     return max(1, min(chunk, int(budget_mib * 2 ** 20 // token_bytes)))
@@ -133,8 +131,8 @@ def _fused_fwd(fn_c: Callable, xs: tuple, consts: tuple):
     chunk input (stacked per chunk) and closed-over array (accumulated in float32)."""
     xs_v, consts_v = tuple(p.value for p in xs), tuple(p.value for p in consts)
     dx, dc = [p.perturbed for p in xs], [p.perturbed for p in consts]
-    first = jax.eval_shape(fn_c, *(x[0] for x in xs_v), *consts_v)[0]
-    if first.ndim or not (any(dx) or any(dc)):  # per-row sums: the plain backward pass
+    shapes = jax.eval_shape(fn_c, *(x[0] for x in xs_v), *consts_v)
+    if shapes[0].ndim or not (any(dx) or any(dc)):  # per-row sums: the plain backward pass
         return _summed(fn_c, xs_v, consts_v), (None, None, xs_v, consts_v)
     acc0 = tuple(jnp.zeros(c.shape, jnp.float32) if d else None for c, d in zip(consts_v, dc))
 
@@ -152,7 +150,7 @@ def _fused_fwd(fn_c: Callable, xs: tuple, consts: tuple):
         acc = tuple(None if a is None else a + next(g_c).astype(jnp.float32) for a in acc)
         return (tuple(a + b for a, b in zip(sums, out)), acc), tuple(next(g_x) if d else None for d in dx)
 
-    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in jax.eval_shape(fn_c, *(x[0] for x in xs_v), *consts_v))
+    zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in shapes)
     (sums, g_c), g_x = jax.lax.scan(body, (zeros, acc0), xs_v)
     return sums, (g_x, g_c, xs_v, consts_v)
 
