@@ -38,7 +38,7 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
     tests = os.path.dirname(os.path.abspath(__file__))
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip(), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+               JAXFT_DEBUG="1", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     sets = [a for o in overrides for a in ("--set", o)]
     procs = []
     for i in range(2):
@@ -57,8 +57,9 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == expect, err[-3000:]
+    # Both processes' stderr on failure: the one that failed first is not always process 0.
+    report = "\n".join(f"--- process {i} (status {p.returncode}):\n{err[-4000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs)))
+    assert [p.returncode for p in procs] == [expect, expect], report
 
 
 def test_two_processes_match_one_process_across_a_preemption(tmp_path):

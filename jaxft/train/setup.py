@@ -198,13 +198,23 @@ def _steps(cfg: Config, graphdef, tx, shardings, bsharding, teacher: Teacher | N
     return (train_step if teacher is None else WithTeacher(train_step, teacher)), eval_step
 
 
-def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
-    """Everything a run needs.  Refuses (before writing anything) a run dir whose
-    checkpoints were made with an incompatible config.  `restart`: see `train`."""
-    dirs = RunDir(cfg.run_dir)  # a local path or a URL (gs://...: jaxft.paths)
+def _checked_run_dir(run_dir) -> RunDir:
+    """The run dir, refused when it holds something else.  Every process of a multi-process
+    run looks before any of them writes (process 0 creates `checkpoints/` and `config.yaml`
+    next): a process that looked in between saw a half-made run dir and refused it."""
+    dirs = RunDir(run_dir)  # a local path or a URL (gs://...: jaxft.paths)
     if dirs.root.is_dir() and not dirs.is_run() and any(dirs.root.iterdir()):
         raise ValueError(f"run_dir {dirs.root}: exists, is not empty and is not a jaxft run dir (no config.yaml); "
                          "choose a new run_dir")
+    if jax.process_count() > 1:  # a coordination-service barrier: processes may start minutes apart
+        get_barrier_sync_fn()(key="jaxft:run_dir_checked", timeout_ms=TOKENIZER_BARRIER_S * 1000)
+    return dirs
+
+
+def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
+    """Everything a run needs.  Refuses (before writing anything) a run dir whose
+    checkpoints were made with an incompatible config.  `restart`: see `train`."""
+    dirs = _checked_run_dir(cfg.run_dir)
     ckpt = Checkpointer(dirs.checkpoints, cfg.checkpoint)
     cfg = resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written
     configured = configured_tokenizer(cfg.data, base_dir)
