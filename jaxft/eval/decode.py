@@ -213,6 +213,7 @@ def decode_all(model: nnx.Module | SplitModel, seqs: Sequence[Sequence[int]], *,
     if encoder_decoder is None:
         encoder_decoder = cache_lib.model_is_encoder_decoder(model)
     rng = jax.random.key(0) if rng is None else rng
+    model = SplitModel(*split_model(model))  # once: splitting a module walks its graph (ms per batch)
     results = []
     batches = length_sorted_batches(seqs, batch_size, pad_id=config.pad_id, length_multiple=length_multiple)
     for i, batch in enumerate(batches):
