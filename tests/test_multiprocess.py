@@ -5,7 +5,6 @@ processes (after SIGTERM to one of them) and restored by them in a second launch
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,10 @@ from jaxft.config.loader import load_config
 from jaxft.train.loop import train
 from trainutil import read_jsonl
 
-from trainutil import write_run_config
+from trainutil import free_port, write_run_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # `make test` runs it alone, after the parallel pass
 CONSTANT_LR = {"optimizer.schedule": "constant"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step: int | None = None,
@@ -58,7 +51,8 @@ def launch_two(cfg_path, overrides=(), *, slow: float = 0.0, sigterm_after_step:
         procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=600) for p in procs]
     # Both processes' stderr on failure: the one that failed first is not always process 0.
-    report = "\n".join(f"--- process {i} (status {p.returncode}):\n{err[-4000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs)))
+    report = "\n".join(f"--- process {i} (status {p.returncode}):\n{err[-4000:]}"
+                       for i, (p, (_, err)) in enumerate(zip(procs, outs)))
     assert [p.returncode for p in procs] == [expect, expect], report
 
 

@@ -9,11 +9,11 @@ checkpoint it read, byte for byte."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+from trainutil import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
@@ -51,12 +51,6 @@ if src:  # import, then export what was imported
 else:
     save_hf(cfg, nnx.from_flat_state(values), out, dtype=DTYPE, max_shard_size=2500)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out, *, processes: int, src="", dtype="bfloat16") -> None:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_multiprocess import free_port
+from trainutil import free_port
 
 CHILD = textwrap.dedent("""
     import sys, time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -128,3 +129,10 @@ def save_tiny_hf_llama(folder: Path, layers: int = 2) -> Path:
                                    rms_norm_eps=1e-6, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def free_port() -> int:
+    """A free local TCP port (for a multi-process test's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
