@@ -3,11 +3,12 @@
 `token_losses` takes full float32 logits_BLV.  `chunked_token_losses` takes the
 last hidden states h_BLD and the model's head (``model.logits``: h [B, C, D] ->
 float32 logits [B, C, V]) and computes the same summed losses over sequence
-chunks of at most ``chunk`` tokens in a `jax.lax.scan` whose body is
-`jax.checkpoint`-ed: the backward pass recomputes each chunk's logits instead of
-storing them, so the step never holds more than one chunk's [B, C, V] logits
-(and their gradient) instead of [B, L, V].  Same formulas, same sums up to float
-summation order; a sequence that fits one chunk takes the plain, unchunked path.
+chunks of at most ``chunk`` tokens in a `jax.lax.scan`.  Differentiated, the loss
+sum's gradient is taken chunk by chunk in the same pass (`scan_chunks`), so the
+step never holds more than one chunk's [B, C, V] logits (and their gradient)
+instead of [B, L, V], and no chunk's logits are rebuilt in the backward pass.
+Same formulas, same sums up to float summation order; a sequence whose logits fit
+the budget (`chunk_within`) takes the plain, unchunked path.
 """
 
 from __future__ import annotations
