@@ -370,8 +370,9 @@ def test_first_argmax_is_argmax_with_ties_and_masked_entries():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mbart", "tiny-t5"])
 def test_both_cache_layouts_decode_alike(name, monkeypatch):
-    """The CPU stores caches head-major ([B, G, S, K], what its attention contracts); other
-    platforms [B, S, G, K].  Forcing the latter here: the same outputs, per layer and stacked."""
+    """The CPU stores caches head-major ([B, G, S, K]; grouped-query keys [B, G, K, S]: what its
+    attention contracts fastest); other platforms [B, S, G, K].  Forcing the latter here: the
+    same outputs, per layer and stacked."""
     from jaxft.eval.types import SplitModel
     from jaxft.models import cache as cache_mod
     from jaxft.models.scan import stack_layers
@@ -383,6 +384,8 @@ def test_both_cache_layouts_decode_alike(name, monkeypatch):
     configs = [DecodeConfig(strategy="greedy", max_len=6, eos_id=1),
                DecodeConfig(strategy="beam", beam_size=2, n_best=2, max_len=6, eos_id=1)]
     assert cache_mod.head_major_default()  # the CPU's layout
+    if not cache_lib.model_is_encoder_decoder(model):  # tiny-llama: grouped-query, keys slots-last
+        assert cfg.n_heads > cfg.kv_heads and model.init_cache(2, 5).layers[0].keys_last
     want = [run(m, cfg, c, ids, lengths) for m in (model, split) for c in configs]
     asked = []
     monkeypatch.setattr(cache_mod, "head_major_default", lambda: asked.append(1) is None and False)
@@ -400,13 +403,59 @@ def test_both_cache_layouts_decode_alike(name, monkeypatch):
 
 
 def test_cache_layouts_store_the_same_keys():
-    from jaxft.models.cache import KVCache
+    from jaxft.models.cache import KVCache, LayerSlot
 
     rng = np.random.default_rng(0)
     k, v = (jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32) for _ in range(2))  # [B, L, G, K]
     plain = KVCache.of(jnp.zeros((2, 6, 4, 5)), jnp.zeros((2, 6, 4, 5))).write(k, v, jnp.int32(2))
     major = KVCache.of(jnp.zeros((2, 4, 6, 5)), jnp.zeros((2, 4, 6, 5)), True).write(k, v, jnp.int32(2))
-    assert major.k.shape == (2, 4, 6, 5)
-    for a, b in zip(plain.kv_BSGK(), major.kv_BSGK()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    last = KVCache.of(jnp.zeros((2, 4, 5, 6)), jnp.zeros((2, 4, 6, 5)), True, True).write(k, v, jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(major.k[:, :, 2:5]), np.asarray(k).transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(np.asarray(last.k[..., 2:5]), np.asarray(k).transpose(0, 2, 3, 1))
+    for cache in (major, last):
+        for a, b in zip(plain.kv_BSGK(), cache.kv_BSGK()):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(plain.kv_BSGK()[0][:, 2:5]), np.asarray(k))
+    # a stacked stack (leading layer axis): layer 1 written, layers 0 and 2 untouched, in every layout
+    for cache in (KVCache.of(jnp.zeros((3, 2, 6, 4, 5)), jnp.zeros((3, 2, 6, 4, 5))),
+                  KVCache.of(jnp.zeros((3, 2, 4, 6, 5)), jnp.zeros((3, 2, 4, 6, 5)), True),
+                  KVCache.of(jnp.zeros((3, 2, 4, 5, 6)), jnp.zeros((3, 2, 4, 6, 5)), True, True)):
+        slot = LayerSlot(cache, jnp.int32(1)).write(k, v, jnp.int32(2))
+        for a, b in zip(slot.kv_BSGK(), plain.kv_BSGK()):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert not np.asarray(slot.stack.k[0]).any() and not np.asarray(slot.stack.v[2]).any()
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local"])
+def test_prefill_attends_to_the_prompt_alone_and_fills_the_cache_alike(family):
+    """The prefill writes the prompt into an empty cache and attends over the prompt's own keys
+    only: the same logits and cache as attending over every slot of the cache (the empty ones
+    masked), per layer and stacked, with scores [L, L] instead of [L, S] (less compiled memory)."""
+    from jaxft.eval.types import SplitModel
+    from jaxft.models.scan import merged, stack_layers
+
+    cfg, model = model_for(FAMILIES[family][0], **FAMILIES[family][1])
+    ids, lengths = batch(cfg, lengths=(7, 4, 2))
+    ids_BP, seg_BP, pos_BP = cache_lib.left_align(jnp.asarray(ids), jnp.asarray(lengths), 0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    stacked = SplitModel(graphdef, stack_layers(params, rest))
+
+    def prefill(split, new_tokens, flag):
+        def f(states):
+            with merged(split.graphdef, *states) as m:
+                return m.decode_step(ids_BP, pos_BP, m.init_cache(ids.shape[0], ids.shape[1] + new_tokens), seg_BP,
+                                     prefill=flag)
+        return jax.jit(f), split.states
+
+    per_layer = SplitModel(graphdef, (params, rest))
+    for split in (per_layer, stacked):
+        (f_all, states), (f_own, _) = prefill(split, 8, False), prefill(split, 8, True)
+        (want_logits, want_cache), (got_logits, got_cache) = f_all(states), f_own(states)
+        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # a long room for new tokens: the prompt-only prefill's scores stay [L, L]
+    f_all, states = prefill(stacked, 2048, False)
+    f_own, _ = prefill(stacked, 2048, True)
+    temp = [f.lower(states).compile().memory_analysis().temp_size_in_bytes for f in (f_all, f_own)]
+    assert temp[1] < temp[0] / 2, temp

@@ -103,7 +103,7 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
     ids_BP, seg_BP, pos_BP = left_align(inputs, len_B, pad_id)
     cache = model.init_cache(B, P + max_len)
     if P > 1:
-        _, cache = model.decode_step(ids_BP[:, :-1], pos_BP[:, :-1], cache, seg_BP[:, :-1])
+        _, cache = model.decode_step(ids_BP[:, :-1], pos_BP[:, :-1], cache, seg_BP[:, :-1], prefill=True)
     return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1], jnp.where(seg_BP == 1, ids_BP, -1))
 
 

@@ -36,7 +36,8 @@ from flax import nnx
 
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import Attention
-from jaxft.models.cache import DecodeCache, KVCache, self_attention_caches
+from jaxft.models import kernels
+from jaxft.models.cache import DecodeCache, KVCache, Prefill, self_attention_caches
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, softcap)
@@ -166,27 +167,36 @@ class Decoder(nnx.Module):
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
         _, G, K = self.layers[0].attn.k.kernel.shape
         # stacked layers: one cache with a leading layer axis, carried by the scan
-        layers = self_attention_caches(len(self.layers), is_stacked(self.layers), batch, max_len, G, K, self.dtype)
+        layers = self_attention_caches(len(self.layers), is_stacked(self.layers), batch, max_len, G, K, self.dtype,
+                                       group=self.layers[0].attn.n_heads // G)
         return DecodeCache.empty(layers, batch, max_len)
 
     def decode_step(self, inputs_BL: jax.Array, positions_BL: jax.Array, cache: DecodeCache,
-                    segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, DecodeCache]:
+                    segment_ids_BL: jax.Array | None = None, *, prefill: bool = False) -> tuple[jax.Array, DecodeCache]:
         """Run L new tokens against the cache: (float32 logits_BLV, updated cache).
 
         L = prompt length for the prefill, 1 per step after.  ``segment_ids_BL``: 1 for
         real tokens (default), 0 for prompt left-padding.  Computes what ``__call__``
-        computes for these positions of the whole sequence.
+        computes for these positions of the whole sequence.  ``prefill``: the cache is empty
+        (``init_cache``), so the L tokens attend only among themselves, with the full forward's
+        masks (and its fused attention kernel where the platform has one), while their
+        keys/values are written to slots 0..L-1.
         """
         segment_ids_BL = default_segment_ids(inputs_BL.shape, segment_ids_BL)
         index = cache.index
         cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
+        if prefill:
+            mask_B1LS, kv_positions_BS = causal_segments(segment_ids_BL), positions_BL
         local_mask_B1LS = None
         if self.sliding_window is not None:
+            mask_B1LS = kernels.dense_mask(mask_B1LS)  # local / global chosen per layer: dense masks
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
 
         def call(layer, x_BLD, layer_cache, _, local):
             mask = mask_B1LS if local_mask_B1LS is None else jnp.where(local, local_mask_B1LS, mask_B1LS)
-            return layer(x_BLD, positions_BL, kv_positions_BS, mask, layer_cache, index)
+            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask,
+                                       Prefill(layer_cache) if prefill else layer_cache, index)
+            return x_BLD, layer_cache.slot if prefill else layer_cache
 
         x_BLD, layers = run_layers_cached(self.layers, call, self.embed_tokens(inputs_BL), cache.layers,
                                           per_layer=(np.array(self.local_layers),))
