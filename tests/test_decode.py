@@ -416,6 +416,9 @@ def test_cache_layouts_store_the_same_keys():
         for a, b in zip(plain.kv_BSGK(), cache.kv_BSGK()):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(plain.kv_BSGK()[0][:, 2:5]), np.asarray(k))
+    # the CPU's choice: keys slots-last only where a kv head serves several query heads
+    assert KVCache.zeros(2, 6, 4, 5, jnp.float32, group=2).k.shape == (2, 4, 5, 6)
+    assert KVCache.zeros(2, 6, 4, 5, jnp.float32, group=1).k.shape == (2, 4, 6, 5)
     # a stacked stack (leading layer axis): layer 1 written, layers 0 and 2 untouched, in every layout
     for cache in (KVCache.of(jnp.zeros((3, 2, 6, 4, 5)), jnp.zeros((3, 2, 6, 4, 5))),
                   KVCache.of(jnp.zeros((3, 2, 4, 6, 5)), jnp.zeros((3, 2, 4, 6, 5)), True),
