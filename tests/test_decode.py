@@ -93,8 +93,12 @@ def test_cached_greedy_is_argmax_of_full_forward(family):
         dict(enc_inputs=ids, enc_lengths=lengths, decoder_start_id=cfg.decoder_start_id)
         if cache_lib.model_is_encoder_decoder(model) else dict(inputs=ids, lengths=lengths)))
     c, tok, pos, steps = st.cache, st.token_B, st.position_B, []
+    assert (st.logits_BV is None) == cache_lib.model_is_encoder_decoder(model)
     for t in range(T):
-        logits, c = cache_lib.step(model, tok, pos, c)
+        if t == 0 and st.logits_BV is not None:  # decoder-only: the prefill gives the first logits
+            logits = st.logits_BV
+        else:
+            logits, c = cache_lib.step(model, tok, pos, c)
         steps.append(np.asarray(logits))
         tok, pos = jnp.asarray(gen[:, t]), pos + 1
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-4)
@@ -232,6 +236,9 @@ def test_length_sorted_batching_restores_order():
     assert [b.indices.tolist() for b in batches] == [[2, 4], [0, 3], [1]]
     assert [b.ids.shape for b in batches] == [(2, 12), (2, 8), (2, 4)]
     assert restore_order(batches, [["c", "e"], ["a", "d"], ["b", "x"]]) == list("abcde")
+    # long rows: a multiple of 128 columns (fewer shapes; the TPU's fused attention block)
+    widths = [b.ids.shape[1] for b in length_sorted_batches([[5] * n for n in (512, 513, 700)], 1)]
+    assert widths == [768, 640, 512]
     config = DecodeConfig(strategy="greedy", max_len=5, eos_id=None, pad_id=1, decoder_start_id=2)
     got = decode_all(model, seqs, config=config, batch_size=2)
     for seq, [(tokens, score)] in zip(seqs, got):
@@ -432,8 +439,9 @@ def test_cache_layouts_store_the_same_keys():
 @pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local"])
 def test_prefill_attends_to_the_prompt_alone_and_fills_the_cache_alike(family):
     """The prefill writes the prompt into an empty cache and attends over the prompt's own keys
-    only: the same logits and cache as attending over every slot of the cache (the empty ones
-    masked), per layer and stacked, with scores [L, L] instead of [L, S] (less compiled memory)."""
+    only: the same last-token logits and cache as attending over every slot of the cache (the
+    empty ones masked), per layer and stacked, with scores [L, L] instead of [L, S] (less
+    compiled memory)."""
     from jaxft.eval.types import SplitModel
     from jaxft.models.scan import merged, stack_layers
 
@@ -454,7 +462,8 @@ def test_prefill_attends_to_the_prompt_alone_and_fills_the_cache_alike(family):
     for split in (per_layer, stacked):
         (f_all, states), (f_own, _) = prefill(split, 8, False), prefill(split, 8, True)
         (want_logits, want_cache), (got_logits, got_cache) = f_all(states), f_own(states)
-        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+        # the prefill's logits: the last prompt token's alone
+        np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits)[:, -1:], rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # a long room for new tokens: the prompt-only prefill's scores stay [L, L]

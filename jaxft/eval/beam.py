@@ -71,9 +71,9 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
     def cond(s):
         return (s["t"] < L) & ~jnp.all(s["done_B"])
 
-    def body(s):
+    def choose(s, logits_RV, cache):
+        """The k best continuations of each input from every beam's next-token logits."""
         t = s["t"]
-        logits_RV, cache = step(model, s["token_R"], s["position_R"], s["cache"])
         # HF: the processors see each beam's own history and act on log-probs
         hist_RH = jnp.concatenate([history_RP, s["alive_seq_BKL"].reshape(R, L)], axis=1)
         cur = history_RP.shape[1] + t
@@ -119,6 +119,11 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
             done_B=s["done_B"] | stop_B,
         )
 
+    def body(s):
+        return choose(s, *step(model, s["token_R"], s["position_R"], s["cache"]))
+
+    if start.logits_BV is not None:  # decoder-only: the first step from the prefill's logits
+        state = choose(state, jnp.repeat(start.logits_BV, k, axis=0), state["cache"])
     s = jax.lax.while_loop(cond, body, state)
     n = cfg.n_best
     return DecodeOutput(tokens=s["fin_seq_BKL"][:, :n], scores=s["fin_score_BK"][:, :n],

@@ -2,22 +2,24 @@
 
 The model side of decoding, independent of the search strategy:
 
-- ``start`` builds the ``DecodeCache`` and returns the first token to feed.
+- ``start`` builds the ``DecodeCache``.
   Decoder-only: prompts arrive right-padded (as the data pipeline writes
   them) with per-row lengths; they are *left-aligned* here so every row ends
-  at the same slot, the prompt minus its last token is prefilled in one pass
-  (left padding is segment 0, positions start at 0 at each row's first real
-  token), and the last prompt token is the first one fed to ``step``.  Every
-  row then writes the same cache slot each step (one scalar index,
-  ``dynamic_update_slice``), which keeps all shapes static.
+  at the same slot, and the whole prompt is prefilled in one pass (left
+  padding is segment 0, positions start at 0 at each row's first real token),
+  which also gives the logits of the first generated token (``logits_BV``):
+  the search takes its first token from them, and ``step`` is fed generated
+  tokens only.  Every row then writes the same cache slot each step (one
+  scalar index, ``dynamic_update_slice``), which keeps all shapes static.
   Encoder-decoder: the encoder runs once, each decoder layer projects its
-  cross-attention k/v once, and the first token fed is the decoder start id.
+  cross-attention k/v once, and the first token fed to ``step`` is the decoder
+  start id (no ``logits_BV``).
 - ``step`` feeds one token per row and returns next-token logits.
 - ``DecodeStart.history_BH`` is what HF's repetition processors count as the
   sequence so far (``jaxft.eval.sampling.repetition_penalty`` / ``no_repeat_ngram``).
 
-Cache length: decoder-only ``P + max_len`` slots (P = padded prompt length),
-encoder-decoder ``max_len``.
+Cache length: decoder-only ``P + max_len`` slots (P = padded prompt length; the last
+generated token is never fed, so one slot stays free), encoder-decoder ``max_len``.
 """
 
 from __future__ import annotations
@@ -37,11 +39,20 @@ from jaxft.sharding import constrain
 @dataclasses.dataclass(frozen=True)
 class DecodeStart:
     cache: DecodeCache
-    token_B: jax.Array  # int32: the next token to feed to ``step``
+    token_B: jax.Array  # int32: the next token to feed to ``step`` (decoder-only: the last prompt token, fed already)
     position_B: jax.Array  # int32: its position
     # int32 [B, H]: the tokens before the first generated one as HF's logits processors see them
     # (decoder-only: the left-aligned prompt; encoder-decoder: the decoder start id); -1 = padding
     history_BH: jax.Array
+    # float32 [B, V]: decoder-only, the next-token logits after the prompt (the prefill's last
+    # position): the first search step uses them instead of feeding ``token_B`` to ``step``
+    logits_BV: jax.Array | None = None
+
+    def repeat_rows(self, n: int) -> DecodeStart:
+        """Each row n times in a row: one copy per beam / sample."""
+        rep = lambda a: None if a is None else jnp.repeat(a, n, axis=0)  # noqa: E731
+        return DecodeStart(self.cache.repeat_rows(n), rep(self.token_B), rep(self.position_B), rep(self.history_BH),
+                           rep(self.logits_BV))
 
 
 def model_is_encoder_decoder(model) -> bool:
@@ -102,9 +113,8 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
     len_B = jnp.maximum(lengths_or_count(inputs, lengths, pad_id), 1)
     ids_BP, seg_BP, pos_BP = left_align(inputs, len_B, pad_id)
     cache = model.init_cache(B, P + max_len)
-    if P > 1:
-        _, cache = model.decode_step(ids_BP[:, :-1], pos_BP[:, :-1], cache, seg_BP[:, :-1], prefill=True)
-    return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1], jnp.where(seg_BP == 1, ids_BP, -1))
+    logits_B1V, cache = model.decode_step(ids_BP, pos_BP, cache, seg_BP, prefill=True)
+    return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1], jnp.where(seg_BP == 1, ids_BP, -1), logits_B1V[:, 0])
 
 
 def step(model, token_B: jax.Array, position_B: jax.Array,

@@ -69,8 +69,7 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
     B, L = start.token_B.shape[0], cfg.max_len
     R = B * n
     if n > 1:
-        start = cache_lib.DecodeStart(start.cache.repeat_rows(n), *(jnp.repeat(x, n, axis=0) for x in (
-            start.token_B, start.position_B, start.history_BH)))
+        start = start.repeat_rows(n)
         forced_BF = jnp.repeat(forced_BF, n, axis=0)
     greedy = cfg.strategy == "greedy" or cfg.temperature == 0.0
     state = dict(t=jnp.zeros((), jnp.int32), cache=start.cache, token_R=start.token_B,
@@ -81,9 +80,9 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
     def cond(s):
         return (s["t"] < L) & ~jnp.all(s["done_R"])
 
-    def body(s):
+    def choose(s, logits_RV, cache):
+        """One token per row from its next-token logits; the state after it."""
         t, done_R = s["t"], s["done_R"]
-        logits_RV, cache = cache_lib.step(model, s["token_R"], s["position_R"], s["cache"])
         hist_RH, cur = jnp.concatenate([start.history_BH, s["seq_RL"]], axis=1), start.history_BH.shape[1] + t
         logits_RV = repetition_penalty(logits_RV, hist_RH, cur, cfg.repetition_penalty)  # HF: on raw logits
         logp_RV = no_repeat_ngram(jax.nn.log_softmax(logits_RV, axis=-1), hist_RH, cur, cfg.no_repeat_ngram_size)
@@ -101,6 +100,11 @@ def _greedy_or_sample(model, start: cache_lib.DecodeStart, forced_BF: jax.Array,
                     logp_R=s["logp_R"] + jnp.where(done_R, 0.0, token_logp_R),
                     len_R=s["len_R"] + (~done_R).astype(jnp.int32), done_R=new_done_R)
 
+    def body(s):
+        return choose(s, *cache_lib.step(model, s["token_R"], s["position_R"], s["cache"]))
+
+    if start.logits_BV is not None:  # decoder-only: the first token from the prefill's logits
+        state = choose(state, start.logits_BV, state["cache"])
     s = jax.lax.while_loop(cond, body, state)
     scores_R = s["logp_R"] / length_penalty(s["len_R"], cfg.length_penalty, cfg.length_penalty_mode)
     return DecodeOutput(tokens=s["seq_RL"].reshape(B, n, L), scores=scores_R.reshape(B, n),
@@ -163,10 +167,17 @@ class LengthBatch:
     lengths: np.ndarray  # [batch_size] int32
 
 
+# Batches wider than LONG_WIDTH are padded to a multiple of LONG_MULTIPLE columns: at most a quarter
+# more columns, fewer shapes to compile, and the block of the TPU's fused attention kernel, so a long
+# prompt's prefill (or a long source's encoder) can take it.
+LONG_WIDTH, LONG_MULTIPLE = 512, 128
+
+
 def length_sorted_batches(seqs: Sequence[Sequence[int]], batch_size: int, *, pad_id: int = 0,
                           length_multiple: int = 8) -> list[LengthBatch]:
     """Sort by length (longest first) into batches of ``batch_size`` rows, each padded to a
-    multiple of ``length_multiple`` columns: little padding, few distinct shapes to compile."""
+    multiple of ``length_multiple`` columns (of ``LONG_MULTIPLE`` above ``LONG_WIDTH``): little
+    padding, few distinct shapes to compile."""
     if batch_size < 1 or length_multiple < 1:
         raise ValueError(f"length_sorted_batches: batch_size ({batch_size}) and length_multiple "
                          f"({length_multiple}) must be >= 1")
@@ -176,6 +187,8 @@ def length_sorted_batches(seqs: Sequence[Sequence[int]], batch_size: int, *, pad
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
         width = max(1, int(-(-max(lens[idx].max(), 1) // length_multiple) * length_multiple))
+        if width > LONG_WIDTH:
+            width = -(-width // LONG_MULTIPLE) * LONG_MULTIPLE
         ids = np.full((batch_size, width), pad_id, np.int32)
         lengths = np.ones((batch_size,), np.int32)
         for row, i in enumerate(idx):

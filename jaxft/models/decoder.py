@@ -180,7 +180,8 @@ class Decoder(nnx.Module):
         computes for these positions of the whole sequence.  ``prefill``: the cache is empty
         (``init_cache``), so the L tokens attend only among themselves, with the full forward's
         masks (and its fused attention kernel where the platform has one), while their
-        keys/values are written to slots 0..L-1.
+        keys/values are written to slots 0..L-1; the logits are then the last token's alone
+        ([B, 1, V]: the next token after the prompt).
         """
         segment_ids_BL = default_segment_ids(inputs_BL.shape, segment_ids_BL)
         index = cache.index
@@ -200,4 +201,4 @@ class Decoder(nnx.Module):
 
         x_BLD, layers = run_layers_cached(self.layers, call, self.embed_tokens(inputs_BL), cache.layers,
                                           per_layer=(np.array(self.local_layers),))
-        return self.head_logits(x_BLD), cache.with_layers(layers)
+        return self.head_logits(x_BLD[:, -1:] if prefill else x_BLD), cache.with_layers(layers)
