@@ -145,9 +145,9 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS
         dropout=dropping)
     if chosen == "splash":
         return kernels.splash_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, scale=scale, logit_softcap=logit_softcap)
-    mask_B1LS = kernels.dense_mask(mask_B1LS)
     if chosen == "cudnn":
-        return kernels.cudnn_attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS, scale=scale)
+        return kernels.cudnn_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, bias_BHLS=bias_BHLS, scale=scale)
+    mask_B1LS = kernels.dense_mask(mask_B1LS)
     if logit_softcap is None and not dropping and kernels.platform() != "cpu":
         return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS,
                                             scale=scale, implementation=None)

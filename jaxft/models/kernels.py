@@ -117,9 +117,18 @@ def choose(kernel: str, q_BLHK: jax.Array, k_BSGK: jax.Array, mask: Any, *, has_
     return "splash"
 
 
-def cudnn_attention(q_BLHK, k_BSGK, v_BSGK, *, mask_B1LS, bias_BHLS, scale: float) -> jax.Array:
-    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS, scale=scale,
-                                        implementation="cudnn")
+# GPU: tell cuDNN a causal self-attention is causal, so it skips the tiles above the diagonal (a
+# dense mask alone becomes an additive bias that cuDNN must apply to every tile).  Benchmarks flip it.
+CUDNN_CAUSAL = True
+
+
+def cudnn_attention(q_BLHK, k_BSGK, v_BSGK, *, mask: Any, bias_BHLS, scale: float) -> jax.Array:
+    """cuDNN flash attention.  ``mask``: a dense mask_B1LS or a ``SegmentMask``; a causal one is also
+    passed as ``is_causal`` (the dense mask still carries the segments of packed rows)."""
+    causal = CUDNN_CAUSAL and isinstance(mask, SegmentMask) and mask.causal and \
+        q_BLHK.shape[1] == k_BSGK.shape[1]
+    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=dense_mask(mask), scale=scale,
+                                        is_causal=causal, implementation="cudnn")
 
 
 def _block(length: int) -> int:
