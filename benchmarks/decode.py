@@ -81,6 +81,9 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
         graphdef, state = nnx.split(model)
         model = SplitModel(graphdef, stack_layers(state))
     hf = hf.to(args.device)
+    if args.device != "cpu":  # XLA's default float32 matmuls on a GPU are TF32: the same for torch
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
     rows = []

@@ -31,7 +31,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -41,7 +40,7 @@ def peak_size() -> int:
 
 def measure_peak_flops(n: int = 0, repeats: int = 5, dtype: str = "float32") -> float:
     n = n or peak_size()
-    x = jnp.ones((n, n), dtype)
+    x = jax.random.normal(jax.random.key(0), (n, n), dtype)  # random data: zeros / ones run faster on GPUs
     f = jax.jit(lambda a: a @ a).lower(x).compile()
     f(x).block_until_ready()
     times = []
@@ -74,7 +73,7 @@ def measure_torch_peak_flops(threads: int, n: int = 0, repeats: int = 5, dtype: 
     torch.set_flush_denormal(True)
     torch.set_num_threads(threads)
     n = n or peak_size()
-    x = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
+    x = torch.randn((n, n), dtype=getattr(torch, dtype), device=device)
 
     def product():
         x @ x
@@ -121,8 +120,26 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
     tx = make_optimizer(opt, 100)
     mesh = make_mesh(MeshConfig(data=-1))
     init_fn, graphdef = make_init_fn(model_cfg, tcfg, tx, seed=0)
+    t0 = time.perf_counter()
+    if args.init_on_host:  # XLA:GPU compiled the unrolled 1B init for minutes: build it on the host CPU,
+        # outside the mesh (under it, the jit is placed on the mesh's devices), then move it
+        with jax.default_device(jax.devices("cpu")[0]):
+            host_state = jax.jit(init_fn)()
+        print(f"jaxft: state built on the host in {time.perf_counter() - t0:.1f}s", flush=True)
     with use_mesh(mesh):
-        state, shardings = init_train_state(init_fn, mesh)
+        if args.init_on_host:
+            from jaxft.train.state import state_shardings
+
+            shardings = state_shardings(jax.eval_shape(init_fn), mesh)
+            # the same leaves; the tree's metadata (logical sharding names) differs outside the mesh
+            assert len(jax.tree.leaves(host_state)) == len(jax.tree.leaves(shardings))
+            leaves = [jax.device_put(x, sh) for x, sh in zip(jax.tree.leaves(host_state), jax.tree.leaves(shardings))]
+            state = jax.tree.unflatten(jax.tree.structure(shardings), leaves)
+            del host_state
+        else:
+            state, shardings = init_train_state(init_fn, mesh)
+        jax.block_until_ready(state)
+        print(f"jaxft: state initialised in {time.perf_counter() - t0:.1f}s", flush=True)
         bs = batch_sharding(mesh)
         step_fn = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100),
                                                      model_input_keys(model_cfg)), shardings, bs)
@@ -133,8 +150,12 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
             holder["state"], m = step_fn(holder["state"], dev_batch)
             holder["loss"] = float(m["loss"])  # blocks until the step is done
 
+        t0 = time.perf_counter()
         time_steps(step, 2)  # compile + warm up
-        return time_steps(step, args.steps), holder["loss"]
+        print(f"jaxft: compile + 2 steps in {time.perf_counter() - t0:.1f}s", flush=True)
+        times = time_steps(step, args.steps)
+        print(f"jaxft: median step {statistics.median(times):.4f}s", flush=True)
+        return times, holder["loss"]
 
 
 def hf_model(args, model_cfg):
@@ -168,7 +189,8 @@ def bench_torch(args, model_cfg, batch) -> tuple[list[float], float]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = args.device
-    model = hf_model(args, model_cfg).to(device).train()
+    with torch.device(device):  # built where it runs (a 1B model's init on the host CPU takes a while)
+        model = hf_model(args, model_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     inputs = torch.from_numpy(batch["inputs"]).long().to(device)
     labels = torch.from_numpy(batch["targets"]).long().to(device)
@@ -190,7 +212,9 @@ def bench_torch(args, model_cfg, batch) -> tuple[list[float], float]:
         holder["loss"] = float(loss)
 
     time_steps(step, 2)
-    return time_steps(step, args.steps), holder["loss"]
+    times = time_steps(step, args.steps)
+    print(f"torch: median step {statistics.median(times):.4f}s", flush=True)
+    return times, holder["loss"]
 
 
 def model_config(args):
@@ -205,7 +229,8 @@ def model_config(args):
         return dataclasses.replace(cfg, dtype=args.dtype, dropout=0.0, max_seq_len=max(cfg.max_seq_len, args.seq))
     return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=args.kv_heads, mlp_dim=args.mlp, dtype=args.dtype, max_seq_len=args.seq,
-                       norm_eps=1e-6)
+                       norm_eps=1e-6, attention_kernel=args.attention_kernel, remat=args.remat,
+                       scan_layers=args.scan_layers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -227,6 +252,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both sides (parameters and optimizer stay float32)")
     p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
+    p.add_argument("--attention-kernel", default="auto", help="jaxft's model.attention_kernel")
+    p.add_argument("--cudnn-causal", type=int, default=1, help="0: cuDNN gets the dense causal mask alone")
+    p.add_argument("--remat", default="none", help="jaxft's model.remat")
+    p.add_argument("--scan-layers", action="store_true", help="jaxft's model.scan_layers")
+    p.add_argument("--init-on-host", action="store_true", help="jaxft's state built on the CPU, then moved")
+    p.add_argument("--no-peer", action="store_true", help="jaxft alone (a variant of a run that measured the peer)")
     args = p.parse_args(argv)
     if args.device is None:
         import torch
@@ -239,6 +270,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> None:
+    import logging
+
+    from jaxft.models import kernels
     from jaxft.models.flops import param_count, train_flops_per_example
 
     args = parse_args()
@@ -248,8 +282,19 @@ def main() -> None:
     flops_step = train_flops_per_example(cfg, args.seq) * args.batch
     peak = measure_peak_flops(dtype=args.dtype)
     torch_peak = measure_torch_peak_flops(args.threads, dtype=args.dtype, device=args.device)
+    kernels.CUDNN_CAUSAL = bool(args.cudnn_causal)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("jaxft.models.kernels").setLevel(logging.INFO)  # a kernel's fallback, once
+    if args.no_peer:
+        pt, pt_loss = [float("nan")], float("nan")
+    elif args.device != "cpu":  # torch first: its cached GPU memory can be handed back, XLA's cannot
+        pt, pt_loss = bench_torch(args, cfg, batch)
+        import torch
+
+        torch.cuda.empty_cache()
     jx, jx_loss = bench_jaxft(args, cfg, batch)
-    pt, pt_loss = bench_torch(args, cfg, batch)
+    if args.device == "cpu" and not args.no_peer:
+        pt, pt_loss = bench_torch(args, cfg, batch)
     j_med, p_med = statistics.median(jx), statistics.median(pt)
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {jax.devices()[0].device_kind}",
@@ -262,7 +307,8 @@ def main() -> None:
         "jaxft_mfu": flops_step / j_med / (peak * jax.device_count()),
         "torch_mfu": flops_step / p_med / (peak * jax.device_count()),
         "jaxft_mfu_of_best_peak": flops_step / j_med / (max(peak, torch_peak) * jax.device_count()),
-        "jaxft_loss": jx_loss, "torch_loss": pt_loss,
+        "jaxft_loss": jx_loss, "torch_loss": pt_loss, "attention_kernel": args.attention_kernel,
+        "cudnn_causal": args.cudnn_causal, "remat": args.remat, "scan_layers": args.scan_layers,
     }
     print(json.dumps(result))
     print(f"| {result['date']} | {result['machine']} | {result['params'] / 1e6:.1f}M {args.family}, "
