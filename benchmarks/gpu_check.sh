@@ -11,8 +11,9 @@
 # Prints the rows for benchmarks/RESULTS.md; the whole log goes to $OUT/gpu_check.log when OUT is set.
 # Needs jax with CUDA, torch and transformers (the device image).  Packages jaxft needs and the
 # image lacks (babel, num2words; docopt, which num2words imports) are taken from .whl/site when
-# present: copy them there from a local .venv's site-packages (.whl is git-ignored locally) and
-# name .whl in the device tool's carry.
+# present: copy them there from a local .venv (`echo /.whl/ >> .git/info/exclude; mkdir -p .whl/site;
+# cp -r .venv/lib/python3.*/site-packages/{babel,num2words,docopt.py} .whl/site/`) and name .whl in
+# the device tool's carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-/tmp}/gpu_check.log
