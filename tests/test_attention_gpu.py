@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import test_attention_kernels
+
 from jaxft.config.schema import ModelConfig
 from jaxft.models import kernels
 from jaxft.models.attention import attend
@@ -23,16 +25,12 @@ from jaxft.models.registry import build_model
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (cuDNN)")
 
 
-def _qkv(B=2, L=256, H=8, G=2, K=64, seed=0):
-    r = np.random.default_rng(seed)
-    return tuple(jnp.asarray(r.normal(size=s), jnp.bfloat16) for s in ((B, L, H, K), (B, L, G, K), (B, L, G, K)))
+def _qkv(**kw):
+    return tuple(x.astype(jnp.bfloat16) for x in test_attention_kernels._qkv(L=256, H=8, **kw))
 
 
 def _segments(B=2, L=256):
-    seg = np.ones((B, L), np.int32)
-    seg[0, 100:] = 2  # two packed examples
-    seg[1, 200:] = 0  # right padding
-    return jnp.asarray(seg)
+    return test_attention_kernels._segments(B, L)  # two packed examples in row 0, padding in row 1
 
 
 def _rel(a, b, rows):
