@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
     p.add_argument("--stacked", action="store_true", help="jaxft decodes from stacked layers (a scan)")
+    p.add_argument("--models", nargs="+", choices=("llama", "mt5"), default=["llama", "mt5"])
     args = p.parse_args()
     if args.device is None:
         import torch
@@ -131,7 +132,7 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("llama", "mt5"):
+        for kind in args.models:
             rows += bench(kind, args, tmp)
     date, machine = time.strftime("%Y-%m-%d"), f"{platform.machine()} {jax.devices()[0].device_kind}"
     for r in rows:
