@@ -194,6 +194,37 @@ def test_sampling_limits_and_seeds(name):
     assert (np.asarray(a.tokens[:, 0]) != np.asarray(a.tokens[:, 1])).any()  # n samples differ
 
 
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-mbart"])
+def test_beams_and_samples_read_their_inputs_encoder_kv_stored_once(name, monkeypatch):
+    """The n rows of an input (beams, samples) read its encoder k/v stored once, not n copies,
+    with the same tokens and scores as when every row had its own copy."""
+    from jaxft.models import cache as model_cache
+
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg)
+    start = cache_lib.start(model, enc_inputs=jnp.asarray(ids), enc_lengths=jnp.asarray(lengths), max_len=8, pad_id=0,
+                            decoder_start_id=cfg.decoder_start_id)
+    repeated = start.cache.repeat_rows(4)
+    assert [c.k.shape[0] for c in repeated.cross] == [3] * len(repeated.cross)  # one per input
+    assert repeated.enc_segment_ids_BS.shape[0] == 3 and repeated.layers[0].k.shape[0] == 12
+    configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
+               DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
+    shared = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
+    repeat_rows = model_cache.DecodeCache.repeat_rows
+
+    def with_copies(self, n):  # the layout before: every row its own copy of the encoder's k/v
+        rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
+        return dataclasses.replace(repeat_rows(self, n), cross=model_cache._rows(self.cross, rep),
+                                   enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
+
+    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", with_copies)
+    jax.clear_caches()  # trace generate again with the copies
+    for config, want in zip(configs, shared):
+        got = run(model, cfg, config, ids, lengths, rng=jax.random.key(1))
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- forcing, lengths, batching
 
 

@@ -137,7 +137,15 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS
     ALiBi), or on the CPU, and for logit soft-capping or attention dropout (``dropout_rate``,
     when a `jaxft.models.dropout` stream is active) on every platform, the explicit
     `_attend_head_major`, written to match it.
+
+    Several query rows per key row (``q`` has n x B rows in order, ``k`` / ``v`` B: the beams
+    or samples of one input reading its encoder's k/v, stored once): each input's n rows are
+    folded into its query length, with ``mask_B1LS`` over the folded queries
+    (`jaxft.models.masks.cross_attention_mask` builds it so).
     """
+    if q_BLHK.shape[0] != k_BSGK.shape[0]:
+        return _attend_shared_kv(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
+                                 logit_softcap=logit_softcap, scale=scale, dropout_rate=dropout_rate, kernel=kernel)
     scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
     dropping = dropout_active(dropout_rate)
     chosen = "xla" if kernel == "xla" else kernels.choose(
@@ -152,6 +160,15 @@ def attend(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, *, mask_B1LS
         return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS,
                                             scale=scale, implementation=None)
     return _attend_head_major(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, logit_softcap, scale, dropout_rate)
+
+
+def _attend_shared_kv(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, **kw) -> jax.Array:
+    R, L, H, K = q_BLHK.shape
+    B = k_BSGK.shape[0]
+    if R % B:
+        raise ValueError(f"attention: {R} query rows for {B} key rows (not a multiple)")
+    out_BNHK = attend(q_BLHK.reshape(B, R // B * L, H, K), k_BSGK, v_BSGK, **kw)
+    return out_BNHK.reshape(R, L, H, K)
 
 
 def _attend_head_major(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, logit_softcap, scale, dropout_rate):

@@ -256,11 +256,13 @@ class DecodeCache:
                                    positions_BS=take(self.positions_BS))
 
     def repeat_rows(self, n: int) -> DecodeCache:
-        """Each row n times in a row (``jnp.repeat``): one copy per beam / sample."""
-        rep = lambda a, axis=0: None if a is None else jnp.repeat(a, n, axis=axis)  # noqa: E731
+        """Each row of the self-attention state n times in a row (``jnp.repeat``): one copy per
+        beam / sample.  The encoder's k/v (``cross``) stay one per input: the n rows of an input
+        read them together (`jaxft.models.attention.attend` folds their queries), n times less
+        cache to hold and read."""
+        rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
         return dataclasses.replace(self, layers=_rows(self.layers, rep), segment_ids_BS=rep(self.segment_ids_BS),
-                                   positions_BS=rep(self.positions_BS), cross=_rows(self.cross, rep),
-                                   enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
+                                   positions_BS=rep(self.positions_BS))
 
 
 def _kv(layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> tuple[KVCache, ...] | KVCache:

@@ -57,7 +57,14 @@ def cross_attention_mask(dec_segment_ids_BL: jax.Array, enc_segment_ids_BS: jax.
     segment k.  A decoder padding token (segment 0) sees every encoder token:
     its output has zero loss weight and no real token attends to it, so this
     only keeps its softmax row from being fully masked.
+
+    n decoder rows per encoder row (beams / samples of one input sharing its encoder k/v, in
+    order): each input's rows are folded into its query length, [B, 1, n x L, S] (as
+    `jaxft.models.attention.attend` folds their queries).
     """
+    R, B = dec_segment_ids_BL.shape[0], enc_segment_ids_BS.shape[0]
+    if R != B:
+        dec_segment_ids_BL = dec_segment_ids_BL.reshape(B, -1)
     same_BLS = (dec_segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]) & (
         enc_segment_ids_BS[:, None, :] > 0)
     pad_BL1 = (dec_segment_ids_BL == 0)[:, :, None]
