@@ -59,6 +59,7 @@ from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default
                                  mlp_from_config, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segments, causal_segments, cross_attention_mask
 from jaxft.models.scan import map_layers, run_layers, run_layers_cached
+from jaxft.models.layer_init import build_layers
 from jaxft.sharding import constrain
 
 POSITIONS = ("learned", "sinusoidal")
@@ -181,7 +182,7 @@ class Stack(nnx.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, *, decoder: bool, rngs: nnx.Rngs):
         self.pos_embed = LearnedPositions(cfg, rngs=rngs) if cfg.position == "learned" else None
         self.embed_norm = norm_from_config(cfg) if cfg.embed_norm else None
-        self.layers = nnx.List([Layer(cfg, decoder=decoder, rngs=rngs) for _ in range(n_layers)])
+        self.layers = build_layers(n_layers, lambda r: Layer(cfg, decoder=decoder, rngs=r), rngs)
         self.final_norm = norm_from_config(cfg)
         self.position_offset, self.d_model = cfg.position_offset, cfg.d_model
         self.remat, self.scan_layers, self.dtype = cfg.remat, cfg.scan_layers, jnp.dtype(cfg.dtype)

@@ -43,6 +43,7 @@ from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positi
                                  mlp_from_config, norm_from_config, softcap)
 from jaxft.models.masks import causal_segment_mask, causal_segments, is_local_layer, sliding_window_mask
 from jaxft.models.scan import is_stacked, run_layers, run_layers_cached
+from jaxft.models.layer_init import build_layers
 from jaxft.sharding import constrain
 
 
@@ -98,7 +99,7 @@ class Decoder(nnx.Module):
         if cfg.sliding_window is not None and (cfg.sliding_window < 1 or cfg.sliding_window_pattern < 1):
             raise ValueError(f"model.sliding_window: must be >= 1 (and sliding_window_pattern >= 1), got "
                              f"{cfg.sliding_window} / {cfg.sliding_window_pattern}")
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = build_layers(cfg.n_layers, lambda r: DecoderLayer(cfg, rngs=r), rngs)
         self.local_layers = tuple(is_local_layer(i, cfg.sliding_window, cfg.sliding_window_pattern)
                                   for i in range(cfg.n_layers))
         self.sliding_window = cfg.sliding_window

@@ -99,25 +99,6 @@ class _ShapeOnlyKeys:
     __call__ = params
 
 
-class CountedKeys:
-    """``nnx.Rngs(seed)``'s ``params()`` draws, key for key (``fold_in(stream key, n)`` for
-    n = 0, 1, ...), with the counter a Python int instead of a traced array: tracing a model's
-    initialisation (``jax.jit`` / ``jax.eval_shape`` of a train state) then costs no per-draw
-    walk over the equations traced so far (see `_ShapeOnlyKeys`; 10 of the 14 s of tracing a
-    32-layer LLaMA's init went there)."""
-
-    def __init__(self, seed: int):
-        self._key = nnx.Rngs(seed).params.key[...]
-        self._n = 0
-
-    def params(self) -> jax.Array:
-        key = jax.random.fold_in(self._key, self._n)
-        self._n += 1
-        return key
-
-    __call__ = params
-
-
 def abstract_model(cfg: ModelConfig) -> nnx.Module:
     """``build_model(cfg)`` with ShapeDtypeStructs for arrays (``nnx.eval_shape``): the same
     graph and shardings, no memory, and no per-parameter RNG bookkeeping."""

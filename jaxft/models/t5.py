@@ -59,6 +59,7 @@ from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, de
                                  default_segment_ids, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
 from jaxft.models.scan import map_layers, run_layers, run_layers_cached
+from jaxft.models.layer_init import build_layers
 from jaxft.sharding import constrain
 
 # --------------------------------------------------------------------------- buckets
@@ -210,7 +211,7 @@ class T5Stack(nnx.Module):
         n = (cfg.n_decoder_layers or cfg.n_layers) if decoder else cfg.n_layers
         shared = not cfg.relative_bias_per_layer
         self.rel_bias = RelativeBias(cfg, bidirectional=not decoder, rngs=rngs) if shared else None
-        self.layers = nnx.List([T5Block(cfg, decoder=decoder, rngs=rngs) for _ in range(n)])
+        self.layers = build_layers(n, lambda r: T5Block(cfg, decoder=decoder, rngs=r), rngs)
         self.final_norm = norm_from_config(cfg)
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         self.dropout_rate = check_rate("model.dropout", cfg.dropout)

@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft.config.schema import Config, ModelConfig
-from jaxft.models.registry import CountedKeys, build_model
+from jaxft.models.layer_init import CountedKeys
+from jaxft.models.registry import build_model
 from jaxft.models.scan import stack_layers, unstack_owned
 from jaxft.paths import as_path
 from jaxft.peft.methods import PeftMethod, method_for
