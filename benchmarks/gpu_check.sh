@@ -50,7 +50,8 @@ if ! step 60 smoke python3 -c "$SMOKE" && [ -d .whl_alt ]; then  # the image's f
     export PYTHONPATH="/tmp/alt:$PYTHONPATH" && step 60 smoke-pinned python3 -c "$SMOKE"
 fi
 step 60 attention python3 benchmarks/attention_gpu.py
-# the state init's compile time on the GPU by depth (2026-12-04: the 22-layer init did not compile in 200 s)
+# the state init's compile time on the GPU by depth (2026-12-04: the 22-layer init did not compile in
+# 200 s; layers are now drawn by one scanned layer init, never yet compiled on a GPU)
 step 90 init-compile python3 benchmarks/init_compile.py --layers 2 4
 # the state built on the host CPU (JAX_PLATFORMS=cuda,cpu), so the step is measured whatever the init costs
 step 240 train-1b env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b --dtype bfloat16 --batch 8 \

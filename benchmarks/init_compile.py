@@ -1,8 +1,10 @@
 """Compile and run time of the sharded train-state initialisation (`jaxft.train.state`'s
 ``init_fn`` under ``jax.jit``: model, AdamW state) at the 1B train step's shape, for a few
 depths, on the default backend.  On an H200 the 22-layer init did not finish compiling within
-200 s (2026-12-04, RESULTS); on this project's 2-core CPU it compiles in ~10 s, linear in depth.
-The slope says what one more layer costs a run's start.
+200 s (2026-12-04, RESULTS), when every layer's initialisers were traced into the program; on a
+2-core CPU that compiled in ~10 s, linear in depth.  Layers 1..n-1 are now drawn by one scanned
+layer init (`jaxft.models.layer_init`): 3.9 s at 22 layers there.  The slope says what one more
+layer costs a run's start.
 
     python benchmarks/init_compile.py [--layers 2 4 8] [--d-model 2048 ...]
 """
