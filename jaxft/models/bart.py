@@ -55,11 +55,11 @@ from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import attend
 from jaxft.models.cache import DecodeCache, KVCache, encoder_decoder_cache, through_cache
 from jaxft.models.dropout import check_rate, dropout
+from jaxft.models.layer_init import build_layers
 from jaxft.models.layers import (ACT, HEADS, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, normal_param)
 from jaxft.models.masks import bidirectional_segments, causal_segments, cross_attention_mask
 from jaxft.models.scan import map_layers, run_layers, run_layers_cached
-from jaxft.models.layer_init import build_layers
 from jaxft.sharding import constrain
 
 POSITIONS = ("learned", "sinusoidal")

@@ -39,11 +39,11 @@ from jaxft.models.attention import Attention
 from jaxft.models import kernels
 from jaxft.models.cache import DecodeCache, KVCache, Prefill, self_attention_caches
 from jaxft.models.dropout import check_rate, dropout
+from jaxft.models.layer_init import build_layers
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
                                  mlp_from_config, norm_from_config, softcap)
 from jaxft.models.masks import causal_segment_mask, causal_segments, is_local_layer, sliding_window_mask
 from jaxft.models.scan import is_stacked, run_layers, run_layers_cached
-from jaxft.models.layer_init import build_layers
 from jaxft.sharding import constrain
 
 

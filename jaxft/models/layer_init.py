@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+
 class CountedKeys:
     """``nnx.Rngs(seed)``'s ``params()`` draws, key for key (``fold_in(stream key, n)`` for
     n = 0, 1, ...), with the counter a Python int instead of a traced array: tracing a model's
