@@ -225,6 +225,46 @@ def test_beams_and_samples_read_their_inputs_encoder_kv_stored_once(name, monkey
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local"])
+@pytest.mark.parametrize("stack", [False, True], ids=["per-layer", "stacked"])
+def test_beams_and_samples_read_their_inputs_prompt_stored_once(family, stack, monkeypatch):
+    """Decoder-only: the n rows of an input (beams, samples) read its prompt's k/v stored once,
+    and beam search reorders only the slots after it, with the same tokens and scores as when
+    every row had its own copy of the prompt (RoPE + grouped-query, ALiBi, sliding window +
+    soft-capping; per-layer and stacked layers)."""
+    from flax import nnx
+
+    from jaxft.eval.types import SplitModel
+    from jaxft.models import cache as model_cache
+    from jaxft.models.scan import stack_layers
+
+    name, overrides = FAMILIES[family]
+    cfg, model = model_for(name, **overrides)
+    if stack:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        model = SplitModel(graphdef, stack_layers(params, rest))
+    ids, lengths = batch(cfg)  # prompts of 7, 4 and 2 tokens in 7 columns
+    if not stack:
+        start = cache_lib.start(model, inputs=jnp.asarray(ids), lengths=jnp.asarray(lengths), max_len=8, pad_id=0)
+        repeated = start.cache.repeat_rows(4)
+        assert [(c.k.shape[0], c.slots) for c in repeated.prompt] == [(3, 7)] * cfg.n_layers  # one per input
+        assert [(c.k.shape[0], c.slots) for c in repeated.layers] == [(12, 8)] * cfg.n_layers
+    configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
+               DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
+    shared = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
+    repeat_rows = model_cache.DecodeCache.repeat_rows
+
+    def with_copies(self, n):  # the layout before: every row its own copy of the prompt's k/v
+        return repeat_rows(dataclasses.replace(self, prompt_slots=0), n)
+
+    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", with_copies)
+    jax.clear_caches()  # trace generate again with the copies
+    for config, want in zip(configs, shared):
+        got = run(model, cfg, config, ids, lengths, rng=jax.random.key(1))
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- forcing, lengths, batching
 
 

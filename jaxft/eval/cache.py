@@ -114,6 +114,7 @@ def start(model, *, max_len: int, pad_id: int, inputs: jax.Array | None = None,
     ids_BP, seg_BP, pos_BP = left_align(inputs, len_B, pad_id)
     cache = model.init_cache(B, P + max_len)
     logits_B1V, cache = model.decode_step(ids_BP, pos_BP, cache, seg_BP, prefill=True)
+    cache = dataclasses.replace(cache, prompt_slots=P)  # kept once per input by repeat_rows
     return DecodeStart(cache, ids_BP[:, -1], pos_BP[:, -1], jnp.where(seg_BP == 1, ids_BP, -1), logits_B1V[:, 0])
 
 

@@ -120,13 +120,29 @@ class KVCache:
         axis = self.k.ndim - len(CACHE_AXES)
         return KVCache.of(fn(self.k, axis), fn(self.v, axis), self.head_major, self.keys_last)
 
+    def slot_axes(self) -> tuple[int, int]:
+        """The slot axis of k and of v, counted from the end (the same for a stacked cache's arrays)."""
+        if not self.head_major:
+            return -3, -3
+        return -1 if self.keys_last else -2, -2
+
+    @property
+    def slots(self) -> int:
+        return self.v.shape[self.slot_axes()[1]]
+
+    def slot_range(self, start: int, stop: int) -> KVCache:
+        """Slots ``start .. stop - 1`` (static bounds)."""
+        cut = lambda a, axis: jax.lax.slice_in_dim(a, start, stop, axis=a.ndim + axis)  # noqa: E731
+        k_axis, v_axis = self.slot_axes()
+        return KVCache.of(cut(self.k, k_axis), cut(self.v, v_axis), self.head_major, self.keys_last)
+
     def stored(self, k_BLGK: jax.Array, v_BLGK: jax.Array) -> tuple[jax.Array, jax.Array, int, int]:
         """New keys/values in this cache's layout and dtype, and the slot axis of each (counted
         from the end, so the same for a stacked cache's arrays)."""
         k, v = k_BLGK.astype(self.k.dtype), v_BLGK.astype(self.v.dtype)
         if not self.head_major:
-            return k, v, -3, -3
-        return _keys_in(k, self.keys_last), _swap(v), -1 if self.keys_last else -2, -2
+            return k, v, *self.slot_axes()
+        return _keys_in(k, self.keys_last), _swap(v), *self.slot_axes()
 
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
         """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
@@ -186,6 +202,23 @@ class Prefill:
         return self.k_BLGK.astype(dtype), self.v_BLGK.astype(dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SharedPrompt:
+    """A layer's self-attention cache when the n rows of an input (its beams or samples) share its
+    prompt: ``prompt`` holds the prompt's keys/values once per input (slots 0 .. P-1, B rows,
+    read only), ``own`` each row's slots after the prompt (P .. S-1, n x B rows in input order;
+    a ``KVCache`` or a stacked cache's ``LayerSlot``).  `jaxft.models.attention.attend_shared_prompt`
+    reads both as one sequence of S slots."""
+
+    prompt: KVCache
+    own: KVCache | LayerSlot
+
+    def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> SharedPrompt:
+        """Store L new keys/values at slots ``index ..`` of the whole sequence (all after the prompt)."""
+        return SharedPrompt(self.prompt, self.own.write(k_BLGK, v_BLGK, index - self.prompt.slots))
+
+
 def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | LayerSlot | Prefill | None,
                   index: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache | LayerSlot | Prefill | None]:
     """Self-attention keys/values (k_BSGK, v_BSGK, cache): the L new tokens' own without a
@@ -211,7 +244,10 @@ class DecodeCache:
     - ``index``: int32 scalar, the next slot to write; all rows write the same
       slot, so prompts are left-aligned to a common end (see ``jaxft.eval.cache``);
     - encoder-decoder only: ``cross`` (cross-attention k/v per layer, projected once
-      from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding).
+      from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding);
+    - decoder-only beams / samples (``repeat_rows``): ``prompt``, the prompt's k/v once per
+      input, ``layers`` then holding each row's slots after it (``segment_ids_BS``,
+      ``positions_BS`` and ``index`` still count all S slots).
     """
 
     layers: tuple[KVCache, ...] | KVCache
@@ -220,6 +256,12 @@ class DecodeCache:
     index: jax.Array
     cross: tuple[KVCache, ...] | KVCache = ()
     enc_segment_ids_BS: jax.Array | None = None
+    # decoder-only, after ``repeat_rows``: the prompt's k/v per layer, one row per input (slots
+    # 0 .. prompt_slots-1; ``layers`` then hold each row's slots after them)
+    prompt: tuple[KVCache, ...] | KVCache | None = None
+    # decoder-only: how many leading slots the prefill wrote (the prompt), which ``repeat_rows``
+    # keeps once per input instead of once per row
+    prompt_slots: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def empty(cls, layers: tuple[KVCache, ...] | KVCache, batch: int, length: int, **cross) -> DecodeCache:
@@ -249,29 +291,44 @@ class DecodeCache:
         return dataclasses.replace(self, layers=_kv(layers))
 
     def gather_rows(self, rows_B: jax.Array) -> DecodeCache:
-        """Reorder the batch rows of the self-attention state (beam search).  ``cross`` and
-        ``enc_segment_ids_BS`` are left alone: beams only move within their own input."""
+        """Reorder the batch rows of the self-attention state (beam search).  ``cross``,
+        ``enc_segment_ids_BS`` and ``prompt`` are left alone: beams only move within their own
+        input, so only the slots after the prompt are copied."""
         take = lambda a, axis=0: jnp.take(a, rows_B, axis=axis)  # noqa: E731
         return dataclasses.replace(self, layers=_rows(self.layers, take), segment_ids_BS=take(self.segment_ids_BS),
                                    positions_BS=take(self.positions_BS))
 
     def repeat_rows(self, n: int) -> DecodeCache:
         """Each row of the self-attention state n times in a row (``jnp.repeat``): one copy per
-        beam / sample.  The encoder's k/v (``cross``) stay one per input: the n rows of an input
-        read them together (`jaxft.models.attention.attend` folds their queries), n times less
-        cache to hold and read."""
+        beam / sample.  What every row of an input reads alike stays one per input, n times less
+        cache to hold and read, and nothing for beam search to reorder: the encoder's k/v
+        (``cross``; `jaxft.models.attention.attend` folds the n rows' queries) and a decoder-only
+        prompt (``prompt_slots``: its k/v move to ``prompt``, read by
+        `jaxft.models.attention.attend_shared_prompt`)."""
+        if n == 1:
+            return self
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
-        return dataclasses.replace(self, layers=_rows(self.layers, rep), segment_ids_BS=rep(self.segment_ids_BS),
-                                   positions_BS=rep(self.positions_BS))
+        layers, prompt = self.layers, self.prompt
+        if self.prompt_slots and prompt is None:
+            P = self.prompt_slots
+            prompt = _each(layers, lambda c: c.slot_range(0, P))
+            layers = _each(layers, lambda c: c.slot_range(P, c.slots))
+        return dataclasses.replace(self, layers=_rows(layers, rep), segment_ids_BS=rep(self.segment_ids_BS),
+                                   positions_BS=rep(self.positions_BS), prompt=prompt)
 
 
 def _kv(layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> tuple[KVCache, ...] | KVCache:
     return layers if isinstance(layers, KVCache) else tuple(layers)
 
 
+def _each(layers: tuple[KVCache, ...] | KVCache, fn) -> tuple[KVCache, ...] | KVCache:
+    """``fn(cache)`` for per-layer caches or a stacked one."""
+    return fn(layers) if isinstance(layers, KVCache) else tuple(fn(c) for c in layers)
+
+
 def _rows(layers: tuple[KVCache, ...] | KVCache, fn) -> tuple[KVCache, ...] | KVCache:
     """``fn(array, batch_axis)`` over the k/v of per-layer caches or of a stacked one."""
-    return layers.rows(fn) if isinstance(layers, KVCache) else tuple(c.rows(fn) for c in layers)
+    return _each(layers, lambda c: c.rows(fn))
 
 
 def self_attention_caches(n_layers: int, stacked: bool, batch: int, length: int, heads: int, head_dim: int,
