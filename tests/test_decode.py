@@ -206,15 +206,15 @@ def test_beams_and_samples_read_their_inputs_encoder_kv_stored_once(name, monkey
                             decoder_start_id=cfg.decoder_start_id)
     repeated = start.cache.repeat_rows(4)
     assert [c.k.shape[0] for c in repeated.cross] == [3] * len(repeated.cross)  # one per input
-    assert repeated.enc_segment_ids_BS.shape[0] == 3 and repeated.layers[0].k.shape[0] == 12
+    assert repeated.enc_segment_ids_BS.shape[0] == 3
+    assert [pool_shape(c) for c in repeated.layers] == [(3, 4 * 8)] * len(repeated.layers)  # one pool per input
     configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
                DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
     shared = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
-    repeat_rows = model_cache.DecodeCache.repeat_rows
 
-    def with_copies(self, n):  # the layout before: every row its own copy of the encoder's k/v
+    def with_copies(self, n):  # the layout before: every row its own copy of every k/v
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
-        return dataclasses.replace(repeat_rows(self, n), cross=model_cache._rows(self.cross, rep),
+        return dataclasses.replace(copied_rows(self, n), cross=model_cache._rows(self.cross, rep),
                                    enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
 
     monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", with_copies)
@@ -225,13 +225,29 @@ def test_beams_and_samples_read_their_inputs_encoder_kv_stored_once(name, monkey
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local"])
+def pool_shape(c) -> tuple[int, int]:
+    """(rows, slots) of a layer's self-attention cache."""
+    return c.v.shape[0], c.v.shape[c.slot_axes()[1]]
+
+
+def copied_rows(cache, n):
+    """`DecodeCache.repeat_rows` as it was: each row's own copy of the self-attention k/v, which
+    beam search reorders every step."""
+    rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
+    from jaxft.models import cache as model_cache
+
+    return dataclasses.replace(cache, layers=model_cache._rows(cache.layers, rep), segment_ids_BS=rep(cache.segment_ids_BS),
+                               positions_BS=rep(cache.positions_BS))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local", "t5-relative", "umt5-per-layer"])
 @pytest.mark.parametrize("stack", [False, True], ids=["per-layer", "stacked"])
-def test_beams_and_samples_read_their_inputs_prompt_stored_once(family, stack, monkeypatch):
-    """Decoder-only: the n rows of an input (beams, samples) read its prompt's k/v stored once,
-    and beam search reorders only the slots after it, with the same tokens and scores as when
-    every row had its own copy of the prompt (RoPE + grouped-query, ALiBi, sliding window +
-    soft-capping; per-layer and stacked layers)."""
+def test_beams_and_samples_read_one_pool_per_input(family, stack, monkeypatch):
+    """The n rows of an input (beams, samples) read one pool of self-attention k/v per input (its
+    prompt once, then each row's own slots) and beam search reorders the rows' ancestry, not the
+    cache: the same tokens and scores as when every row had its own copy of the cache, reordered
+    every step (RoPE + grouped-query, ALiBi, sliding window + soft-capping, T5's relative bias
+    per stack and per layer; per-layer and stacked layers)."""
     from flax import nnx
 
     from jaxft.eval.types import SplitModel
@@ -240,26 +256,21 @@ def test_beams_and_samples_read_their_inputs_prompt_stored_once(family, stack, m
 
     name, overrides = FAMILIES[family]
     cfg, model = model_for(name, **overrides)
+    ids, lengths = batch(cfg)  # 7, 4 and 2 tokens in 7 columns
+    if not stack and not cache_lib.model_is_encoder_decoder(model):
+        start = cache_lib.start(model, inputs=jnp.asarray(ids), lengths=jnp.asarray(lengths), max_len=8, pad_id=0)
+        repeated = start.cache.repeat_rows(4)  # the prompt (7 slots) once, then 4 x 8 own slots
+        assert [pool_shape(c) for c in repeated.layers] == [(3, 7 + 4 * 8)] * cfg.n_layers
+        assert repeated.ancestry_RT.shape == (12, 8) and repeated.segment_ids_BS.shape == (12, 15)
     if stack:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         model = SplitModel(graphdef, stack_layers(params, rest))
-    ids, lengths = batch(cfg)  # prompts of 7, 4 and 2 tokens in 7 columns
-    if not stack:
-        start = cache_lib.start(model, inputs=jnp.asarray(ids), lengths=jnp.asarray(lengths), max_len=8, pad_id=0)
-        repeated = start.cache.repeat_rows(4)
-        assert [(c.k.shape[0], c.slots) for c in repeated.prompt] == [(3, 7)] * cfg.n_layers  # one per input
-        assert [(c.k.shape[0], c.slots) for c in repeated.layers] == [(12, 8)] * cfg.n_layers
     configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
                DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
-    shared = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
-    repeat_rows = model_cache.DecodeCache.repeat_rows
-
-    def with_copies(self, n):  # the layout before: every row its own copy of the prompt's k/v
-        return repeat_rows(dataclasses.replace(self, prompt_slots=0), n)
-
-    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", with_copies)
+    pooled = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
+    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", copied_rows)
     jax.clear_caches()  # trace generate again with the copies
-    for config, want in zip(configs, shared):
+    for config, want in zip(configs, pooled):
         got = run(model, cfg, config, ids, lengths, rng=jax.random.key(1))
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)

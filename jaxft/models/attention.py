@@ -23,17 +23,17 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig, RopeScalingConfig
-from jaxft.models.cache import CACHE_AXES, DecodeCache, KVCache, SharedPrompt, encoder_decoder_cache, through_cache
+from jaxft.models.cache import CACHE_AXES, DecodeCache, KVCache, encoder_decoder_cache, through_cache
 from jaxft.models import kernels
 from jaxft.models.dropout import check_rate, dropout, dropout_active
 from jaxft.models.kernels import SegmentMask
 from jaxft.models.layers import HEADS, Linear, softcap
 from jaxft.models.masks import (attention_mask, bidirectional_segment_mask, causal_segment_mask,
-                                cross_attention_mask, is_local_layer, sliding_window_mask)
+                                cross_attention_mask, fold_rows, is_local_layer, sliding_window_mask)
 from jaxft.sharding import constrain
 
 __all__ = ["CACHE_AXES", "Attention", "DecodeCache", "KVCache", "alibi_bias", "alibi_slopes", "apply_rope",
-           "attend", "attend_shared_prompt", "attention_mask", "bidirectional_segment_mask", "causal_segment_mask",
+           "attend", "attention_mask", "bidirectional_segment_mask", "causal_segment_mask",
            "cross_attention_mask", "encoder_decoder_cache", "is_local_layer", "rope_inv_freq",
            "sliding_window_mask"]
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
@@ -116,8 +116,10 @@ def alibi_bias(q_positions_BL: jax.Array, kv_positions_BS: jax.Array, n_heads: i
     """bias_BHLS = slope_h * (pos_k - pos_q): relative, so packed rows work; float32.
 
     BLOOM adds ``slope * pos_k``; per query row this differs by a constant, which
-    softmax ignores.
+    softmax ignores.  n query rows per key row (beams / samples of one input): folded,
+    [B, H, n x L, S] (`jaxft.models.masks.fold_rows`).
     """
+    q_positions_BL = fold_rows(q_positions_BL, kv_positions_BS.shape[0])
     rel_BLS = (kv_positions_BS[:, None, :] - q_positions_BL[:, :, None]).astype(jnp.float32)
     slopes_H = jnp.asarray(alibi_slopes(n_heads), jnp.float32)
     return slopes_H[None, :, None, None] * rel_BLS[:, None, :, :]
@@ -198,38 +200,6 @@ def _attend_head_major(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, logit_softc
     return out_BGQK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
-def attend_shared_prompt(q_RLHK: jax.Array, prompt_kv: tuple[jax.Array, jax.Array], own_kv: tuple[jax.Array, jax.Array],
-                         *, mask_R1LS: jax.Array, bias_RHLS: jax.Array | None = None,
-                         logit_softcap: float | None = None, scale: float | None = None) -> jax.Array:
-    """Decoding attention over an input's prompt, stored once (``prompt_kv``: k_BPGK, v_BPGK),
-    followed by each row's own slots (``own_kv``: k_RTGK, v_RTGK; R = n x B rows in input order,
-    S = P + T): one softmax over the S slots, as `attend` over the concatenated keys of each row.
-    ``mask_R1LS`` / ``bias_RHLS`` are over the S slots.  The n rows of an input read its prompt
-    together (their queries folded into one row, as `_attend_shared_kv` does for encoder k/v)."""
-    (kp_BPGK, vp_BPGK), (ko_RTGK, vo_RTGK) = prompt_kv, own_kv
-    R, L, H, K = q_RLHK.shape
-    B, P, G = kp_BPGK.shape[0], kp_BPGK.shape[1], kp_BPGK.shape[2]
-    if R % B:
-        raise ValueError(f"attention: {R} query rows for {B} prompt rows (not a multiple)")
-    n, Q, S = R // B, H // G * L, P + ko_RTGK.shape[1]
-    scale = K ** -0.5 if scale is None else scale
-    q_RGQK = q_RLHK.reshape(R, L, G, H // G, K).transpose(0, 2, 3, 1, 4).reshape(R, G, Q, K)
-    fold = lambda a: a.reshape(B, n, G, Q, a.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(B, G, n * Q, -1)  # noqa: E731
-    unfold = lambda a: a.reshape(B, G, n, Q, a.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(R, G, Q, -1)  # noqa: E731
-    f32 = dict(preferred_element_type=jnp.float32)
-    prompt_RGQP = unfold(jnp.einsum("bgqk,bpgk->bgqp", fold(q_RGQK), kp_BPGK, **f32))
-    own_RGQT = jnp.einsum("rgqk,rtgk->rgqt", q_RGQK, ko_RTGK, **f32)
-    logits = softcap(jnp.concatenate([prompt_RGQP, own_RGQT], axis=-1).reshape(R, G, H // G, L, S) * scale,
-                     logit_softcap)
-    if bias_RHLS is not None:
-        logits = logits + bias_RHLS.reshape(R, G, H // G, L, S)
-    logits = jnp.where(mask_R1LS[:, :, None], logits, -0.7 * float(jnp.finfo(jnp.float32).max))
-    probs_RGQS = jax.nn.softmax(logits, axis=-1).astype(vo_RTGK.dtype).reshape(R, G, Q, S)
-    out_RGQK = (unfold(jnp.einsum("bgqp,bpgk->bgqk", fold(probs_RGQS[..., :P]), vp_BPGK))
-                + jnp.einsum("rgqt,rtgk->rgqk", probs_RGQS[..., P:], vo_RTGK))
-    return out_RGQK.reshape(R, G, H // G, L, K).transpose(0, 3, 1, 2, 4).reshape(R, L, H, K)
-
-
 class Attention(nnx.Module):
     """q/k/v/o projections + RoPE or ALiBi around ``attend``.
 
@@ -287,11 +257,6 @@ class Attention(nnx.Module):
             bias_BHLS = alibi_bias(positions_BL, kv_positions_BS, self.n_heads)
         elif self.position != "none":
             raise ValueError(f"model.position: unknown {self.position!r}; known: rope, alibi, none")
-        if isinstance(cache, SharedPrompt):  # decoding beams / samples: their input's prompt stored once
-            cache = cache.write(k_BLGK, v_BLGK, index)
-            out_BLHK = attend_shared_prompt(q_BLHK, cache.prompt.kv_BSGK(), cache.own.kv_BSGK(), mask_R1LS=mask_B1LS,
-                                            bias_RHLS=bias_BHLS, logit_softcap=self.logit_softcap, scale=self.scale)
-            return self.o(constrain(out_BLHK, HEADS)), cache
         k_BSGK, v_BSGK, cache = through_cache(k_BLGK, v_BLGK, cache, index)
         out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask_B1LS=mask_B1LS, bias_BHLS=bias_BHLS,
                           logit_softcap=self.logit_softcap, scale=self.scale,

@@ -332,7 +332,9 @@ class Bart(nnx.Module):
         x_BLD = self.decoder.embed(self.embed_tokens(inputs_BL), positions_BL)
 
         def call(layer, x_BLD, layer_cache, cross):
-            return layer(x_BLD, mask_B1LS, None, cross_mask_B1LS, layer_cache, index, cross)
+            x_BLD, layer_cache = layer(x_BLD, mask_B1LS, None, cross_mask_B1LS, cache.layer_view(layer_cache), index,
+                                       cross)
+            return x_BLD, layer_cache.slot if cache.pool else layer_cache
 
         x_BLD, layers = run_layers_cached(self.decoder.layers, call, x_BLD, cache.layers, cache.cross)
         x_BLD = constrain(self.decoder.final_norm(x_BLD), ACT)

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.cache_pool import PooledRows
 from jaxft.models.kernels import platform
 from jaxft.models.masks import attention_mask
 from jaxft.sharding import constrain
@@ -126,23 +127,28 @@ class KVCache:
             return -3, -3
         return -1 if self.keys_last else -2, -2
 
-    @property
-    def slots(self) -> int:
-        return self.v.shape[self.slot_axes()[1]]
+    def pooled(self, n: int, prompt: int) -> KVCache:
+        """Slots ``0 .. prompt-1``, then the slots after them n times (`PooledRows`' layout).
+        Head-major keys become slots-last: a pool is read by n >= 2 query rows, the case
+        `keys_last_default` stores them so for."""
+        def pool(a: jax.Array, axis: int) -> jax.Array:
+            axis += a.ndim
+            own = jax.lax.slice_in_dim(a, prompt, a.shape[axis], axis=axis)
+            return jnp.concatenate([jax.lax.slice_in_dim(a, 0, prompt, axis=axis)] + [own] * n, axis=axis)
 
-    def slot_range(self, start: int, stop: int) -> KVCache:
-        """Slots ``start .. stop - 1`` (static bounds)."""
-        cut = lambda a, axis: jax.lax.slice_in_dim(a, start, stop, axis=a.ndim + axis)  # noqa: E731
         k_axis, v_axis = self.slot_axes()
-        return KVCache.of(cut(self.k, k_axis), cut(self.v, v_axis), self.head_major, self.keys_last)
+        k = pool(self.k, k_axis)
+        if self.head_major and not self.keys_last:  # [.., G, S, K] -> [.., G, K, S]
+            k = jnp.swapaxes(k, -1, -2)
+        return KVCache.of(k, pool(self.v, v_axis), self.head_major, self.head_major)
 
     def stored(self, k_BLGK: jax.Array, v_BLGK: jax.Array) -> tuple[jax.Array, jax.Array, int, int]:
         """New keys/values in this cache's layout and dtype, and the slot axis of each (counted
         from the end, so the same for a stacked cache's arrays)."""
         k, v = k_BLGK.astype(self.k.dtype), v_BLGK.astype(self.v.dtype)
-        if not self.head_major:
-            return k, v, *self.slot_axes()
-        return _keys_in(k, self.keys_last), _swap(v), *self.slot_axes()
+        if self.head_major:
+            k, v = _keys_in(k, self.keys_last), _swap(v)
+        return k, v, *self.slot_axes()
 
     def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> KVCache:
         """Store L new keys/values at slots ``index .. index + L - 1`` (same slot for every row)."""
@@ -202,23 +208,6 @@ class Prefill:
         return self.k_BLGK.astype(dtype), self.v_BLGK.astype(dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SharedPrompt:
-    """A layer's self-attention cache when the n rows of an input (its beams or samples) share its
-    prompt: ``prompt`` holds the prompt's keys/values once per input (slots 0 .. P-1, B rows,
-    read only), ``own`` each row's slots after the prompt (P .. S-1, n x B rows in input order;
-    a ``KVCache`` or a stacked cache's ``LayerSlot``).  `jaxft.models.attention.attend_shared_prompt`
-    reads both as one sequence of S slots."""
-
-    prompt: KVCache
-    own: KVCache | LayerSlot
-
-    def write(self, k_BLGK: jax.Array, v_BLGK: jax.Array, index: jax.Array) -> SharedPrompt:
-        """Store L new keys/values at slots ``index ..`` of the whole sequence (all after the prompt)."""
-        return SharedPrompt(self.prompt, self.own.write(k_BLGK, v_BLGK, index - self.prompt.slots))
-
-
 def through_cache(k_BLGK: jax.Array, v_BLGK: jax.Array, cache: KVCache | LayerSlot | Prefill | None,
                   index: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache | LayerSlot | Prefill | None]:
     """Self-attention keys/values (k_BSGK, v_BSGK, cache): the L new tokens' own without a
@@ -245,9 +234,10 @@ class DecodeCache:
       slot, so prompts are left-aligned to a common end (see ``jaxft.eval.cache``);
     - encoder-decoder only: ``cross`` (cross-attention k/v per layer, projected once
       from the encoder output) and ``enc_segment_ids_BS`` (0 = source padding);
-    - decoder-only beams / samples (``repeat_rows``): ``prompt``, the prompt's k/v once per
-      input, ``layers`` then holding each row's slots after it (``segment_ids_BS``,
-      ``positions_BS`` and ``index`` still count all S slots).
+    - beams / samples (``repeat_rows``: ``pool`` = n rows per input): ``layers`` hold one pool
+      per input (`PooledRows`), and ``ancestry_RT`` says which of its input's n rows holds each
+      own slot of a row's history; ``segment_ids_BS``, ``positions_BS`` and ``index`` stay per
+      row over the S = ``prompt_slots`` + T slots of its sequence.
     """
 
     layers: tuple[KVCache, ...] | KVCache
@@ -256,12 +246,12 @@ class DecodeCache:
     index: jax.Array
     cross: tuple[KVCache, ...] | KVCache = ()
     enc_segment_ids_BS: jax.Array | None = None
-    # decoder-only, after ``repeat_rows``: the prompt's k/v per layer, one row per input (slots
-    # 0 .. prompt_slots-1; ``layers`` then hold each row's slots after them)
-    prompt: tuple[KVCache, ...] | KVCache | None = None
-    # decoder-only: how many leading slots the prefill wrote (the prompt), which ``repeat_rows``
-    # keeps once per input instead of once per row
+    # int32 [R, T] after ``repeat_rows``: for each row and slot after the prompt, the row of its
+    # input (0 .. n-1) whose part of the pool holds that slot of this row's history
+    ancestry_RT: jax.Array | None = None
+    # decoder-only: the leading slots the prefill wrote (the prompt), the same for an input's rows
     prompt_slots: int = dataclasses.field(default=0, metadata=dict(static=True))
+    pool: int = dataclasses.field(default=0, metadata=dict(static=True))  # n rows per input's pool; 0: none
 
     @classmethod
     def empty(cls, layers: tuple[KVCache, ...] | KVCache, batch: int, length: int, **cross) -> DecodeCache:
@@ -285,36 +275,69 @@ class DecodeCache:
         kv_slot_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), pos_BS.shape)
         mask_B1LS = attention_mask(segment_ids_BL, seg_BS, q_slot_BL, kv_slot_BS)
         new = dataclasses.replace(self, segment_ids_BS=seg_BS, positions_BS=pos_BS, index=self.index + L)
-        return new, mask_B1LS, pos_BS
+        if not self.pool:
+            return new, mask_B1LS, pos_BS
+        return new._pooled_view(mask_B1LS, L)
+
+    def _pooled_view(self, mask_R1LS: jax.Array, L: int) -> tuple[DecodeCache, jax.Array, jax.Array]:
+        """After ``advance`` of a pooled cache: record that each row's L new slots are in its own
+        part of the pool, and give the mask and key positions over the pools, [B, 1, n x L, P + n x T]
+        and [B, P + n x T] (queries folded as `jaxft.models.attention.attend` folds them)."""
+        n, P = self.pool, self.prompt_slots
+        R, T = self.ancestry_RT.shape
+        B = R // n
+        row_R = jnp.arange(R, dtype=jnp.int32) % n
+        ancestry_RT = jax.lax.dynamic_update_slice_in_dim(
+            self.ancestry_RT, jnp.broadcast_to(row_R[:, None], (R, L)), self.index - L - P, axis=1)
+        holds_RNT = ancestry_RT[:, None, :] == jnp.arange(n, dtype=jnp.int32)[None, :, None]
+        own_R1LNT = mask_R1LS[:, :, :, None, P:] & holds_RNT[:, None, None]
+        pooled_R1LS = jnp.concatenate([mask_R1LS[..., :P], own_R1LNT.reshape(R, 1, L, n * T)], axis=-1)
+        mask_B1QS = pooled_R1LS.reshape(B, n, 1, L, -1).transpose(0, 2, 1, 3, 4).reshape(B, 1, n * L, -1)
+        pos_BS = jnp.concatenate([self.positions_BS[::n, :P], self.positions_BS[:, P:].reshape(B, n * T)], axis=1)
+        return dataclasses.replace(self, ancestry_RT=ancestry_RT), mask_B1QS, pos_BS
+
+    def layer_view(self, layer_cache: KVCache | LayerSlot) -> KVCache | LayerSlot | PooledRows:
+        """What a layer's attention writes and reads: its cache, or over a pool a `PooledRows`
+        (the decode step hands its ``slot`` back)."""
+        if not self.pool:
+            return layer_cache
+        P, n = self.prompt_slots, self.pool
+        return PooledRows(layer_cache, n, P, self.ancestry_RT.shape[1])
 
     def with_layers(self, layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> DecodeCache:
         return dataclasses.replace(self, layers=_kv(layers))
 
     def gather_rows(self, rows_B: jax.Array) -> DecodeCache:
-        """Reorder the batch rows of the self-attention state (beam search).  ``cross``,
-        ``enc_segment_ids_BS`` and ``prompt`` are left alone: beams only move within their own
-        input, so only the slots after the prompt are copied."""
+        """Reorder the batch rows of the self-attention state (beam search): rows move only
+        within their own input.  ``cross`` and ``enc_segment_ids_BS`` are left alone; over pools
+        (``repeat_rows``) so are the layers' k/v: only the rows' ancestry moves, [R, T] int32
+        instead of every layer's cache."""
         take = lambda a, axis=0: jnp.take(a, rows_B, axis=axis)  # noqa: E731
+        if self.pool:
+            return dataclasses.replace(self, ancestry_RT=take(self.ancestry_RT),
+                                       segment_ids_BS=take(self.segment_ids_BS), positions_BS=take(self.positions_BS))
         return dataclasses.replace(self, layers=_rows(self.layers, take), segment_ids_BS=take(self.segment_ids_BS),
                                    positions_BS=take(self.positions_BS))
 
     def repeat_rows(self, n: int) -> DecodeCache:
-        """Each row of the self-attention state n times in a row (``jnp.repeat``): one copy per
-        beam / sample.  What every row of an input reads alike stays one per input, n times less
-        cache to hold and read, and nothing for beam search to reorder: the encoder's k/v
-        (``cross``; `jaxft.models.attention.attend` folds the n rows' queries) and a decoder-only
-        prompt (``prompt_slots``: its k/v move to ``prompt``, read by
-        `jaxft.models.attention.attend_shared_prompt`)."""
+        """n rows per input (``jnp.repeat`` order): one per beam / sample.  The self-attention k/v
+        become one pool per input (`PooledRows`: its prompt once, then n copies of the slots after
+        it) that its n rows read together; beam search then reorders rows by their ancestry
+        (``gather_rows``) instead of copying every layer's cache per step.  The encoder's k/v
+        (``cross``) also stay one per input.  `jaxft.models.attention.attend` folds the n rows'
+        queries into one row for both."""
         if n == 1:
             return self
+        if self.pool:
+            raise ValueError("DecodeCache.repeat_rows: the rows are pooled already")
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
-        layers, prompt = self.layers, self.prompt
-        if self.prompt_slots and prompt is None:
-            P = self.prompt_slots
-            prompt = _each(layers, lambda c: c.slot_range(0, P))
-            layers = _each(layers, lambda c: c.slot_range(P, c.slots))
-        return dataclasses.replace(self, layers=_rows(layers, rep), segment_ids_BS=rep(self.segment_ids_BS),
-                                   positions_BS=rep(self.positions_BS), prompt=prompt)
+        P = self.prompt_slots
+        T = self.segment_ids_BS.shape[1] - P
+        R = self.segment_ids_BS.shape[0] * n
+        ancestry_RT = jnp.broadcast_to((jnp.arange(R, dtype=jnp.int32) % n)[:, None], (R, T))
+        return dataclasses.replace(self, layers=_each(self.layers, lambda c: c.pooled(n, P)),
+                                   segment_ids_BS=rep(self.segment_ids_BS), positions_BS=rep(self.positions_BS),
+                                   ancestry_RT=constrain(ancestry_RT, ("batch", None)), pool=n)
 
 
 def _kv(layers: list[KVCache] | tuple[KVCache, ...] | KVCache) -> tuple[KVCache, ...] | KVCache:

@@ -37,7 +37,7 @@ from flax import nnx
 from jaxft.config.schema import ModelConfig
 from jaxft.models.attention import Attention
 from jaxft.models import kernels
-from jaxft.models.cache import DecodeCache, KVCache, Prefill, SharedPrompt, self_attention_caches
+from jaxft.models.cache import DecodeCache, KVCache, Prefill, self_attention_caches
 from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layer_init import build_layers
 from jaxft.models.layers import (ACT, Embed, Linear, check_remat, default_positions, default_segment_ids,
@@ -194,15 +194,12 @@ class Decoder(nnx.Module):
             mask_B1LS = kernels.dense_mask(mask_B1LS)  # local / global chosen per layer: dense masks
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
 
-        def call(layer, x_BLD, layer_cache, prompt, local):
+        def call(layer, x_BLD, layer_cache, _, local):
             mask = mask_B1LS if local_mask_B1LS is None else jnp.where(local, local_mask_B1LS, mask_B1LS)
-            if prompt is not None:  # beams / samples: each input's prompt stored once (DecodeCache.prompt)
-                layer_cache = SharedPrompt(prompt, layer_cache)
             x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask,
-                                       Prefill(layer_cache) if prefill else layer_cache, index)
-            layer_cache = layer_cache.slot if prefill else layer_cache
-            return x_BLD, layer_cache.own if prompt is not None else layer_cache
+                                       Prefill(layer_cache) if prefill else cache.layer_view(layer_cache), index)
+            return x_BLD, layer_cache.slot if prefill or cache.pool else layer_cache
 
         x_BLD, layers = run_layers_cached(self.layers, call, self.embed_tokens(inputs_BL), cache.layers,
-                                          cache.prompt, per_layer=(np.array(self.local_layers),))
+                                          per_layer=(np.array(self.local_layers),))
         return self.head_logits(x_BLD[:, -1:] if prefill else x_BLD), cache.with_layers(layers)

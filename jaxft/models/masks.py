@@ -12,6 +12,13 @@ import jax.numpy as jnp
 from jaxft.models.kernels import SegmentMask
 
 
+def fold_rows(q_BL: jax.Array, rows: int) -> jax.Array:
+    """Per-query values of n x ``rows`` query rows (an input's beams / samples, in order) against
+    ``rows`` key rows: each input's rows folded into its query length, [rows, n x L], as
+    `jaxft.models.attention.attend` folds their queries.  Unchanged when the rows match."""
+    return q_BL if q_BL.shape[0] == rows else q_BL.reshape(rows, -1)
+
+
 def attention_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array,
                    q_index_BL: jax.Array, kv_index_BS: jax.Array) -> jax.Array:
     """mask_B1LS: query i sees key j iff j <= i (by index) and both share a segment id.
@@ -62,9 +69,7 @@ def cross_attention_mask(dec_segment_ids_BL: jax.Array, enc_segment_ids_BS: jax.
     order): each input's rows are folded into its query length, [B, 1, n x L, S] (as
     `jaxft.models.attention.attend` folds their queries).
     """
-    R, B = dec_segment_ids_BL.shape[0], enc_segment_ids_BS.shape[0]
-    if R != B:
-        dec_segment_ids_BL = dec_segment_ids_BL.reshape(B, -1)
+    dec_segment_ids_BL = fold_rows(dec_segment_ids_BL, enc_segment_ids_BS.shape[0])
     same_BLS = (dec_segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]) & (
         enc_segment_ids_BS[:, None, :] > 0)
     pad_BL1 = (dec_segment_ids_BL == 0)[:, :, None]
@@ -76,8 +81,10 @@ def sliding_window_mask(mask_B1LS: jax.Array, q_positions_BL: jax.Array, kv_posi
     """Restrict ``mask_B1LS`` to keys less than ``window`` positions back (Gemma 2 local layers).
 
     Works on positions, so it composes with the causal + segment mask of packed
-    rows (positions restart per segment); the diagonal stays allowed.
+    rows (positions restart per segment); the diagonal stays allowed.  n query rows per key
+    row: folded (`fold_rows`), as ``mask_B1LS`` is then.
     """
+    q_positions_BL = fold_rows(q_positions_BL, kv_positions_BS.shape[0])
     near_BLS = (q_positions_BL[:, :, None] - kv_positions_BS[:, None, :]) < window
     return mask_B1LS & near_BLS[:, None, :, :]
 

@@ -58,7 +58,7 @@ from jaxft.models.dropout import check_rate, dropout
 from jaxft.models.layer_init import build_layers
 from jaxft.models.layers import (ACT, HEADS, MLP, Embed, Linear, check_remat, default_positions,
                                  default_segment_ids, norm_from_config, normal_param)
-from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask
+from jaxft.models.masks import bidirectional_segment_mask, causal_segment_mask, cross_attention_mask, fold_rows
 from jaxft.models.scan import map_layers, run_layers, run_layers_cached
 from jaxft.sharding import constrain
 
@@ -104,6 +104,8 @@ class RelativeBias(nnx.Module):
         self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
 
     def __call__(self, q_positions_BL: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
+        """bias_BHLS; n query rows per key row (beams / samples of one input): folded, [B, H, n x L, S]."""
+        q_positions_BL = fold_rows(q_positions_BL, k_positions_BS.shape[0])
         rel_BLS = k_positions_BS[:, None, :] - q_positions_BL[:, :, None]
         bucket_BLS = relative_position_bucket(rel_BLS, bidirectional=self.bidirectional,
                                               num_buckets=self.num_buckets, max_distance=self.max_distance)
@@ -234,8 +236,9 @@ class T5Stack(nnx.Module):
         bias_BHLS = None if self.rel_bias is None else self.rel_bias(positions_BL, kv_positions_BS)
 
         def call(layer, x_BLD, layer_cache, cross):
-            return layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None, cross_mask_B1LS,
-                         layer_cache, index, cross)
+            x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask_B1LS, bias_BHLS, None,
+                                       cross_mask_B1LS, cache.layer_view(layer_cache), index, cross)
+            return x_BLD, layer_cache.slot if cache.pool else layer_cache
 
         x_BLD, layers = run_layers_cached(self.layers, call, dropout(x_BLD, self.dropout_rate), cache.layers,
                                           cache.cross)
