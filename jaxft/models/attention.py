@@ -194,10 +194,15 @@ def _attend_head_major(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, logit_softc
         logits_BGRLS = logits_BGRLS + bias_BHLS.reshape(bias_BHLS.shape[0], G, R, L, S)
     big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
     logits_BGRLS = jnp.where(mask_B1LS[:, :, None], logits_BGRLS, big_negative)
-    probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
-    probs_BGQS = dropout(probs_BGRLS, dropout_rate).reshape(B, G, R * L, S)
-    out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS, v_BGSK)
-    return out_BGQK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+    # softmax normalised after the product: [.., K] divisions instead of [.., S] (dropout is
+    # elementwise, so it commutes with the per-row scale)
+    top_BGRL1 = jax.lax.stop_gradient(jnp.max(logits_BGRLS, axis=-1, keepdims=True))
+    exp_BGRLS = jnp.exp(logits_BGRLS - top_BGRL1)
+    sum_BGRL1 = jnp.sum(exp_BGRLS, axis=-1, keepdims=True)
+    probs_BGQS = dropout(exp_BGRLS.astype(v_BSGK.dtype), dropout_rate).reshape(B, G, R * L, S)
+    out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS, v_BGSK, preferred_element_type=jnp.float32)
+    out_BGRLK = (out_BGQK.reshape(B, G, R, L, K) / sum_BGRL1).astype(v_BSGK.dtype)
+    return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 class Attention(nnx.Module):
