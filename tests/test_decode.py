@@ -276,6 +276,29 @@ def test_beams_and_samples_read_one_pool_per_input(family, stack, monkeypatch):
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_beam_search_moves_rows_without_copying_the_kv_cache(name, monkeypatch):
+    """The compiled beam search gathers no per-row k/v array (4-D or more, 3 inputs x 4 beams
+    rows): only the rows' ancestry, segment ids and positions move (with per-row copies, every
+    layer's k and v were gathered)."""
+    import re
+
+    from jaxft.models import cache as model_cache
+
+    cfg, model = model_for(name)
+    ids, lengths = batch(cfg)
+    config = DecodeConfig(strategy="beam", beam_size=4, max_len=6, eos_id=None)
+
+    def kv_gathers() -> list[str]:
+        program = str(jax.make_jaxpr(lambda i, n: run(model, cfg, config, i, n).tokens)(ids, lengths))
+        return re.findall(r":(?:f32|bf16|f16)\[12(?:,\d+){3,}\] = gather", program)
+
+    assert kv_gathers() == []
+    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", copied_rows)
+    jax.clear_caches()
+    assert len(kv_gathers()) >= 2  # the check sees them where they are
+
+
 # --------------------------------------------------------------------------- forcing, lengths, batching
 
 
