@@ -208,18 +208,26 @@ def test_beams_and_samples_read_their_inputs_encoder_kv_stored_once(name, monkey
     assert [c.k.shape[0] for c in repeated.cross] == [3] * len(repeated.cross)  # one per input
     assert repeated.enc_segment_ids_BS.shape[0] == 3
     assert [pool_shape(c) for c in repeated.layers] == [(3, 4 * 8)] * len(repeated.layers)  # one pool per input
-    configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
-               DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
-    shared = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
 
     def with_copies(self, n):  # the layout before: every row its own copy of every k/v
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)  # noqa: E731
         return dataclasses.replace(copied_rows(self, n), cross=model_cache._rows(self.cross, rep),
                                    enc_segment_ids_BS=rep(self.enc_segment_ids_BS))
 
-    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", with_copies)
-    jax.clear_caches()  # trace generate again with the copies
-    for config, want in zip(configs, shared):
+    assert_beams_and_samples_as_with(with_copies, model, cfg, ids, lengths, monkeypatch)
+
+
+def assert_beams_and_samples_as_with(repeat_rows, model, cfg, ids, lengths, monkeypatch):
+    """Beam 4 and 3 samples give the same tokens and scores with ``repeat_rows`` patched into
+    `DecodeCache` (an older cache layout) as with today's."""
+    from jaxft.models import cache as model_cache
+
+    configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
+               DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
+    today = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
+    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", repeat_rows)
+    jax.clear_caches()  # trace generate again with the older layout
+    for config, want in zip(configs, today):
         got = run(model, cfg, config, ids, lengths, rng=jax.random.key(1))
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
@@ -251,7 +259,6 @@ def test_beams_and_samples_read_one_pool_per_input(family, stack, monkeypatch):
     from flax import nnx
 
     from jaxft.eval.types import SplitModel
-    from jaxft.models import cache as model_cache
     from jaxft.models.scan import stack_layers
 
     name, overrides = FAMILIES[family]
@@ -265,15 +272,7 @@ def test_beams_and_samples_read_one_pool_per_input(family, stack, monkeypatch):
     if stack:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         model = SplitModel(graphdef, stack_layers(params, rest))
-    configs = (DecodeConfig(strategy="beam", beam_size=4, n_best=2, max_len=6, eos_id=None, length_penalty=0.6),
-               DecodeConfig(strategy="sample", temperature=1.5, n_best=3, max_len=6, eos_id=None))
-    pooled = [run(model, cfg, c, ids, lengths, rng=jax.random.key(1)) for c in configs]
-    monkeypatch.setattr(model_cache.DecodeCache, "repeat_rows", copied_rows)
-    jax.clear_caches()  # trace generate again with the copies
-    for config, want in zip(configs, pooled):
-        got = run(model, cfg, config, ids, lengths, rng=jax.random.key(1))
-        np.testing.assert_array_equal(got.tokens, want.tokens)
-        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+    assert_beams_and_samples_as_with(copied_rows, model, cfg, ids, lengths, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
