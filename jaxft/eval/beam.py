@@ -37,6 +37,7 @@ from jaxft.eval.cache import DecodeStart, step
 from jaxft.eval.sampling import (NEG_INF, is_stop, length_penalty, no_repeat_ngram, process_log_probs,
                                  repetition_penalty)
 from jaxft.eval.types import DecodeOutput
+from jaxft.models.topk import top_k
 from jaxft.sharding import constrain
 
 
@@ -82,7 +83,7 @@ def beam_search(model, start: DecodeStart, forced_BF: jax.Array, cfg: DecodeConf
                                     forced_BF=forced_RF, min_len=cfg.min_len, stops=cfg.stops)
         V = logp_RV.shape[-1]
         cand_BN = (s["alive_logp_BK"][:, :, None] + logp_RV.reshape(B, k, V)).reshape(B, k * V)
-        top_logp_BC, top_idx_BC = jax.lax.top_k(cand_BN, 2 * k)  # C = 2k candidates, best first
+        top_logp_BC, top_idx_BC = top_k(cand_BN, 2 * k)  # C = 2k candidates, best first
         parent_BC, token_BC = top_idx_BC // V, (top_idx_BC % V).astype(jnp.int32)
         seq_BCL = _gather_beams(s["alive_seq_BKL"], parent_BC)
         seq_BCL = jax.lax.dynamic_update_index_in_dim(seq_BCL, token_BC, t, axis=2)

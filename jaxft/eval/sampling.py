@@ -28,6 +28,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.topk import top_k
+
 NEG_INF = -jnp.inf
 
 
@@ -113,7 +115,7 @@ def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
     """Keep the k largest logits (ties with the k-th are kept too, as HF); k <= 0: no-op."""
     if k <= 0 or k >= logits_BV.shape[-1]:
         return logits_BV
-    kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+    kth_B1 = top_k(logits_BV, k)[0][:, -1:]
     return jnp.where(logits_BV < kth_B1, NEG_INF, logits_BV)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxft.models import topk
 from jaxft.sharding import constrain, logical_to_spec, ways
 
 Sums = tuple[jax.Array, jax.Array, jax.Array]  # (loss_sum, z_loss_sum, weight_sum), float32
@@ -202,7 +203,7 @@ def token_kl(teacher_BLV: jax.Array, student_BLV: jax.Array, temperature: float,
     t_BLV = teacher_BLV.astype(jnp.float32) / temperature
     s_BLV = student_BLV.astype(jnp.float32) / temperature
     if top_k:
-        t_BLV, idx_BLK = jax.lax.top_k(t_BLV, top_k)
+        t_BLV, idx_BLK = topk.top_k(t_BLV, top_k)
         s_BLV = jnp.take_along_axis(s_BLV, idx_BLK, axis=-1)
     logp, logq = jax.nn.log_softmax(t_BLV, axis=-1), jax.nn.log_softmax(s_BLV, axis=-1)
     return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
