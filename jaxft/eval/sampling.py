@@ -119,21 +119,40 @@ def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
     return jnp.where(logits_BV < kth_B1, NEG_INF, logits_BV)
 
 
+def _ordered_int(x: jax.Array) -> jax.Array:
+    """float32 -> int32 in the same order (negative floats: every bit but the sign flipped)."""
+    i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
 def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
     """Nucleus: keep the smallest set of most probable tokens whose mass reaches ``p``.
 
     A token is kept iff the probability mass strictly above it is below ``p`` (so
     the token that crosses ``p`` is in, and the most probable token always is);
     tokens tied with the last kept one are kept too.  p >= 1: no-op.
+
+    Equivalently, the kept tokens are those whose logit is at least the smallest threshold t
+    with mass(logits > t) < p, found by bisection over the float order (32 masked sums over the
+    row) instead of sorting it: XLA:CPU sorts [8, 250k] logits in 0.2-0.4 s, seven times the
+    250k-way output head's product.
     """
     if p >= 1.0:
         return logits_BV
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    mass_above_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    n_keep_B = jnp.maximum(jnp.sum(mass_above_BV < p, axis=-1), 1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
-    return jnp.where(logits_BV < cutoff_B1, NEG_INF, logits_BV)
+    probs_BV = jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1)
+    key_BV = _ordered_int(logits_BV)
+    # invariant: mass(key > hi) < p (hi = the largest key: no mass above it), mass(key > lo) >= p
+    hi_B = jnp.max(key_BV, axis=-1)
+    lo_B = jnp.min(key_BV, axis=-1) - 1  # everything above: mass ~1 (a mass just short of p keeps all)
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds
+        mid_B = (lo_B >> 1) + (hi_B >> 1) + (lo_B & hi_B & 1)  # no int32 overflow
+        below_p_B = jnp.sum(jnp.where(key_BV > mid_B[:, None], probs_BV, 0.0), axis=-1) < p
+        return jnp.where(below_p_B, lo_B, mid_B), jnp.where(below_p_B, mid_B, hi_B)
+
+    _, hi_B = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
+    return jnp.where(key_BV >= hi_B[:, None], logits_BV, NEG_INF)
 
 
 def first_argmax(x_BV: jax.Array) -> jax.Array:
