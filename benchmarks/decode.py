@@ -1,9 +1,10 @@
 """Decoding throughput: jaxft `generate` (KV cache, one compiled while_loop) vs
 Hugging Face transformers `generate` (PyTorch) on the same weights and batch,
-greedy and beam 4, for a decoder-only (LLaMA) and an encoder-decoder (mT5-style)
-model.  Generated tokens/s, median of repeats, in one run.
+greedy and beam 4 (and, with --strategies, top-p sampling), for a decoder-only (LLaMA) and an
+encoder-decoder (mT5-style) model.  Generated tokens/s, median of repeats, in one run.
 
     python benchmarks/decode.py [--batch 8 --prompt 32 --new 32 --repeats 3] [--stacked]
+        [--vocab 250112] [--strategies greedy beam4 sample]
 
 Needs the test extra (torch, transformers).  Both sides are forced to generate
 exactly --new tokens (min = max length), so the work is the same.
@@ -87,8 +88,10 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
     rows = []
-    for strategy, beams in (("greedy", 1), ("beam", 4)):
-        cfg = DecodeConfig(strategy=strategy, beam_size=beams, max_len=args.new, min_len=args.new,
+    for name in args.strategies:
+        strategy, beams = ("beam", 4) if name == "beam4" else (name, 1)
+        top_p = 0.9 if strategy == "sample" else 1.0  # nucleus sampling, temperature 1, no top-k
+        cfg = DecodeConfig(strategy=strategy, beam_size=beams, max_len=args.new, min_len=args.new, top_p=top_p,
                            length_penalty=0.0, eos_id=1, pad_id=0, decoder_start_id=model_cfg.decoder_start_id)
         key = "enc_inputs" if kind == "mt5" else "inputs"
 
@@ -99,14 +102,15 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
             ids_t = torch.from_numpy(ids).long().to(args.device)
             with torch.no_grad():
                 hf.generate(ids_t, attention_mask=torch.ones_like(ids_t),
-                            max_new_tokens=args.new, min_new_tokens=args.new, num_beams=beams, do_sample=False,
+                            max_new_tokens=args.new, min_new_tokens=args.new, num_beams=beams,
+                            do_sample=strategy == "sample", top_p=top_p, top_k=0, temperature=1.0,
                             length_penalty=0.0, early_stopping=True, pad_token_id=0, eos_token_id=1)
             if args.device != "cpu":
                 torch.cuda.synchronize()
 
         t_jax, t_hf = timed(run_jax, args.repeats), timed(run_hf, args.repeats)
         tokens = args.batch * args.new
-        rows.append({"model": kind, "strategy": f"{strategy}{beams if beams > 1 else ''}",
+        rows.append({"model": kind, "strategy": name if strategy != "sample" else f"sample top-p {top_p}",
                      "jaxft_tokens_per_s": tokens / t_jax, "hf_tokens_per_s": tokens / t_hf,
                      "speedup_vs_hf": t_hf / t_jax})
     return rows
@@ -125,6 +129,8 @@ def main() -> None:
     p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
     p.add_argument("--stacked", action="store_true", help="jaxft decodes from stacked layers (a scan)")
     p.add_argument("--models", nargs="+", choices=("llama", "mt5"), default=["llama", "mt5"])
+    p.add_argument("--strategies", nargs="+", choices=("greedy", "beam4", "sample"), default=["greedy", "beam4"],
+                   help="sample: nucleus sampling (top-p 0.9, temperature 1) on both sides")
     args = p.parse_args()
     if args.device is None:
         import torch

@@ -54,3 +54,22 @@ def test_after_top_k_and_in_bfloat16():
     got = top_p_filter(xb, 0.6)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(kept(got), nucleus_by_sorting(xb.astype(jnp.float32), 0.6))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sample_draws_what_jax_random_categorical_draws(dtype):
+    """`sample` adds the same Gumbel noise as jax.random.categorical and takes the first maximum."""
+    from jaxft.eval.sampling import sample
+
+    logits = (jax.random.normal(jax.random.key(7), (16, 3000)) * 2).astype(dtype)
+    logits = logits.at[:, ::3].set(NEG_INF)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        got = sample(key, logits, temperature=1.0, top_k=0, top_p=1.0)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.random.categorical(key, logits, axis=-1)))
+        assert got.dtype == jnp.int32
+    key = jax.random.key(9)
+    got = sample(key, logits, temperature=0.7, top_k=50, top_p=0.8)
+    want = jax.random.categorical(key, top_p_filter(top_k_filter(logits / 0.7, 50), 0.8), axis=-1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.asarray(got).std() > 0  # not one token for every row

