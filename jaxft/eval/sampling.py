@@ -151,7 +151,8 @@ def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
         below_p_B = jnp.sum(jnp.where(key_BV > mid_B[:, None], probs_BV, 0.0), axis=-1) < p
         return jnp.where(below_p_B, lo_B, mid_B), jnp.where(below_p_B, mid_B, hi_B)
 
-    _, hi_B = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
+    # unrolled by 4: XLA:CPU's loop runs each small pass ~3x slower (V 8192: 1.5 -> 0.6-0.9 ms)
+    _, hi_B = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B), unroll=4)
     return jnp.where(key_BV >= hi_B[:, None], logits_BV, NEG_INF)
 
 
