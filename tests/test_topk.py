@@ -70,3 +70,25 @@ def test_bfloat16_and_gradients_of_the_values():
     g = jax.grad(lambda v: jnp.sum(top_k(v, 4)[0] * jnp.arange(1.0, 5.0)))(x32)
     want = jax.grad(lambda v: jnp.sum(jax.lax.top_k(v, 4)[0] * jnp.arange(1.0, 5.0)))(x32)
     np.testing.assert_array_equal(np.asarray(g), np.asarray(want))
+
+
+def test_the_vocabulary_selection_compiles_for_a_tpu_ahead_of_time():
+    """Beam search's top-k, top-p's bisection (int32 keys from a bitcast) and the Gumbel draw, at a
+    250k vocabulary, lowered and compiled for a TPU's compile-only device (no TPU needed)."""
+    pytest.importorskip("libtpu")
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxft.eval.sampling import sample, top_p_filter
+    from jaxft.train.chips import abstract_devices, parse_topology
+
+    on_tpu = SingleDeviceSharding(abstract_devices(parse_topology("v5e-4"))[0])
+    cand = jax.ShapeDtypeStruct((8, 4 * 250112), jnp.float32, sharding=on_tpu)
+    logits = jax.ShapeDtypeStruct((8, 250112), jnp.bfloat16, sharding=on_tpu)
+    cases = ((lambda x: top_k(x, 8), cand, [((8, 8), jnp.float32), ((8, 8), jnp.int32)]),
+             (lambda x: top_p_filter(x, 0.9), logits, [((8, 250112), jnp.bfloat16)]),
+             (lambda x: sample(jax.random.key(0), x, temperature=0.7, top_k=50, top_p=0.9), logits,
+              [((8,), jnp.int32)]))
+    for fn, arg, want in cases:
+        compiled = jax.jit(fn).lower(arg).compile()
+        assert ":T(" in compiled.as_text()  # the TPU's tiled layouts: a TPU program
+        assert [(o.shape, o.dtype) for o in jax.tree.leaves(compiled.out_info)] == want
