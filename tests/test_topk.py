@@ -63,6 +63,14 @@ def test_short_axes_and_integers_take_lax_directly():
     assert _top_k_input_widths(ints, 4) == [40000]
 
 
+def test_other_platforms_keep_their_native_top_k(monkeypatch):
+    from jaxft.models import topk
+
+    for n, where in ((32768 + BLOCK, "tpu"), (32768 + 2 * BLOCK, "gpu")):  # shapes no other test traced
+        monkeypatch.setattr(topk, "platform", lambda where=where: where)
+        assert _top_k_input_widths(jax.random.normal(jax.random.key(0), (2, n)), 8) == [n]
+
+
 def test_bfloat16_and_gradients_of_the_values():
     x = jax.random.normal(jax.random.key(3), (2, 8192)).astype(jnp.bfloat16)
     _same_as_lax(x, 4)
@@ -73,8 +81,9 @@ def test_bfloat16_and_gradients_of_the_values():
 
 
 def test_the_vocabulary_selection_compiles_for_a_tpu_ahead_of_time():
-    """Beam search's top-k, top-p's bisection (int32 keys from a bitcast) and the Gumbel draw, at a
-    250k vocabulary, lowered and compiled for a TPU's compile-only device (no TPU needed)."""
+    """Top-p's bisection (int32 keys from a bitcast) and the Gumbel draw, at a 250k vocabulary,
+    lowered and compiled for a TPU's compile-only device (no TPU needed); the block top-k too,
+    which the TPU does not take at run time (its own TopK), but a CPU host compiling for it does."""
     pytest.importorskip("libtpu")
     from jax.sharding import SingleDeviceSharding
 
