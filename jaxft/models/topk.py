@@ -3,7 +3,7 @@
 Beam search takes the best 2k of k x V candidates per input every step, sampling's top-k filter
 and distillation's teacher top-k take the k best of V logits per row: with a 250k vocabulary the
 sort-based top-k runs over millions of elements (XLA:CPU's TopK: ~1.5 ns per element, 14 ms a
-step for beam 4 over 8 x 4 x 250k; accelerators sort too).  Instead:
+step for beam 4 over 8 x 4 x 250k).  Instead, on the CPU:
 
 1. the axis is cut into blocks of ``BLOCK`` and each block's maximum taken (one vectorised
    reduction, fused with whatever produced the values);
