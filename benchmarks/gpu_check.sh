@@ -7,7 +7,8 @@
 #      bf16 train step against torch (SDPA) on the same GPU, with MFU against the measured bf16
 #      matmul peak (jaxft's state built on the host CPU);
 #   4. the cuDNN tests (tests/test_attention_gpu.py: cuDNN equals XLA attention, and runs);
-#   5. decoding against HF `generate` on the GPU (batch 8 and 32), then stacked against per-layer.
+#   5. decoding against HF `generate` on the GPU (batch 8 and 32; top-p sampling too at batch 8), then
+#      stacked against per-layer.
 # Prints the rows for benchmarks/RESULTS.md; the whole log goes to $OUT/gpu_check.log when OUT is set.
 # Needs jax with CUDA, torch and transformers (the device image).  Packages jaxft needs and the
 # image lacks (babel, num2words; docopt, which num2words imports) are taken from .whl/site when
@@ -57,7 +58,7 @@ step 90 init-compile python3 benchmarks/init_compile.py --layers 2 4
 step 240 train-1b env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b --dtype bfloat16 --batch 8 \
   --steps 10 --threads 16 --init-on-host
 step 90 cudnn-tests env XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false" python3 -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py
-step 150 decode-b8 python3 benchmarks/decode.py --batch 8 --d-model 1024 --layers 8
+step 180 decode-b8 python3 benchmarks/decode.py --batch 8 --d-model 1024 --layers 8 --strategies greedy beam4 sample
 step 150 decode-b32 python3 benchmarks/decode.py --batch 32 --d-model 1024 --layers 8
 # stacked layers (evaluation during a model.scan_layers run) against the per-layer model: on the CPU
 # the scan copies each layer's weights out of the stack per token (13-27% slower); GPUs may fuse it
