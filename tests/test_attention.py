@@ -107,3 +107,77 @@ def test_rope_scaling_matches_transformers(scaling):
     got, factor = rope_inv_freq(128, 1e6, scaling)
     np.testing.assert_allclose(got, hf_inv_freq.numpy(), rtol=1e-5)
     assert factor == pytest.approx(hf_factor)
+
+
+# --------------------------------------------------------------------------- RoPE tables once per forward
+
+
+def _tiny_llama(n_layers: int, d_model: int):
+    import dataclasses
+    import pathlib
+
+    import yaml
+    from flax import nnx
+
+    from jaxft.config.schema import ModelConfig
+    from jaxft.models import build_model
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny-llama.yaml"
+    cfg = dataclasses.replace(ModelConfig(**yaml.safe_load(path.read_text())["model"]), n_layers=n_layers,
+                              d_model=d_model)
+    return cfg, build_model(cfg, rngs=nnx.Rngs(0))
+
+
+def _sin_ops(compiled_text: str) -> int:
+    return compiled_text.count(" sine(")
+
+
+@pytest.mark.parametrize("L", [1, 6])
+def test_rope_tables_are_the_direct_cos_sin(L):
+    """The tables (through the CPU's identity gather) are exactly cos / sin of position x frequency,
+    and rotating with them is apply_rope."""
+    from jaxft.models.attention import rope_tables, rotate
+
+    inv_freq, factor = rope_inv_freq(8, 10000.0, None)
+    pos_BL = jnp.asarray(np.random.default_rng(0).integers(0, 5000, (3, L)), jnp.int32)
+    cos, sin = jax.jit(lambda p: rope_tables(p, inv_freq, 0.5))(pos_BL)
+    angles = np.asarray(pos_BL, np.float32)[..., None] * np.asarray(inv_freq, np.float32)
+    ref_cos, ref_sin = jax.jit(lambda a: (jnp.cos(a) * 0.5, jnp.sin(a) * 0.5))(angles)
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(ref_cos))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(ref_sin))
+    x = jax.random.normal(jax.random.key(1), (3, L, 2, 8))
+    np.testing.assert_array_equal(np.asarray(rotate(x, (cos, sin))), np.asarray(apply_rope(x, pos_BL, inv_freq, 0.5)))
+
+
+def test_a_decoder_computes_rope_sin_cos_once_per_forward_and_step():
+    """XLA:CPU fused each layer's sin / cos into its q and k rotations (4 layers: 8 sine ops in the
+    forward, 16 with the backward); the model's tables are computed once and read by every layer."""
+    from flax import nnx
+
+    cfg, model = _tiny_llama(n_layers=4, d_model=72)  # a shape no other test compiles
+    graphdef, state = nnx.split(model)
+    ids = jnp.ones((2, 9), jnp.int32)
+
+    def loss(state):
+        return nnx.merge(graphdef, state)(ids).sum()
+
+    assert _sin_ops(jax.jit(loss).lower(state).compile().as_text()) == 1
+    assert _sin_ops(jax.jit(jax.grad(loss)).lower(state).compile().as_text()) == 1
+
+    def step(state, positions_BL, cache):  # one decode step: L = 1
+        return nnx.merge(graphdef, state).decode_step(ids[:, :1], positions_BL, cache)
+
+    cache = model.init_cache(2, 12)
+    assert _sin_ops(jax.jit(step).lower(state, jnp.full((2, 1), 3, jnp.int32), cache).compile().as_text()) == 1
+
+
+def test_rope_tables_on_other_platforms_are_computed_directly(monkeypatch):
+    from jaxft.models import kernels
+    from jaxft.models.attention import rope_tables
+
+    inv_freq, _ = rope_inv_freq(8, 10000.0, None)
+    pos_BL = jnp.zeros((2, 5), jnp.int32)
+    for where, gathers in (("cpu", True), ("tpu", False), ("gpu", False)):
+        monkeypatch.setattr(kernels, "platform", lambda where=where: where)
+        jaxpr = str(jax.make_jaxpr(lambda p: rope_tables(p, inv_freq))(pos_BL))
+        assert ("gather" in jaxpr) == gathers, where

@@ -35,7 +35,7 @@ from jaxft.sharding import constrain
 __all__ = ["CACHE_AXES", "Attention", "DecodeCache", "KVCache", "alibi_bias", "alibi_slopes", "apply_rope",
            "attend", "attention_mask", "bidirectional_segment_mask", "causal_segment_mask",
            "cross_attention_mask", "encoder_decoder_cache", "is_local_layer", "rope_inv_freq",
-           "sliding_window_mask"]
+           "rope_tables", "rotate", "sliding_window_mask"]
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
 
 # --------------------------------------------------------------------------- RoPE
@@ -86,15 +86,41 @@ def rope_inv_freq(head_dim: int, theta: float,
     raise ValueError(f"model.rope_scaling.type: unknown {scaling.type!r}; known: linear, llama3, yarn")
 
 
-def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray,
-               attention_factor: float = 1.0) -> jax.Array:
-    """Rotate-half RoPE (HF LLaMA/Gemma layout: the two halves of head_dim pair up)."""
+def rope_tables(positions_BL: jax.Array, inv_freq: np.ndarray,
+                attention_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """The rotation's cos and sin at every position: float32 [B, L, head_dim // 2] each.
+
+    A decoder computes them once per forward (or decode step) and hands them to every layer.
+    XLA:CPU would still fuse the sin / cos into each layer's q and k rotation and evaluate them
+    per element of [B, L, heads, head_dim] (16 such fusions in a 4-layer train step; ~3% of a
+    small model's decode step), and its pipeline drops optimization barriers. A gather stops
+    that: the tables are read through ``take`` along L with the identity indices (a copy of a
+    B x L x head_dim float table), so sin / cos run once per position and head_dim / 2.  Other
+    platforms take the tables as computed (nothing measured there to say the copy pays).
+    """
     angles_BLk = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    sin = (jnp.sin(angles_BLk) * attention_factor)[:, :, None, :]
-    cos = (jnp.cos(angles_BLk) * attention_factor)[:, :, None, :]
+    tables = (jnp.cos(angles_BLk) * attention_factor, jnp.sin(angles_BLk) * attention_factor)
+    if kernels.platform() != "cpu":
+        return tables
+    axis = 1 if positions_BL.shape[1] > 1 else 0  # XLA turns a gather of one index into a slice
+    identity = jnp.arange(positions_BL.shape[axis])
+    return tuple(jnp.take(t_BLk, identity, axis=axis) for t_BLk in tables)
+
+
+def rotate(x_BLHK: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE (HF LLaMA/Gemma layout: the two halves of head_dim pair up) with the
+    ``rope_tables`` of x's positions."""
+    cos, sin = (t[:, :, None, :] for t in tables)
     x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BLHK.dtype)
+
+
+def apply_rope(x_BLHK: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray,
+               attention_factor: float = 1.0) -> jax.Array:
+    """``rotate`` with tables computed here (callers that rotate several tensors share one
+    ``rope_tables`` instead)."""
+    return rotate(x_BLHK, rope_tables(positions_BL, inv_freq, attention_factor))
 
 
 # --------------------------------------------------------------------------- ALiBi
@@ -240,24 +266,33 @@ class Attention(nnx.Module):
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
 
+    def rope_tables(self, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        """This layer's ``rope_tables`` at ``positions_BL`` (None without RoPE); every layer of a
+        model has the same, so a decoder computes them once for all."""
+        if self.position != "rope":
+            return None
+        return rope_tables(positions_BL, np.asarray(self.rope_inv_freq), self.rope_factor)
+
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
                  mask_B1LS: jax.Array, cache: KVCache | None = None,
-                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 index: jax.Array | None = None,
+                 rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
         """Self-attention of the L tokens x_BLD -> (out_BLD, cache).
 
         Full forward: no ``cache``; the keys are the L tokens themselves (``kv_positions_BS``
         = ``positions_BL``).  Incremental decoding: the tokens' k/v are written at slot
         ``index`` of ``cache`` and the queries attend to all S cached slots, whose token
         positions are ``kv_positions_BS`` (ALiBi needs them); ``mask_B1LS`` says which count.
+        ``rope``: ``self.rope_tables(positions_BL)``, computed once by a caller that runs several
+        layers (else here).
         """
         q_BLHK = constrain(self.q(x_BLD), HEADS)
         k_BLGK = constrain(self.k(x_BLD), KV_HEADS)
         v_BLGK = constrain(self.v(x_BLD), KV_HEADS)
         bias_BHLS = None
         if self.position == "rope":
-            inv_freq = np.asarray(self.rope_inv_freq)
-            q_BLHK = apply_rope(q_BLHK, positions_BL, inv_freq, self.rope_factor)
-            k_BLGK = apply_rope(k_BLGK, positions_BL, inv_freq, self.rope_factor)
+            rope = self.rope_tables(positions_BL) if rope is None else rope
+            q_BLHK, k_BLGK = rotate(q_BLHK, rope), rotate(k_BLGK, rope)
         elif self.position == "alibi":
             bias_BHLS = alibi_bias(positions_BL, kv_positions_BS, self.n_heads)
         elif self.position != "none":

@@ -63,10 +63,13 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
                  mask_B1LS: jax.Array, cache: KVCache | None = None,
-                 index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 index: jax.Array | None = None,
+                 rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
         """The residual block -> (x_BLD, cache); attention as ``Attention.__call__`` (with a
-        ``cache`` for incremental decoding, none for the full forward)."""
-        h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS, cache, index)
+        ``cache`` for incremental decoding, none for the full forward; ``rope``: the model's
+        tables at ``positions_BL``, shared by all layers)."""
+        h_BLD, cache = self.attn(self.attn_norm(x_BLD), positions_BL, kv_positions_BS, mask_B1LS, cache, index,
+                                 rope=rope)
         if self.post_attn_norm is not None:
             h_BLD = self.post_attn_norm(h_BLD)
         x_BLD = constrain(x_BLD + dropout(h_BLD, self.dropout_rate), ACT)
@@ -76,10 +79,10 @@ class DecoderLayer(nnx.Module):
         return constrain(x_BLD + dropout(h_BLD, self.dropout_rate), ACT), cache
 
 
-def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL, local):
+def _layer_call(layer: DecoderLayer, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL, rope, local):
     if local_mask_B1LL is not None:  # Gemma 2: this layer's mask by its (traced) local flag
         mask_B1LL = jnp.where(local, local_mask_B1LL, mask_B1LL)
-    return layer(x_BLD, positions_BL, positions_BL, mask_B1LL)[0]
+    return layer(x_BLD, positions_BL, positions_BL, mask_B1LL, rope=rope)[0]
 
 
 class Decoder(nnx.Module):
@@ -135,7 +138,8 @@ class Decoder(nnx.Module):
         if self.sliding_window is not None:  # Gemma 2: local / global masks chosen per layer, dense
             mask_B1LL = causal_segment_mask(segment_ids_BL)
             local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
-        x_BLD = run_layers(self.layers, _layer_call, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL,
+        rope = self.layers[0].attn.rope_tables(positions_BL)  # once, for every layer
+        x_BLD = run_layers(self.layers, _layer_call, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL, rope,
                            remat=self.remat, scan=self.scan_layers, per_layer=(np.array(self.local_layers),))
         return self.final_norm(x_BLD)
 
@@ -189,7 +193,7 @@ class Decoder(nnx.Module):
         cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
         if prefill:
             mask_B1LS, kv_positions_BS = causal_segments(segment_ids_BL), positions_BL
-        local_mask_B1LS = None
+        local_mask_B1LS, rope = None, self.layers[0].attn.rope_tables(positions_BL)
         if self.sliding_window is not None:
             mask_B1LS = kernels.dense_mask(mask_B1LS)  # local / global chosen per layer: dense masks
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
@@ -197,7 +201,8 @@ class Decoder(nnx.Module):
         def call(layer, x_BLD, layer_cache, _, local):
             mask = mask_B1LS if local_mask_B1LS is None else jnp.where(local, local_mask_B1LS, mask_B1LS)
             x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_positions_BS, mask,
-                                       Prefill(layer_cache) if prefill else cache.layer_view(layer_cache), index)
+                                       Prefill(layer_cache) if prefill else cache.layer_view(layer_cache), index,
+                                       rope=rope)
             return x_BLD, layer_cache.slot if prefill or cache.pool else layer_cache
 
         x_BLD, layers = run_layers_cached(self.layers, call, self.embed_tokens(inputs_BL), cache.layers,
