@@ -2,10 +2,10 @@
 # The performance issue's GPU checks in one run, for a session that draws a GPU (about 8 minutes on
 # an H200; each step has its own time limit, and a failed step does not stop the next):
 #   1. versions and a smoke test (jaxft imports; is XLA's float32 matmul TF32);
-#   2. attention forward + backward at the 1B shape: XLA against cuDNN (dense mask, + is_causal);
-#   3. the state init's compile time at 2 and 4 layers of the 1B shape, then the 1B decoder-only
-#      bf16 train step against torch (SDPA) on the same GPU, with MFU against the measured bf16
-#      matmul peak (jaxft's state built on the host CPU);
+#   2. the 1B decoder-only bf16 train step against torch (SDPA) on the same GPU, with MFU against the
+#      measured bf16 matmul peak (jaxft's state built on the host CPU; layers scanned), the state
+#      init's compile time at 2 and 4 layers, then the step with unrolled layers (jaxft alone);
+#   3. attention forward + backward at the 1B shape: XLA against cuDNN (dense mask, + is_causal);
 #   4. the cuDNN tests (tests/test_attention_gpu.py: cuDNN equals XLA attention, and runs);
 #   5. decoding against HF `generate` on the GPU (batch 8 and 32; top-p sampling too at batch 8), then
 #      stacked against per-layer.
@@ -50,13 +50,18 @@ if ! step 60 smoke python3 -c "$SMOKE" && [ -d .whl_alt ]; then  # the image's f
   python3 -m pip install -q --no-index --no-deps --target /tmp/alt .whl_alt/*.whl && \
     export PYTHONPATH="/tmp/alt:$PYTHONPATH" && step 60 smoke-pinned python3 -c "$SMOKE"
 fi
-step 60 attention python3 benchmarks/attention_gpu.py
-# the state init's compile time on the GPU by depth (2026-12-04: the 22-layer init did not compile in
-# 200 s; layers are now drawn by one scanned layer init, never yet compiled on a GPU)
+# The 1B step first: the GPU goals (MFU, ratio to torch) and never yet measured. 2026-12-04:
+# jaxft's state init did not compile within 200 s; the state is now built on the host CPU
+# (JAX_PLATFORMS=cuda,cpu) and the layers run as one scan (model.scan_layers, as pod runs do), so
+# one layer's program is compiled whatever XLA:GPU makes of 22 unrolled ones.
+step 240 train-1b-scan env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b --dtype bfloat16 \
+  --batch 8 --steps 10 --threads 16 --init-on-host --scan-layers
+# the state init's compile time on the GPU by depth (layers are drawn by one scanned layer init)
 step 90 init-compile python3 benchmarks/init_compile.py --layers 2 4
-# the state built on the host CPU (JAX_PLATFORMS=cuda,cpu), so the step is measured whatever the init costs
-step 240 train-1b env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b --dtype bfloat16 --batch 8 \
-  --steps 10 --threads 16 --init-on-host
+# the same step unrolled (jaxft alone: torch was measured above)
+step 200 train-1b env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b --dtype bfloat16 --batch 8 \
+  --steps 10 --threads 16 --init-on-host --no-peer
+step 60 attention python3 benchmarks/attention_gpu.py
 step 90 cudnn-tests env XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false" python3 -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py
 step 180 decode-b8 python3 benchmarks/decode.py --batch 8 --d-model 1024 --layers 8 --strategies greedy beam4 sample
 step 150 decode-b32 python3 benchmarks/decode.py --batch 32 --d-model 1024 --layers 8
