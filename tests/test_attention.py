@@ -181,3 +181,24 @@ def test_rope_tables_on_other_platforms_are_computed_directly(monkeypatch):
         monkeypatch.setattr(kernels, "platform", lambda where=where: where)
         jaxpr = str(jax.make_jaxpr(lambda p: rope_tables(p, inv_freq))(pos_BL))
         assert ("gather" in jaxpr) == gathers, where
+
+
+def test_materialized_values_are_computed_once_on_the_cpu():
+    """An expensive value read by several consumers (broadcast into each): XLA:CPU evaluates it in
+    every consumer's fusion unless `materialized` reads it through the identity gather."""
+    from jaxft.models.kernels import materialized
+
+    def program(once):
+        def f(x_BL, ys):
+            table = jnp.sin(x_BL * 3.0) * jnp.cos(x_BL)
+            table = materialized(table) if once else table
+            return [jnp.tanh(y * table[:, :, None, None]) @ jnp.ones((5, 5)) for y in ys]
+        ys = [jnp.full((4, 11, 3, 5), float(i)) for i in range(6)]  # shapes no other test compiles
+        return jax.jit(f).lower(jnp.ones((4, 11)), ys).compile().as_text()
+
+    assert _sin_ops(program(once=False)) == 6
+    assert _sin_ops(program(once=True)) == 1
+    x = jax.random.normal(jax.random.key(0), (3, 7))
+    mask = x > 0.1
+    np.testing.assert_array_equal(np.asarray(jax.jit(materialized)(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(jax.jit(materialized)(mask)), np.asarray(mask))

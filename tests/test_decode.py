@@ -298,6 +298,25 @@ def test_beam_search_moves_rows_without_copying_the_kv_cache(name, monkeypatch):
     assert len(kv_gathers()) >= 2  # the check sees them where they are
 
 
+@pytest.mark.parametrize("where", ["cpu", "tpu"])
+def test_the_pools_mask_is_built_once_per_step_on_the_cpu(where, monkeypatch):
+    """Every layer reads a beam pool's mask; on the CPU it is `materialized` (read through one gather,
+    a pred array of the folded [B, 1, n, prompt + n x own] shape) rather than recomputed from the
+    ancestry inside each layer's softmax. Other platforms take it as computed."""
+    import re
+
+    from jaxft.models import kernels
+
+    monkeypatch.setattr(kernels, "platform", lambda: where)
+    cfg, model = model_for("tiny-llama")
+    ids, lengths = batch(cfg, lengths=(5, 3), width=5)  # a shape no other test traces
+    own = 4 if where == "cpu" else 5  # jit's trace cache does not see the patched platform: new shapes
+    config = DecodeConfig(strategy="beam", beam_size=3, max_len=own, eos_id=None)
+    program = str(jax.make_jaxpr(lambda i, n: run(model, cfg, config, i, n).tokens)(ids, lengths))
+    mask_gathers = re.findall(rf":bool\[2,1,3,{5 + 3 * own}\] = gather", program)  # 5 prompt slots + 3 x own
+    assert len(mask_gathers) == (1 if where == "cpu" else 0)
+
+
 # --------------------------------------------------------------------------- forcing, lengths, batching
 
 

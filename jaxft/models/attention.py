@@ -90,21 +90,12 @@ def rope_tables(positions_BL: jax.Array, inv_freq: np.ndarray,
                 attention_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The rotation's cos and sin at every position: float32 [B, L, head_dim // 2] each.
 
-    A decoder computes them once per forward (or decode step) and hands them to every layer.
-    XLA:CPU would still fuse the sin / cos into each layer's q and k rotation and evaluate them
-    per element of [B, L, heads, head_dim] (16 such fusions in a 4-layer train step; ~3% of a
-    small model's decode step), and its pipeline drops optimization barriers. A gather stops
-    that: the tables are read through ``take`` along L with the identity indices (a copy of a
-    B x L x head_dim float table), so sin / cos run once per position and head_dim / 2.  Other
-    platforms take the tables as computed (nothing measured there to say the copy pays).
+    A decoder computes them once per forward (or decode step) and hands them to every layer;
+    `kernels.materialized` keeps XLA:CPU from evaluating sin / cos again inside each layer's q and
+    k rotation, per element of [B, L, heads, head_dim] (16 such fusions in a 4-layer train step).
     """
     angles_BLk = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    tables = (jnp.cos(angles_BLk) * attention_factor, jnp.sin(angles_BLk) * attention_factor)
-    if kernels.platform() != "cpu":
-        return tables
-    axis = 1 if positions_BL.shape[1] > 1 else 0  # XLA turns a gather of one index into a slice
-    identity = jnp.arange(positions_BL.shape[axis])
-    return tuple(jnp.take(t_BLk, identity, axis=axis) for t_BLk in tables)
+    return kernels.materialized((jnp.cos(angles_BLk) * attention_factor, jnp.sin(angles_BLk) * attention_factor))
 
 
 def rotate(x_BLHK: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models.cache_pool import PooledRows
-from jaxft.models.kernels import platform
+from jaxft.models.kernels import materialized, platform
 from jaxft.models.masks import attention_mask
 from jaxft.sharding import constrain
 
@@ -294,7 +294,8 @@ class DecodeCache:
         pooled_R1LS = jnp.concatenate([mask_R1LS[..., :P], own_R1LNT.reshape(R, 1, L, n * T)], axis=-1)
         mask_B1QS = pooled_R1LS.reshape(B, n, 1, L, -1).transpose(0, 2, 1, 3, 4).reshape(B, 1, n * L, -1)
         pos_BS = jnp.concatenate([self.positions_BS[::n, :P], self.positions_BS[:, P:].reshape(B, n * T)], axis=1)
-        return dataclasses.replace(self, ancestry_RT=ancestry_RT), mask_B1QS, pos_BS
+        # every layer reads the mask: computed once, not in each layer's softmax (`materialized`)
+        return dataclasses.replace(self, ancestry_RT=ancestry_RT), materialized(mask_B1QS), pos_BS
 
     def layer_view(self, layer_cache: KVCache | LayerSlot) -> KVCache | LayerSlot | PooledRows:
         """What a layer's attention writes and reads: its cache, or over a pool a `PooledRows`

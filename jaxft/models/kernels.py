@@ -78,6 +78,25 @@ def platform() -> str:
     return _mesh_platform() or jax.default_backend()
 
 
+def materialized(tree: Any) -> Any:
+    """``tree``'s arrays unchanged, computed once where a model hands one value to every layer.
+
+    XLA:CPU fuses an elementwise producer into each of its consumers and evaluates it per element
+    there: RoPE's sin / cos per element of every layer's q and k, a beam pool's mask (compares over
+    the ancestry) in every layer's softmax. Its pipeline drops `optimization_barrier`s, but it does
+    not fuse such a producer into a gather, so on the CPU each array is read through ``take`` with
+    the identity indices of its last axis (a copy of the array, once). Other platforms get the
+    arrays as they are (nothing measured there to say the copy pays).
+    """
+    if platform() != "cpu":
+        return tree
+
+    def one(x: jax.Array) -> jax.Array:
+        return jnp.take(x, jnp.arange(x.shape[-1]), axis=-1) if x.ndim and x.shape[-1] > 1 else x
+
+    return jax.tree.map(one, tree)
+
+
 def choose(kernel: str, q_BLHK: jax.Array, k_BSGK: jax.Array, mask: Any, *, has_bias: bool,
            logit_softcap: float | None, dropout: bool) -> str:
     """The kernel this call runs: ``kernel`` resolved (``auto``) and checked, else ``xla``."""
