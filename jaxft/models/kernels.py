@@ -92,7 +92,8 @@ def materialized(tree: Any) -> Any:
         return tree
 
     def one(x: jax.Array) -> jax.Array:
-        return jnp.take(x, jnp.arange(x.shape[-1]), axis=-1) if x.ndim and x.shape[-1] > 1 else x
+        return (jnp.take(x, jnp.arange(x.shape[-1]), axis=-1, mode="clip")
+                if x.ndim and x.shape[-1] > 1 else x)
 
     return jax.tree.map(one, tree)
 
