@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.config.schema import ModelConfig
-from jaxft.models.attention import Attention
+from jaxft.models.attention import Attention, rope_inv_freq, rope_tables
 from jaxft.models import kernels
 from jaxft.models.cache import DecodeCache, KVCache, Prefill, self_attention_caches
 from jaxft.models.dropout import check_rate, dropout
@@ -114,6 +114,16 @@ class Decoder(nnx.Module):
         self.final_logit_softcap = cfg.final_logit_softcap
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         self.dtype = dt
+        # RoPE's tables are computed once per forward for all layers (`rope_tables`), from static
+        # host constants (a model may have no layers: `jaxft plan` builds such stubs)
+        inv_freq, self.rope_factor = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq) if cfg.position == "rope" else None
+
+    def rope_tables(self, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+        """RoPE's (cos, sin) at ``positions_BL`` for every layer (None without RoPE)."""
+        if self.rope_inv_freq is None:
+            return None
+        return rope_tables(positions_BL, np.asarray(self.rope_inv_freq), self.rope_factor)
 
     def embed_tokens(self, inputs_BL: jax.Array) -> jax.Array:
         """Token ids -> first residual stream x_BLD (scaled / normed as configured)."""
@@ -138,7 +148,7 @@ class Decoder(nnx.Module):
         if self.sliding_window is not None:  # Gemma 2: local / global masks chosen per layer, dense
             mask_B1LL = causal_segment_mask(segment_ids_BL)
             local_mask_B1LL = sliding_window_mask(mask_B1LL, positions_BL, positions_BL, self.sliding_window)
-        rope = self.layers[0].attn.rope_tables(positions_BL)  # once, for every layer
+        rope = self.rope_tables(positions_BL)  # once, for every layer
         x_BLD = run_layers(self.layers, _layer_call, x_BLD, positions_BL, mask_B1LL, local_mask_B1LL, rope,
                            remat=self.remat, scan=self.scan_layers, per_layer=(np.array(self.local_layers),))
         return self.final_norm(x_BLD)
@@ -193,7 +203,7 @@ class Decoder(nnx.Module):
         cache, mask_B1LS, kv_positions_BS = cache.advance(positions_BL, segment_ids_BL)
         if prefill:
             mask_B1LS, kv_positions_BS = causal_segments(segment_ids_BL), positions_BL
-        local_mask_B1LS, rope = None, self.layers[0].attn.rope_tables(positions_BL)
+        local_mask_B1LS, rope = None, self.rope_tables(positions_BL)
         if self.sliding_window is not None:
             mask_B1LS = kernels.dense_mask(mask_B1LS)  # local / global chosen per layer: dense masks
             local_mask_B1LS = sliding_window_mask(mask_B1LS, positions_BL, kv_positions_BS, self.sliding_window)
