@@ -257,13 +257,6 @@ class Attention(nnx.Module):
         inv_freq, self.rope_factor = rope_inv_freq(K, cfg.rope_theta, cfg.rope_scaling)
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
 
-    def rope_tables(self, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        """This layer's ``rope_tables`` at ``positions_BL`` (None without RoPE); every layer of a
-        model has the same, so a decoder computes them once for all."""
-        if self.position != "rope":
-            return None
-        return rope_tables(positions_BL, np.asarray(self.rope_inv_freq), self.rope_factor)
-
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, kv_positions_BS: jax.Array,
                  mask_B1LS: jax.Array, cache: KVCache | None = None,
                  index: jax.Array | None = None,
@@ -274,15 +267,16 @@ class Attention(nnx.Module):
         = ``positions_BL``).  Incremental decoding: the tokens' k/v are written at slot
         ``index`` of ``cache`` and the queries attend to all S cached slots, whose token
         positions are ``kv_positions_BS`` (ALiBi needs them); ``mask_B1LS`` says which count.
-        ``rope``: ``self.rope_tables(positions_BL)``, computed once by a caller that runs several
-        layers (else here).
+        ``rope``: the ``rope_tables`` at ``positions_BL``, computed once by a caller that runs
+        several layers (`Decoder.rope_tables`), else here.
         """
         q_BLHK = constrain(self.q(x_BLD), HEADS)
         k_BLGK = constrain(self.k(x_BLD), KV_HEADS)
         v_BLGK = constrain(self.v(x_BLD), KV_HEADS)
         bias_BHLS = None
         if self.position == "rope":
-            rope = self.rope_tables(positions_BL) if rope is None else rope
+            if rope is None:
+                rope = rope_tables(positions_BL, np.asarray(self.rope_inv_freq), self.rope_factor)
             q_BLHK, k_BLGK = rotate(q_BLHK, rope), rotate(k_BLGK, rope)
         elif self.position == "alibi":
             bias_BHLS = alibi_bias(positions_BL, kv_positions_BS, self.n_heads)
