@@ -13,8 +13,12 @@ $(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
+# The CUDA PJRT plugin (tests/test_plan_gpu.py: `jaxft plan --topology h100-8`) goes to a folder of its
+# own, put on the path by those tests alone: in the venv it would make every jax process that does not
+# set JAX_PLATFORMS print the plugin's start-up failure on a machine without a GPU.
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt --no-deps --upgrade --target $(VENV)/gpu-plan jax-cuda12-plugin jax-cuda12-pjrt
 	touch $@
 
 install: $(VENV)/.runtime

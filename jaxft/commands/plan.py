@@ -1,6 +1,7 @@
 """`jaxft plan CONFIG --topology v5p-256 [--num-slices N]`: per-chip memory, FITS / DOES NOT FIT,
-FLOPs, collectives and a roofline step-time estimate for a TPU slice, from a CPU-only machine
-(libtpu: the `jaxft[tpu]` extra), or for the local devices without `--topology`."""
+FLOPs, collectives and a roofline step-time estimate for a TPU slice (libtpu: the `jaxft[tpu]` extra)
+or GPU nodes (`--topology h100-8`; the CUDA plugin: the `jaxft[gpu-plan]` extra), from a CPU-only
+machine, or for the local devices without `--topology`."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def format_plan(p) -> str:
              f"  total             {_gb(mem['total']):>12}  {_verdict(p)}"]
     if p.compiler_error:
         rows.append(f"  compiler: {p.compiler_error}")
-    compiled = f"{p.flops['compiled']:.3e}" if p.flops["compiled"] else "- (no executable)"
+    compiled = (f"{p.flops['compiled']:.3e}" if p.flops["compiled"] else "n/a (no cost analysis from XLA:GPU)"
+                if p.estimate else "- (no executable)")
     if p.planning.get("cost_extrapolated"):
         compiled += " (scanned layers: extrapolated from small unrolled compiles)"
     rows.append(f"FLOPs per chip per step: compiled {compiled}, model {p.flops['model']:.3e}")
@@ -48,8 +50,9 @@ def format_plan(p) -> str:
         rows.append("collectives per chip per step: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(p.collectives.items())))
     e = p.estimate
     if e:
+        hbm = "?" if e["hbm_s"] is None else f"{e['hbm_s'] * 1e3:,.1f}"  # XLA:GPU: no bytes accessed
         rows.append(f"roofline: step >= {e['step_s'] * 1e3:,.1f} ms (compute {e['compute_s'] * 1e3:,.1f}, "
-                    f"HBM {e['hbm_s'] * 1e3:,.1f}, ICI {e['ici_s'] * 1e3:,.1f}, DCN {e['dcn_s'] * 1e3:,.1f} ms): "
+                    f"HBM {hbm}, ICI {e['ici_s'] * 1e3:,.1f}, DCN {e['dcn_s'] * 1e3:,.1f} ms): "
                     f"<= {e['tokens_per_s']:,.0f} tokens/s, MFU <= {100 * e['mfu']:.1f}%")
     rows.append(f"planning: compiled in {p.planning['compile_s']:.1f} s, peak host RSS "
                 f"{p.planning['peak_host_rss'] / 2**30:.2f} GiB")
@@ -81,8 +84,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; libtpu only describes the slice
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from jaxft.config.loader import load_config
-    from jaxft.train.chips import abstract_devices, parse_topology
-    from jaxft.train.plan import plan, topology_target
+    from jaxft.train.chips import abstract_devices, parse_topology, topology_target
+    from jaxft.train.plan import plan
 
     if args.topology:
         topology = parse_topology(args.topology, args.num_slices)
@@ -99,11 +102,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def register(sub, command) -> None:
     p = command(sub, "plan", cmd_plan, config=True,
-                help="compile the train step for a TPU slice (from this machine) or the local devices: per-chip "
+                help="compile the train step for a TPU slice or GPU nodes (from this machine) or the local devices: per-chip "
                      "memory, FITS / DOES NOT FIT, FLOPs, collectives, a roofline estimate, and fixes that fit")
     p.add_argument("--topology", metavar="SLICE",
                    help="v5p-256, v5e-16 (v5litepod-16), v6e-8, v4-128 or a libtpu shape v5p:4x4x8 "
-                        "(needs libtpu: pip install 'jaxft[tpu]'); default: the local devices")
+                        "(needs libtpu: pip install 'jaxft[tpu]'), or GPU nodes h100-8, h200-16 (two nodes), "
+                        "a100-4 (needs pip install 'jaxft[gpu-plan]'); default: the local devices")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: this many slices over DCN "
                    "(set mesh.dcn_data / mesh.dcn_fsdp so their product matches)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

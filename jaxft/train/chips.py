@@ -1,9 +1,15 @@
-"""TPU generations as data, and abstract TPU devices for planning on a CPU-only machine.
+"""TPU generations and NVIDIA GPU nodes as data, and abstract devices for planning on a CPU-only machine.
 
 `jaxft plan` compiles the real train step for a slice it does not have: libtpu (the
 ``jaxft[tpu]`` extra) describes a topology and `jax.experimental.topologies` turns it
 into compile-only devices.  The figures below feed the roofline estimate; the memory
 verdict comes from the compiler itself (its usable HBM is a little under the chip's).
+
+GPU nodes (``h100-8``, ``h200-16`` = two 8-GPU nodes, ``a100-4``) are compiled the same way by
+XLA:GPU through the CUDA PJRT plugin (the ``jaxft[gpu-plan]`` extra: the plugin alone, no CUDA
+libraries, no GPU), from a description of the device (`gpu_target_config`).  A GPU program may
+use what jax's allocator is given: ``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the memory (jax's
+default 0.75), so the verdict is against that (`usable_bytes`).
 
 Slice names follow Cloud TPU: ``v4-128`` / ``v5p-256`` count TensorCores (two per chip),
 ``v5e-16`` (``v5litepod-16``) / ``v6e-16`` count chips.  A libtpu topology string
@@ -33,6 +39,8 @@ class Chip:
     cores_in_name: int  # TensorCores per chip as counted in the slice name
     dims: int  # torus dimensions of a slice
     chip_config: str | None = None
+    platform: str = "tpu"
+    kind: str = ""  # the device kind XLA:GPU reports (GPUs)
 
 
 # Cloud TPU system-architecture pages (per chip).
@@ -42,6 +50,25 @@ CHIPS: dict[str, Chip] = {
     "v5p": Chip("v5p", 95 * GIB, int(95.74 * GIB), 459e12, 2765e9, 600e9, 200e9 / 8 / 4, 2, 3),
     "v6e": Chip("v6e", 32 * GIB, int(31.25 * GIB), 918e12, 1640e9, 448e9, 400e9 / 8 / 8, 1, 2),
 }
+MIB = 1024**2
+# NVIDIA SXM GPUs as HGX / DGX nodes ship them (8 per node), per GPU: memory as nvidia-smi reports it,
+# dense bf16 (no sparsity), HBM bandwidth, NVLink (all links together) and, between nodes, one
+# 200 Gb/s (A100) / 400 Gb/s (H100, H200) NIC per GPU: vendor data sheets.
+GPUS: dict[str, Chip] = {
+    "a100": Chip("a100", 81920 * MIB, 81920 * MIB, 312e12, 2039e9, 600e9, 25e9, 1, 1, platform="gpu",
+                 kind="NVIDIA A100-SXM4-80GB"),
+    "h100": Chip("h100", 81559 * MIB, 81559 * MIB, 989e12, 3352e9, 900e9, 50e9, 1, 1, platform="gpu",
+                 kind="NVIDIA H100 80GB HBM3"),
+    "h200": Chip("h200", 143771 * MIB, 143771 * MIB, 989e12, 4800e9, 900e9, 50e9, 1, 1, platform="gpu",
+                 kind="NVIDIA H200"),
+}
+GPUS_PER_NODE = 8
+CUDNN = 90800  # the cuDNN version the plan compiles for (9.8, as jax's CUDA 12 wheels require at least)
+# What XLA:GPU's compiler asks of a device (CUDA device attributes): compute capability, SMs, SM clock
+# (GHz), L2, shared memory per SM and per block (opt-in)
+_SM = {"a100": ((8, 0), 108, 1.41, 40 * MIB, 167936, 166912),
+       "h100": ((9, 0), 132, 1.98, 50 * MIB, 233472, 232448),
+       "h200": ((9, 0), 132, 1.98, 50 * MIB, 233472, 232448)}
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
 
 
@@ -57,7 +84,13 @@ class Topology:
 
     @property
     def name(self) -> str:
+        if self.chip.platform == "gpu":  # the CUDA plugin's topology: slices x hosts x devices per host
+            return f"1x{self.shape[0]}x{self.shape[1]}"
         return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def nodes(self) -> int:
+        return self.shape[0] if self.chip.platform == "gpu" else 1
 
     @property
     def chips_per_slice(self) -> int:
@@ -68,6 +101,9 @@ class Topology:
         return self.chips_per_slice * self.num_slices
 
     def describe(self) -> str:
+        if self.chip.platform == "gpu":
+            return (f"{self.chip.name}-{self.n_chips} ({self.nodes} node{'s' * (self.nodes > 1)} x {self.shape[1]} "
+                    f"{self.chip.kind})")
         cores = self.chips_per_slice * self.chip.cores_in_name
         one = f"{self.chip.name}-{cores} ({self.name}, {self.chips_per_slice} chips)"
         return one if self.num_slices == 1 else f"{self.num_slices} x {one}"
@@ -92,11 +128,15 @@ def parse_topology(text: str, num_slices: int = 1) -> Topology:
     """``v5p-256`` / ``v5litepod-16`` / ``v6e-8`` / ``v5p:4x4x8`` -> a Topology."""
     if num_slices < 1:
         raise TopologyError(f"--num-slices: must be >= 1, got {num_slices}")
+    gpu = re.fullmatch(r"(a100|h100|h200)(?:-(\d+))?", text.strip().lower())
+    if gpu:
+        return _gpu_topology(GPUS[gpu.group(1)], int(gpu.group(2) or GPUS_PER_NODE), num_slices, text)
     m = re.fullmatch(r"(v\d+[a-z]*?)(?:pod)?(?:-(\d+)|:(\d+(?:x\d+)*))", text.strip().lower())
     gen = m and ALIASES.get(m.group(1))
     if not gen:
         raise TopologyError(f"--topology: {text!r} is not a TPU slice; expected e.g. v5p-256, v5e-16, v6e-8, v4-128 "
-                            f"or a libtpu shape v5p:4x4x8 (generations: {', '.join(CHIPS)})")
+                            f"or a libtpu shape v5p:4x4x8 (generations: {', '.join(CHIPS)}), or GPUs: "
+                            f"{', '.join(g + '-8' for g in GPUS)}")
     chip = CHIPS[gen]
     if m.group(3):
         shape = tuple(int(s) for s in m.group(3).split("x"))
@@ -109,9 +149,93 @@ def parse_topology(text: str, num_slices: int = 1) -> Topology:
     return Topology(chip, _torus_shape(cores // chip.cores_in_name, chip.dims), num_slices)
 
 
-def abstract_devices(topology: Topology) -> list:
-    """Compile-only devices of the slice(s), from libtpu (no TPU needed)."""
+def _gpu_topology(chip: Chip, n: int, num_slices: int, text: str) -> Topology:
+    if num_slices != 1:
+        raise TopologyError(f"--num-slices: GPU nodes are counted in the name ({chip.name}-16: two "
+                            f"{GPUS_PER_NODE}-GPU nodes), not in slices")
+    if n < 1 or (n <= GPUS_PER_NODE and n & (n - 1)) or (n > GPUS_PER_NODE and n % GPUS_PER_NODE):
+        raise TopologyError(f"--topology: {text!r}: give 1, 2, 4 or 8 GPUs of one node, or whole "
+                            f"{GPUS_PER_NODE}-GPU nodes ({chip.name}-16, {chip.name}-32, ...)")
+    return Topology(chip, (max(1, n // GPUS_PER_NODE), min(n, GPUS_PER_NODE)))
+
+
+def usable_bytes(chip: Chip) -> int:
+    """What one program may use: the compiler's usable HBM on a TPU; on a GPU what jax's allocator
+    is given, ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (default 0.75) of the memory."""
     import os
+
+    if chip.platform != "gpu":
+        return chip.usable_hbm
+    text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION: {text!r} is not a number") from None
+    if not 0 < fraction <= 1:
+        raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION: {text} is not in (0, 1]")
+    return int(chip.hbm_bytes * fraction)
+
+
+def gpu_target_config(chip: Chip) -> str:
+    """The device description XLA:GPU compiles for (a `stream_executor.GpuTargetConfigProto` in text)."""
+    (major, minor), sms, ghz, l2, smem_core, smem_optin = _SM[chip.name]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bw)} l2_cache_size: {l2} clock_rate_ghz: {ghz}
+  device_memory_size: {chip.hbm_bytes} shared_memory_per_block_optin: {smem_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: {CUDNN // 10000} minor: {CUDNN // 100 % 100} }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{chip.kind}"
+"""
+
+
+def _abstract_gpus(topology: Topology) -> list:
+    """Compile-only GPUs from the CUDA PJRT plugin (the jaxft[gpu-plan] extra; no GPU, no CUDA libraries)."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise TopologyError(f"--topology: planning for {topology.chip.name.upper()} GPUs needs the CUDA PJRT plugin: "
+                            "pip install 'jaxft[gpu-plan]' (jax-cuda12-plugin; no GPU needed)")
+    try:
+        from jax.experimental import topologies
+        desc = topologies.get_topology_desc(platform="cuda", topology=topology.name,
+                                            target_config=gpu_target_config(topology.chip))
+    except Exception as e:  # noqa: BLE001 - the plugin not loaded (a CUDA platform requested without a GPU)
+        raise TopologyError(f"--topology: the CUDA plugin refused {topology.describe()}: {str(e).splitlines()[0]} "
+                            "(run with JAX_PLATFORMS=cpu)") from e
+    _cudnn_version_without_cudnn()
+    return list(desc.devices)
+
+
+def _cudnn_version_without_cudnn() -> None:
+    """jax asks the cuDNN library for its version where it traces cuDNN attention; a planning host
+    has no cuDNN, and compiling the call needs none (cuDNN builds its graph when the program runs).
+    Without the library, the version the plan compiles for (`CUDNN`) answers."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+    except ImportError:  # another jax: its cuDNN attention then fails to trace, and says why
+        return
+    try:
+        fused.check_cudnn_version()
+    except RuntimeError:  # "cuDNN not found"
+        fused.check_cudnn_version = lambda: CUDNN
+
+
+def abstract_devices(topology: Topology) -> list:
+    """Compile-only devices of the slice(s), from libtpu (no TPU needed), or of the GPU node(s)."""
+    import os
+
+    if topology.chip.platform == "gpu":
+        devices = _abstract_gpus(topology)
+        if len(devices) != topology.n_chips:
+            raise TopologyError(f"--topology: the CUDA plugin gave {len(devices)} devices for {topology.describe()}")
+        return devices
 
     # compile-only devices touch no chip: several planners (or test workers) may run at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -132,3 +256,13 @@ def abstract_devices(topology: Topology) -> list:
         raise TopologyError(f"--topology: libtpu gave {len(devices)} devices for {topology.describe()}, "
                             f"expected {topology.n_chips}")
     return devices
+
+
+def topology_target(topology: Topology) -> dict:
+    """`jaxft.train.plan.plan`'s keyword arguments for the slice or node(s)."""
+    capacity = usable_bytes(topology.chip)
+    target = topology.describe()
+    if topology.chip.platform == "gpu":
+        target += f", {capacity / topology.chip.hbm_bytes:.2f} of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)"
+    return {"target": target, "chip": topology.chip, "peak": topology.chip.peak_bf16,
+            "capacity": capacity, "num_slices": topology.num_slices, "topology": topology}

@@ -36,7 +36,7 @@ from jaxft.models.flops import train_flops_per_example
 from jaxft.models.registry import is_encoder_decoder
 from jaxft.peft.methods import method_for
 from jaxft.train.aot import lower_step_parts
-from jaxft.train.chips import Chip, Topology
+from jaxft.train.chips import Chip
 from jaxft.train.plan_workers import Workers
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -222,15 +222,18 @@ def _memory(cfg: Config, parts, compiled, error: str) -> tuple[dict[str, int], i
     return mem, capacity
 
 
-def _estimate(cfg: Config, chip: Chip | None, peak: float, n: int, flops: dict, hbm_bytes: float,
-              coll: dict[str, int], dcn_bytes: float) -> dict[str, float]:
-    if (chip is None and not peak) or not flops["compiled"]:
-        return {}  # no executable (out of memory): nothing to time
+def _estimate(cfg: Config, chip: Chip | None, peak: float, flops: dict, hbm_bytes: float,
+              coll: dict[str, int], dcn_bytes: float, link_bw: float) -> dict[str, float | None]:
+    """Roofline bounds of a compiled step.  Collectives move over ``link_bw`` per chip (a TPU's ICI;
+    NVLink within one GPU node, each GPU's NIC across nodes).  XLA:GPU gives no cost analysis: the
+    model's FLOPs bound compute, and the HBM bound is unknown (None)."""
+    if chip is None and not peak:
+        return {}
     compute = max(flops["compiled"], flops["model"]) / peak  # both per chip
-    hbm = hbm_bytes / chip.hbm_bw if chip else 0.0
-    ici = sum(b * (2 if k == "all-reduce" else 1) for k, b in coll.items()) / chip.ici_bw if chip else 0.0
+    hbm = (hbm_bytes / chip.hbm_bw if hbm_bytes else None) if chip else 0.0
+    ici = sum(b * (2 if k == "all-reduce" else 1) for k, b in coll.items()) / link_bw if chip else 0.0
     dcn = dcn_bytes / chip.dcn_bw if chip and dcn_bytes else 0.0
-    step = max(compute, hbm, ici + dcn)
+    step = max(compute, hbm or 0.0, ici + dcn)
     tokens = cfg.train.global_batch * cfg.data.seq_len
     return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn, "step_s": step,
             "tokens_per_s": tokens / step if step else 0.0,
@@ -314,7 +317,8 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     t0 = time.perf_counter()
     parts = lower_step_parts(cfg, devices)
     # the extrapolation's small compiles run beside the scanned step's compile
-    pool = Workers(topology) if cfg.model.scan_layers else None
+    # (XLA:GPU gives no cost analysis to extrapolate)
+    pool = Workers(topology) if cfg.model.scan_layers and (chip is None or chip.platform != "gpu") else None
     pending = scan_corrected_cost(cfg, devices, pool) if pool is not None else None
     compiled, error = None, ""
     try:
@@ -338,7 +342,8 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
     coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
-    estimate = _estimate(cfg, chip, peak, n, flops, cost["bytes accessed"], coll, dcn)
+    link = 0.0 if chip is None else chip.dcn_bw if topology is not None and topology.nodes > 1 else chip.ici_bw
+    estimate = _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link) if compiled is not None else {}
     fits = None if capacity is None else (compiled is not None and mem["total"] <= capacity)
     if pool is not None and pool.procs is not None:
         pool.procs.join()
@@ -393,8 +398,3 @@ def plan(load: Callable[[Sequence[str]], Config], overrides: Sequence[str], devi
                                           suggestions=[])
             base.suggestions.append(alt)
     return base
-
-
-def topology_target(topology: Topology) -> dict[str, Any]:
-    return {"target": topology.describe(), "chip": topology.chip, "peak": topology.chip.peak_bf16,
-            "capacity": topology.chip.usable_hbm, "num_slices": topology.num_slices, "topology": topology}

@@ -1,0 +1,135 @@
+"""`jaxft plan --topology h100-8`: the train step compiled by XLA:GPU for GPU nodes this machine does
+not have (the CUDA PJRT plugin's compile-only devices), judged against what jax's allocator is given.
+
+The plugin lives in `.venv/gpu-plan` (Makefile), outside the venv: the compiling runs in subprocesses
+that put it on their path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jaxft.train import chips
+from jaxft.train.chips import GPUS, TopologyError, parse_topology, topology_target, usable_bytes
+
+PLUGIN = Path(sys.prefix) / "gpu-plan"
+MIB = 2**20
+TINY = textwrap.dedent("""\
+    run_dir: run
+    model: {preset: tiny-llama, vocab_size: 2048, d_model: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2,
+            mlp_dim: 384, max_seq_len: 128}
+    data: {seq_len: 128}
+    train: {global_batch: 16, steps: 10}
+""")
+
+
+def test_gpu_names_become_nodes():
+    t = parse_topology("h100-8")
+    assert (t.name, t.n_chips, t.nodes, t.describe()) == ("1x1x8", 8, 1, "h100-8 (1 node x 8 NVIDIA H100 80GB HBM3)")
+    t = parse_topology("H200-16")
+    assert (t.name, t.n_chips, t.nodes) == ("1x2x8", 16, 2)
+    assert parse_topology("a100-4").name == "1x1x4"
+    assert parse_topology("h100").n_chips == 8  # one node
+    for bad in ("h100-12", "h100-3", "h100-0", "h300-8"):
+        with pytest.raises(TopologyError, match="--topology"):
+            parse_topology(bad)
+    with pytest.raises(TopologyError, match="--num-slices: GPU nodes are counted in the name"):
+        parse_topology("h100-8", num_slices=2)
+
+
+def test_a_gpu_program_gets_jax_s_memory_fraction(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    h100 = GPUS["h100"]
+    assert usable_bytes(h100) == int(0.75 * 81559 * MIB)  # jax's default fraction
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert usable_bytes(h100) == int(0.9 * 81559 * MIB)
+    target = topology_target(parse_topology("h100-8"))
+    assert target["capacity"] == int(0.9 * 81559 * MIB) and "0.90 of each GPU's memory" in target["target"]
+    assert usable_bytes(chips.CHIPS["v5e"]) == chips.CHIPS["v5e"].usable_hbm  # TPUs: the compiler's figure
+    for bad in ("abc", "1.5", "0"):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad)
+        with pytest.raises(TopologyError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            usable_bytes(h100)
+
+
+def test_planning_for_gpus_without_the_plugin_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real(name, *a))
+    with pytest.raises(TopologyError, match=r"pip install 'jaxft\[gpu-plan\]'"):
+        chips.abstract_devices(parse_topology("h100-8"))
+
+
+def _run(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    assert PLUGIN.is_dir(), f"{PLUGIN} is missing: `make install-test` puts the CUDA plugin there"
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    full = {**os.environ, "JAX_PLATFORMS": "cpu", **env,
+            "PYTHONPATH": os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")])}
+    full.pop("XLA_FLAGS", None)  # the fake CPU devices play no part
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=full, capture_output=True, text=True,
+                          timeout=600)
+
+
+CHECKS = textwrap.dedent("""\
+    import json
+    from jaxft.config.loader import load_config
+    from jaxft.train.aot import lower_step_parts
+    from jaxft.train.chips import abstract_devices, parse_topology, topology_target
+    from jaxft.train.plan import plan
+
+    out = {}
+    for name in ("h100-8", "h200-16"):
+        topology = parse_topology(name)
+        p = plan(lambda o: load_config("tiny.yaml", o), [], abstract_devices(topology), **topology_target(topology))
+        out[name] = p.to_json()
+    # bfloat16 with the cuDNN kernel: the compiled step holds cuDNN's fused attention, forward and backward
+    cfg = load_config("tiny.yaml", ["model.dtype=bfloat16", "model.attention_kernel=cudnn"])
+    text = lower_step_parts(cfg, abstract_devices(parse_topology("h100-1"))).lowered.compile().as_text()
+    out["fmha"] = [line.split("custom_call_target=")[1].split(",")[0] for line in text.splitlines()
+                   if "custom_call_target=\\"__cudnn$fmha" in line]
+    print("RESULT", json.dumps(out, default=str))
+""")
+
+
+def test_the_train_step_compiles_for_gpu_nodes(tmp_path):
+    r = _run(["-c", CHECKS], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    one, two = out["h100-8"], out["h200-16"]
+    assert (one["n_chips"], one["mesh"], one["fits"]) == (8, {"data": 8, "fsdp": 1, "tensor": 1}, True)
+    assert one["capacity"] == int(0.75 * 81559 * MIB) and two["capacity"] == int(0.75 * 143771 * MIB)
+    assert two["n_chips"] == 16 and two["mesh"]["data"] == 16
+    # data parallel: the gradients' all-reduce, each GPU's whole (float32) copy of the parameters
+    params = one["memory"]["params"]
+    assert one["collectives"]["all-reduce"] == pytest.approx(params, rel=0.01)
+    assert one["memory"]["total"] > params + one["memory"]["optimizer"]
+    # no cost analysis from XLA:GPU: compute from the model's FLOPs at the bf16 peak, HBM unknown;
+    # collectives over NVLink within a node, over each GPU's NIC across two nodes
+    for p, link in ((one, 900e9), (two, 50e9)):
+        e = p["estimate"]
+        assert p["flops"]["compiled"] == 0 and e["hbm_s"] is None
+        assert e["compute_s"] == pytest.approx(p["flops"]["model"] / 989e12)
+        assert e["ici_s"] == pytest.approx(2 * p["collectives"]["all-reduce"] / link)
+        assert e["step_s"] == pytest.approx(max(e["compute_s"], e["ici_s"]))
+    # two layers, forward and backward (the causal mask with packed rows' segments goes in as a bias)
+    assert sorted(out["fmha"]) == ['"__cudnn$fmhaScaleBiasSoftmax"'] * 2 + ['"__cudnn$fmhaScaleBiasSoftmaxBackward"'] * 2
+
+
+def test_gpu_plan_cli_verdicts(tmp_path):
+    r = _run(["-m", "jaxft.cli", "plan", "tiny.yaml", "--topology", "a100-8"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plan for a100-8 (1 node x 8 NVIDIA A100-SXM4-80GB), 0.75 of each GPU's memory" in r.stdout
+    assert "FITS" in r.stdout and "compiled n/a (no cost analysis from XLA:GPU)" in r.stdout and "HBM ?" in r.stdout
+    # a run that gives jax's allocator ~12 MiB of each GPU: the same step does not fit, exit status 1
+    r = _run(["-m", "jaxft.cli", "plan", "tiny.yaml", "--topology", "a100-8", "--no-suggest"], tmp_path,
+             XLA_PYTHON_CLIENT_MEM_FRACTION="0.00015")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "DOES NOT FIT" in r.stdout and "0.00 of each GPU's memory" in r.stdout
