@@ -11,6 +11,7 @@ Conventions (flax gemma / nanodo):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -69,15 +70,43 @@ def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype: jnp.dtype | None 
     ms to 22 ms per layer, 32M LLaMA): the 2-D form keeps every weight gradient a plain matmul.
     Other platforms take the dot_general as is (the TPU compiler contracts several dims
     natively, and a reshape across tiled minor dims can cost a relayout).
+
+    A wider ``out_dtype`` than the inputs' (the head's float32 logits of bf16 states) keeps the
+    backward pass in the inputs' dtype (`_widened`).
     """
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+    out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w))
+    dot = _widened if x.dtype == w.dtype and out_dtype.itemsize > x.dtype.itemsize else _plain_dot
     if kernels.platform() == "cpu" and (len(lead) != 1 or len(ins) != 1 or len(outs) != 1):
         k, m = math.prod(ins), math.prod(outs)
-        y = jax.lax.dot_general(x.reshape(-1, k), w.reshape(k, m), (((1,), (0,)), ((), ())),
-                                preferred_element_type=out_dtype)
-        return y.reshape(lead + outs)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
+        return dot(x.reshape(-1, k), w.reshape(k, m), (((1,), (0,)), ((), ())), out_dtype).reshape(lead + outs)
+    return dot(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())), out_dtype)
+
+
+def _plain_dot(x: jax.Array, w: jax.Array, dims, out_dtype: jnp.dtype) -> jax.Array:
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _widened(x: jax.Array, w: jax.Array, dims, out_dtype: jnp.dtype) -> jax.Array:
+    """A dot of narrow inputs (bf16) into a wide result (float32) whose backward casts the
+    cotangent to the inputs' dtype first, as for every other matmul of a mixed-precision step.
+    Autodiff would run both backward products in float32 (TF32 on a GPU, half the bf16 rate),
+    on [tokens, vocab] cotangents: the largest products of a 250k-vocabulary step."""
+    return _plain_dot(x, w, dims, out_dtype)
+
+
+def _widened_fwd(x, w, dims, out_dtype):
+    return _plain_dot(x, w, dims, out_dtype), (x, w)
+
+
+def _widened_bwd(dims, out_dtype, res, ct):
+    x, w = res
+    _, vjp = jax.vjp(lambda x, w: _plain_dot(x, w, dims, x.dtype), x, w)
+    return vjp(ct.astype(x.dtype))
+
+
+_widened.defvjp(_widened_fwd, _widened_bwd)
 
 
 class Linear(nnx.Module):
@@ -117,10 +146,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.plus_one, self.dtype = eps, plus_one, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
-        return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+        return recomputed(_rms_norm, self.eps, self.plus_one, self.dtype)(x, self.scale[...])
 
 
 class LayerNorm(nnx.Module):
@@ -133,13 +159,34 @@ class LayerNorm(nnx.Module):
         self.eps, self.plus_one, self.dtype = eps, plus_one, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
-        y = y * (1.0 + scale if self.plus_one else scale) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return recomputed(_layer_norm, self.eps, self.plus_one, self.dtype)(x, self.scale[...], self.bias[...])
+
+
+def recomputed(fn: Callable, *static) -> Callable:
+    """``fn(*static, *arrays)`` whose backward pass keeps only its array inputs and recomputes the
+    rest (``jax.checkpoint``).  For the elementwise / per-row work between matmuls: a bf16 norm's
+    autodiff would keep two float32 copies of its [B, L, D] input, SwiGLU three more [B, L, F]
+    arrays beside gate and up (silu's sigmoid and products); recomputing them in the backward is
+    elementwise work fused into what reads them there."""
+    return jax.checkpoint(functools.partial(fn, *static))
+
+
+def _rms_norm(eps: float, plus_one: bool, dtype: jnp.dtype, x: jax.Array, scale: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = scale.astype(jnp.float32)
+    return (y * (1.0 + scale if plus_one else scale)).astype(dtype)
+
+
+def _layer_norm(eps: float, plus_one: bool, dtype: jnp.dtype, x: jax.Array, scale: jax.Array,
+                bias: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    scale = scale.astype(jnp.float32)
+    y = y * (1.0 + scale if plus_one else scale) + bias.astype(jnp.float32)
+    return y.astype(dtype)
 
 
 def make_norm(kind: str, features: int, *, eps: float, plus_one: bool,
@@ -197,11 +244,15 @@ class MLP(nnx.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         h_BLF = self.up(x_BLD)
         if self.gate is not None:
-            h_BLF = self.act(self.gate(x_BLD)) * h_BLF
+            h_BLF = recomputed(_gated, self.act)(self.gate(x_BLD), h_BLF)
         else:
-            h_BLF = self.act(h_BLF)
+            h_BLF = recomputed(self.act)(h_BLF)
         h_BLF = constrain(dropout(h_BLF, self.activation_dropout_rate), ("batch", "length", "mlp"))
         return self.down(h_BLF)
+
+
+def _gated(act: Callable, gate_BLF: jax.Array, up_BLF: jax.Array) -> jax.Array:
+    return act(gate_BLF) * up_BLF
 
 
 def mlp_from_config(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
