@@ -133,3 +133,16 @@ def test_gpu_plan_cli_verdicts(tmp_path):
              XLA_PYTHON_CLIENT_MEM_FRACTION="0.00015")
     assert r.returncode == 1, r.stderr[-3000:]
     assert "DOES NOT FIT" in r.stdout and "0.00 of each GPU's memory" in r.stdout
+
+
+def test_the_bf16_step_for_a_gpu_has_bf16_products_only(tmp_path):
+    """`benchmarks/gpu_compile.py` at a small shape: every matmul of the compiled bf16 train step
+    (the head's backward included, `layers._widened`) has bf16 operands; cuDNN attention forward and
+    backward in the scanned layer."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_compile.py"
+    r = _run([str(script), "--gpu", "h100-1", "--layers", "2", "--batch", "2", "--seq", "256"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
+    flops = out["product_TFLOP_by_operands (loop bodies once)"]
+    assert list(flops) == ["bf16 x bf16"] and flops["bf16 x bf16"] > 0
+    assert out["cudnn_attention_calls"] == 2 and out["temporaries_GiB"] > 0

@@ -1,0 +1,133 @@
+"""The 1B decoder-only bf16 train step (and its state init) compiled by XLA:GPU for an NVIDIA GPU
+this machine does not have: the CUDA PJRT plugin's compile-only devices (`jaxft plan --topology
+h200-1` uses the same), no GPU needed.  Compiled only: nothing runs, so no step time.
+
+Per compile: seconds, the compiled program's memory (arguments, temporaries), the matmul FLOPs of
+the optimized program grouped by operand dtypes (float32 products run at TF32 / FP32 rates, half
+or less of bf16's), the cuDNN attention calls, and the kernels (fusions, custom calls) in each
+loop body (the scanned layer's forward and backward, the loss's chunk).  Loop bodies are counted
+once, as in the HLO; the FLOPs column says so.
+
+    python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--no-scan] [--init]
+
+The plugin: `make install-test` puts it in .venv/gpu-plan (added to the path here when present),
+or `pip install 'jaxft[gpu-plan]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing
+if (Path(sys.prefix) / "gpu-plan").is_dir():
+    sys.path.insert(0, str(Path(sys.prefix) / "gpu-plan"))
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            out[name].append(line)
+    return out
+
+
+def product_flops(comps: dict[str, list[str]]) -> dict[str, float]:
+    """2 x output elements x contracted size of every dot, by its operands' dtypes."""
+    flops: dict[str, float] = collections.Counter()
+    for lines in comps.values():
+        defs = {m.group(1): (m.group(2), m.group(3)) for m in
+                (re.search(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]", line) for line in lines) if m}
+        for line in lines:
+            d = re.search(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\).*lhs_contracting_dims=\{([\d,]*)\}",
+                          line)
+            if not d or d.group(2) not in defs or d.group(3) not in defs:
+                continue
+            lhs = [int(x) for x in defs[d.group(2)][1].split(",") if x]
+            k = 1
+            for i in d.group(4).split(","):
+                k *= lhs[int(i)] if i else 1
+            n = 1
+            for x in d.group(1).split(","):
+                n *= int(x) if x else 1
+            flops[f"{defs[d.group(2)][0]} x {defs[d.group(3)][0]}"] += 2.0 * n * k
+    return dict(flops)
+
+
+def loop_kernels(hlo: str, comps: dict[str, list[str]]) -> list[int]:
+    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+    return [sum(1 for line in comps.get(b, []) if re.search(r"= \S+ (fusion|custom-call)\(", line)) for b in bodies]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpu", default="h200-1", help="a100-N / h100-N / h200-N (`jaxft plan --topology`)")
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--no-scan", action="store_true", help="layers unrolled (default: model.scan_layers)")
+    p.add_argument("--init", action="store_true", help="also compile the train state's init")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    args = p.parse_args()
+
+    import jax
+
+    from jaxft.config.schema import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+    from jaxft.models.registry import model_input_keys
+    from jaxft.sharding import batch_sharding, make_mesh, use_mesh
+    from jaxft.train.chips import abstract_devices, parse_topology
+    from jaxft.train.optim import make_optimizer, make_schedule
+    from jaxft.train.state import make_init_fn, state_shardings
+    from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
+
+    devices = abstract_devices(parse_topology(args.gpu))
+    opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
+    tx = make_optimizer(opt, 100)
+    mesh = make_mesh(MeshConfig(data=-1), devices)
+    cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4, mlp_dim=5632,
+                      dtype="bfloat16", max_seq_len=args.seq, norm_eps=1e-6, scan_layers=not args.no_scan)
+    tcfg = TrainConfig(global_batch=args.batch)
+    init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
+    with use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn)
+        shardings = state_shardings(abstract, mesh)
+        jobs = {}
+        if args.init:
+            jobs["init"] = lambda: jax.jit(init_fn, out_shardings=shardings).lower()
+        bs = batch_sharding(mesh)
+        step = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100), model_input_keys(cfg)),
+                              shardings, bs)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
+        for what, lower in jobs.items():
+            t0 = time.perf_counter()
+            compiled = lower().compile()
+            seconds = time.perf_counter() - t0
+            hlo = compiled.as_text()
+            comps = computations(hlo)
+            mem = compiled.memory_analysis()
+            print(json.dumps({
+                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers,
+                "scan": not args.no_scan, "batch": f"{args.batch}x{args.seq}", "compile_s": round(seconds, 1),
+                "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 2),
+                "temporaries_GiB": round(mem.temp_size_in_bytes / 2**30, 2),
+                "product_TFLOP_by_operands (loop bodies once)": {k: round(v / 1e12, 3) for k, v in
+                                                                 product_flops(comps).items()},
+                "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+                "kernels_per_loop_body": loop_kernels(hlo, comps)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
