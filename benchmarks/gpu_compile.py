@@ -8,7 +8,7 @@ or less of bf16's), the cuDNN attention calls, and the kernels (fusions, custom 
 loop body (the scanned layer's forward and backward, the loss's chunk).  Loop bodies are counted
 once, as in the HLO; the FLOPs column says so.
 
-    python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--no-scan] [--init]
+    python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--vocab 32000] [--no-scan] [--init]
 
 The plugin: `make install-test` puts it in .venv/gpu-plan (added to the path here when present),
 or `pip install 'jaxft[gpu-plan]'`.
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--init", action="store_true", help="also compile the train state's init")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32000)
     args = p.parse_args()
 
     import jax
@@ -96,7 +97,7 @@ def main() -> None:
     opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
     tx = make_optimizer(opt, 100)
     mesh = make_mesh(MeshConfig(data=-1), devices)
-    cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4, mlp_dim=5632,
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4, mlp_dim=5632,
                       dtype="bfloat16", max_seq_len=args.seq, norm_eps=1e-6, scan_layers=not args.no_scan)
     tcfg = TrainConfig(global_batch=args.batch)
     init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
@@ -119,7 +120,7 @@ def main() -> None:
             comps = computations(hlo)
             mem = compiled.memory_analysis()
             print(json.dumps({
-                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers,
+                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers, "vocab": args.vocab,
                 "scan": not args.no_scan, "batch": f"{args.batch}x{args.seq}", "compile_s": round(seconds, 1),
                 "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 2),
                 "temporaries_GiB": round(mem.temp_size_in_bytes / 2**30, 2),
