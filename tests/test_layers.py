@@ -112,7 +112,7 @@ def test_a_bf16_norm_keeps_its_input_alone_for_the_backward(norm):
                                np.asarray(jax.grad(loss(lambda x: plain(x, *params)))(x), np.float32), rtol=1e-2)
 
 
-def test_a_swiglu_mlp_keeps_gate_up_and_the_down_input_alone():
+def test_a_swiglu_mlp_keeps_gate_and_up_alone():
     from flax import nnx
 
     from jaxft.models.layers import MLP
@@ -124,8 +124,36 @@ def test_a_swiglu_mlp_keeps_gate_up_and_the_down_input_alone():
     graphdef, state = nnx.split(mlp)
     run = lambda state, x: nnx.merge(graphdef, state)(x).astype(jnp.float32)  # noqa: E731
     hidden = [r for r in _residuals(run, state, x) if r.size == 2 * 8 * 96]  # [B, L, F] or [B * L, F]
-    assert len(hidden) == 3  # gate, up and act(gate) * up (the down kernel's gradient reads it)
+    assert len(hidden) == 2  # gate and up; act(gate) * up, which the down kernel's gradient reads, recomputed
     ref = jax.nn.silu(x @ state["gate"]["kernel"][...].astype(jnp.bfloat16)) * (
         x @ state["up"]["kernel"][...].astype(jnp.bfloat16))
     np.testing.assert_array_equal(np.asarray(run(state, x)), np.asarray(
         (ref @ state["down"]["kernel"][...].astype(jnp.bfloat16)).astype(jnp.float32)))
+
+
+def test_the_recomputed_hidden_sees_the_forward_s_dropout_mask():
+    """With activation dropout, the backward's recomputed hidden must use the forward's mask: the
+    gradient matches a central difference of the loss (a fresh mask would not)."""
+    from flax import nnx
+
+    from jaxft.models.dropout import dropout_rng
+    from jaxft.models.layers import MLP
+
+    with _one_device():
+        mlp = MLP(8, 32, activation="swiglu", use_bias=True, init_std=0.5, param_dtype=jnp.float32,
+                  dtype=jnp.float32, rngs=nnx.Rngs(0), activation_dropout=0.5)
+    graphdef, state = nnx.split(mlp)
+    x = jax.random.normal(jax.random.key(4), (2, 5, 8))
+
+    def loss(x):
+        with dropout_rng(jax.random.key(7)):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+
+    v = jax.random.normal(jax.random.key(5), x.shape)
+    eps = 1e-3
+    numeric = (jax.jit(loss)(x + eps * v) - jax.jit(loss)(x - eps * v)) / (2 * eps)
+    analytic = jnp.sum(jax.jit(jax.grad(loss))(x) * v)
+    np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2)
+    with dropout_rng(jax.random.key(7)):  # and dropout is active: not the eval output
+        dropped = nnx.merge(graphdef, state)(x)
+    assert not np.allclose(dropped, nnx.merge(graphdef, state)(x))

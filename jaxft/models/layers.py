@@ -165,9 +165,9 @@ class LayerNorm(nnx.Module):
 def recomputed(fn: Callable, *static) -> Callable:
     """``fn(*static, *arrays)`` whose backward pass keeps only its array inputs and recomputes the
     rest (``jax.checkpoint``).  For the elementwise / per-row work between matmuls: a bf16 norm's
-    autodiff would keep two float32 copies of its [B, L, D] input, SwiGLU three more [B, L, F]
-    arrays beside gate and up (silu's sigmoid and products); recomputing them in the backward is
-    elementwise work fused into what reads them there."""
+    autodiff would keep two float32 copies of its [B, L, D] input, SwiGLU four more [B, L, F]
+    arrays beside gate and up (silu's sigmoid and products, the hidden `down` reads);
+    recomputing them in the backward is elementwise work fused into what reads them there."""
     return jax.checkpoint(functools.partial(fn, *static))
 
 
@@ -242,17 +242,19 @@ class MLP(nnx.Module):
         self.activation_dropout_rate = check_rate("model.activation_dropout", activation_dropout)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        h_BLF = self.up(x_BLD)
-        if self.gate is not None:
-            h_BLF = recomputed(_gated, self.act)(self.gate(x_BLD), h_BLF)
-        else:
-            h_BLF = recomputed(self.act)(h_BLF)
-        h_BLF = constrain(dropout(h_BLF, self.activation_dropout_rate), ("batch", "length", "mlp"))
-        return self.down(h_BLF)
+        up_BLF = self.up(x_BLD)
+        gate_BLF = self.gate(x_BLD) if self.gate is not None else None
+        # the backward keeps gate and up alone: the hidden h_BLF that `down` reads is recomputed
+        # (`down` enters as its state, whatever module it is; its dropout keys are drawn once)
+        graphdef, state = nnx.split(self.down)
+        return recomputed(_activated_down, self.act, self.activation_dropout_rate, graphdef)(gate_BLF, up_BLF, state)
 
 
-def _gated(act: Callable, gate_BLF: jax.Array, up_BLF: jax.Array) -> jax.Array:
-    return act(gate_BLF) * up_BLF
+def _activated_down(act: Callable, rate: float, down_def, gate_BLF: jax.Array | None, up_BLF: jax.Array,
+                    down_state) -> jax.Array:
+    h_BLF = act(up_BLF) if gate_BLF is None else act(gate_BLF) * up_BLF
+    h_BLF = constrain(dropout(h_BLF, rate), ("batch", "length", "mlp"))
+    return nnx.merge(down_def, down_state)(h_BLF)
 
 
 def mlp_from_config(cfg: ModelConfig, rngs: nnx.Rngs) -> MLP:
