@@ -202,3 +202,32 @@ def test_materialized_values_are_computed_once_on_the_cpu():
     mask = x > 0.1
     np.testing.assert_array_equal(np.asarray(jax.jit(materialized)(x)), np.asarray(x))
     np.testing.assert_array_equal(np.asarray(jax.jit(materialized)(mask)), np.asarray(mask))
+
+
+def test_the_explicit_attention_keeps_its_exponentials_alone_for_the_backward():
+    """The mask enters as an additive bias and the row maximum is taken of gradient-free logits, so
+    the backward keeps the exponentials (and the probabilities the PV product reads), not the masked
+    logits nor the mask broadcast over every query head; values equal the `where` formulation."""
+    from jaxft.models.attention import _attend_head_major
+
+    B, L, H, G, K = 2, 6, 4, 2, 8
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (B, L, H, K))
+    k, v = jax.random.normal(kk, (B, L, G, K)), jax.random.normal(kv, (B, L, G, K))
+    mask = jnp.tril(jnp.ones((L, L), bool))[None, None].repeat(B, 0).at[1, :, :, 4:].set(False)
+    run = lambda q, k, v: _attend_head_major(q, k, v, mask, None, None, 0.3, 0.0)  # noqa: E731
+    _, vjp_fn = jax.vjp(run, q, k, v)
+    scores = [r for r in jax.tree.leaves(vjp_fn) if r.size == B * H * L * L]
+    assert [r.dtype for r in scores if r.dtype == jnp.bool_] == [] and len(scores) <= 2
+
+    def reference(q, k, v):  # the masked softmax written with `where`
+        R = H // G
+        logits = jnp.einsum("blgrk,bsgk->bgrls", q.reshape(B, L, G, R, K), k) * 0.3
+        probs = jax.nn.softmax(jnp.where(mask[:, :, None], logits, -1e30), axis=-1)
+        return jnp.einsum("bgrls,bsgk->blgrk", probs, v).reshape(B, L, H, K)
+
+    np.testing.assert_allclose(np.asarray(run(q, k, v)), np.asarray(reference(q, k, v)), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    for got, want in zip(jax.grad(loss(run), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)

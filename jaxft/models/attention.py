@@ -210,10 +210,13 @@ def _attend_head_major(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, logit_softc
     if bias_BHLS is not None:
         logits_BGRLS = logits_BGRLS + bias_BHLS.reshape(bias_BHLS.shape[0], G, R, L, S)
     big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-    logits_BGRLS = jnp.where(mask_B1LS[:, :, None], logits_BGRLS, big_negative)
+    # the mask as an additive bias (a masked logit becomes big_negative exactly: |logit| is far
+    # below its spacing) and the row maximum of gradient-free logits: the backward then keeps
+    # neither the masked logits nor a mask broadcast to [B, G, R, L, S], only the exponentials
+    logits_BGRLS = logits_BGRLS + jnp.where(mask_B1LS, 0.0, big_negative)[:, :, None]
     # softmax normalised after the product: [.., K] divisions instead of [.., S] (dropout is
     # elementwise, so it commutes with the per-row scale)
-    top_BGRL1 = jax.lax.stop_gradient(jnp.max(logits_BGRLS, axis=-1, keepdims=True))
+    top_BGRL1 = jnp.max(jax.lax.stop_gradient(logits_BGRLS), axis=-1, keepdims=True)
     exp_BGRLS = jnp.exp(logits_BGRLS - top_BGRL1)
     sum_BGRL1 = jnp.sum(exp_BGRLS, axis=-1, keepdims=True)
     probs_BGQS = dropout(exp_BGRLS.astype(v_BSGK.dtype), dropout_rate).reshape(B, G, R * L, S)
