@@ -120,7 +120,8 @@ def main() -> None:
             comps = computations(hlo)
             mem = compiled.memory_analysis()
             print(json.dumps({
-                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers, "vocab": args.vocab,
+                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers,
+                "vocab": args.vocab,
                 "scan": not args.no_scan, "batch": f"{args.batch}x{args.seq}", "compile_s": round(seconds, 1),
                 "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 2),
                 "temporaries_GiB": round(mem.temp_size_in_bytes / 2**30, 2),

@@ -186,8 +186,7 @@ def test_a_refused_scanned_step_stops_its_extrapolation_workers(tiny):
     import multiprocessing
     import threading
 
-    from jaxft.train.chips import abstract_devices
-    from jaxft.train.chips import topology_target
+    from jaxft.train.chips import abstract_devices, topology_target
 
     topology = parse_topology("v5e-4")
     run = lambda batch: plan_lib.plan(lambda o: load_config(tiny, o), [f"train.global_batch={batch}",  # noqa: E731
@@ -208,8 +207,7 @@ def test_v5e_plan_does_not_fit_and_a_replanned_fix_does(tiny, monkeypatch):
     remat alone still does not fit (~17 GiB), two microbatches do (~14.5 GiB; each re-planned).
     (65536 rows until RoPE's tables were shared by the layers: full remat then needed 15.9 GiB,
     now 14.9, and fits.)"""
-    from jaxft.train.chips import abstract_devices
-    from jaxft.train.chips import topology_target
+    from jaxft.train.chips import abstract_devices, topology_target
 
     topology = parse_topology("v5e-4")
     compiled = _compiles(monkeypatch)
@@ -273,8 +271,7 @@ def test_a_scanned_plan_reports_the_unrolled_step_s_flops_and_collectives(tiny, 
     layers from small unrolled compiles (per stack of its own depth: T5 3 + 2) and counts
     collectives per layer from the loop condition, so it reports what the unrolled fsdp step
     compiles to."""
-    from jaxft.train.chips import abstract_devices
-    from jaxft.train.chips import topology_target
+    from jaxft.train.chips import abstract_devices, topology_target
 
     config = tiny
     if family == "t5":

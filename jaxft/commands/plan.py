@@ -102,8 +102,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def register(sub, command) -> None:
     p = command(sub, "plan", cmd_plan, config=True,
-                help="compile the train step for a TPU slice or GPU nodes (from this machine) or the local devices: per-chip "
-                     "memory, FITS / DOES NOT FIT, FLOPs, collectives, a roofline estimate, and fixes that fit")
+                help="compile the train step for a TPU slice or GPU nodes (from this machine) or the local "
+                     "devices: per-chip memory, FITS / DOES NOT FIT, FLOPs, collectives, a roofline estimate, "
+                     "and fixes that fit")
     p.add_argument("--topology", metavar="SLICE",
                    help="v5p-256, v5e-16 (v5litepod-16), v6e-8, v4-128 or a libtpu shape v5p:4x4x8 "
                         "(needs libtpu: pip install 'jaxft[tpu]'), or GPU nodes h100-8, h200-16 (two nodes), "

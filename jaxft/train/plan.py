@@ -343,7 +343,7 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
     link = 0.0 if chip is None else chip.dcn_bw if topology is not None and topology.nodes > 1 else chip.ici_bw
-    estimate = _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link) if compiled is not None else {}
+    estimate = {} if compiled is None else _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link)
     fits = None if capacity is None else (compiled is not None and mem["total"] <= capacity)
     if pool is not None and pool.procs is not None:
         pool.procs.join()
