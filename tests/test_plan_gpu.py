@@ -74,6 +74,8 @@ def _run(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "JAX_PLATFORMS": "cpu", **env,
             "PYTHONPATH": os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")])}
     full.pop("XLA_FLAGS", None)  # the fake CPU devices play no part
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:  # jax's default share, whatever this shell set
+        full.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=full, capture_output=True, text=True,
                           timeout=600)
 
