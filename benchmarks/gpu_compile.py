@@ -9,6 +9,7 @@ loop body (the scanned layer's forward and backward, the loss's chunk).  Loop bo
 once, as in the HLO; the FLOPs column says so.
 
     python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--vocab 32000] [--no-scan] [--init]
+        [--remat none,dots,dots_attention]
 
 The plugin: `make install-test` puts it in .venv/gpu-plan (added to the path here when present),
 or `pip install 'jaxft[gpu-plan]'`.
@@ -81,6 +82,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--remat", default="none",
+                   help="model.remat, or several (comma-separated: one compile each): none, full, dots, dots_no_batch, "
+                        "dots_attention")
     args = p.parse_args()
 
     import jax
@@ -97,39 +101,43 @@ def main() -> None:
     opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
     tx = make_optimizer(opt, 100)
     mesh = make_mesh(MeshConfig(data=-1), devices)
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4, mlp_dim=5632,
-                      dtype="bfloat16", max_seq_len=args.seq, norm_eps=1e-6, scan_layers=not args.no_scan)
     tcfg = TrainConfig(global_batch=args.batch)
-    init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
-    with use_mesh(mesh):
-        abstract = jax.eval_shape(init_fn)
-        shardings = state_shardings(abstract, mesh)
-        jobs = {}
-        if args.init:
-            jobs["init"] = lambda: jax.jit(init_fn, out_shardings=shardings).lower()
-        bs = batch_sharding(mesh)
-        step = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100), model_input_keys(cfg)),
-                              shardings, bs)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
-        for what, lower in jobs.items():
-            t0 = time.perf_counter()
-            compiled = lower().compile()
-            seconds = time.perf_counter() - t0
-            hlo = compiled.as_text()
-            comps = computations(hlo)
-            mem = compiled.memory_analysis()
-            print(json.dumps({
-                "what": what, "gpu": args.gpu, "device": devices[0].device_kind, "layers": args.layers,
-                "vocab": args.vocab,
-                "scan": not args.no_scan, "batch": f"{args.batch}x{args.seq}", "compile_s": round(seconds, 1),
-                "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 2),
-                "temporaries_GiB": round(mem.temp_size_in_bytes / 2**30, 2),
-                "product_TFLOP_by_operands (loop bodies once)": {k: round(v / 1e12, 3) for k, v in
-                                                                 product_flops(comps).items()},
-                "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
-                "kernels_per_loop_body": loop_kernels(hlo, comps)}), flush=True)
+    for remat in args.remat.split(","):
+        cfg = ModelConfig(vocab_size=args.vocab, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4,
+                          mlp_dim=5632, dtype="bfloat16", max_seq_len=args.seq, norm_eps=1e-6,
+                          scan_layers=not args.no_scan, remat=remat)
+        init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
+        with use_mesh(mesh):
+            abstract = jax.eval_shape(init_fn)
+            shardings = state_shardings(abstract, mesh)
+            jobs = {}
+            if args.init:
+                jobs["init"] = lambda: jax.jit(init_fn, out_shardings=shardings).lower()
+            bs = batch_sharding(mesh)
+            step = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100), model_input_keys(cfg)),
+                                  shardings, bs)
+            state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
+            for what, lower in jobs.items():
+                report(what, lower, args, remat, devices[0].device_kind)
 
+
+def report(what: str, lower, args, remat: str, device_kind: str) -> None:
+    t0 = time.perf_counter()
+    compiled = lower().compile()
+    seconds = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    comps = computations(hlo)
+    mem = compiled.memory_analysis()
+    print(json.dumps({
+        "what": what, "gpu": args.gpu, "device": device_kind, "layers": args.layers, "vocab": args.vocab,
+        "remat": remat, "scan": not args.no_scan, "batch": f"{args.batch}x{args.seq}", "compile_s": round(seconds, 1),
+        "arguments_GiB": round(mem.argument_size_in_bytes / 2**30, 2),
+        "temporaries_GiB": round(mem.temp_size_in_bytes / 2**30, 2),
+        "product_TFLOP_by_operands (loop bodies once)": {k: round(v / 1e12, 3) for k, v in
+                                                         product_flops(comps).items()},
+        "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+        "kernels_per_loop_body": loop_kernels(hlo, comps)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -139,6 +139,21 @@ def test_a_tpu_train_step_compiled_ahead_of_time_runs_the_splash_kernel(tmp_path
     assert hlo.count("tpu_custom_call") == 3 * 2
 
 
+@pytest.mark.parametrize("remat,kernels_per_layer", [("dots", 4), ("dots_attention", 3)])
+def test_remat_dots_attention_keeps_the_splash_forward(tmp_path, remat, kernels_per_layer):
+    """`model.remat: dots` runs each layer's splash forward again in the backward pass (its custom
+    VJP's residuals are the kernel's outputs, not products); `dots_attention` saves them."""
+    pytest.importorskip("libtpu")
+    from jaxft.train.aot import lower_step_parts
+    from jaxft.train.chips import abstract_devices, parse_topology
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    devices = abstract_devices(parse_topology("v5e-4"))
+    hlo = lower_step_parts(load_config(path, [f"model.remat={remat}"]), devices).lowered.compile().as_text()
+    assert hlo.count("tpu_custom_call") == kernels_per_layer * 2
+
+
 def test_kernel_choice_falls_back_to_xla_with_one_log_line_per_reason(caplog, monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())
     q, k, _ = _qkv()

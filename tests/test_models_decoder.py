@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft.config.schema import MeshConfig, ModelConfig, RopeScalingConfig
 from jaxft.models import build_model, param_count, train_flops_per_token
+from jaxft.models.layers import REMAT_POLICIES
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 
 PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -296,7 +297,7 @@ def test_remat_policies_give_identical_gradients():
     x_BL = tokens(preset("tiny-llama"), (2, 9))
     base = model_for("tiny-llama")
     want = params_of_state(_loss_grads(base, x_BL))
-    for policy in ("full", "dots", "dots_no_batch"):
+    for policy in sorted(REMAT_POLICIES):
         m = build_model(preset("tiny-llama", remat=policy), rngs=nnx.Rngs(0))
         got = params_of_state(_loss_grads(m, x_BL))
         for path in want:

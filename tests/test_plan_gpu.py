@@ -141,11 +141,16 @@ def test_gpu_plan_cli_verdicts(tmp_path):
 def test_the_bf16_step_for_a_gpu_has_bf16_products_only(tmp_path):
     """`benchmarks/gpu_compile.py` at a small shape: every matmul of the compiled bf16 train step
     (the head's backward included, `layers._widened`) has bf16 operands; cuDNN attention forward and
-    backward in the scanned layer."""
+    backward in the scanned layer.  `model.remat: dots` runs cuDNN's forward again in the backward
+    pass, `dots_attention` keeps its results: fewer temporaries than no remat, same products."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_compile.py"
-    r = _run([str(script), "--gpu", "h100-1", "--layers", "2", "--batch", "2", "--seq", "256"], tmp_path)
+    r = _run([str(script), "--gpu", "h100-1", "--layers", "2", "--batch", "2", "--seq", "256",
+              "--remat", "none,dots,dots_attention"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
-    flops = out["product_TFLOP_by_operands (loop bodies once)"]
+    out = {o["remat"]: o for o in (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))}
+    flops = out["none"]["product_TFLOP_by_operands (loop bodies once)"]
     assert list(flops) == ["bf16 x bf16"] and flops["bf16 x bf16"] > 0
-    assert out["cudnn_attention_calls"] == 2 and out["temporaries_GiB"] > 0
+    assert out["none"]["cudnn_attention_calls"] == 2 and out["none"]["temporaries_GiB"] > 0
+    assert out["dots"]["cudnn_attention_calls"] == 3 and out["dots_attention"]["cudnn_attention_calls"] == 2
+    assert out["dots_attention"]["temporaries_GiB"] < out["none"]["temporaries_GiB"]
+    assert out["dots_attention"]["product_TFLOP_by_operands (loop bodies once)"] == flops

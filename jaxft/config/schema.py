@@ -76,7 +76,11 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Per layer (jax.checkpoint policy, jaxft/models/layers.py): none; full (keep only each layer's
+    # input); dots / dots_no_batch (keep the products' results, recompute the rest and a fused attention
+    # kernel's forward); dots_attention (dots, and a fused attention kernel's results: on a GPU 17% fewer
+    # temporaries than none at no extra products; on a TPU no gain, docs/pod_planning.md)
+    remat: Literal["none", "full", "dots", "dots_no_batch", "dots_attention"] = "none"
     # One jax.lax.scan over the layers (compiled once, not n times): compile time and its host
     # memory stop growing with depth; parameters keep their per-layer paths (jaxft/models/scan.py).
     scan_layers: bool = False

@@ -272,10 +272,25 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 # --------------------------------------------------------------------------- stack helpers
 
+# the primitives of the fused attention kernels' forward pass (their outputs include what the
+# kernel's backward reads: the output and the softmax statistics): cuDNN's (jax's private cuDNN
+# module) and a Pallas kernel's (splash on a TPU)
+FUSED_ATTENTION_PRIMITIVES = frozenset({"dot_product_attention_fwd_wrapper", "pallas_call"})
+
+
+def _dots_and_attention(prim, *args, **params) -> bool:
+    """Save every product and the fused attention kernels' results: recompute the rest."""
+    return (jax.checkpoint_policies.checkpoint_dots(prim, *args, **params)
+            or prim.name in FUSED_ATTENTION_PRIMITIVES)
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # "dots" recomputes a fused kernel's attention forward in the backward pass: its custom VJP's
+    # residuals are the kernel's outputs, which no product policy saves
+    "dots_attention": _dots_and_attention,
 }
 
 
