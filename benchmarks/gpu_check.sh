@@ -8,7 +8,8 @@
 #   3. attention forward + backward at the 1B shape: XLA against cuDNN (dense mask, + is_causal);
 #   4. the cuDNN tests (tests/test_attention_gpu.py: cuDNN equals XLA attention, and runs);
 #   5. decoding against HF `generate` on the GPU (batch 8 and 32; top-p sampling too at batch 8), then
-#      stacked against per-layer.
+#      stacked against per-layer;
+#   6. the scanned 1B step with model.remat=dots_attention (jaxft alone).
 # Prints the rows for benchmarks/RESULTS.md; the whole log goes to $OUT/gpu_check.log when OUT is set.
 # Needs jax with CUDA, torch and transformers (the device image).  Packages jaxft needs and the
 # image lacks (babel, num2words; docopt, which num2words imports) are taken from .whl/site when
@@ -68,5 +69,9 @@ step 150 decode-b32 python3 benchmarks/decode.py --batch 32 --d-model 1024 --lay
 # stacked layers (evaluation during a model.scan_layers run) against the per-layer model: on the CPU
 # the scan copies each layer's weights out of the stack per token (13-27% slower); GPUs may fuse it
 step 100 decode-depth python3 benchmarks/decode_depth.py --d-model 1024 --layers 8 32 --strategy greedy
+# the scanned 1B step again with model.remat=dots_attention (17% fewer temporaries, compiled here): what the
+# recomputed norms / RoPE / activations cost in step time (jaxft alone)
+step 150 train-1b-dots-attention env JAX_PLATFORMS=cuda,cpu python3 benchmarks/train_step.py --preset 1b \
+  --dtype bfloat16 --batch 8 --steps 10 --threads 16 --init-on-host --scan-layers --remat dots_attention --no-peer
 echo "=== rows"
 grep -h '^| 20' "$LOG" || true
