@@ -6,10 +6,13 @@ Per compile: seconds, the compiled program's memory (arguments, temporaries), th
 the optimized program grouped by operand dtypes (float32 products run at TF32 / FP32 rates, half
 or less of bf16's), the cuDNN attention calls, and the kernels (fusions, custom calls) in each
 loop body (the scanned layer's forward and backward, the loss's chunk).  Loop bodies are counted
-once, as in the HLO; the FLOPs column says so.
+once, as in the HLO; the FLOPs column says so.  With --decode: greedy `generate` of the same shape
+(float32 parameters, bf16 compute): kernels per token, the bytes they read and write per token, and
+how many float32 weights the loop reads (`models.precast` casts them once, before the loop).
 
     python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--vocab 32000] [--no-scan] [--init]
         [--remat none,dots,dots_attention]
+    python benchmarks/gpu_compile.py --decode [--precast on|off|both] [--layers 22 --seq 2048 --new 128]
 
 The plugin: `make install-test` puts it in .venv/gpu-plan (added to the path here when present),
 or `pip install 'jaxft[gpu-plan]'`.
@@ -25,6 +28,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing
 if (Path(sys.prefix) / "gpu-plan").is_dir():
@@ -85,11 +90,18 @@ def main() -> None:
     p.add_argument("--remat", default="none",
                    help="model.remat, or several (comma-separated: one compile each): none, full, dots, dots_no_batch, "
                         "dots_attention")
+    p.add_argument("--decode", action="store_true",
+                   help="compile greedy decoding instead (float32 parameters, bf16 compute; prompt --seq, --new tokens)")
+    p.add_argument("--new", type=int, default=128, help="--decode: new tokens")
+    p.add_argument("--precast", choices=("on", "off", "both"), default="on",
+                   help="--decode: off = the weights cast inside the loop, as before `models.precast`")
     args = p.parse_args()
+    if args.decode:
+        return decode(args)
 
     import jax
 
-    from jaxft.config.schema import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+    from jaxft.config.schema import MeshConfig, OptimizerConfig, TrainConfig
     from jaxft.models.registry import model_input_keys
     from jaxft.sharding import batch_sharding, make_mesh, use_mesh
     from jaxft.train.chips import abstract_devices, parse_topology
@@ -103,9 +115,7 @@ def main() -> None:
     mesh = make_mesh(MeshConfig(data=-1), devices)
     tcfg = TrainConfig(global_batch=args.batch)
     for remat in args.remat.split(","):
-        cfg = ModelConfig(vocab_size=args.vocab, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4,
-                          mlp_dim=5632, dtype="bfloat16", max_seq_len=args.seq, norm_eps=1e-6,
-                          scan_layers=not args.no_scan, remat=remat)
+        cfg = model_config(args, remat=remat)
         init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
         with use_mesh(mesh):
             abstract = jax.eval_shape(init_fn)
@@ -120,6 +130,79 @@ def main() -> None:
             jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
             for what, lower in jobs.items():
                 report(what, lower, args, remat, devices[0].device_kind)
+
+
+def model_config(args, **kw):
+    from jaxft.config.schema import ModelConfig
+    return ModelConfig(vocab_size=args.vocab, d_model=2048, n_layers=args.layers, n_heads=32, n_kv_heads=4,
+                       mlp_dim=5632, dtype="bfloat16", max_seq_len=args.seq + args.new, norm_eps=1e-6,
+                       scan_layers=not args.no_scan, **kw)
+
+
+def decode(args) -> None:
+    """Greedy `generate` of the same model (per-layer parameters) compiled for the GPU: the loop
+    body's kernels, the bytes its kernels read and write per token, float32 weights read there."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxft.config.schema import MeshConfig
+    from jaxft.eval import decode as dec
+    from jaxft.models import build_model
+    from jaxft.sharding import make_mesh, use_mesh
+    from jaxft.train.chips import abstract_devices, parse_topology
+
+    devices = abstract_devices(parse_topology(args.gpu))
+    mesh = make_mesh(MeshConfig(data=-1), devices)
+    cfg = model_config(args, remat="none")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+    state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+    key = spec((), jax.random.key(0).dtype)
+    config = dec.DecodeConfig(strategy="greedy", max_len=args.new, min_len=args.new, eos_id=1)
+    precast = dec.compute_dtype_states
+    for mode in ("on", "off") if args.precast == "both" else (args.precast,):
+        dec.compute_dtype_states = precast if mode == "on" else (lambda graphdef, states: states)
+        dec._generate_jit.clear_cache()
+        with use_mesh(mesh):
+            t0 = time.perf_counter()
+            compiled = dec._generate_jit.lower(graphdef, (state,), spec((args.batch, args.seq), jnp.int32), None,
+                                               None, None, spec((args.batch, 0), jnp.int32), key, config=config).compile()
+        decode_report(compiled, time.perf_counter() - t0, state, args, mode)
+    dec.compute_dtype_states = precast
+
+
+def decode_report(compiled, seconds: float, state, args, mode: str) -> None:
+    import jax
+
+    hlo = compiled.as_text()
+    comps = computations(hlo)
+    body = comps[re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)[-1]]
+    weights = {f"f32[{','.join(map(str, a.shape))}]" for a in jax.tree.leaves(state) if a.ndim >= 2}
+    print(json.dumps({
+        "what": "decode", "gpu": args.gpu, "layers": args.layers, "vocab": args.vocab, "precast": mode,
+        "batch": f"{args.batch} x {args.seq}+{args.new}", "compile_s": round(seconds, 1),
+        "temporaries_GiB": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
+        "kernels_per_token": sum(1 for line in body if re.search(r"= \S+ (fusion|custom-call)\(", line)),
+        "kernel_bytes_per_token_GB": round(kernel_bytes(body) / 1e9, 3),
+        "float32_weights_in_loop": sum(1 for line in body if any(w + "{" in line for w in weights))}), flush=True)
+
+
+def kernel_bytes(lines: list[str]) -> int:
+    """Operand and result bytes of every kernel (fusion, custom call) in a computation."""
+    width = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+    size = {}
+    for line in lines:
+        m = re.search(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]", line)
+        if m:
+            size[m.group(1)] = width.get(m.group(2), 4) * int(np.prod([int(x) for x in m.group(3).split(",") if x]))
+    total = 0
+    for line in lines:
+        m = re.search(r"%([\w.\-]+) = \S+ (?:fusion|custom-call)\((.*?)\)", line)
+        if m:
+            total += size.get(m.group(1), 0) + sum(size.get(o, 0) for o in re.findall(r"%([\w.\-]+)", m.group(2)))
+    return total
 
 
 def report(what: str, lower, args, remat: str, device_kind: str) -> None:

@@ -154,3 +154,17 @@ def test_the_bf16_step_for_a_gpu_has_bf16_products_only(tmp_path):
     assert out["dots"]["cudnn_attention_calls"] == 3 and out["dots_attention"]["cudnn_attention_calls"] == 2
     assert out["dots_attention"]["temporaries_GiB"] < out["none"]["temporaries_GiB"]
     assert out["dots_attention"]["product_TFLOP_by_operands (loop bodies once)"] == flops
+
+
+def test_greedy_decoding_for_a_gpu_casts_the_weights_once(tmp_path):
+    """`gpu_compile.py --decode`: with float32 parameters and bf16 compute, the decoding loop reads
+    no float32 weight (XLA:GPU left each step's casts in the loop: `jaxft.models.precast`), with
+    fewer kernels and fewer bytes per token than with the casts in the loop."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_compile.py"
+    r = _run([str(script), "--decode", "--precast", "both", "--gpu", "h100-1", "--layers", "2", "--batch", "2",
+              "--seq", "64", "--new", "8", "--vocab", "512"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = {o["precast"]: o for o in (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))}
+    assert out["on"]["float32_weights_in_loop"] == 0 < out["off"]["float32_weights_in_loop"]
+    assert out["on"]["kernels_per_token"] < out["off"]["kernels_per_token"]
+    assert out["on"]["kernel_bytes_per_token_GB"] < out["off"]["kernel_bytes_per_token_GB"] / 2

@@ -55,6 +55,7 @@ from jaxft.eval.beam import beam_search
 from jaxft.eval.sampling import (first_argmax, is_stop, length_penalty, no_repeat_ngram, process_log_probs,
                                  repetition_penalty, sample)
 from jaxft.eval.types import DecodeOutput, SplitModel, split_model
+from jaxft.models.precast import compute_dtype_states
 from jaxft.models.scan import merged
 from jaxft.sharding import constrain
 
@@ -124,6 +125,8 @@ def _generate(model, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, *
 def _generate_jit(graphdef, states, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, *, config: DecodeConfig):
     # jax.jit over the split model: nnx.jit re-traverses the module graph on every call (about
     # 3-4 ms of host time per batch for a small model; nnx.split + jax.jit is about 1 ms)
+    # the weights cast to the compute dtype once, not inside the loop at every token
+    states = compute_dtype_states(graphdef, states)
     with merged(graphdef, *states) as model:  # stacked layers decode by a scan over the stored arrays
         return _generate(model, inputs, lengths, enc_inputs, enc_lengths, forced_BF, rng, config=config)
 
