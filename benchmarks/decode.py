@@ -4,7 +4,7 @@ greedy and beam 4 (and, with --strategies, top-p sampling), for a decoder-only (
 encoder-decoder (mT5-style) model.  Generated tokens/s, median of repeats, in one run.
 
     python benchmarks/decode.py [--batch 8 --prompt 32 --new 32 --repeats 3] [--stacked]
-        [--vocab 250112] [--strategies greedy beam4 sample]
+        [--vocab 250112] [--strategies greedy beam4 sample] [--dtype bfloat16]
 
 Needs the test extra (torch, transformers).  Both sides are forced to generate
 exactly --new tokens (min = max length), so the work is the same.
@@ -60,7 +60,7 @@ def build_pair(kind: str, args, tmp: str):
 
     import dataclasses
     model_cfg, params = load_hf(path)
-    model_cfg = dataclasses.replace(model_cfg, dtype="float32")
+    model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)  # float32 parameters either way
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract, nnx.Param)
     return hf, nnx.merge(graphdef, params), model_cfg
@@ -82,6 +82,8 @@ def bench(kind: str, args, tmp: str) -> list[dict]:
         graphdef, state = nnx.split(model)
         model = SplitModel(graphdef, stack_layers(state))
     hf = hf.to(args.device)
+    if args.dtype == "bfloat16":  # HF: bf16 weights and compute; jaxft: float32 parameters, bf16 compute
+        hf = hf.to(torch.bfloat16)
     if args.device != "cpu":  # XLA's default float32 matmuls on a GPU are TF32: the same for torch
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -128,6 +130,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="torch's device (default: cuda when available, else cpu)")
     p.add_argument("--stacked", action="store_true", help="jaxft decodes from stacked layers (a scan)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (jaxft's model.dtype; HF's weights are cast to it)")
     p.add_argument("--models", nargs="+", choices=("llama", "mt5"), default=["llama", "mt5"])
     p.add_argument("--strategies", nargs="+", choices=("greedy", "beam4", "sample"), default=["greedy", "beam4"],
                    help="sample: nucleus sampling (top-p 0.9, temperature 1) on both sides")
@@ -144,9 +148,10 @@ def main() -> None:
     for r in rows:
         print(json.dumps({"date": date, "machine": machine, "torch_device": args.device, "batch": args.batch,
                           "prompt": args.prompt,
-                          "new": args.new, "d_model": args.d_model, "layers": args.layers, **r}))
+                          "new": args.new, "d_model": args.d_model, "layers": args.layers, "dtype": args.dtype, **r}))
     for r in rows:
-        print(f"| {date} | {machine} | {r['model']}{' stacked' if args.stacked else ''} d{args.d_model} "
+        print(f"| {date} | {machine} | {r['model']}{' stacked' if args.stacked else ''}"
+              f"{' bf16' if args.dtype == 'bfloat16' else ''} d{args.d_model} "
               f"L{args.layers} b{args.batch} "
               f"p{args.prompt}+{args.new} | {r['strategy']} | {r['jaxft_tokens_per_s']:.0f} | "
               f"{r['hf_tokens_per_s']:.0f} | {r['speedup_vs_hf']:.2f}x |")

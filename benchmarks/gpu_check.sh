@@ -8,7 +8,7 @@
 #   3. attention forward + backward at the 1B shape: XLA against cuDNN (dense mask, + is_causal);
 #   4. the cuDNN tests (tests/test_attention_gpu.py: cuDNN equals XLA attention, and runs);
 #   5. decoding against HF `generate` on the GPU (batch 8 and 32; top-p sampling too at batch 8), then
-#      stacked against per-layer;
+#      bf16 compute at batch 8, then stacked against per-layer;
 #   6. the scanned 1B step with model.remat=dots_attention (jaxft alone).
 # Prints the rows for benchmarks/RESULTS.md; the whole log goes to $OUT/gpu_check.log when OUT is set.
 # Needs jax with CUDA, torch and transformers (the device image).  Packages jaxft needs and the
@@ -66,6 +66,8 @@ step 60 attention python3 benchmarks/attention_gpu.py
 step 90 cudnn-tests env XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false" python3 -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py
 step 180 decode-b8 python3 benchmarks/decode.py --batch 8 --d-model 1024 --layers 8 --strategies greedy beam4 sample
 step 150 decode-b32 python3 benchmarks/decode.py --batch 32 --d-model 1024 --layers 8
+# bf16 compute (jaxft: float32 parameters cast once per call, `models.precast`; HF: bf16 weights)
+step 150 decode-bf16 python3 benchmarks/decode.py --batch 8 --d-model 2048 --layers 8 --dtype bfloat16
 # stacked layers (evaluation during a model.scan_layers run) against the per-layer model: on the CPU
 # the scan copies each layer's weights out of the stack per token (13-27% slower); GPUs may fuse it
 step 100 decode-depth python3 benchmarks/decode_depth.py --d-model 1024 --layers 8 32 --strategy greedy
