@@ -8,6 +8,7 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -217,3 +218,61 @@ def test_a_gradient_of_the_other_sums_takes_the_plain_backward_pass():
     want = jax.grad(objective)(params, 19)
     got = jax.jit(jax.grad(objective), static_argnums=1)(params, 5)
     assert_trees_close(got, want, rtol=1e-4)
+
+
+def test_a_weight_the_chunk_only_casts_is_cast_once_before_the_loop():
+    from jaxft.train.losses import narrowed_once
+
+    w, s, both = (jnp.ones((4, 3), jnp.float32) * k for k in (1.0, 2.0, 3.0))
+
+    def fn(x, w, s, both):
+        return (jnp.sum(x @ w.astype(jnp.bfloat16)), jnp.sum(x.astype(jnp.float32) * s[0, 0]),
+                jnp.sum(both.astype(jnp.bfloat16)) + jnp.sum(both))
+
+    got = narrowed_once(fn, (jnp.ones((2, 4), jnp.bfloat16),), (w, s, both))
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    assert got[1] is s and got[2] is both
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_a_bf16_models_chunk_loop_reads_its_head_cast_once(frozen_head, monkeypatch):
+    """bf16 compute, float32 parameters, the head trained or frozen: the chunk loop's body casts no
+    head weight (it is cast before the loop), and the loss and every gradient equal those of the
+    cast inside the loop."""
+    from jaxft.train import losses
+
+    cfg = preset("tiny-llama", n_layers=1, vocab_size=1000, dtype="bfloat16")
+    trainable = (lambda path, v: isinstance(v, nnx.Param) and "lm_head" not in path) if frozen_head else nnx.Param
+    graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), trainable, ...)
+    keys = model_input_keys(cfg)
+    batch = {k: v for k, v in make_batch(cfg, rows=4, length=19).items() if not k.startswith("enc_")}
+    grads = jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=5, loss_chunk_mib=0, **LOSS), keys), has_aux=True)
+
+    head = (cfg.d_model, cfg.vocab_size)
+
+    def eqns(jaxpr):  # every equation, nested ones included, with whether it runs inside a scan
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for v in eqn.params.values():
+                for j in (v if isinstance(v, (list, tuple)) else (v,)):
+                    inner = getattr(j, "jaxpr", j)
+                    if hasattr(inner, "eqns"):
+                        yield from eqns(inner)
+
+    def head_casts_in_loops(jaxpr) -> int:
+        return sum(e.primitive.name == "convert_element_type" and e.invars[0].aval.dtype == jnp.float32
+                   and getattr(e.invars[0].aval, "shape", ()) == head
+                   for scan in eqns(jaxpr) if scan.primitive.name == "scan"
+                   for e in eqns(scan.params["jaxpr"].jaxpr))
+
+    assert head_casts_in_loops(jax.make_jaxpr(grads)(params, rest, batch).jaxpr) == 0
+    got = jax.jit(grads)(params, rest, batch)
+    try:  # jax caches the traces of the custom gradient's forward pass: cleared for each variant
+        monkeypatch.setattr(losses, "narrowed_once", lambda fn_c, args, consts: tuple(consts))
+        jax.clear_caches()
+        assert head_casts_in_loops(jax.make_jaxpr(grads)(params, rest, batch).jaxpr) == 1  # inside, as before
+        want = jax.jit(grads)(params, rest, batch)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
