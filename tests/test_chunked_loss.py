@@ -223,15 +223,16 @@ def test_a_gradient_of_the_other_sums_takes_the_plain_backward_pass():
 def test_a_weight_the_chunk_only_casts_is_cast_once_before_the_loop():
     from jaxft.train.losses import narrowed_once
 
-    w, s, both = (jnp.ones((4, 3), jnp.float32) * k for k in (1.0, 2.0, 3.0))
+    w, s, both, twice = (jnp.ones((4, 3), jnp.float32) * k for k in (1.0, 2.0, 3.0, 4.0))
 
-    def fn(x, w, s, both):
+    def fn(x, w, s, both, twice):  # cast once; used in float32; both; cast twice (gradients would add in bf16)
         return (jnp.sum(x @ w.astype(jnp.bfloat16)), jnp.sum(x.astype(jnp.float32) * s[0, 0]),
-                jnp.sum(both.astype(jnp.bfloat16)) + jnp.sum(both))
+                jnp.sum(both.astype(jnp.bfloat16)) + jnp.sum(both),
+                jnp.sum(x @ twice.astype(jnp.bfloat16)) + jnp.sum(twice.astype(jnp.bfloat16)))
 
-    got = narrowed_once(fn, (jnp.ones((2, 4), jnp.bfloat16),), (w, s, both))
-    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
-    assert got[1] is s and got[2] is both
+    got = narrowed_once(fn, (jnp.ones((2, 4), jnp.bfloat16),), (w, s, both, twice))
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32, jnp.float32]
+    assert got[1] is s and got[2] is both and got[3] is twice
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])

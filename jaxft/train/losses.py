@@ -159,7 +159,7 @@ def _fused_fwd(fn_c: Callable, xs: tuple, consts: tuple):
 
 
 def narrowed_once(fn_c: Callable, args: tuple, consts: tuple) -> tuple:
-    """``consts`` with each one that ``fn_c`` only ever casts to one narrower float dtype (a bf16
+    """``consts`` with each one that ``fn_c`` uses once, cast to a narrower float dtype (a bf16
     model's float32 head kernel) cast here, once, instead of in every chunk: XLA:GPU left that cast
     inside the loop (a 256k x 2048 head: 3 GB of memory traffic per chunk).  The same arithmetic:
     ``fn_c``'s own cast is then a no-op, and the gradient w.r.t. the cast value is the one its
@@ -169,7 +169,8 @@ def narrowed_once(fn_c: Callable, args: tuple, consts: tuple) -> tuple:
     for i, var in enumerate(jaxpr.invars[len(args):]):
         uses = [e for e in jaxpr.eqns if any(v is var for v in e.invars)]
         dtypes = {e.params.get("new_dtype") for e in uses if e.primitive.name == "convert_element_type"}
-        if uses and len(dtypes) == 1 and all(e.primitive.name == "convert_element_type" for e in uses):
+        # one use only: a value used twice would sum its gradients in the narrow dtype
+        if len(uses) == 1 and len(dtypes) == 1 and uses[0].primitive.name == "convert_element_type":
             dtype = jnp.dtype(dtypes.pop())
             c = consts[i]
             if jnp.issubdtype(c.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating) and \
