@@ -251,7 +251,7 @@ def test_a_bf16_models_chunk_loop_reads_its_head_cast_once(frozen_head, monkeypa
 
     head = (cfg.d_model, cfg.vocab_size)
 
-    def eqns(jaxpr):  # every equation, nested ones included, with whether it runs inside a scan
+    def eqns(jaxpr):  # every equation, nested ones included
         for eqn in jaxpr.eqns:
             yield eqn
             for v in eqn.params.values():

@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft.config.schema import MeshConfig, ModelConfig
 from jaxft.models import build_model, param_count, train_flops_per_token
-from jaxft.models.t5 import relative_position_bucket
 from jaxft.models.layers import REMAT_POLICIES
+from jaxft.models.t5 import relative_position_bucket
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 
 PRESETS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
