@@ -356,9 +356,9 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
                 compiler_error=error.splitlines()[0][:300] if error else "")
 
 
-def fix_candidates(cfg: Config, n_dp: int) -> list[tuple[str, ...]]:
-    """Knobs that lower per-chip memory, each tried alone by re-planning (then remat + fsdp together)."""
-    out: list[tuple[str, ...]] = []
+def fix_candidates(cfg: Config, n_dp: int, gpu: bool = False) -> list[tuple[str, ...]]:
+    """Knobs that lower per-chip memory, each re-planned alone (then remat + fsdp; GPUs: dots_attention first)."""
+    out: list[tuple[str, ...]] = [("model.remat=dots_attention",)] if gpu and cfg.model.remat == "none" else []
     if cfg.model.remat != "full":
         out.append(("model.remat=full",))
     rows = cfg.train.global_batch // cfg.train.microbatches
@@ -389,7 +389,7 @@ def plan(load: Callable[[Sequence[str]], Config], overrides: Sequence[str], devi
                      overrides=tuple(overrides), topology=topology)
     if suggest and base.fits is False:
         n_dp = base.mesh["data"] * base.mesh["fsdp"]
-        for extra in fix_candidates(cfg, n_dp)[:max_suggestions]:
+        for extra in fix_candidates(cfg, n_dp, gpu=chip is not None and chip.platform == "gpu")[:max_suggestions]:
             try:
                 alt = plan_once(load(list(overrides) + list(extra)), devices, target=target, chip=chip, peak=peak,
                                 capacity=capacity, num_slices=num_slices, overrides=extra, topology=topology)
