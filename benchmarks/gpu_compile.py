@@ -73,9 +73,17 @@ def product_flops(comps: dict[str, list[str]]) -> dict[str, float]:
     return dict(flops)
 
 
+def loop_bodies(hlo: str) -> list[str]:
+    return re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
+
+
+def kernels(lines: list[str]) -> int:
+    """Kernel launches (fusions, custom calls) in a computation."""
+    return sum(1 for line in lines if re.search(r"= \S+ (fusion|custom-call)\(", line))
+
+
 def loop_kernels(hlo: str, comps: dict[str, list[str]]) -> list[int]:
-    bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)
-    return [sum(1 for line in comps.get(b, []) if re.search(r"= \S+ (fusion|custom-call)\(", line)) for b in bodies]
+    return [kernels(comps.get(b, [])) for b in loop_bodies(hlo)]
 
 
 def main() -> None:
@@ -178,13 +186,13 @@ def decode_report(compiled, seconds: float, state, args, mode: str) -> None:
 
     hlo = compiled.as_text()
     comps = computations(hlo)
-    body = comps[re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)[-1]]
+    body = comps[loop_bodies(hlo)[-1]]
     weights = {f"f32[{','.join(map(str, a.shape))}]" for a in jax.tree.leaves(state) if a.ndim >= 2}
     print(json.dumps({
         "what": "decode", "gpu": args.gpu, "layers": args.layers, "vocab": args.vocab, "precast": mode,
         "batch": f"{args.batch} x {args.seq}+{args.new}", "compile_s": round(seconds, 1),
         "temporaries_GiB": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
-        "kernels_per_token": sum(1 for line in body if re.search(r"= \S+ (fusion|custom-call)\(", line)),
+        "kernels_per_token": kernels(body),
         "kernel_bytes_per_token_GB": round(kernel_bytes(body) / 1e9, 3),
         "float32_weights_in_loop": sum(1 for line in body if any(w + "{" in line for w in weights))}), flush=True)
 

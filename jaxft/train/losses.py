@@ -168,10 +168,9 @@ def narrowed_once(fn_c: Callable, args: tuple, consts: tuple) -> tuple:
     out = list(consts)
     for i, var in enumerate(jaxpr.invars[len(args):]):
         uses = [e for e in jaxpr.eqns if any(v is var for v in e.invars)]
-        dtypes = {e.params.get("new_dtype") for e in uses if e.primitive.name == "convert_element_type"}
         # one use only: a value used twice would sum its gradients in the narrow dtype
-        if len(uses) == 1 and len(dtypes) == 1 and uses[0].primitive.name == "convert_element_type":
-            dtype = jnp.dtype(dtypes.pop())
+        if len(uses) == 1 and uses[0].primitive.name == "convert_element_type":
+            dtype = jnp.dtype(uses[0].params["new_dtype"])
             c = consts[i]
             if jnp.issubdtype(c.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating) and \
                     dtype.itemsize < c.dtype.itemsize and var not in jaxpr.outvars:
