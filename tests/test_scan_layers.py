@@ -87,6 +87,19 @@ def test_the_scanned_program_holds_one_layer_body():
     assert dots(unrolled) >= 8 * 7 * 3 and dots(scanned) <= dots(unrolled) / 4
 
 
+def test_recomputed_regions_drop_their_cse_barrier_inside_the_scan_only():
+    # The barrier keeps XLA from fusing a residual's dynamic_slice out of the scan's stacked buffer
+    # into its reader (a copy per residual per layer on a GPU); unrolled, it keeps XLA's CSE from
+    # merging the backward's recomputation with the forward (the memory the regions exist to save).
+    cfg = cfg_of("llama", n_layers=2)
+    batch = make_batch(cfg, rows=2, length=8)
+    unrolled, scanned = _jaxpr(cfg, batch), _jaxpr(dataclasses.replace(cfg, scan_layers=True), batch)
+    barriers = lambda text: re.findall(r"prevent_cse=(\w+)", text)  # noqa: E731
+    assert barriers(unrolled) == ["True"] * 7  # 2 layers x (2 norms, the MLP's activation) + the final norm
+    assert sorted(barriers(scanned)) == ["False"] * 3 + ["True"]  # one scanned layer body; the final norm
+    assert_same(loss_and_grads(cfg, batch), loss_and_grads(dataclasses.replace(cfg, scan_layers=True), batch))
+
+
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)
 
 

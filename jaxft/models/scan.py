@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxft.models.cache import LayerSlot
 from jaxft.models.dropout import dropout_rng, next_key
-from jaxft.models.layers import REMAT_POLICIES, remat_call
+from jaxft.models.layers import REMAT_POLICIES, remat_call, scanned_body
 from jaxft.models.stacking import (STACKED, _is_var, _layer_view, _placeholders, _stacks, has_stacks, holds_stacks,
                                    per_layer_abstract, restack_like, stack_layers, stack_like, stack_owned,
                                    unstack_layers, unstack_owned)
@@ -121,7 +121,7 @@ def _scan(layers: list[nnx.Module], fn: Callable, x: jax.Array, args: tuple, rem
     extra_N = tuple(jnp.asarray(p) for p in per_layer)
 
     def one(state, key, x, extra, args):
-        with dropout_rng(key):
+        with dropout_rng(key), scanned_body():
             return fn(nnx.merge(graphdef, *state), x, *args, *extra)
 
     if remat != "none":
