@@ -9,6 +9,9 @@ loop body (the scanned layer's forward and backward, the loss's chunk).  Loop bo
 once, as in the HLO; the FLOPs column says so.  With --decode: greedy `generate` of the same shape
 (float32 parameters, bf16 compute): kernels per token, the bytes they read and write per token, and
 how many float32 weights the loop reads (`models.precast` casts them once, before the loop).
+The train step's report also gives its per-kernel roofline floor at the GPU's vendor peaks
+(`jaxft.train.hlo_cost.kernel_floor`: each kernel at the slower of its traffic and its products),
+the MFU that floor caps, and the heaviest kernels that are not products.
 
     python benchmarks/gpu_compile.py [--gpu h200-1] [--layers 22] [--vocab 32000] [--no-scan] [--init]
         [--remat none,dots,dots_attention]
@@ -110,6 +113,7 @@ def main() -> None:
     import jax
 
     from jaxft.config.schema import MeshConfig, OptimizerConfig, TrainConfig
+    from jaxft.models.flops import train_flops_per_example
     from jaxft.models.registry import model_input_keys
     from jaxft.sharding import batch_sharding, make_mesh, use_mesh
     from jaxft.train.chips import abstract_devices, parse_topology
@@ -136,8 +140,11 @@ def main() -> None:
                                   shardings, bs)
             state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
             jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
+            chip = parse_topology(args.gpu).chip
+            model_flops = train_flops_per_example(cfg, args.seq) * args.batch
             for what, lower in jobs.items():
-                report(what, lower, args, remat, devices[0].device_kind)
+                report(what, lower, args, remat, devices[0].device_kind,
+                       (chip, model_flops) if what == "step" else None)
 
 
 def model_config(args, **kw):
@@ -213,7 +220,7 @@ def kernel_bytes(lines: list[str]) -> int:
     return total
 
 
-def report(what: str, lower, args, remat: str, device_kind: str) -> None:
+def report(what: str, lower, args, remat: str, device_kind: str, floor_of=None) -> None:
     t0 = time.perf_counter()
     compiled = lower().compile()
     seconds = time.perf_counter() - t0
@@ -228,7 +235,22 @@ def report(what: str, lower, args, remat: str, device_kind: str) -> None:
         "product_TFLOP_by_operands (loop bodies once)": {k: round(v / 1e12, 3) for k, v in
                                                          product_flops(comps).items()},
         "cudnn_attention_calls": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
-        "kernels_per_loop_body": loop_kernels(hlo, comps)}), flush=True)
+        "kernels_per_loop_body": loop_kernels(hlo, comps), **(roofline(hlo, *floor_of) if floor_of else {})}),
+          flush=True)
+
+
+def roofline(hlo: str, chip, model_flops: float) -> dict:
+    """The step's per-kernel floor at the GPU's vendor peaks (`jaxft.train.hlo_cost`), the MFU it
+    caps, by kind of kernel, and the heaviest kernels that are not products."""
+    from jaxft.train.hlo_cost import kernel_floor
+
+    f = kernel_floor(hlo, chip.peak_bf16, chip.hbm_bw, top=8)
+    return {"floor_ms": round(f["seconds"] * 1e3, 2), "kernel_GB": round(f["bytes"] / 1e9, 1),
+            "launches": f["launches"], "model_TFLOP": round(model_flops / 1e12, 2),
+            "mfu_ceiling": round(model_flops / (f["seconds"] * chip.peak_bf16), 3),
+            "floor_by_kind": {k: {"ms": round(g["seconds"] * 1e3, 2), "GB": round(g["bytes"] / 1e9, 1),
+                                  "launches": g["launches"]} for k, g in sorted(f["by_kind"].items())},
+            "heaviest_other": [f"{t['ms']} ms {t['runs']}x {t['name']} ({t['op'][-60:]})" for t in f["top"]]}
 
 if __name__ == "__main__":
     main()

@@ -41,8 +41,9 @@ def format_plan(p) -> str:
              f"  total             {_gb(mem['total']):>12}  {_verdict(p)}"]
     if p.compiler_error:
         rows.append(f"  compiler: {p.compiler_error}")
-    compiled = (f"{p.flops['compiled']:.3e}" if p.flops["compiled"] else "n/a (no cost analysis from XLA:GPU)"
-                if p.estimate else "- (no executable)")
+    compiled = (f"{p.flops['compiled']:.3e}" if p.flops["compiled"] else "n/a" if p.estimate else "- (no executable)")
+    if p.estimate.get("kernels_s"):
+        compiled += " (the compiled kernels' products: XLA:GPU gives no cost analysis)"
     if p.planning.get("cost_extrapolated"):
         compiled += " (scanned layers: extrapolated from small unrolled compiles)"
     rows.append(f"FLOPs per chip per step: compiled {compiled}, model {p.flops['model']:.3e}")
@@ -50,9 +51,11 @@ def format_plan(p) -> str:
         rows.append("collectives per chip per step: " + ", ".join(f"{k} {_gb(v)}" for k, v in sorted(p.collectives.items())))
     e = p.estimate
     if e:
-        hbm = "?" if e["hbm_s"] is None else f"{e['hbm_s'] * 1e3:,.1f}"  # XLA:GPU: no bytes accessed
+        hbm = "?" if e["hbm_s"] is None else f"{e['hbm_s'] * 1e3:,.1f}"
+        # GPUs: each kernel at the slower of its traffic and its products, summed (hlo_cost.kernel_floor)
+        kernels = f", kernels {e['kernels_s'] * 1e3:,.1f}" if e.get("kernels_s") else ""
         rows.append(f"roofline: step >= {e['step_s'] * 1e3:,.1f} ms (compute {e['compute_s'] * 1e3:,.1f}, "
-                    f"HBM {hbm}, ICI {e['ici_s'] * 1e3:,.1f}, DCN {e['dcn_s'] * 1e3:,.1f} ms): "
+                    f"HBM {hbm}{kernels}, ICI {e['ici_s'] * 1e3:,.1f}, DCN {e['dcn_s'] * 1e3:,.1f} ms): "
                     f"<= {e['tokens_per_s']:,.0f} tokens/s, MFU <= {100 * e['mfu']:.1f}%")
     rows.append(f"planning: compiled in {p.planning['compile_s']:.1f} s, peak host RSS "
                 f"{p.planning['peak_host_rss'] / 2**30:.2f} GiB")

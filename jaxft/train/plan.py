@@ -14,10 +14,12 @@ mesh, loss chunking, distillation teacher.  The numbers:
   unrolled compiles (`scan_corrected_cost`): the cost analysis counts a loop body once.
 * **collectives** -- bytes of every all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute in
   the optimized HLO (each once, the array a chip sends or receives), multiplied by the trip count of enclosing
-  loops.
+  loops (`jaxft.train.hlo_cost`).
 * **roofline** -- a lower bound on the step time: the largest of compute (FLOPs at the bf16 peak), HBM traffic
   (bytes accessed / HBM bandwidth) and communication (collective bytes, all-reduce counted twice, over ICI; across
-  slices the gradient reduction over DCN), with the tokens/s and MFU it implies.
+  slices the gradient reduction over DCN), with the tokens/s and MFU it implies.  XLA:GPU gives no cost analysis:
+  for GPUs the FLOPs and bytes are the compiled kernels' and the kernels' own floor (each at the slower of its
+  traffic and its products, summed: `hlo_cost.kernel_floor`) is a fourth bound.
 """
 
 from __future__ import annotations
@@ -37,16 +39,12 @@ from jaxft.models.registry import is_encoder_decoder
 from jaxft.peft.methods import method_for
 from jaxft.train.aot import lower_step_parts
 from jaxft.train.chips import Chip
+from jaxft.train.hlo_cost import collective_bytes, kernel_floor
 from jaxft.train.plan_workers import Workers
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
         re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
-_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                         r"(-start)?\(")
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|c64|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
 
 
 class PlanError(ValueError):
@@ -92,94 +90,6 @@ def per_chip_bytes(tree: Any) -> int:
     return total
 
 
-def _trip_count(line: str, comps: dict[str, str]) -> int:
-    """The trip count of a `while` instruction: XLA's `known_trip_count` when the backend kept it,
-    else read from its condition -- a counter compared `LT` against one s32 constant, the form
-    `lax.scan` / `fori_loop` lower to (the TPU compiler drops the annotation); 1 when unknown."""
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-    if known:
-        return int(known.group(1))
-    cond = re.search(r"condition=%([\w.\-]+)", line)
-    text = comps.get(cond.group(1), "") if cond else ""
-    bounds = re.findall(r"= s32\[\]\S* constant\((\d+)\)", text)
-    return int(bounds[0]) if len(bounds) == 1 and "direction=LT" in text else 1
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes each chip moves per collective kind in an optimized HLO module, times the trip
-    counts of enclosing loops (microbatches, a scan over layers): an all-gather's result, the
-    array an all-reduce or reduce-scatter reduces (not the slice a chip keeps). A TPU
-    ``all-reduce-scatter`` fusion (all-reduce + dynamic slice) counts as its reduce-scatter."""
-    blocks = re.split(r"\n(?=(?:ENTRY )?%[\w.\-]+ )", "\n" + hlo)
-    comps: dict[str, str] = {}
-    entry = None
-    for b in blocks:
-        m = re.match(r"(ENTRY )?%([\w.\-]+) ", b.strip())
-        if m:
-            comps[m.group(2)] = b
-            entry = m.group(2) if m.group(1) else entry
-    times: dict[str, int] = {}
-
-    def visit(name: str, mult: int) -> None:
-        if name not in comps or times.get(name, 0) >= mult:
-            return
-        times[name] = mult
-        for line in comps[name].splitlines():
-            trip = _trip_count(line, comps) if " while(" in line else 1
-            for callee in re.findall(r"(?:body|to_apply|calls|condition|branch_computations)=\{?%([\w.\-]+)", line):
-                visit(callee, mult * trip)
-
-    visit(entry or next(iter(comps), ""), 1)
-    # TPU async collective fusions repeat one collective (same channel and shapes) in their start,
-    # continuation and done computations: count each (channel, kind, shapes) once; channel_id
-    # alone is not unique (all-reduce-scatter computations in and outside a scan share one).
-    ops: dict[tuple, tuple[str, int, int]] = {}
-    for name, mult in times.items():
-        for i, line in enumerate(comps[name].splitlines()):
-            found = _collective(line)
-            if found:
-                kind, shapes, size = found
-                if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
-                    kind = "reduce-scatter"
-                elif kind == "reduce-scatter":
-                    size *= _group_size(line)
-                channel = re.search(r"channel_id=(\d+)", line)
-                key = (channel.group(1), kind, shapes) if channel else (name, i)
-                ops[key] = (kind, size, max(mult, ops.get(key, ("", 0, 0))[2]))
-    out: dict[str, int] = {}
-    for kind, size, mult in ops.values():
-        out[kind] = out.get(kind, 0) + size * mult
-    return out
-
-
-def _group_size(line: str) -> int:
-    """Devices per replica group: ``{{0,1},{2,3}}``, ``[G,S]<=[N]``, ``mesh['a'=8,'b'=4] {'a'}``."""
-    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-    if listed:
-        return len(listed.group(1).split(","))
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-    if mesh:
-        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))}
-        return math.prod(sizes.get(a, 1) for a in re.findall(r"'(\w+)'", mesh.group(2)))
-    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
-    return int(iota.group(1)) if iota else 1
-
-
-def _collective(line: str) -> tuple[str, tuple, int] | None:
-    """(kind, the shapes moved, their bytes) of a collective HLO instruction; combined ops
-    move a tuple of results."""
-    m = _COLLECTIVE.search(line)
-    if not m:
-        return None
-    shapes = _SHAPE.findall(m.group(1))
-    if m.group(2) == "collective-permute":
-        shapes = shapes[:1]  # (operand, result, contexts...)
-    elif m.group(3) and m.group(2) == "all-gather" and len(shapes) % 2 == 0:
-        shapes = shapes[len(shapes) // 2:]  # all-gather-start returns (operands, results)
-    size = sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t] for t, dims in shapes)
-    return m.group(2), tuple(shapes), size
-
-
 def _model_flops(cfg: Config, parts) -> float:
     tgt = cfg.data.seq_len
     src = (cfg.data.encoder_seq_len or tgt) if is_encoder_decoder(cfg.model) else None
@@ -223,19 +133,20 @@ def _memory(cfg: Config, parts, compiled, error: str) -> tuple[dict[str, int], i
 
 
 def _estimate(cfg: Config, chip: Chip | None, peak: float, flops: dict, hbm_bytes: float,
-              coll: dict[str, int], dcn_bytes: float, link_bw: float) -> dict[str, float | None]:
+              coll: dict[str, int], dcn_bytes: float, link_bw: float,
+              kernels_s: float | None = None) -> dict[str, float | None]:
     """Roofline bounds of a compiled step.  Collectives move over ``link_bw`` per chip (a TPU's ICI;
-    NVLink within one GPU node, each GPU's NIC across nodes).  XLA:GPU gives no cost analysis: the
-    model's FLOPs bound compute, and the HBM bound is unknown (None)."""
+    NVLink within one GPU node, each GPU's NIC across nodes).  ``kernels_s`` (GPUs: XLA:GPU gives no
+    cost analysis): the per-kernel floor of `hlo_cost.kernel_floor`, whose bytes are ``hbm_bytes``."""
     if chip is None and not peak:
         return {}
     compute = max(flops["compiled"], flops["model"]) / peak  # both per chip
     hbm = (hbm_bytes / chip.hbm_bw if hbm_bytes else None) if chip else 0.0
     ici = sum(b * (2 if k == "all-reduce" else 1) for k, b in coll.items()) / link_bw if chip else 0.0
     dcn = dcn_bytes / chip.dcn_bw if chip and dcn_bytes else 0.0
-    step = max(compute, hbm or 0.0, ici + dcn)
+    step = max(compute, hbm or 0.0, kernels_s or 0.0, ici + dcn)
     tokens = cfg.train.global_batch * cfg.data.seq_len
-    return {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn, "step_s": step,
+    return {"compute_s": compute, "hbm_s": hbm, "kernels_s": kernels_s, "ici_s": ici, "dcn_s": dcn, "step_s": step,
             "tokens_per_s": tokens / step if step else 0.0,
             "mfu": flops["model"] / (step * peak) if step else 0.0}
 
@@ -339,11 +250,16 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     if scanned:
         cost = pending()
     extrapolation_s = time.perf_counter() - t1
+    gpu = compiled is not None and chip is not None and chip.platform == "gpu"
+    floor = kernel_floor(compiled.as_text(), peak, chip.hbm_bw) if gpu else None
+    if floor:  # no cost analysis from XLA:GPU: its kernels' products and traffic, loops counted
+        cost = {"flops": floor["flops"], "bytes accessed": floor["bytes"]}
     flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
     coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
     link = 0.0 if chip is None else chip.dcn_bw if topology is not None and topology.nodes > 1 else chip.ici_bw
-    estimate = {} if compiled is None else _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link)
+    estimate = {} if compiled is None else _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link,
+                                                     floor["seconds"] if floor else None)
     fits = None if capacity is None else (compiled is not None and mem["total"] <= capacity)
     if pool is not None and pool.procs is not None:
         pool.procs.join()
