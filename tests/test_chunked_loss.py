@@ -19,7 +19,7 @@ from jaxft.models import build_model
 from jaxft.models.registry import model_input_keys
 from jaxft.sharding import batch_sharding, make_mesh, use_mesh
 from jaxft.train.aot import lower_train_step
-from jaxft.train.losses import chunk_layout, chunk_within
+from jaxft.train.losses import chunk_layout, chunk_within, picked, token_losses
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import jit_eval_step, jit_train_step, make_eval_step, make_loss_fn, make_train_step
@@ -277,3 +277,22 @@ def test_a_bf16_models_chunk_loop_reads_its_head_cast_once(frozen_head, monkeypa
         monkeypatch.undo()
         jax.clear_caches()
     assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_target_logit_s_gradient_is_placed_by_comparison_not_by_scatter(dtype):
+    # a scatter-add into [B, L, V] zeros sat between the softmax's gradient and its cast: on a GPU a
+    # 256k vocabulary's float32 gradient written and read once more per chunk
+    logits = (jax.random.normal(jax.random.key(0), (3, 7, 50)) * 4).astype(dtype)
+    targets = jax.random.randint(jax.random.key(1), (3, 7), 0, 50).at[0, :2].set(jnp.array([0, 49]))
+    g = jax.random.normal(jax.random.key(2), (3, 7)).astype(dtype)
+    gather = lambda x: jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+    value, vjp = jax.vjp(lambda x: picked(x, targets), logits)
+    ref_value, ref_vjp = jax.vjp(gather, logits)
+    np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(ref_value, np.float32))
+    (grad,), (ref_grad,) = vjp(g), ref_vjp(g)
+    assert grad.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32))
+    loss = lambda x: token_losses(x, targets, 0.1, 1e-4)[0].sum()  # noqa: E731
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(logits.astype(jnp.float32)))
+    assert "scatter" in str(jax.make_jaxpr(jax.grad(lambda x: gather(x).sum()))(logits))  # what autodiff gives
