@@ -4,7 +4,9 @@
 #   1. versions and a smoke test (jaxft imports; is XLA's float32 matmul TF32);
 #   2. the 1B decoder-only bf16 train step against torch (SDPA) on the same GPU, with MFU against the
 #      measured bf16 matmul peak (jaxft's state built on the host CPU; layers scanned), the state
-#      init's compile time at 2 and 4 layers, then the step with unrolled layers (jaxft alone);
+#      init's compile time at 2 and 4 layers, then the step with unrolled layers (jaxft alone); each
+#      step's JSON also gives its compiled program's roofline floor and the measured step over it
+#      (`jaxft_step_over_floor`; `jaxft.train.hlo_cost.kernel_floor`, compiled-only estimates in RESULTS.md);
 #   3. attention forward + backward at the 1B shape: XLA against cuDNN (dense mask, + is_causal);
 #   4. the cuDNN tests (tests/test_attention_gpu.py: cuDNN equals XLA attention, and runs);
 #   5. decoding against HF `generate` on the GPU (batch 8 and 32; top-p sampling too at batch 8), then

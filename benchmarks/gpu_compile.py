@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--microbatches", type=int, default=1, help="train.microbatches (each of --batch rows)")
     p.add_argument("--remat", default="none",
                    help="model.remat, or several (comma-separated: one compile each): none, full, dots, dots_no_batch, "
                         "dots_attention")
@@ -125,7 +126,7 @@ def main() -> None:
     opt = OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.0, clip_norm=None)
     tx = make_optimizer(opt, 100)
     mesh = make_mesh(MeshConfig(data=-1), devices)
-    tcfg = TrainConfig(global_batch=args.batch)
+    tcfg = TrainConfig(global_batch=args.batch * args.microbatches, microbatches=args.microbatches)
     for remat in args.remat.split(","):
         cfg = model_config(args, remat=remat)
         init_fn, graphdef = make_init_fn(cfg, tcfg, tx, seed=0)
@@ -139,9 +140,9 @@ def main() -> None:
             step = jit_train_step(make_train_step(graphdef, tx, tcfg, make_schedule(opt, 100), model_input_keys(cfg)),
                                   shardings, bs)
             state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            jobs["step"] = lambda: step.lower(state, abstract_batch(args.batch, args.seq, bs, None))
+            jobs["step"] = lambda: step.lower(state, abstract_batch(tcfg.global_batch, args.seq, bs, None))
             chip = parse_topology(args.gpu).chip
-            model_flops = train_flops_per_example(cfg, args.seq) * args.batch
+            model_flops = train_flops_per_example(cfg, args.seq) * tcfg.global_batch
             for what, lower in jobs.items():
                 report(what, lower, args, remat, devices[0].device_kind,
                        (chip, model_flops) if what == "step" else None)

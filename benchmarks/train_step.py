@@ -106,7 +106,7 @@ def time_steps(step, n: int) -> list[float]:
     return times
 
 
-def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
+def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float, str]:
     from jaxft.config.schema import MeshConfig, OptimizerConfig, TrainConfig
     from jaxft.models.registry import model_input_keys
     from jaxft.sharding import batch_sharding, make_mesh, use_mesh
@@ -146,8 +146,13 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
         dev_batch = jax.device_put(batch, bs)
         holder = {"state": state}
 
+        # compiled here (the timed calls run this executable, so nothing compiles twice): on a GPU its
+        # program gives the step's roofline floor (`gpu_floor`)
+        compiled = step_fn.lower(holder["state"], dev_batch).compile()
+        holder["hlo"] = compiled.as_text() if jax.default_backend() == "gpu" else ""
+
         def step():
-            holder["state"], m = step_fn(holder["state"], dev_batch)
+            holder["state"], m = compiled(holder["state"], dev_batch)
             holder["loss"] = float(m["loss"])  # blocks until the step is done
 
         t0 = time.perf_counter()
@@ -155,7 +160,22 @@ def bench_jaxft(args, model_cfg, batch) -> tuple[list[float], float]:
         print(f"jaxft: compile + 2 steps in {time.perf_counter() - t0:.1f}s", flush=True)
         times = time_steps(step, args.steps)
         print(f"jaxft: median step {statistics.median(times):.4f}s", flush=True)
-        return times, holder["loss"]
+        return times, holder["loss"], holder["hlo"]
+
+
+def gpu_floor(hlo: str, peak: float) -> dict:
+    """The compiled step's per-kernel floor (`jaxft.train.hlo_cost.kernel_floor`) at the measured
+    matmul peak and the GPU's vendor HBM bandwidth: how far the measured step is from it, and
+    what the floor is made of.  Empty off a GPU or for a GPU `chips.GPUS` does not list."""
+    from jaxft.train.chips import GPUS
+    from jaxft.train.hlo_cost import kernel_floor
+
+    chip = next((c for c in GPUS.values() if c.kind == jax.devices()[0].device_kind), None)
+    if not hlo or chip is None:
+        return {}
+    f = kernel_floor(hlo, peak, chip.hbm_bw, top=5)
+    return {"floor_s": f["seconds"], "floor_by_kind_ms": {k: round(g["seconds"] * 1e3, 2) for k, g in f["by_kind"].items()},
+            "floor_heaviest_other": [f"{t['ms']} ms {t['runs']}x {t['op'][-60:]}" for t in f["top"]]}
 
 
 def hf_model(args, model_cfg):
@@ -292,7 +312,7 @@ def main() -> None:
         import torch
 
         torch.cuda.empty_cache()
-    jx, jx_loss = bench_jaxft(args, cfg, batch)
+    jx, jx_loss, hlo = bench_jaxft(args, cfg, batch)
     if args.device == "cpu" and not args.no_peer:
         pt, pt_loss = bench_torch(args, cfg, batch)
     j_med, p_med = statistics.median(jx), statistics.median(pt)
@@ -309,7 +329,10 @@ def main() -> None:
         "jaxft_mfu_of_best_peak": flops_step / j_med / (max(peak, torch_peak) * jax.device_count()),
         "jaxft_loss": jx_loss, "torch_loss": pt_loss, "attention_kernel": args.attention_kernel,
         "cudnn_causal": args.cudnn_causal, "remat": args.remat, "scan_layers": args.scan_layers,
+        **gpu_floor(hlo, peak),
     }
+    if "floor_s" in result:
+        result["jaxft_step_over_floor"] = j_med / result["floor_s"]
     print(json.dumps(result))
     print(f"| {result['date']} | {result['machine']} | {result['params'] / 1e6:.1f}M {args.family}, "
           f"b{args.batch}x{args.seq} {args.dtype} AdamW ({jax.default_backend()} / torch {args.device}) | {result['jaxft_tokens_per_s']:.0f} | "
