@@ -157,3 +157,28 @@ def test_the_recomputed_hidden_sees_the_forward_s_dropout_mask():
     with dropout_rng(jax.random.key(7)):  # and dropout is active: not the eval output
         dropped = nnx.merge(graphdef, state)(x)
     assert not np.allclose(dropped, nnx.merge(graphdef, state)(x))
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_a_widened_dense_gives_its_float32_master_the_weight_gradient_straight_from_the_product(lead):
+    # bf16 operands, float32 logits (a head): the weight gradient goes to the float32 parameter the
+    # kernel was cast from, accumulated in float32 by the product (a chunked loss adds it to its float32
+    # sum in the product's epilogue), not rounded to bf16 and widened again
+    x = jax.random.normal(jax.random.key(0), (*lead, 16)).astype(jnp.bfloat16)
+    master = jax.random.normal(jax.random.key(1), (16, 4, 8)) * 0.3
+
+    def objective(x, master, with_master=True):
+        y = dense(x, master.astype(jnp.bfloat16), 1, out_dtype=jnp.float32, master=master if with_master else None)
+        return jnp.sum(jnp.sin(y))
+
+    gx, gm = jax.grad(objective, (0, 1))(x, master)
+    assert (gx.dtype, gm.dtype) == (jnp.bfloat16, jnp.float32)
+    w = master.astype(jnp.bfloat16).astype(jnp.float32)
+    y = jnp.einsum("...i,ijk->...jk", x.astype(jnp.float32), w)
+    ct = jnp.cos(y).astype(jnp.bfloat16).astype(jnp.float32)  # the cotangent in the inputs' dtype
+    np.testing.assert_allclose(gm, jnp.einsum("...i,...jk->ijk", x.astype(jnp.float32), ct), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), jnp.einsum("...jk,ijk->...i", ct, w), rtol=1e-2, atol=1e-2)
+    # without a master the kernel itself gets it, in its dtype: the same gradient rounded to bf16
+    _, g_bf16 = jax.grad(functools.partial(objective, with_master=False), (0, 1))(x, master)
+    assert g_bf16.dtype == jnp.float32  # the cast's transpose widens it back ...
+    np.testing.assert_array_equal(g_bf16, gm.astype(jnp.bfloat16).astype(jnp.float32))  # ... after rounding

@@ -58,7 +58,7 @@ class LoRA(nnx.Module):
             return y
         x = dropout(x, self.dropout_rate)
         h = dense(x.astype(self.dtype), self.a[...].astype(self.dtype), self.a.ndim - 1)
-        d = dense(h, self.b[...].astype(self.dtype), 1, out_dtype=y.dtype)
+        d = dense(h, self.b[...].astype(self.dtype), 1, out_dtype=y.dtype, master=self.b[...])
         return y + d * jnp.asarray(self.scale, y.dtype)
 
 

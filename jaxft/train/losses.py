@@ -18,6 +18,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
@@ -164,45 +165,59 @@ def _fused_fwd(fn_c: Callable, xs: tuple, consts: tuple):
     if shapes[0].ndim or not (any(dx) or any(dc)):  # per-row sums: the plain backward pass
         return _summed(fn_c, xs_v, consts_v), (None, None, xs_v, consts_v)
     acc0 = tuple(jnp.zeros(c.shape, jnp.float32) if d else None for c, d in zip(consts_v, dc))
-    consts_in = narrowed_once(fn_c, tuple(x[0] for x in xs_v), consts_v)
+    fn_h, casts = hoisted_casts(fn_c, tuple(x[0] for x in xs_v), consts_v)
+    cast_v = tuple(consts_v[i].astype(dtype) for i, dtype in casts)  # once, outside the loop
+    inputs, diff = consts_v + cast_v, list(dc) + [dc[i] for i, _ in casts]
+    owner = list(range(len(consts_v))) + [i for i, _ in casts]  # the const each input's gradient adds to
 
     def body(carry, x):
         sums, acc = carry
 
         def of(x_diff, c_diff):
             xi, ci = iter(x_diff), iter(c_diff)
-            return fn_c(*(next(xi) if d else v for v, d in zip(x, dx)),
-                        *(next(ci) if d else v for v, d in zip(consts_in, dc)))
+            return fn_h(*(next(xi) if d else v for v, d in zip(x, dx)),
+                        *(next(ci) if d else v for v, d in zip(inputs, diff)))
 
-        out, vjp = jax.vjp(of, [v for v, d in zip(x, dx) if d], [c for c, d in zip(consts_in, dc) if d])
+        out, vjp = jax.vjp(of, [v for v, d in zip(x, dx) if d], [c for c, d in zip(inputs, diff) if d])
         g_x, g_c = vjp(tuple(jnp.ones_like(o) if i == 0 else jnp.zeros_like(o) for i, o in enumerate(out)))
-        g_x, g_c = iter(g_x), iter(g_c)
-        acc = tuple(None if a is None else a + next(g_c).astype(jnp.float32) for a in acc)
-        return (tuple(a + b for a, b in zip(sums, out)), acc), tuple(next(g_x) if d else None for d in dx)
+        acc = list(acc)
+        for i, g in zip((o for o, d in zip(owner, diff) if d), g_c):
+            acc[i] = acc[i] + g.astype(jnp.float32)
+        g_x = iter(g_x)
+        return (tuple(a + b for a, b in zip(sums, out)), tuple(acc)), tuple(next(g_x) if d else None for d in dx)
 
     zeros = tuple(jnp.zeros(o.shape, o.dtype) for o in shapes)
     (sums, g_c), g_x = jax.lax.scan(body, (zeros, acc0), xs_v)
     return sums, (g_x, g_c, xs_v, consts_v)
 
 
-def narrowed_once(fn_c: Callable, args: tuple, consts: tuple) -> tuple:
-    """``consts`` with each one that ``fn_c`` uses once, cast to a narrower float dtype (a bf16
-    model's float32 head kernel) cast here, once, instead of in every chunk: XLA:GPU left that cast
-    inside the loop (a 256k x 2048 head: 3 GB of memory traffic per chunk).  The same arithmetic:
-    ``fn_c``'s own cast is then a no-op, and the gradient w.r.t. the cast value is the one its
-    cast's transpose widened before (accumulated in float32 by the caller)."""
-    jaxpr = jax.make_jaxpr(fn_c)(*args, *consts).jaxpr
-    out = list(consts)
-    for i, var in enumerate(jaxpr.invars[len(args):]):
-        uses = [e for e in jaxpr.eqns if any(v is var for v in e.invars)]
-        # one use only: a value used twice would sum its gradients in the narrow dtype
-        if len(uses) == 1 and uses[0].primitive.name == "convert_element_type":
-            dtype = jnp.dtype(uses[0].params["new_dtype"])
-            c = consts[i]
-            if jnp.issubdtype(c.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating) and \
-                    dtype.itemsize < c.dtype.itemsize and var not in jaxpr.outvars:
-                out[i] = c.astype(dtype)
-    return tuple(out)
+def hoisted_casts(fn_c: Callable, args: tuple, consts: tuple) -> tuple[Callable, list[tuple[int, jnp.dtype]]]:
+    """``fn_c`` without its casts of closed-over arrays to a narrower float dtype, and those casts
+    as (const index, dtype): the caller casts once, before its loop, and passes the results
+    after the consts (``fn(*args, *consts, *casts)``).  XLA:GPU left such a cast (a bf16 model's
+    float32 head) inside the loop: a 256k x 2048 head, 3 GB of memory traffic per chunk.  The same
+    arithmetic; the gradient w.r.t. a cast is its const's too, widened (as the cast's transpose
+    would), which the caller adds."""
+    closed, shapes = jax.make_jaxpr(fn_c, return_shape=True)(*args, *consts)
+    jaxpr = closed.jaxpr
+    const_vars = jaxpr.invars[len(args):]
+    hoisted, casts = [], []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "convert_element_type":
+            continue
+        i = next((i for i, v in enumerate(const_vars) if v is eqn.invars[0]), None)
+        dtype = jnp.dtype(eqn.params["new_dtype"])
+        if i is not None and jnp.issubdtype(consts[i].dtype, jnp.floating) and \
+                jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < consts[i].dtype.itemsize:
+            hoisted.append(eqn)
+            casts.append((i, dtype))
+    if not hoisted:
+        return fn_c, []
+    inner = jaxpr.replace(eqns=[e for e in jaxpr.eqns if not any(e is h for h in hoisted)],
+                          invars=[*jaxpr.invars, *(e.outvars[0] for e in hoisted)],
+                          debug_info=jaxpr.debug_info.with_unknown_names())
+    flat = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(inner, closed.consts))
+    return (lambda *a: jax.tree.unflatten(jax.tree.structure(shapes), flat(*a))), casts
 
 
 def _fused_bwd(fn_c: Callable, res, cts):
