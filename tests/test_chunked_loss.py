@@ -233,7 +233,7 @@ def test_casts_of_closed_over_arrays_are_hoisted_with_their_gradients():
 
     consts = (w, s, both, twice)
     fn_h, casts = hoisted_casts(fn, (x,), consts)
-    assert casts == [(0, jnp.bfloat16), (2, jnp.bfloat16), (3, jnp.bfloat16), (3, jnp.bfloat16)]
+    assert casts == [(0, jnp.bfloat16), (2, jnp.bfloat16), (3, jnp.bfloat16)]  # one copy of a twice-cast array
     cast_values = tuple(consts[i].astype(d) for i, d in casts)
     np.testing.assert_array_equal(fn_h(x, *consts, *cast_values)[0], fn(x, *consts)[0])
     n_casts = lambda f, *a: str(jax.make_jaxpr(f)(*a)).count("convert_element_type[new_dtype=bfloat16")  # noqa: E731
@@ -277,7 +277,7 @@ def test_a_bf16_models_chunk_loop_reads_its_head_cast_once(frozen_head, monkeypa
                    for e in eqns(scan.params["jaxpr"].jaxpr))
 
     assert head_casts_in_loops(jax.make_jaxpr(grads)(params, rest, batch).jaxpr) == 0
-    # the head's weight gradient leaves its product in float32 (`layers._widened`'s master): nothing
+    # the head's weight gradient leaves its product in float32 (`layers._widened_dot`'s master): nothing
     # in the loop widens a bf16 head gradient before adding it to the float32 sum (but zeros: the
     # hoisted cast's own gradient, which XLA folds away)
     def widened(jaxpr) -> int:

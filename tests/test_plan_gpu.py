@@ -143,7 +143,7 @@ def test_gpu_plan_cli_verdicts(tmp_path):
 
 def test_the_bf16_step_for_a_gpu_has_bf16_products_only(tmp_path):
     """`benchmarks/gpu_compile.py` at a small shape: every matmul of the compiled bf16 train step
-    (the head's backward included, `layers._widened`) has bf16 operands; cuDNN attention forward and
+    (the head's backward included, `layers._widened_dot`) has bf16 operands; cuDNN attention forward and
     backward in the scanned layer.  `model.remat: dots` runs cuDNN's forward again in the backward
     pass, `dots_attention` keeps its results: fewer temporaries than no remat, same products."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_compile.py"

@@ -75,29 +75,29 @@ def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype: jnp.dtype | None 
     natively, and a reshape across tiled minor dims can cost a relayout).
 
     A wider ``out_dtype`` than the inputs' (the head's float32 logits of bf16 states) keeps the
-    backward pass in the inputs' dtype (`_widened`); ``master``, the parameter ``w`` was cast from
+    backward pass in the inputs' dtype (`_widened_dot`); ``master``, the parameter ``w`` was cast from
     (default ``w``), receives the weight gradient in its own dtype, straight from the product.
     """
     lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     out_dtype = jnp.dtype(out_dtype or jnp.result_type(x, w))
     master = w if master is None else master
-    if x.dtype == w.dtype and out_dtype.itemsize > x.dtype.itemsize:
-        dot = functools.partial(_widened, master=master)
-    else:
-        dot = _plain_dot
+    widened = x.dtype == w.dtype and out_dtype.itemsize > x.dtype.itemsize
+
+    def dot(x, w, master, dims):
+        return _widened_dot(x, w, master, dims, out_dtype) if widened else _plain_dot(x, w, dims, out_dtype)
+
     if kernels.platform() == "cpu" and (len(lead) != 1 or len(ins) != 1 or len(outs) != 1):
         k, m = math.prod(ins), math.prod(outs)
-        if dot is not _plain_dot:
-            dot = functools.partial(_widened, master=master.reshape(k, m))
-        return dot(x.reshape(-1, k), w.reshape(k, m), (((1,), (0,)), ((), ())), out_dtype).reshape(lead + outs)
-    return dot(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())), out_dtype)
+        return dot(x.reshape(-1, k), w.reshape(k, m), master.reshape(k, m), (((1,), (0,)), ((), ()))).reshape(lead + outs)
+    return dot(x, w, master, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
 
 
 def _plain_dot(x: jax.Array, w: jax.Array, dims, out_dtype: jnp.dtype) -> jax.Array:
     return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
 
 
-def _widened(x: jax.Array, w: jax.Array, dims, out_dtype: jnp.dtype, *, master: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _widened_dot(x, w, master, dims, out_dtype):
     """A dot of narrow inputs (bf16) into a wide result (float32) whose backward casts the
     cotangent to the inputs' dtype first, as for every other matmul of a mixed-precision step.
     Autodiff would run both backward products in float32 (TF32 on a GPU, half the bf16 rate),
@@ -105,24 +105,19 @@ def _widened(x: jax.Array, w: jax.Array, dims, out_dtype: jnp.dtype, *, master: 
     gradient goes to ``master`` (``w``'s float32 parameter, or ``w``) in ``master``'s dtype: the
     product accumulates in float32 anyway, and a chunked loss then adds it to its float32 sum in
     the product's epilogue instead of in a pass of its own (``w`` gets none)."""
-    return _widened_dot(x, w, master, dims, out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _widened_dot(x, w, master, dims, out_dtype):
     return _plain_dot(x, w, dims, out_dtype)
 
 
 def _widened_fwd(x, w, master, dims, out_dtype):
-    return _plain_dot(x, w, dims, out_dtype), (x, w, jnp.zeros((0,), master.dtype))  # master's dtype
+    return _plain_dot(x, w, dims, out_dtype), (x, w, jnp.zeros((0,), master.dtype))  # master's dtype, no bytes
 
 
 def _widened_bwd(dims, out_dtype, res, ct):
-    x, w, master_dtype = res
+    x, w, master_like = res
     ct = ct.astype(x.dtype)
     _, vjp_x = jax.vjp(lambda x: _plain_dot(x, w, dims, x.dtype), x)
     lead = tuple(range(x.ndim - len(dims[0][0])))  # x's and ct's leading (token) dims
-    g_w = jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=master_dtype.dtype)
+    g_w = jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=master_like.dtype)
     return vjp_x(ct)[0], None, g_w
 
 

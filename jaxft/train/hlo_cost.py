@@ -122,8 +122,6 @@ def _collective(line: str) -> tuple[str, tuple, int] | None:
     return m.group(2), tuple(shapes), size
 
 
-
-
 def _array_bytes(typ: str) -> int:
     """Bytes of an HLO type: an array, or the sum of a tuple's arrays (layouts ignored)."""
     return sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t] for t, dims in _SHAPE.findall(typ))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.extend.core
@@ -201,21 +201,26 @@ def hoisted_casts(fn_c: Callable, args: tuple, consts: tuple) -> tuple[Callable,
     closed, shapes = jax.make_jaxpr(fn_c, return_shape=True)(*args, *consts)
     jaxpr = closed.jaxpr
     const_vars = jaxpr.invars[len(args):]
-    hoisted, casts = [], []
+    first: dict[tuple[int, jnp.dtype], Any] = {}  # (const, dtype) -> the one hoisted cast's variable
+    same: dict[Any, Any] = {}  # a repeated cast's variable -> that one
+    eqns = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "convert_element_type":
-            continue
         i = next((i for i, v in enumerate(const_vars) if v is eqn.invars[0]), None)
-        dtype = jnp.dtype(eqn.params["new_dtype"])
-        if i is not None and jnp.issubdtype(consts[i].dtype, jnp.floating) and \
-                jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < consts[i].dtype.itemsize:
-            hoisted.append(eqn)
-            casts.append((i, dtype))
-    if not hoisted:
+        dtype = jnp.dtype(eqn.params["new_dtype"]) if eqn.primitive.name == "convert_element_type" else None
+        if i is None or dtype is None or not (jnp.issubdtype(consts[i].dtype, jnp.floating) and jnp.issubdtype(
+                dtype, jnp.floating) and dtype.itemsize < consts[i].dtype.itemsize):
+            eqns.append(eqn)
+        elif (i, dtype) in first:
+            same[eqn.outvars[0]] = first[i, dtype]
+        else:
+            first[i, dtype] = eqn.outvars[0]
+    if not first:
         return fn_c, []
-    inner = jaxpr.replace(eqns=[e for e in jaxpr.eqns if not any(e is h for h in hoisted)],
-                          invars=[*jaxpr.invars, *(e.outvars[0] for e in hoisted)],
+    sub = lambda vs: [same.get(v, v) if not isinstance(v, jax.extend.core.Literal) else v for v in vs]  # noqa: E731
+    inner = jaxpr.replace(eqns=[e.replace(invars=sub(e.invars)) for e in eqns],
+                          invars=[*jaxpr.invars, *first.values()], outvars=sub(jaxpr.outvars),
                           debug_info=jaxpr.debug_info.with_unknown_names())
+    casts = list(first)
     flat = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(inner, closed.consts))
     return (lambda *a: jax.tree.unflatten(jax.tree.structure(shapes), flat(*a))), casts
 
