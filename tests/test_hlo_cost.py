@@ -34,6 +34,14 @@ HLO = textwrap.dedent("""\
       ROOT %ds.1 = f32[1,128,256]{2,1,0} dynamic-slice(%param_0.1, %param_1.1, %c1, %c1), dynamic_slice_sizes={1,128,256}
     }
 
+    %fused_view_slice (param_0.3: f32[4,128,256], param_1.3: s32[]) -> f32[128,256] {
+      %param_0.3 = f32[4,128,256]{2,1,0} parameter(0)
+      %view = f32[512,256]{1,0} bitcast(%param_0.3)
+      %param_1.3 = s32[] parameter(1)
+      %c2 = s32[] constant(0)
+      ROOT %ds.2 = f32[128,256]{1,0} dynamic-slice(%view, %param_1.3, %c2), dynamic_slice_sizes={128,256}
+    }
+
     %fused_scale (param_0.2: bf16[64,256]) -> f32[64,256] {
       %param_0.2 = bf16[64,256]{1,0} parameter(0)
       ROOT %convert.1 = f32[64,256]{1,0} convert(%param_0.2)
@@ -50,6 +58,7 @@ HLO = textwrap.dedent("""\
       %y = bf16[64,256]{1,0} fusion(%x, %wb), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/while/body/dot_general"}
       %stack.1 = bf16[4,64,256]{2,1,0} fusion(%stack, %i, %y), kind=kLoop, calls=%fused_dus
       %f = f32[64,256]{1,0} fusion(%y), kind=kLoop, calls=%fused_scale, metadata={op_name="jit(step)/while/body/convert_element_type"}
+      %w2 = f32[128,256]{1,0} fusion(%weights, %i), kind=kLoop, calls=%fused_view_slice
       ROOT %t = (s32[], bf16[4,64,256]{2,1,0}, f32[4,128,256]{2,1,0}, bf16[64,128]{1,0}) tuple(%i, %stack.1, %weights, %x)
     }
 
@@ -76,10 +85,11 @@ HLO = textwrap.dedent("""\
 def test_kernels_are_charged_their_traffic_and_products_with_loop_trips():
     by_name = {k["name"]: k for k in kernel_launches(HLO)}
     # the while loop's trip count read from its condition (4); views, tuples, collectives launch nothing
-    assert sorted(by_name) == ["f", "fmha", "out", "stack.1", "w", "wb", "y"]
+    assert sorted(by_name) == ["f", "fmha", "out", "stack.1", "w", "w2", "wb", "y"]
     assert {n: by_name[n]["times"] for n in ("w", "y", "stack.1", "f")} == dict.fromkeys(("w", "y", "stack.1", "f"), 4)
     # a slice of the stacked weights: the slice read and written, not the stack (and the s32 index)
     assert by_name["w"]["bytes"] == 2 * 128 * 256 * 4 + 4
+    assert by_name["w2"]["bytes"] == by_name["w"]["bytes"]  # sliced through a view (bitcast) of the stack
     # the product: its operands and result; 2 x 64 x 256 x 128 FLOPs of bf16
     assert by_name["y"]["bytes"] == (64 * 128 + 128 * 256 + 64 * 256) * 2
     assert by_name["y"]["flops"] == {"bf16": 2.0 * 64 * 256 * 128} and by_name["y"]["kind"] == "products"
@@ -105,5 +115,5 @@ def test_the_floor_sums_each_kernel_s_slower_bound():
     assert fast["seconds"] == pytest.approx(fast["flops"] / peak + other)
     assert fast["by_kind"]["products"]["seconds"] == pytest.approx(4 * 2.0 * 64 * 256 * 128 / peak)
     # the heaviest kernels that are not products, for a reader
-    assert [t["name"] for t in floor["top"]] == ["w", "wb"]  # 256 KiB, 192 KiB per run (f: 96 KiB)
+    assert sorted(t["name"] for t in floor["top"]) == ["w", "w2"]  # 256 KiB per run each; wb 192, f 96
     assert floor["top"][0]["runs"] == 4

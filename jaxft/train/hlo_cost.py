@@ -179,14 +179,19 @@ def _fusion_bytes(text: str, operand_types: list[str]) -> int:
         for o in i["operands"]:
             users[o].append(i)
     in_place = ("dynamic-update-slice", "scatter")
+
+    def readers(name: str):  # (user, the value it reads), through bitcasts (views)
+        for u in users[name]:
+            yield from (readers(u["name"]) if u["op"] == "bitcast" else ((u, name),))
+
     total = 0
     for i in instrs:
         if i["op"] != "parameter":
             continue
-        use = users[i["name"]]
-        if use and all(u["op"] in ("dynamic-slice", "slice", "gather") and u["operands"][0] == i["name"] for u in use):
-            total += sum(_array_bytes(u["type"]) for u in use)
-        elif not (use and all(u["op"] in in_place and u["operands"][0] == i["name"] for u in use)):
+        use = list(readers(i["name"]))
+        if use and all(u["op"] in ("dynamic-slice", "slice", "gather") and u["operands"][0] == v for u, v in use):
+            total += sum(_array_bytes(u["type"]) for u, _ in use)
+        elif not (use and all(u["op"] in in_place and u["operands"][0] == v for u, v in use)):
             index = int(i["args"]) if i["args"].isdigit() else len(operand_types)
             total += _array_bytes(operand_types[index]) if index < len(operand_types) else 0
     root = next((i for i in instrs if i["root"]), None)
