@@ -253,5 +253,6 @@ def roofline(hlo: str, chip, model_flops: float) -> dict:
                                   "launches": g["launches"]} for k, g in sorted(f["by_kind"].items())},
             "heaviest_other": [f"{t['ms']} ms {t['runs']}x {t['name']} ({t['op'][-60:]})" for t in f["top"]]}
 
+
 if __name__ == "__main__":
     main()
