@@ -318,3 +318,41 @@ def test_the_target_logit_s_gradient_is_placed_by_comparison_not_by_scatter(dtyp
     loss = lambda x: token_losses(x, targets, 0.1, 1e-4)[0].sum()  # noqa: E731
     assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(logits.astype(jnp.float32)))
     assert "scatter" in str(jax.make_jaxpr(jax.grad(lambda x: gather(x).sum()))(logits))  # what autodiff gives
+
+
+def test_the_one_pass_log_sum_exp_equals_jax_s_and_is_the_gpu_s():
+    from jaxft.train import losses
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 300)) * 20
+    x = x.at[1, 1, 7].set(-jnp.inf)  # a masked logit
+    g = jax.random.normal(jax.random.key(1), (3, 5))
+    (one, vjp_one), (two, vjp_two) = (jax.vjp(lambda x: losses.log_sum_exp(x, one_pass=p), x) for p in (True, False))
+    np.testing.assert_allclose(one, two, rtol=1e-6)
+    np.testing.assert_allclose(vjp_one(g)[0], vjp_two(g)[0], rtol=1e-5, atol=1e-7)
+    assert "reduce_max" not in str(jax.make_jaxpr(lambda x: losses.log_sum_exp(x, one_pass=True))(x))  # one reduce
+    assert float(losses.log_sum_exp(jnp.full((1, 4), -jnp.inf), one_pass=True)[0]) == -np.inf
+    assert not losses._one_pass_here()  # the CPU keeps jax's two passes
+
+
+def test_a_chunked_loss_with_the_one_pass_log_sum_exp_trains_as_with_two(monkeypatch):
+    from jaxft.train import losses
+
+    cfg = preset("tiny-llama", n_layers=1)
+    graphdef, params, rest = nnx.split(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    batch = make_batch(cfg, rows=4, length=19)
+    grads = jax.jit(jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=5, loss_chunk_mib=0, **LOSS),
+                                          model_input_keys(cfg)), has_aux=True))
+    want = grads(params, rest, batch)
+    online = lambda: " reduce[" in str(jax.make_jaxpr(grads)(params, rest, batch))  # noqa: E731 - lax.reduce
+    assert not online()
+    monkeypatch.setattr(losses, "_one_pass_here", lambda: True)
+    jax.clear_caches()  # the custom gradient's forward trace is cached
+    try:
+        grads = jax.jit(jax.grad(make_loss_fn(graphdef, TrainConfig(loss_chunk=5, loss_chunk_mib=0, **LOSS),
+                                              model_input_keys(cfg)), has_aux=True))
+        assert online()
+        got = grads(params, rest, batch)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert_trees_close(got, want, rtol=1e-5)

@@ -22,7 +22,7 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxft.models import topk
+from jaxft.models import kernels, topk
 from jaxft.sharding import constrain, logical_to_spec, ways
 
 Sums = tuple[jax.Array, jax.Array, jax.Array]  # (loss_sum, z_loss_sum, weight_sum), float32
@@ -32,7 +32,7 @@ def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: 
                  z_loss: float) -> tuple[jax.Array, jax.Array]:
     """Per-token (loss, z_loss term), float32."""
     logits_BLV = logits_BLV.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    log_z_BL = log_sum_exp(logits_BLV, one_pass=_one_pass_here())
     target_logit_BL = picked(logits_BLV, targets_BL)
     nll_BL = log_z_BL - target_logit_BL
     if label_smoothing > 0:
@@ -41,6 +41,48 @@ def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: 
         nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * smooth_BL
     zl_BL = z_loss * jnp.square(log_z_BL)
     return nll_BL + zl_BL, zl_BL
+
+
+def _one_pass_here() -> bool:
+    """One read of the logits for their log-sum-exp where it was measured to pay: on a GPU (the
+    loss is memory-bound there; XLA:CPU computes, and two exponentials per element would cost it),
+    with the vocabulary whole on each device (a sharded one takes jax's two passes)."""
+    if kernels.platform() != "gpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is None or mesh.empty or ways(logical_to_spec(("vocab",))[0], mesh) == 1
+
+
+def log_sum_exp(x: jax.Array, *, one_pass: bool) -> jax.Array:
+    """``log(sum(exp(x), -1))`` in float32.  ``one_pass``: one read of ``x`` (an online reduction
+    carrying the running maximum and the sum scaled to it) instead of two (the maximum, then the
+    sum): a 256k vocabulary's float32 logits are 1 GB per loss chunk of 1024 tokens."""
+    return _one_pass_lse(x) if one_pass else jax.nn.logsumexp(x, axis=-1)
+
+
+@jax.custom_vjp
+def _one_pass_lse(x: jax.Array) -> jax.Array:
+    def combine(a, b):
+        (m1, s1), (m2, s2) = a, b
+        m = jnp.maximum(m1, m2)  # equal maxima (-inf included) weigh 1, not exp(nan)
+        return m, s1 * jnp.where(m1 == m, 1.0, jnp.exp(m1 - m)) + s2 * jnp.where(m2 == m, 1.0, jnp.exp(m2 - m))
+
+    x = x.astype(jnp.float32)
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0.0)), combine, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
+def _one_pass_lse_fwd(x):
+    lse = _one_pass_lse(x)
+    return lse, (x, lse)
+
+
+def _one_pass_lse_bwd(res, g):
+    x, lse = res
+    return ((g[..., None] * jnp.exp(x.astype(jnp.float32) - lse[..., None])).astype(x.dtype),)
+
+
+_one_pass_lse.defvjp(_one_pass_lse_fwd, _one_pass_lse_bwd)
 
 
 def picked(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
