@@ -88,7 +88,8 @@ def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype: jnp.dtype | None 
 
     if kernels.platform() == "cpu" and (len(lead) != 1 or len(ins) != 1 or len(outs) != 1):
         k, m = math.prod(ins), math.prod(outs)
-        return dot(x.reshape(-1, k), w.reshape(k, m), master.reshape(k, m), (((1,), (0,)), ((), ()))).reshape(lead + outs)
+        return dot(x.reshape(-1, k), w.reshape(k, m), master.reshape(k, m) if widened else None,
+                   (((1,), (0,)), ((), ()))).reshape(lead + outs)
     return dot(x, w, master, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
 
 

@@ -23,6 +23,7 @@ _COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-reduce|all-gather|reduce-scatter|all
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|c64|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
+_COLLECTIVE_OP = re.compile(r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")
 # Ops that launch nothing (views, tuples, control flow, the second half of async pairs).
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "opt-barrier",
@@ -231,13 +232,13 @@ def kernel_launches(hlo: str) -> list[dict]:
         for i in instrs:
             if i["op"] == "while":
                 body = re.search(r"body=%([\w.\-]+)", i["attrs"])
-                walk(body.group(1) if body else "", times * _trip_count(f"{i['attrs']}", comps))
+                walk(body.group(1) if body else "", times * _trip_count(i["attrs"], comps))
                 continue
             if i["op"] in ("call", "conditional"):
                 for callee in re.findall(r"(?:to_apply|branch_computations)=\{?%([\w.\-]+)", i["attrs"]):
                     walk(callee, times)
                 continue
-            if i["op"] in _FREE or i["op"].endswith("-done") or _COLLECTIVE.search(f"= x {i['op']}("):
+            if i["op"] in _FREE or i["op"].endswith("-done") or _COLLECTIVE_OP.fullmatch(i["op"]):
                 continue
             operand_types = [types.get(o, "") for o in i["operands"]]
             callee = re.search(r"calls=%([\w.\-]+)", i["attrs"])

@@ -247,9 +247,10 @@ def hoisted_casts(fn_c: Callable, args: tuple, consts: tuple) -> tuple[Callable,
     same: dict[Any, Any] = {}  # a repeated cast's variable -> that one
     eqns = []
     for eqn in jaxpr.eqns:
-        i = next((i for i, v in enumerate(const_vars) if v is eqn.invars[0]), None)
-        dtype = jnp.dtype(eqn.params["new_dtype"]) if eqn.primitive.name == "convert_element_type" else None
-        if i is None or dtype is None or not (jnp.issubdtype(consts[i].dtype, jnp.floating) and jnp.issubdtype(
+        cast = eqn.primitive.name == "convert_element_type"
+        i = next((i for i, v in enumerate(const_vars) if v is eqn.invars[0]), None) if cast else None
+        dtype = jnp.dtype(eqn.params["new_dtype"]) if cast else None
+        if i is None or not (jnp.issubdtype(consts[i].dtype, jnp.floating) and jnp.issubdtype(
                 dtype, jnp.floating) and dtype.itemsize < consts[i].dtype.itemsize):
             eqns.append(eqn)
         elif (i, dtype) in first:

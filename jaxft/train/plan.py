@@ -250,12 +250,12 @@ def plan_once(cfg: Config, devices: Sequence, *, target: str, chip: Chip | None,
     if scanned:
         cost = pending()
     extrapolation_s = time.perf_counter() - t1
-    gpu = compiled is not None and chip is not None and chip.platform == "gpu"
-    floor = kernel_floor(compiled.as_text(), peak, chip.hbm_bw) if gpu else None
+    hlo = compiled.as_text() if compiled is not None else ""
+    floor = kernel_floor(hlo, peak, chip.hbm_bw) if hlo and chip is not None and chip.platform == "gpu" else None
     if floor:  # no cost analysis from XLA:GPU: its kernels' products and traffic, loops counted
         cost = {"flops": floor["flops"], "bytes accessed": floor["bytes"]}
     flops = {"compiled": cost["flops"], "model": _model_flops(cfg, parts) / n}
-    coll = collective_bytes(compiled.as_text()) if compiled is not None else {}
+    coll = collective_bytes(hlo) if hlo else {}
     dcn = 2.0 * per_chip_bytes(parts.state.params) if num_slices > 1 and parts.mesh.shape["data"] > 1 else 0.0
     link = 0.0 if chip is None else chip.dcn_bw if topology is not None and topology.nodes > 1 else chip.ici_bw
     estimate = {} if compiled is None else _estimate(cfg, chip, peak, flops, cost["bytes accessed"], coll, dcn, link,
