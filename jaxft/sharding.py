@@ -195,8 +195,10 @@ def tree_shardings(abstract: Any, mesh: Mesh) -> Any:
 
 def sharded_abstract(fn: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
     """(ShapeDtypeStructs carrying their shardings, the shardings) of what `fn()`
-    builds: the restore target of a checkpoint and the input of AOT lowering."""
-    abstract = jax.eval_shape(fn)
+    builds: the restore target of a checkpoint and the input of AOT lowering.  A ``fn`` that
+    carries its ``abstract`` tree (`jaxft.train.state.InitFn`) is not traced again."""
+    abstract = getattr(fn, "abstract", None)
+    abstract = jax.eval_shape(fn) if abstract is None else abstract
     shardings = tree_shardings(abstract, mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings), shardings
 

@@ -107,6 +107,40 @@ def test_no_trainable_params_is_an_error():
         make_init_fn(TINY, TrainConfig(trainable=("nomatch",)), make_optimizer(OPT, 10), seed=0)
 
 
+def test_init_fn_traces_the_model_once_per_mesh_context(monkeypatch):
+    """`make_init_fn` reads the graphdef from its own trace and keeps the abstract state per mesh
+    context: lowering a step no longer builds the model three times (a 32-layer build is most of
+    the scanned step's lowering); the graphdef and shapes are those of a separate abstract build."""
+    import jaxft.train.state as state_mod
+    from jaxft.peft.methods import method_for
+    from jaxft.runs.model import split_train_model
+    from jaxft.sharding import sharded_abstract
+
+    builds = []
+
+    def counted(*args, **kwargs):
+        builds.append(kwargs.get("abstract", False))
+        return split_train_model(*args, **kwargs)
+
+    monkeypatch.setattr(state_mod, "split_train_model", counted)
+    cfg = dataclasses.replace(TINY, scan_layers=True)
+    init_fn, graphdef = make_init_fn(cfg, TrainConfig(), make_optimizer(OPT, 10), seed=0)
+    assert len(builds) == 1
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
+    abstract = init_fn.abstract  # no mesh set: the trace make_init_fn made
+    assert len(builds) == 1
+    with use_mesh(mesh):  # the variables' metadata differs under a mesh: one more trace, then kept
+        inside, _ = sharded_abstract(init_fn, mesh)
+        state, _ = init_train_state(init_fn, mesh)
+    assert len(builds) == 3  # sharded_abstract's trace, and the jitted init's own
+    reference, _, _ = split_train_model(cfg, method_for(None, TrainConfig(), cfg), 0, abstract=True)
+    assert graphdef == reference
+    shapes = lambda t: [(a.shape, a.dtype) for a in jax.tree.leaves(t)]  # noqa: E731
+    assert shapes(abstract) == shapes(inside) == shapes(state)
+    stacked = [a.shape[0] for p, a in jax.tree_util.tree_leaves_with_path(state.params) if "layers" in path_str(p)]
+    assert stacked and set(stacked) == {cfg.n_layers}  # stored stacked
+
+
 def test_token_losses_match_reference():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 7)).astype(np.float32)

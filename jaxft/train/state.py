@@ -23,7 +23,7 @@ from jaxft.runs.model import split_train_model
 from jaxft.sharding import sharded_abstract, tree_shardings
 
 state_shardings = tree_shardings  # NamedShardings of a TrainState (moments inherit their params' axes)
-__all__ = ["TrainState", "make_init_fn", "init_train_state", "sharded_abstract", "state_shardings", "checkpoint_items", "copy_state",
+__all__ = ["TrainState", "InitFn", "make_init_fn", "init_train_state", "sharded_abstract", "state_shardings", "checkpoint_items", "copy_state",
            "count_params", "path_str"]
 
 
@@ -39,36 +39,60 @@ class TrainState:
     mask: Any = None
 
 
+class InitFn:
+    """``init_fn()`` builds the whole TrainState (call it under `jax.jit` or `jax.eval_shape`);
+    ``abstract`` is its ShapeDtypeStruct tree, traced once per mesh context (the variables'
+    metadata records whether a mesh was set) and kept: `sharded_abstract` and
+    `init_train_state` read it instead of tracing the model again."""
+
+    def __init__(self, fn: Callable[[], TrainState]):
+        self._fn = fn
+        self._abstract: dict[Any, TrainState] = {}
+
+    def __call__(self) -> TrainState:
+        return self._fn()
+
+    @property
+    def abstract(self) -> TrainState:
+        key = jax.sharding.get_abstract_mesh()
+        if key not in self._abstract:
+            self._abstract[key] = jax.eval_shape(self._fn)
+        return self._abstract[key]
+
+
 def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.GradientTransformation,
                  seed: int, peft_cfg: PeftConfig | None = None, *, stacked: bool | None = None,
-                 ) -> tuple[Callable[[], TrainState], nnx.GraphDef]:
+                 ) -> tuple[InitFn, nnx.GraphDef]:
     """Returns (init_fn, graphdef).  `init_fn()` builds the whole TrainState;
     call it under `jax.jit` (sharded init) or `jax.eval_shape` (abstract).  ``stacked`` (default:
     ``model.scan_layers``; a run passes `jaxft.runs.model.stores_stacked`): the state stores each
     stack of layers stacked (`jaxft.models.scan.stack_layers`); the graphdef stays per layer and
-    the step builds the model with `jaxft.models.scan.merged`."""
+    the step builds the model with `jaxft.models.scan.merged`.  The model is traced once here
+    (the graphdef is read from that trace): a 32-layer model's build is most of lowering's time."""
     method = method_for(peft_cfg, train_cfg, model_cfg)
     stacked = model_cfg.scan_layers if stacked is None else stacked
+    graphdefs: list[nnx.GraphDef] = []
 
     def init_fn() -> TrainState:
-        _, params, rest = split_train_model(model_cfg, method, seed)
+        graphdef, params, rest = split_train_model(model_cfg, method, seed)
+        graphdefs[:] = graphdefs or [graphdef]  # the first trace's (this context's, below)
         if stacked:
             params, rest = stack_layers(params, rest)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=tx.init(params), mask=method.init_extra(params))
 
-    graphdef = split_train_model(model_cfg, method, seed, abstract=True)[0]
-    abstract = jax.eval_shape(init_fn)
-    if not jax.tree.leaves(abstract.params):
+    init = InitFn(init_fn)
+    if not jax.tree.leaves(init.abstract.params):
         raise ValueError(f"train.trainable / train.frozen: no parameter is trainable "
                          f"(trainable={list(train_cfg.trainable)}, frozen={list(train_cfg.frozen)})")
-    return init_fn, graphdef
+    return init, graphdefs[0]
 
 
 def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
     """Sharded initialisation: abstract shapes -> shardings -> jitted init.
     No host ever materialises the full parameters.  Returns (state, shardings)."""
-    abstract = jax.eval_shape(init_fn)
+    abstract = getattr(init_fn, "abstract", None)
+    abstract = jax.eval_shape(init_fn) if abstract is None else abstract
     shardings = state_shardings(abstract, mesh)
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, shardings
