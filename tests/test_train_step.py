@@ -171,10 +171,17 @@ def test_adafactor_trains():
     assert losses[-1][0] < losses[0][0]
 
 
-def test_train_step_lowers_from_abstract_inputs_alone():
+def test_train_step_lowers_from_abstract_inputs_alone(monkeypatch):
+    import jaxft.train.state as state_mod
+
+    builds = []
+    monkeypatch.setattr(state_mod, "split_train_model",
+                        lambda *a, _f=state_mod.split_train_model, **k: builds.append(1) or _f(*a, **k))
     cfg = Config(model=TINY, mesh=MeshConfig(data=2, fsdp=2, tensor=2), data=DataConfig(seq_len=32),
                  train=TrainConfig(global_batch=16, microbatches=2))
-    compiled = lower_train_step(cfg).compile()
+    lowered = lower_train_step(cfg)
+    assert len(builds) == 1  # the model is traced once: the init under the mesh (`InitFn`)
+    compiled = lowered.compile()
     assert compiled.memory_analysis() is not None
     flops = (compiled.cost_analysis() or {}).get("flops", 0)
     assert flops > 0

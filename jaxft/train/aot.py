@@ -43,8 +43,9 @@ def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -
     check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
     schedule = make_schedule(cfg.optimizer, cfg.train.steps)
     tx = method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer(make_optimizer(cfg.optimizer, cfg.train.steps))
-    init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft, stacked=stores_stacked(cfg))
-    with use_mesh(mesh):
+    with use_mesh(mesh):  # traced once, under the mesh (`InitFn`)
+        init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft,
+                                         stacked=stores_stacked(cfg))
         abstract, shardings = sharded_abstract(init_fn, mesh)
         bsharding = batch_sharding(mesh)
         keys = model_input_keys(cfg.model)
