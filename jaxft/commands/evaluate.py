@@ -55,11 +55,13 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     from jaxft.data.readers import read_text_lines
     from jaxft.eval.translate import load_translator
+    from jaxft.train.compile_cache import use_compile_cache
 
     if args.input:  # a bad file fails before the model loads (streamed: O(1) memory)
         for _ in read_text_lines(args.input):
             pass
     translator, cfg = load_translator(args.source, args.checkpoint, **_tag_flags(args))
+    use_compile_cache(cfg.compile_cache if cfg is not None else "auto")  # the run's setting; decoding compiles next
     apply_chat_flags(translator, args, chat=args.chat)
     if not args.quiet and sys.stderr.isatty():  # as the progress bar: stderr stays the one-line errors otherwise
         chat_run = cfg is not None and cfg.data.train and all(s.task == "chat" for s in cfg.data.train)
@@ -125,8 +127,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from jaxft.eval.translate import evaluate, evaluation_inputs, load_translator
     from jaxft.outputs import check_output
+    from jaxft.train.compile_cache import use_compile_cache
 
     cfg, base_dir, model = _eval_config(args)
+    use_compile_cache(cfg.compile_cache)
     sources = _cli_sources(args)
     inputs = evaluation_inputs(cfg, base_dir=base_dir, run_dir=model, config_path=args.config,
                                sources=sources or ())

@@ -292,6 +292,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/default"
+    # The persistent XLA compilation cache (jaxft.train.compile_cache): auto = $JAX_COMPILATION_CACHE_DIR,
+    # else ~/.cache/jaxft/xla (bounded); off; or a folder / URL.  Restarts and repeated runs skip compiling.
+    compile_cache: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)

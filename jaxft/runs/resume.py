@@ -26,7 +26,7 @@ from jaxft.paths import makedirs, move
 
 log = logging.getLogger(__name__)
 
-SAFE_TO_CHANGE = ("run_dir", "mesh.", "checkpoint.", "eval.", "train.steps", "train.log_every",
+SAFE_TO_CHANGE = ("run_dir", "compile_cache", "mesh.", "checkpoint.", "eval.", "train.steps", "train.log_every",
                   "train.dev_every", "train.dev_batches", "train.progress_bar",
                   # memory only, same numbers up to float summation order: what a resume on a
                   # smaller slice (or after an out-of-memory) needs to change

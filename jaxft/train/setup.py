@@ -36,6 +36,7 @@ from jaxft.runs.model import start_from, stores_stacked
 from jaxft.runs.teacher import Teacher, WithTeacher, load_teacher
 from jaxft.runs.tokenizer import configured_tokenizer
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
+from jaxft.train.compile_cache import use_compile_cache
 from jaxft.train.metric_sinks import MetricsWriter
 from jaxft.train.optim import make_optimizer, make_schedule
 from jaxft.train.state import (TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
@@ -214,6 +215,7 @@ def _checked_run_dir(run_dir) -> RunDir:
 def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     """Everything a run needs.  Refuses (before writing anything) a run dir whose
     checkpoints were made with an incompatible config.  `restart`: see `train`."""
+    use_compile_cache(cfg.compile_cache)  # before anything compiles
     dirs = _checked_run_dir(cfg.run_dir)
     ckpt = Checkpointer(dirs.checkpoints, cfg.checkpoint)
     cfg = resume.check_compatible(ckpt, cfg, dirs.root)  # before anything in the run dir is written

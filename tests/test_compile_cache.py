@@ -1,0 +1,102 @@
+"""The persistent compilation cache (`compile_cache`, `jaxft.train.compile_cache`): which folder
+each setting names, and that a restarted run reads its compiled train step from it."""
+
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+from jax._src import monitoring  # test only: jax's cache-hit events
+from jax.experimental.compilation_cache import compilation_cache
+
+from jaxft.config.errors import ConfigError
+from jaxft.config.loader import load_config
+from jaxft.config.schema import to_dict
+from jaxft.runs.resume import incompatible_keys
+from jaxft.train.compile_cache import DEFAULT_MAX_GIB, cache_dir, use_compile_cache
+from trainutil import write_run_config
+
+KEYS = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture
+def own_cache():
+    """The session's cache settings (conftest) back afterwards, whatever the test pointed jax at."""
+    saved = {k: getattr(jax.config, k) for k in KEYS}
+    yield
+    compilation_cache.reset_cache()
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture
+def hits():
+    events: list[str] = []
+
+    def listen(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append(event)
+
+    monitoring.register_event_listener(listen)
+    yield events
+    monitoring.unregister_event_listener(listen)
+
+
+def test_settings_name_their_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/launch/cache")  # what tpu_scripts export
+    assert cache_dir("auto") == "/launch/cache"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path))
+    assert cache_dir("auto") == str(tmp_path / "xla")
+    assert cache_dir("off") is None and cache_dir("") is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir("~/xc") == str(tmp_path / "xc")
+    assert cache_dir("gs://bucket/xc") == "gs://bucket/xc"
+
+
+def test_default_folder_is_bounded_an_explicit_one_is_not_off_turns_it_off(own_cache, monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path))
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    assert use_compile_cache("auto") == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+    assert jax.config.jax_compilation_cache_max_size == DEFAULT_MAX_GIB * 2**30
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    assert use_compile_cache(str(tmp_path / "mine")) == str(tmp_path / "mine")
+    assert jax.config.jax_compilation_cache_max_size == -1
+    assert use_compile_cache("off") is None and jax.config.jax_compilation_cache_dir is None
+
+
+def run_config(tmp_path, compile_cache: str):
+    path = write_run_config(tmp_path, steps=2)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "compile_cache": compile_cache}, sort_keys=False))
+    return load_config(path)
+
+
+def test_the_key_is_checked_and_safe_to_change_on_resume(tmp_path):
+    assert run_config(tmp_path, "off").compile_cache == "off"
+    with pytest.raises(ConfigError, match="compile_cache"):
+        load_config(write_run_config(tmp_path, steps=2), ["compile_cache=[1]"])
+    saved = to_dict(run_config(tmp_path, "auto"))
+    assert not incompatible_keys(saved, to_dict(run_config(tmp_path, "/elsewhere")))
+    before = {k: v for k, v in saved.items() if k != "compile_cache"}  # a run dir from before the key
+    assert not incompatible_keys(before, to_dict(run_config(tmp_path, "off")))
+    assert incompatible_keys(saved, {**saved, "train": {**saved["train"], "seed": 7}})  # the check still bites
+
+
+def test_a_restarted_run_reads_its_train_step_from_the_cache(own_cache, hits, tmp_path):
+    from jaxft.train.loop import train
+
+    cache = tmp_path / "xla"
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: x * 2.5 + 1)(1.0)  # jax opens the session's cache (conftest) before the run names its own
+    cfg = run_config(tmp_path, str(cache))
+    assert train(cfg, base_dir=tmp_path, stop_after=1).step == 1
+    assert jax.config.jax_compilation_cache_dir == str(cache)
+    written = {p.name.split("-")[0] for p in Path(cache).iterdir()}
+    assert "jit_train_step" in written
+    jax.clear_caches()  # as a new process: nothing compiled in memory
+    hits.clear()
+    assert train(cfg, base_dir=tmp_path).step == 2  # resumes from step 1
+    assert hits  # the step (and the rest) came from the folder
+    assert {p.name.split("-")[0] for p in Path(cache).iterdir()} >= written
