@@ -73,6 +73,16 @@ def run_config(tmp_path, compile_cache: str):
     return load_config(path)
 
 
+def test_an_unwritable_folder_is_an_error_or_for_auto_no_cache(own_cache, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="compile_cache: cannot create"):
+        use_compile_cache(str(blocker / "xla"))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAXFT_CACHE", str(blocker))
+    assert use_compile_cache("auto") is None and jax.config.jax_compilation_cache_dir is None
+
+
 def test_the_key_is_checked_and_safe_to_change_on_resume(tmp_path):
     assert run_config(tmp_path, "off").compile_cache == "off"
     with pytest.raises(ConfigError, match="compile_cache"):

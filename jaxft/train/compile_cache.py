@@ -45,6 +45,14 @@ def use_compile_cache(setting: str) -> str | None:
     path = cache_dir(setting)
     if path == jax.config.jax_compilation_cache_dir:
         return path
+    if path is not None and not is_remote(path):
+        try:  # jax would fail at the first compile
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if setting != "auto":
+                raise ValueError(f"compile_cache: cannot create {path}: {e.strerror or e}") from None
+            log.warning("compilation cache off: cannot create %s (%s)", path, e.strerror or e)
+            path = None
     compilation_cache.reset_cache()  # jax opens its cache once; a new folder needs a fresh one
     jax.config.update("jax_compilation_cache_dir", path)
     bounded = (setting == "auto" and path != os.environ.get("JAX_COMPILATION_CACHE_DIR")
