@@ -44,6 +44,31 @@ def test_gpu_names_become_nodes():
         parse_topology("h100-8", num_slices=2)
 
 
+def test_device_kinds_name_their_chip_and_peak(monkeypatch):
+    """The running MFU's peak comes from the same table as the plans' (one source of vendor figures)."""
+    import jax
+
+    from jaxft.train import metric_sinks
+
+    kinds = {"TPU v5 lite": ("v5e", 197e12), "TPU v5": ("v5p", 459e12), "TPU v5p": ("v5p", 459e12),
+             "TPU v6 lite": ("v6e", 918e12), "TPU v4": ("v4", 275e12), "NVIDIA H100 80GB HBM3": ("h100", 989e12),
+             "NVIDIA H200": ("h200", 989e12), "NVIDIA A100-SXM4-80GB": ("a100", 312e12)}
+    for kind, (name, peak) in kinds.items():
+        chip = chips.chip_of_kind(kind)
+        assert (chip.name, chip.peak_bf16) == (name, peak), kind
+    assert chips.chip_of_kind("cpu") is None and chips.chip_of_kind("NVIDIA GeForce RTX 4090") is None
+
+    class Device:
+        device_kind = "TPU v5 lite"
+
+    metric_sinks.device_peak_flops.cache_clear()
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    try:
+        assert metric_sinks.device_peak_flops() == 197e12
+    finally:
+        metric_sinks.device_peak_flops.cache_clear()
+
+
 def test_a_gpu_program_gets_jax_s_memory_fraction(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     h100 = GPUS["h100"]

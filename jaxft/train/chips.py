@@ -69,6 +69,21 @@ CUDNN = 90800  # the cuDNN version the plan compiles for (9.8, as jax's CUDA 12 
 _SM = {"a100": ((8, 0), 108, 1.41, 40 * MIB, 167936, 166912),
        "h100": ((9, 0), 132, 1.98, 50 * MIB, 233472, 232448),
        "h200": ((9, 0), 132, 1.98, 50 * MIB, 233472, 232448)}
+# The device kinds jax reports -> the chips above (TPU v5e reports "TPU v5 lite", v5p "TPU v5").
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+                "TPU v6 lite": "v6e", "TPU v6e": "v6e", "NVIDIA A100": "a100", "NVIDIA H100": "h100",
+                "NVIDIA H200": "h200"}
+
+
+def chip_of_kind(device_kind: str) -> Chip | None:
+    """The chip whose table row describes a device of this kind (longest matching prefix), or None."""
+    names = [k for k in DEVICE_KINDS if device_kind.startswith(k)]
+    if not names:
+        return None
+    name = DEVICE_KINDS[max(names, key=len)]
+    return CHIPS.get(name) or GPUS[name]
+
+
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
 
 

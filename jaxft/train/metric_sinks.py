@@ -34,25 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.paths import as_path, copy, is_remote, upload
+from jaxft.train.chips import chip_of_kind
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s per device (vendor figures).  Benchmarks measure
-# their own peak; this table only feeds the running MFU estimate.
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
 
 
 @functools.cache
 def device_peak_flops() -> float:
-    """Peak FLOP/s of one local device: the table above, else a measured f32 matmul."""
-    kind = jax.local_devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return flops
+    """Peak FLOP/s of one local device: its chip's dense bf16 figure (`jaxft.train.chips`, vendor
+    data; it only feeds the running MFU estimate, benchmarks measure their own), else a measured
+    f32 matmul."""
+    chip = chip_of_kind(jax.local_devices()[0].device_kind)
+    if chip is not None:
+        return chip.peak_bf16
     n = 1024
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a).lower(x).compile()
