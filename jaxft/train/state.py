@@ -91,9 +91,7 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
 def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
     """Sharded initialisation: abstract shapes -> shardings -> jitted init.
     No host ever materialises the full parameters.  Returns (state, shardings)."""
-    abstract = getattr(init_fn, "abstract", None)
-    abstract = jax.eval_shape(init_fn) if abstract is None else abstract
-    shardings = state_shardings(abstract, mesh)
+    _, shardings = sharded_abstract(init_fn, mesh)  # an `InitFn`'s kept abstract, else traced
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, shardings
 
