@@ -66,9 +66,12 @@ def test_default_folder_is_bounded_an_explicit_one_is_not_off_turns_it_off(own_c
     assert use_compile_cache("off") is None and jax.config.jax_compilation_cache_dir is None
 
 
-def run_config(tmp_path, compile_cache: str):
-    path = write_run_config(tmp_path, steps=2)
+def run_config(tmp_path, compile_cache: str, *, dropout: float = 0.0, name: str = "run", lr: float | None = None,
+               seed: int = 0):
+    path = write_run_config(tmp_path, steps=2, name=name, extra={"model.dropout": dropout, "train.seed": seed})
     raw = yaml.safe_load(path.read_text())
+    if lr is not None:
+        raw["optimizer"]["lr"] = lr
     path.write_text(yaml.safe_dump({**raw, "compile_cache": compile_cache}, sort_keys=False))
     return load_config(path)
 
@@ -110,3 +113,27 @@ def test_a_restarted_run_reads_its_train_step_from_the_cache(own_cache, hits, tm
     assert train(cfg, base_dir=tmp_path).step == 2  # resumes from step 1
     assert hits  # the step (and the rest) came from the folder
     assert {p.name.split("-")[0] for p in Path(cache).iterdir()} >= written
+
+
+def test_runs_differing_in_lr_and_seed_share_their_init_and_train_step(own_cache, hits, tmp_path):
+    """A study's second run (another learning rate and seed, with dropout) compiles neither its
+    init nor its train step: the seed is an input of the init, both are inputs of the step
+    (`jaxft.train.run_inputs`), so the two runs' programs are the same ones.  (Eager ops that
+    other tests of this process compiled before the first run are written by the second only.)"""
+    from jaxft.train.loop import train
+
+    cache = tmp_path / "xla"
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: x * 2.5 + 1)(1.0)  # jax opens the session's cache (conftest) before the run names its own
+    first = run_config(tmp_path, str(cache), dropout=0.1)
+    assert train(first, base_dir=tmp_path, stop_after=1).step == 1
+    programs = lambda: {p.name for p in Path(cache).iterdir()  # noqa: E731
+                        if p.name.split("-")[0] in ("jit_train_step", "jit_init_train_state", "jit_eval_step")}
+    written = programs()
+    assert {name.split("-")[0] for name in written} == {"jit_train_step", "jit_init_train_state", "jit_eval_step"}
+    jax.clear_caches()  # as a new process: nothing compiled in memory
+    hits.clear()
+    second = run_config(tmp_path, str(cache), dropout=0.1, name="run2", lr=1e-3, seed=5)
+    assert (second.optimizer.lr, second.train.seed) != (first.optimizer.lr, first.train.seed)
+    assert train(second, base_dir=tmp_path, stop_after=1).step == 1
+    assert programs() == written and hits

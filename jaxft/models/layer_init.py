@@ -26,8 +26,10 @@ class CountedKeys:
     walk over the equations traced so far (see `registry._ShapeOnlyKeys`; 10 of the 14 s of tracing a
     32-layer LLaMA's init went there)."""
 
-    def __init__(self, seed: int | None = None, *, key: jax.Array | None = None, count=0):
-        self._key = nnx.Rngs(seed).params.key[...] if key is None else key
+    def __init__(self, seed: int | jax.Array | None = None, *, key: jax.Array | None = None, count=0):
+        if key is None:  # a seed array (an input of a jitted init) is what jax.random.key takes
+            key = nnx.Rngs(seed if seed is None or isinstance(seed, int) else jax.random.key(seed)).params.key[...]
+        self._key = key
         self.count = count  # the next draw's fold; a traced uint32 in a fork
 
     def params(self) -> jax.Array:

@@ -21,7 +21,7 @@ from jaxft.runs.model import stores_stacked
 from jaxft.runs.teacher import check_teacher, teacher_model_config
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.peft.methods import method_for
-from jaxft.train.optim import make_optimizer, make_schedule
+from jaxft.train.run_inputs import RunInputs
 from jaxft.train.state import make_init_fn, sharded_abstract
 from jaxft.train.step import abstract_batch, jit_train_step, make_train_step
 
@@ -41,8 +41,9 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
 def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -> LoweredStep:
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
-    schedule = make_schedule(cfg.optimizer, cfg.train.steps)
-    tx = method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer(make_optimizer(cfg.optimizer, cfg.train.steps))
+    run_inputs = RunInputs(cfg.optimizer, cfg.train.steps, cfg.train.seed,
+                           method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer)
+    tx = run_inputs.tx()
     with use_mesh(mesh):  # traced once, under the mesh (`InitFn`)
         init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft,
                                          stacked=stores_stacked(cfg))
@@ -50,11 +51,11 @@ def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -
         bsharding = batch_sharding(mesh)
         keys = model_input_keys(cfg.model)
         teacher = _abstract_teacher(cfg, mesh)  # distillation: the teacher's weights are inputs too
-        step_fn = make_train_step(graphdef, tx, cfg.train, schedule, keys, teacher and teacher[0])
-        step = jit_train_step(step_fn, shardings, bsharding, teacher and teacher[2])
+        step_fn = make_train_step(graphdef, None, cfg.train, None, keys, teacher and teacher[0], run_inputs)
+        step = jit_train_step(step_fn, shardings, bsharding, teacher and teacher[2], run_inputs=True)
         enc_len = (cfg.data.encoder_seq_len or cfg.data.seq_len) if is_encoder_decoder(cfg.model) else None
         batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len)
-        lowered = step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)))
+        lowered = step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)), run_inputs.abstract(mesh))
     return LoweredStep(lowered, abstract, teacher and teacher[1], mesh)
 
 

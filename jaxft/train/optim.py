@@ -28,30 +28,34 @@ from jaxft.models.scan import STACKED
 from jaxft.peft.sparse import l1_pull
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array | None = None) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then the configured decay.
 
     - cosine / linear: decay to `lr * end_lr_ratio` at `decay_steps` (default: total_steps).
     - rsqrt: `lr * sqrt(warmup / step)` after warmup (T5 style), flat before.
     - constant: `lr` after warmup.
+
+    `lr`: the peak, `cfg.lr` when None; may be a traced scalar (the train step's run inputs,
+    `jaxft.train.run_inputs`), so that it is an input of a compiled step, not a constant.
     """
+    peak = cfg.lr if lr is None else lr
     warmup = cfg.warmup_steps
     decay_steps = max((cfg.decay_steps or total_steps) - warmup, 1)
-    end = cfg.lr * cfg.end_lr_ratio
+    end = peak * cfg.end_lr_ratio
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_ratio)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(cfg.lr, end, decay_steps)
+        after = optax.linear_schedule(peak, end, decay_steps)
     elif cfg.schedule == "rsqrt":
         offset = max(warmup, 1)
 
         def after(count):
-            return cfg.lr * jnp.sqrt(offset / (count + offset))
+            return peak * jnp.sqrt(offset / (count + offset))
     else:
-        after = optax.constant_schedule(cfg.lr)
+        after = optax.constant_schedule(peak)
     if warmup <= 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def decay_mask(params):
@@ -129,9 +133,11 @@ def _nonzero(x) -> bool:
     return bool(x != 0) if not hasattr(x, "shape") else True
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0) -> optax.GradientTransformation:
-    """`l1` > 0 adds the L1 pull towards the initial params (sparse fine-tuning phase 1)."""
-    schedule = make_schedule(cfg, total_steps)
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0,
+                   lr: float | jax.Array | None = None) -> optax.GradientTransformation:
+    """`l1` > 0 adds the L1 pull towards the initial params (sparse fine-tuning phase 1).
+    `lr`: the schedule's peak (`make_schedule`); the state's structure does not depend on it."""
+    schedule = make_schedule(cfg, total_steps, lr)
     for i, g in enumerate(cfg.groups):
         try:
             re.compile(g.pattern)

@@ -38,8 +38,8 @@ from jaxft.runs.tokenizer import configured_tokenizer
 from jaxft.sharding import batch_sharding, check_batch, make_mesh, use_mesh
 from jaxft.train.compile_cache import use_compile_cache
 from jaxft.train.metric_sinks import MetricsWriter
-from jaxft.train.optim import make_optimizer, make_schedule
-from jaxft.train.state import (TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
+from jaxft.train.run_inputs import RunInputs, WithRunInputs
+from jaxft.train.state import (InitFn, TrainState, checkpoint_items, copy_state, count_params, make_init_fn,
                                sharded_abstract)
 from jaxft.train.step import CompileThenMeet, jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
@@ -135,15 +135,15 @@ def _check_shapes(cfg: Config, tokenizer: Tokenizer, mesh) -> None:
     check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
 
 
-def _theta0(init_fn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
+def _theta0(init_fn: InitFn, shardings: TrainState, graphdef, tx, method: PeftMethod, cfg: Config, mesh) -> TrainState:
     """theta0 as a sharded TrainState, its optimizer state initialised from theta0 itself.
     `model.init_from` / `peft.compose` write the model's per-layer variables: the random state is
     built without optimizer state, unstacked and restacked array by array (`unstack_owned` /
     `stack_owned`), and the optimizer state is made once, from the loaded values, so start-up
     peaks at the parameters plus the loaded copy (what `params_from` reads), not several copies."""
     if not (cfg.model.init_from or cfg.peft.compose):
-        return jax.jit(init_fn, out_shardings=shardings)()
-    state = jax.jit(lambda: init_fn().replace(opt_state=None), out_shardings=shardings.replace(opt_state=None))()
+        return init_fn.sharded(shardings, mesh)
+    state = init_fn.sharded(shardings.replace(opt_state=None), mesh, lambda s: s.replace(opt_state=None))
     stacked = has_stacks(state.params) or has_stacks(state.rest)
     model = nnx.merge(graphdef, unstack_owned(state.params), unstack_owned(state.rest))
     state = state.replace(params=None, rest=None)  # the model holds them now
@@ -186,14 +186,15 @@ def _write_sizes(state: TrainState, method: PeftMethod, mesh, dirs: RunDir) -> N
         atomic_write_text(dirs.params_json, json.dumps(sizes, indent=1) + "\n")
 
 
-def _steps(cfg: Config, graphdef, tx, shardings, bsharding, teacher: Teacher | None) -> tuple[Any, CompileThenMeet]:
+def _steps(cfg: Config, graphdef, run_inputs: RunInputs, shardings, bsharding,
+           teacher: Teacher | None) -> tuple[Any, CompileThenMeet]:
     """The jitted train and eval steps (compiled, then a barrier, before a multi-process run's
-    first call); with a distillation teacher the train step also reads its state."""
+    first call); with a distillation teacher the train step also reads its state.  The learning
+    rate and the seed are inputs of the train step (`jaxft.train.run_inputs`)."""
     keys, tcfg = model_input_keys(cfg.model), cfg.train
-    schedule = make_schedule(cfg.optimizer, tcfg.steps)
-    step_fn = make_train_step(graphdef, tx, tcfg, schedule, keys, teacher and teacher.graphdef)
-    train_step = CompileThenMeet(jit_train_step(step_fn, shardings, bsharding, teacher and teacher.shardings),
-                                 "train_step")
+    step_fn = make_train_step(graphdef, None, tcfg, None, keys, teacher and teacher.graphdef, run_inputs)
+    jitted = jit_train_step(step_fn, shardings, bsharding, teacher and teacher.shardings, run_inputs=True)
+    train_step = WithRunInputs(CompileThenMeet(jitted, "train_step"), run_inputs.put(bsharding.mesh))
     eval_step = jit_eval_step(make_eval_step(graphdef, tcfg, keys), shardings, bsharding)
     eval_step = CompileThenMeet(eval_step, "eval_step")
     return (train_step if teacher is None else WithTeacher(train_step, teacher)), eval_step
@@ -230,7 +231,8 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     _check_shapes(cfg, tokenizer, mesh)
     tcfg = cfg.train
     method = method_for(cfg.peft, tcfg, cfg.model)
-    tx = method.wrap_optimizer(make_optimizer(cfg.optimizer, tcfg.steps))
+    run_inputs = RunInputs(cfg.optimizer, tcfg.steps, tcfg.seed, method.wrap_optimizer)
+    tx = run_inputs.tx()
     init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft, stacked=stores_stacked(cfg))
     seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \
         if is_encoder_decoder(cfg.model) else {}
@@ -252,7 +254,7 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
             log.info("resumed %s from step %d", dirs.root, start)
         _write_sizes(state, method, mesh, dirs)
         teacher = load_teacher(cfg, mesh, getattr(tokenizer, "path", None))
-        train_step, eval_step = _steps(cfg, graphdef, tx, shardings, bsharding, teacher)
+        train_step, eval_step = _steps(cfg, graphdef, run_inputs, shardings, bsharding, teacher)
         dev = build_dev_batches(cfg.data, tokenizer, batch_size=tcfg.global_batch, base_dir=base_dir,
                                 max_batches=tcfg.dev_batches, **seq2seq)
     return Run(cfg=cfg, dirs=dirs, base_dir=base_dir, mesh=mesh, tokenizer=tokenizer, method=method, tx=tx,

@@ -21,6 +21,7 @@ from jaxft.interop.hf import path_str  # noqa: F401 - re-exported: parameter pat
 from jaxft.peft.methods import method_for
 from jaxft.runs.model import split_train_model
 from jaxft.sharding import sharded_abstract, tree_shardings
+from jaxft.train.run_inputs import replicated, seed_value
 
 state_shardings = tree_shardings  # NamedShardings of a TrainState (moments inherit their params' axes)
 __all__ = ["TrainState", "InitFn", "make_init_fn", "init_train_state", "sharded_abstract", "state_shardings", "checkpoint_items", "copy_state",
@@ -45,18 +46,27 @@ class InitFn:
     metadata records whether a mesh was set) and kept: `sharded_abstract` and
     `init_train_state` read it instead of tracing the model again."""
 
-    def __init__(self, fn: Callable[[], TrainState]):
-        self._fn = fn
+    def __init__(self, fn: Callable[..., TrainState], seed: int):
+        self._fn, self.seed = fn, seed
         self._abstract: dict[Any, TrainState] = {}
 
-    def __call__(self) -> TrainState:
-        return self._fn()
+    def __call__(self, seed: jax.Array | None = None) -> TrainState:
+        """The state from ``seed`` (an array: an input of a jitted init), else from the init's own seed."""
+        return self._fn(self.seed if seed is None else seed)
+
+    def sharded(self, shardings: Any, mesh: Mesh, then: Callable[[TrainState], Any] = lambda state: state) -> Any:
+        """``then(state)`` computed on the devices, laid out as ``shardings``.  The seed is an input of
+        the compiled init, not a constant: runs that differ in `train.seed` share its program."""
+        def init_train_state(seed):
+            return then(self(seed))
+
+        return jax.jit(init_train_state, out_shardings=shardings)(replicated(seed_value(self.seed), mesh))
 
     @property
     def abstract(self) -> TrainState:
         key = jax.sharding.get_abstract_mesh()
         if key not in self._abstract:
-            self._abstract[key] = jax.eval_shape(self._fn)
+            self._abstract[key] = jax.eval_shape(self)
         return self._abstract[key]
 
 
@@ -73,7 +83,7 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
     stacked = model_cfg.scan_layers if stacked is None else stacked
     graphdefs: list[nnx.GraphDef] = []
 
-    def init_fn() -> TrainState:
+    def init_fn(seed) -> TrainState:
         graphdef, params, rest = split_train_model(model_cfg, method, seed)
         graphdefs[:] = graphdefs or [graphdef]  # the first trace's (this context's, below)
         if stacked:
@@ -81,7 +91,7 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=tx.init(params), mask=method.init_extra(params))
 
-    init = InitFn(init_fn)
+    init = InitFn(init_fn, seed)
     if not jax.tree.leaves(init.abstract.params):
         raise ValueError(f"train.trainable / train.frozen: no parameter is trainable "
                          f"(trainable={list(train_cfg.trainable)}, frozen={list(train_cfg.frozen)})")
@@ -90,8 +100,11 @@ def make_init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig, tx: optax.Gradi
 
 def init_train_state(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
     """Sharded initialisation: abstract shapes -> shardings -> jitted init.
-    No host ever materialises the full parameters.  Returns (state, shardings)."""
+    No host ever materialises the full parameters; an `InitFn`'s seed is an input of the compiled
+    init (`InitFn.sharded`).  Returns (state, shardings)."""
     _, shardings = sharded_abstract(init_fn, mesh)  # an `InitFn`'s kept abstract, else traced
+    if isinstance(init_fn, InitFn):
+        return init_fn.sharded(shardings, mesh), shardings
     state = jax.jit(init_fn, out_shardings=shardings)()
     return state, shardings
 

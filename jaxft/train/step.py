@@ -28,6 +28,7 @@ from jaxft.models.registry import DECODER_INPUTS
 from jaxft.models.scan import merged
 from jaxft.sharding import constrain
 from jaxft.train.losses import chunked_distill_sums, chunked_token_losses, summed_token_losses, token_losses
+from jaxft.train.run_inputs import RunInputs
 from jaxft.train.state import TrainState
 
 # token_losses lives in jaxft.train.losses; re-exported here for its older callers
@@ -101,35 +102,36 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
                     schedule: optax.Schedule, input_keys: tuple[str, ...] = DECODER_INPUTS,
-                    teacher_graphdef: nnx.GraphDef | None = None,
+                    teacher_graphdef: nnx.GraphDef | None = None, run_inputs: RunInputs | None = None,
                     ) -> Callable[..., tuple[TrainState, dict]]:
-    """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``)."""
-    loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef)
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``).
 
-    def train_step(state: TrainState, batch: Batch, teacher: nnx.State | None = None) -> tuple[TrainState, dict]:
+    With ``run_inputs`` the step takes the run's values (`RunInputs.values`: peak learning rate,
+    seed) last, ``train_step(state, batch[, teacher], values)``, and builds its optimizer and
+    schedule from them (``tx`` and ``schedule`` are then not used): one program for every run
+    that differs only in those values."""
+    loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef)
+    one_step = _one_step(graphdef, jax.grad(loss_fn, has_aux=True), cfg)
+    if run_inputs is None:
+        def train_step(state: TrainState, batch: Batch, teacher: nnx.State | None = None):
+            return one_step(state, batch, teacher, tx, schedule, cfg.seed)
+    else:
+        def train_step(state: TrainState, batch: Batch, *rest):
+            teacher, values = rest if teacher_graphdef is not None else (None, rest[0])
+            lr = values["lr"]
+            return one_step(state, batch, teacher, run_inputs.tx(lr), run_inputs.schedule(lr), values["seed"])
+    return train_step
+
+
+def _one_step(graphdef: nnx.GraphDef, grad_fn, cfg: TrainConfig):
+    def one_step(state: TrainState, batch: Batch, teacher, tx, schedule, seed) -> tuple[TrainState, dict]:
         # Dropout keys depend on train.seed, the step and the microbatch only (exact resume, any
         # mesh); a model without dropout (or LoRA dropout) gets none: the program without it.
         key = None
         with merged(graphdef, state.params, state.rest) as model:
             if has_dropout(model):
-                key = step_key(cfg.seed, state.step)
-        if cfg.microbatches == 1:
-            grads, aux = grad_fn(state.params, state.rest, batch, key, teacher)
-        else:
-            micro = _split_microbatches(batch, cfg.microbatches)
-            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zero_aux = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS[:3 if teacher is None else 4]}
-
-            def body(carry, xs):
-                g_acc, a_acc = carry
-                mb, mb_key = (xs, None) if key is None else (xs[0], jax.random.fold_in(key, xs[1]))
-                g, a = grad_fn(state.params, state.rest, mb, mb_key, teacher)
-                g_acc = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), g_acc, g)
-                return (g_acc, jax.tree.map(jnp.add, a_acc, a)), None
-
-            xs = micro if key is None else (micro, jnp.arange(cfg.microbatches))
-            (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), xs)
+                key = step_key(seed, state.step)
+        grads, aux = _summed_grads(grad_fn, cfg.microbatches, state, batch, key, teacher)
         denom = jnp.maximum(aux["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         grad_norm = optax.global_norm(grads)
@@ -154,7 +156,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return train_step
+    return one_step
+
+
+def _summed_grads(grad_fn, microbatches: int, state: TrainState, batch: Batch, key, teacher):
+    """(summed gradients, summed aux) over the batch; microbatches accumulate in fp32."""
+    if microbatches == 1:
+        return grad_fn(state.params, state.rest, batch, key, teacher)
+    micro = _split_microbatches(batch, microbatches)
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zero_aux = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS[:3 if teacher is None else 4]}
+
+    def body(carry, xs):
+        g_acc, a_acc = carry
+        mb, mb_key = (xs, None) if key is None else (xs[0], jax.random.fold_in(key, xs[1]))
+        g, a = grad_fn(state.params, state.rest, mb, mb_key, teacher)
+        g_acc = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), g_acc, g)
+        return (g_acc, jax.tree.map(jnp.add, a_acc, a)), None
+
+    xs = micro if key is None else (micro, jnp.arange(microbatches))
+    (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), xs)
+    return grads, aux
 
 
 def _apply_update(tx: optax.GradientTransformation, grads: Any, state: TrainState) -> tuple[Any, Any]:
@@ -189,11 +211,14 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig,
     return eval_step
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding, teacher_shardings=None):
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding, teacher_shardings=None,
+                   run_inputs: bool = False):
     """Explicit in/out shardings (one batch sharding for every batch array); the state is
-    donated (updated in place).  ``teacher_shardings``: the step takes the teacher's state third."""
+    donated (updated in place).  ``teacher_shardings``: the step takes the teacher's state third.
+    ``run_inputs``: the step takes the run's values last (`make_train_step`), replicated."""
     replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     ins = (state_shardings, batch_sharding) + (() if teacher_shardings is None else (teacher_shardings,))
+    ins += (replicated,) if run_inputs else ()
     return jax.jit(step_fn, in_shardings=ins, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
