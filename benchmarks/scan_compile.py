@@ -69,10 +69,10 @@ def cell(args) -> dict:
     batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, batch_sharding(parts.mesh))
     state, batch = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
                                 (parts.state, batch))  # zeros: the same work as real values
-    times = []
+    times, run_values = [], parts.run_inputs.put(parts.mesh)  # the learning rate and seed (`train.run_inputs`)
     for _ in range(args.steps + 1):
         t = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, run_values)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     return {"lower_s": t1 - t0, "compile_s": t2 - t1, "step_s": sorted(times[1:])[len(times[1:]) // 2],

@@ -5,6 +5,11 @@ only in them lower to one program (so the compilation cache serves all but the f
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -110,3 +115,14 @@ def test_the_init_takes_its_seed_as_an_input_and_builds_what_the_constant_builds
             np.testing.assert_array_equal(a, b)
         firsts.append(np.asarray(jax.tree.leaves(state.params)[0]))
     assert not np.array_equal(*firsts)
+
+
+def test_a_lowered_step_runs_with_its_run_inputs():
+    """`benchmarks/scan_compile.py` runs what `jaxft.train.aot` lowered: the step's last argument
+    is the run's values (`LoweredStep.run_inputs`); a small scanned step, one call."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "scan_compile.py"
+    out = subprocess.run([sys.executable, str(script), "--child", "--depth", "2", "--d-model", "64", "--batch", "2",
+                          "--seq", "32", "--steps", "1", "--scan"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["step_s"] > 0

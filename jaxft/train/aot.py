@@ -32,6 +32,7 @@ class LoweredStep:
     state: Any  # the abstract TrainState (ShapeDtypeStructs carrying their shardings)
     teacher: Any  # the teacher's abstract state, or None
     mesh: Mesh
+    run_inputs: RunInputs  # the step's last argument: `run_inputs.put(mesh)` (`jaxft.train.run_inputs`)
 
 
 def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -> jax.stages.Lowered:
@@ -56,7 +57,7 @@ def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -
         enc_len = (cfg.data.encoder_seq_len or cfg.data.seq_len) if is_encoder_decoder(cfg.model) else None
         batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, bsharding, enc_len)
         lowered = step.lower(abstract, batch, *(() if teacher is None else (teacher[1],)), run_inputs.abstract(mesh))
-    return LoweredStep(lowered, abstract, teacher and teacher[1], mesh)
+    return LoweredStep(lowered, abstract, teacher and teacher[1], mesh, run_inputs)
 
 
 def _abstract_teacher(cfg: Config, mesh):
