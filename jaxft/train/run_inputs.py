@@ -23,9 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxft.config.schema import OptimizerConfig
 from jaxft.train.optim import make_optimizer, make_schedule
 
-KEYS = ("lr", "seed")
-
-
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
     """`wrap`: the PEFT method's `wrap_optimizer` (sparse fine-tuning's L1 pull)."""
