@@ -132,7 +132,7 @@ def test_beam_size_one_is_greedy(name):
 
 @pytest.mark.parametrize("alpha,mode", [(0.6, "gnmt"), (1.0, "hf"), (0.0, "gnmt")])
 def test_large_beam_finds_exhaustive_best(alpha, mode):
-    V, T = 6, 4
+    V, T = 6, 3  # beam V**(T-1) = 36: every hypothesis of lengths 1..3 (XLA:CPU compiles beam 216 for 6 s)
     cfg, model = model_for("tiny-llama", vocab_size=V, init_std=0.1)
     prompt = np.array([[3, 4, 5]], np.int32)
     eos = int(np.argsort(np.asarray(model(jnp.asarray(prompt)))[0, -1])[-2])  # the 2nd likeliest first token
@@ -498,11 +498,12 @@ def test_first_argmax_is_argmax_with_ties_and_masked_entries():
 # --------------------------------------------------------------------------- cache layout
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mbart", "tiny-t5"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
 def test_both_cache_layouts_decode_alike(name, monkeypatch):
     """The CPU stores caches head-major ([B, G, S, K]; grouped-query keys [B, G, K, S]: what its
     attention contracts fastest); other platforms [B, S, G, K].  Forcing the latter here: the
-    same outputs, per layer and stacked."""
+    same outputs, per layer and stacked.  (A decoder with grouped-query heads, and an
+    encoder-decoder's self- and cross-attention caches: mBART's are the same code as T5's.)"""
     from jaxft.eval.types import SplitModel
     from jaxft.models import cache as cache_mod
     from jaxft.models.scan import stack_layers

@@ -40,7 +40,7 @@ STEPS = 3
 def train(opt: OptimizerConfig, seed: int, lr: float, *, as_inputs: bool, model=MODEL):
     """Params and metrics after STEPS steps with peak `lr` and `seed`: as the step's inputs, or as
     constants (a step built for exactly these values, as before run inputs existed)."""
-    mesh, train_cfg = make_mesh(MeshConfig(data=-1)), TrainConfig(seed=seed)
+    mesh, train_cfg = make_mesh(MeshConfig(data=-1), jax.devices()[:2]), TrainConfig(seed=seed)
     constant_opt = dataclasses.replace(opt, lr=lr)
     tx = make_optimizer(constant_opt, 10)
     init_fn, graphdef = make_init_fn(model, train_cfg, tx, 0)
@@ -64,8 +64,8 @@ def train(opt: OptimizerConfig, seed: int, lr: float, *, as_inputs: bool, model=
         return jax.tree.map(np.asarray, state.params), metrics
 
 
-@pytest.mark.parametrize("opt,model", [(ADAMW, MODEL), (ADAFACTOR, MODEL), (ADAMW, BF16)],
-                         ids=["adamw-cosine", "adafactor-rsqrt-groups", "adamw-bf16-params"])
+@pytest.mark.parametrize("opt,model", [(ADAMW, MODEL), (ADAFACTOR, BF16)],
+                         ids=["adamw-cosine", "adafactor-rsqrt-groups-bf16-params"])
 def test_inputs_compute_what_constants_compute(opt, model):
     for seed, lr in ((0, 1e-2), (7, 3e-3))[0 if model is MODEL and opt is ADAMW else 1:]:
         const_params, const_metrics = train(opt, seed, lr, as_inputs=False, model=model)
@@ -105,7 +105,7 @@ def test_runs_differing_in_lr_and_seed_lower_to_one_program(tmp_path):
 
 
 def test_the_init_takes_its_seed_as_an_input_and_builds_what_the_constant_builds():
-    mesh, firsts = make_mesh(MeshConfig(data=-1)), []
+    mesh, firsts = make_mesh(MeshConfig(data=-1), jax.devices()[:2]), []
     for seed in (0, 3):
         init_fn, _ = make_init_fn(MODEL, TrainConfig(seed=seed), make_optimizer(ADAMW, 10), seed)
         with use_mesh(mesh):
