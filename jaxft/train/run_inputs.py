@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.config.schema import OptimizerConfig
+from jaxft.interop.placement import place
 from jaxft.train.optim import make_optimizer, make_schedule
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,7 @@ class RunInputs:
         return {"lr": np.asarray(self.optimizer.lr, np.float32), "seed": seed_value(self.seed)}
 
     def abstract(self, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-        sharding = NamedSharding(mesh, PartitionSpec())
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in self.values().items()}
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_everywhere(mesh)) for k, v in self.values().items()}
 
     def put(self, mesh: Mesh) -> dict[str, jax.Array]:
         """The values on every device of `mesh` (replicated; every process holds the same)."""
@@ -60,7 +60,11 @@ def seed_value(seed: int) -> np.ndarray:
 
 def replicated(value: np.ndarray, mesh: Mesh) -> jax.Array:
     """`value` on every device of `mesh` (every process holds the same value)."""
-    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, PartitionSpec()), lambda index: value[index])
+    return place(value, _everywhere(mesh))
+
+
+def _everywhere(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
 
 
 class WithRunInputs:
