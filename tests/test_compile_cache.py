@@ -66,12 +66,13 @@ def test_default_folder_is_bounded_an_explicit_one_is_not_off_turns_it_off(own_c
     assert use_compile_cache("off") is None and jax.config.jax_compilation_cache_dir is None
 
 
-def run_config(tmp_path, compile_cache: str, *, dropout: float = 0.0, name: str = "run", lr: float | None = None,
-               seed: int = 0):
-    path = write_run_config(tmp_path, steps=2, name=name, extra={"model.dropout": dropout, "train.seed": seed})
+def run_config(tmp_path, compile_cache: str, *, dropout: float = 0.0, name: str = "run", **changes):
+    """The tests' run config; ``changes``: "section.key" -> value (`optimizer.lr`...)."""
+    path = write_run_config(tmp_path, steps=2, name=name, extra={"model.dropout": dropout})
     raw = yaml.safe_load(path.read_text())
-    if lr is not None:
-        raw["optimizer"]["lr"] = lr
+    for key, value in changes.items():
+        section, _, leaf = key.partition(".")
+        raw[section][leaf] = value
     path.write_text(yaml.safe_dump({**raw, "compile_cache": compile_cache}, sort_keys=False))
     return load_config(path)
 
@@ -115,10 +116,10 @@ def test_a_restarted_run_reads_its_train_step_from_the_cache(own_cache, hits, tm
     assert {p.name.split("-")[0] for p in Path(cache).iterdir()} >= written
 
 
-def test_runs_differing_in_lr_and_seed_share_their_init_and_train_step(own_cache, hits, tmp_path):
-    """A study's second run (another learning rate and seed, with dropout) compiles neither its
-    init nor its train step: the seed is an input of the init, both are inputs of the step
-    (`jaxft.train.run_inputs`), so the two runs' programs are the same ones.  (Eager ops that
+def test_runs_differing_in_their_numbers_share_their_init_and_train_step(own_cache, hits, tmp_path):
+    """A study's second run (another learning rate, seed, warmup, length and weight decay, with
+    dropout) compiles neither its init nor its train step: the seed is an input of the init, all
+    are inputs of the step (`jaxft.train.run_inputs`), so the two runs' programs are the same ones.  (Eager ops that
     other tests of this process compiled before the first run are written by the second only.)"""
     from jaxft.train.loop import train
 
@@ -133,7 +134,11 @@ def test_runs_differing_in_lr_and_seed_share_their_init_and_train_step(own_cache
     assert {name.split("-")[0] for name in written} == {"jit_train_step", "jit_init_train_state", "jit_eval_step"}
     jax.clear_caches()  # as a new process: nothing compiled in memory
     hits.clear()
-    second = run_config(tmp_path, str(cache), dropout=0.1, name="run2", lr=1e-3, seed=5)
-    assert (second.optimizer.lr, second.train.seed) != (first.optimizer.lr, first.train.seed)
+    swept = {"optimizer.lr": 1e-3, "train.seed": 5, "optimizer.warmup_steps": 3, "train.steps": 4,
+             "optimizer.weight_decay": 0.05}
+    second = run_config(tmp_path, str(cache), dropout=0.1, name="run2", **swept)
+    first_values = (first.optimizer.lr, first.train.seed, first.optimizer.warmup_steps, first.train.steps,
+                    first.optimizer.weight_decay)
+    assert all(a != b for a, b in zip(first_values, swept.values()))
     assert train(second, base_dir=tmp_path, stop_after=1).step == 1
     assert programs() == written and hits

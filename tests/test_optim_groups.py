@@ -155,3 +155,32 @@ def test_adafactor_uses_adafactor_decay_rate_not_b2():
                 toy_params(), loss_fn, steps=3)
     for x, z in zip(jax.tree.leaves(other), jax.tree.leaves(with_b2)):
         np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "groups"])
+def test_a_traced_weight_decay_computes_what_the_constant_computes(name, grouped):
+    """`RateInput` (the run's weight decay as a step input, `jaxft.train.run_inputs`): the same
+    updates to the bit as the Python float, on float32 and bf16 leaves and on stacked layers with
+    a group of their own for one layer (per-layer rates)."""
+    from jaxft.train.optim import RateInput
+
+    rng = np.random.default_rng(1)
+    params = {"layers": {"stacked": {"mlp": {"kernel": jnp.asarray(rng.normal(size=(3, 4, 2)), jnp.float32)}}},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.bfloat16)}}
+    groups = (ParamGroup(pattern=r"layers/1/", weight_decay=0.3),) if grouped else ()
+    cfg = OptimizerConfig(name=name, weight_decay=0.1, groups=groups, **BASE)
+
+    def steps(p, wd):  # the parameters an argument: XLA folds no step of either program
+        tx = make_optimizer(cfg, 10, weight_decay=None if wd is None else RateInput(wd))
+        state = tx.init(p)
+        for _ in range(3):
+            updates, state = tx.update(jax.grad(loss_fn)(p), state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    constant, traced = jax.jit(lambda p: steps(p, None))(params), jax.jit(steps)(params, jnp.float32(0.1))
+    jax.tree.map(np.testing.assert_array_equal, traced, constant)
+    assert traced["head"]["kernel"].dtype == jnp.bfloat16
+    other = jax.jit(steps)(params, jnp.float32(0.2))  # the value is read: another rate, other parameters
+    assert not np.array_equal(other["head"]["kernel"], constant["head"]["kernel"])

@@ -1,6 +1,7 @@
-"""The learning rate and the seed are inputs of the compiled train step (`jaxft.train.run_inputs`):
-the step computes what the step with them as constants computes, and runs of a study that differ
-only in them lower to one program (so the compilation cache serves all but the first)."""
+"""The learning rate, the seed, the schedule's lengths, the weight decay and the loss's terms are
+inputs of the compiled train step (`jaxft.train.run_inputs`): the step computes what the step with
+them as constants computes, and runs of a study that differ only in them lower to one program (so
+the compilation cache serves all but the first)."""
 
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ BF16 = small("tiny-llama", dropout=0.1, dtype="bfloat16", param_dtype="bfloat16"
 ADAMW = OptimizerConfig(lr=1e-2, warmup_steps=2, schedule="cosine", weight_decay=0.1)
 ADAFACTOR = OptimizerConfig(name="adafactor", lr=1e-2, warmup_steps=1, schedule="rsqrt", weight_decay=0.01,
                             groups=(ParamGroup(pattern="mlp", lr_scale=0.5, weight_decay=0.2),))
+LOSS = dict(label_smoothing=0.1, z_loss=1e-3)
 STEPS = 3
 
 
 def train(opt: OptimizerConfig, seed: int, lr: float, *, as_inputs: bool, model=MODEL):
     """Params and metrics after STEPS steps with peak `lr` and `seed`: as the step's inputs, or as
     constants (a step built for exactly these values, as before run inputs existed)."""
-    mesh, train_cfg = make_mesh(MeshConfig(data=-1), jax.devices()[:2]), TrainConfig(seed=seed)
+    mesh, train_cfg = make_mesh(MeshConfig(data=-1), jax.devices()[:2]), TrainConfig(steps=10, seed=seed, **LOSS)
     constant_opt = dataclasses.replace(opt, lr=lr)
     tx = make_optimizer(constant_opt, 10)
     init_fn, graphdef = make_init_fn(model, train_cfg, tx, 0)
@@ -50,10 +52,11 @@ def train(opt: OptimizerConfig, seed: int, lr: float, *, as_inputs: bool, model=
         batch = jax.device_put(make_batch(model), batch_sharding(mesh))
         if as_inputs:
             # built for other values: what the step computes must come from the values it is given
-            inputs = RunInputs(dataclasses.replace(opt, lr=99.0), 10, 12345)
-            step = jit_train_step(make_train_step(graphdef, None, TrainConfig(seed=12345), None, keys,
-                                                  run_inputs=inputs), shardings, batch_sharding(mesh), run_inputs=True)
-            step = WithRunInputs(step, RunInputs(constant_opt, 10, seed).put(mesh))
+            other = TrainConfig(steps=40, seed=12345, label_smoothing=0.3, z_loss=0.5)
+            inputs = RunInputs(dataclasses.replace(opt, lr=99.0, warmup_steps=7, weight_decay=0.9), other)
+            step = jit_train_step(make_train_step(graphdef, None, other, None, keys, run_inputs=inputs),
+                                  shardings, batch_sharding(mesh), run_inputs=True)
+            step = WithRunInputs(step, RunInputs(constant_opt, train_cfg).put(mesh))
         else:
             step = jit_train_step(make_train_step(graphdef, tx, train_cfg, make_schedule(constant_opt, 10), keys),
                                   shardings, batch_sharding(mesh))
@@ -81,7 +84,7 @@ def test_inputs_compute_what_constants_compute(opt, model):
 def test_a_seed_is_the_seed_jax_random_key_takes():
     """A negative or > 2**32 `train.seed` gives the dropout keys of the constant seed (mod 2**32)."""
     for seed in (-5, 2**32 + 3):
-        value = RunInputs(ADAMW, 10, seed).values()["seed"]
+        value = RunInputs(ADAMW, TrainConfig(seed=seed)).values()["seed"]
         assert np.array_equal(jax.random.key_data(jax.random.key(seed)),
                               jax.jit(lambda s: jax.random.key_data(jax.random.key(s)))(value))
 
@@ -96,12 +99,18 @@ def study_config(tmp_path, name: str, **changes):
     return load_config(path)
 
 
-def test_runs_differing_in_lr_and_seed_lower_to_one_program(tmp_path):
-    base = lower_train_step(study_config(tmp_path, "a")).as_text()
-    swept = lower_train_step(study_config(tmp_path, "b", **{"optimizer.lr": 1e-4, "train.seed": 11})).as_text()
+def test_runs_differing_in_their_numbers_lower_to_one_program(tmp_path):
+    on = {"train.label_smoothing": 0.1, "train.z_loss": 1e-3}  # the base has warmup and weight decay on
+    base = lower_train_step(study_config(tmp_path, "a", **on)).as_text()
+    swept = lower_train_step(study_config(tmp_path, "b", **{
+        "optimizer.lr": 1e-4, "train.seed": 11, "optimizer.warmup_steps": 5, "train.steps": 50,
+        "optimizer.weight_decay": 0.1, "train.label_smoothing": 0.2, "train.z_loss": 1e-4})).as_text()
     assert swept == base
-    other = lower_train_step(study_config(tmp_path, "c", **{"optimizer.warmup_steps": 1})).as_text()
-    assert other != base  # what stays a constant makes another program
+    # what a value turns on stays in the program: label smoothing off, no warmup, another schedule
+    for i, change in enumerate(({"train.label_smoothing": 0.0}, {"optimizer.warmup_steps": 0},
+                                {"optimizer.schedule": "linear"})):
+        other = lower_train_step(study_config(tmp_path, f"c{i}", **{**on, **change}))
+        assert other.as_text() != base, change
 
 
 def test_the_init_takes_its_seed_as_an_input_and_builds_what_the_constant_builds():

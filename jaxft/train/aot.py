@@ -42,8 +42,7 @@ def lower_train_step(cfg: Config, devices: Sequence[jax.Device] | None = None) -
 def lower_step_parts(cfg: Config, devices: Sequence[jax.Device] | None = None) -> LoweredStep:
     mesh = make_mesh(cfg.mesh, devices)
     check_batch(cfg.train.global_batch, cfg.train.microbatches, mesh)
-    run_inputs = RunInputs(cfg.optimizer, cfg.train.steps, cfg.train.seed,
-                           method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer)
+    run_inputs = RunInputs(cfg.optimizer, cfg.train, method_for(cfg.peft, cfg.train, cfg.model).wrap_optimizer)
     tx = run_inputs.tx()
     with use_mesh(mesh):  # traced once, under the mesh (`InitFn`)
         init_fn, graphdef = make_init_fn(cfg.model, cfg.train, tx, cfg.train.seed, cfg.peft,

@@ -28,14 +28,15 @@ from jaxft.sharding import constrain, logical_to_spec, ways
 Sums = tuple[jax.Array, jax.Array, jax.Array]  # (loss_sum, z_loss_sum, weight_sum), float32
 
 
-def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: float,
-                 z_loss: float) -> tuple[jax.Array, jax.Array]:
-    """Per-token (loss, z_loss term), float32."""
+def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, label_smoothing: float | jax.Array,
+                 z_loss: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token (loss, z_loss term), float32.  The weights may be traced scalars (run inputs);
+    label smoothing is computed unless it is the constant 0."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     log_z_BL = log_sum_exp(logits_BLV, one_pass=_one_pass_here())
     target_logit_BL = picked(logits_BLV, targets_BL)
     nll_BL = log_z_BL - target_logit_BL
-    if label_smoothing > 0:
+    if not isinstance(label_smoothing, (int, float)) or label_smoothing > 0:
         mean_logit_BL = jnp.mean(logits_BLV, axis=-1)
         smooth_BL = log_z_BL - mean_logit_BL  # cross-entropy against the uniform distribution
         nll_BL = (1.0 - label_smoothing) * nll_BL + label_smoothing * smooth_BL

@@ -28,34 +28,50 @@ from jaxft.models.scan import STACKED
 from jaxft.peft.sparse import l1_pull
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array | None = None) -> optax.Schedule:
+def schedule_lengths(cfg: OptimizerConfig, total_steps: int) -> tuple[int, int]:
+    """(warmup, decay): the warmup's steps and the decay's after it (`decay_steps`, default
+    `total_steps`, counts from step 0)."""
+    return cfg.warmup_steps, max((cfg.decay_steps or total_steps) - cfg.warmup_steps, 1)
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array | None = None,
+                  lengths: tuple[int | jax.Array, int | jax.Array] | None = None) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then the configured decay.
 
     - cosine / linear: decay to `lr * end_lr_ratio` at `decay_steps` (default: total_steps).
     - rsqrt: `lr * sqrt(warmup / step)` after warmup (T5 style), flat before.
     - constant: `lr` after warmup.
 
-    `lr`: the peak, `cfg.lr` when None; may be a traced scalar (the train step's run inputs,
-    `jaxft.train.run_inputs`), so that it is an input of a compiled step, not a constant.
+    `lr`: the peak, `cfg.lr` when None; `lengths`: (warmup, decay) steps, `schedule_lengths`
+    when None.  Either may be traced scalars (the train step's run inputs,
+    `jaxft.train.run_inputs`), so that they are inputs of a compiled step, not constants; whether
+    there is a warmup at all is the config's (`warmup_steps` > 0).
     """
     peak = cfg.lr if lr is None else lr
-    warmup = cfg.warmup_steps
-    decay_steps = max((cfg.decay_steps or total_steps) - warmup, 1)
-    end = peak * cfg.end_lr_ratio
+    warmup, decay = schedule_lengths(cfg, total_steps) if lengths is None else lengths
+    alpha = cfg.end_lr_ratio
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_ratio)
+        def after(count):
+            cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count, decay) / decay))
+            return peak * ((1 - alpha) * cosine + alpha)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, end, decay_steps)
+        def after(count):
+            return (peak - peak * alpha) * (1 - jnp.clip(count, 0, decay) / decay) + peak * alpha
     elif cfg.schedule == "rsqrt":
-        offset = max(warmup, 1)
+        offset = jnp.maximum(warmup, 1) if isinstance(warmup, jax.Array) else max(warmup, 1)
 
         def after(count):
             return peak * jnp.sqrt(offset / (count + offset))
     else:
-        after = optax.constant_schedule(peak)
-    if warmup <= 0:
+        def after(count):
+            return peak * jnp.ones_like(count, jnp.float32)
+    if cfg.warmup_steps <= 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+    def schedule(count):
+        return jnp.where(count < warmup, peak * (jnp.clip(count, 0, warmup) / warmup), after(count - warmup))
+
+    return schedule
 
 
 def decay_mask(params):
@@ -76,9 +92,11 @@ def _per_layer(path: str, p, fn):
         return fn(path)
     at = parts.index(STACKED)
     values = [fn("/".join(parts[:at] + [str(i)] + parts[at + 1:])) for i in range(p.shape[0])]
-    if all(v == values[0] for v in values):
+    if all(v is values[0] or v == values[0] for v in values):
         return values[0]
-    return jnp.asarray(values, jnp.float32).reshape((-1,) + (1,) * (p.ndim - 1))
+    # one float32 value per layer (a traced rate's among constants: its value, the same numbers)
+    per_layer = [v.value if isinstance(v, RateInput) else jnp.float32(v) for v in values]
+    return jnp.stack(per_layer).astype(jnp.float32).reshape((-1,) + (1,) * (p.ndim - 1))
 
 
 def group_of(path: str, groups: Sequence[ParamGroup]) -> ParamGroup | None:
@@ -97,7 +115,25 @@ def _per_leaf(tree: Any, fn) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [fn(keypath_str(kp), x) for kp, x in flat])
 
 
-def add_group_decay(default: float, groups: Sequence[ParamGroup], sign: float = 1.0) -> optax.GradientTransformation:
+class RateInput:
+    """A traced rate (a run input) that multiplies an array in that array's dtype, as the Python
+    float it stands for does (jax's weak typing): ``rate * p`` with bf16 parameters stays bf16
+    rather than promoting the update to float32, so the step computes what it computed with the
+    rate as a constant (optax's decay computes ``g + rate * p``)."""
+
+    def __init__(self, value: jax.Array):
+        self.value = value
+
+    def __mul__(self, other):
+        if isinstance(other, (int, float)):
+            return RateInput(self.value * other)
+        return self.value.astype(jnp.result_type(other)) * other
+
+    __rmul__ = __mul__
+
+
+def add_group_decay(default: float | RateInput, groups: Sequence[ParamGroup],
+                    sign: float = 1.0) -> optax.GradientTransformation:
     """updates += sign * wd(path) * params on matrices; wd from the first matching group, else `default`."""
 
     def rate(path: str) -> float:
@@ -129,15 +165,19 @@ def scale_by_group(groups: Sequence[ParamGroup]) -> optax.GradientTransformation
 
 
 def _nonzero(x) -> bool:
-    """Whether a per-leaf rate (a Python scalar, or per-layer values) is not all zero."""
-    return bool(x != 0) if not hasattr(x, "shape") else True
+    """Whether a per-leaf rate (a Python scalar, or per-layer values, or a traced rate) is not all zero."""
+    return isinstance(x, RateInput) or hasattr(x, "shape") or bool(x != 0)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0,
-                   lr: float | jax.Array | None = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0, lr: float | jax.Array | None = None,
+                   lengths: tuple[jax.Array, jax.Array] | None = None,
+                   weight_decay: float | RateInput | None = None) -> optax.GradientTransformation:
     """`l1` > 0 adds the L1 pull towards the initial params (sparse fine-tuning phase 1).
-    `lr`: the schedule's peak (`make_schedule`); the state's structure does not depend on it."""
-    schedule = make_schedule(cfg, total_steps, lr)
+    `lr`, `lengths`: the schedule's peak and lengths (`make_schedule`); `weight_decay`: the
+    default decay rate, `cfg.weight_decay` when None (a `RateInput` for a traced one).  The
+    state's structure depends on none of them."""
+    schedule = make_schedule(cfg, total_steps, lr, lengths)
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
     for i, g in enumerate(cfg.groups):
         try:
             re.compile(g.pattern)
@@ -152,18 +192,18 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, l1: float = 0.0,
     if cfg.name == "adamw":
         if grouped:
             parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-                      add_group_decay(cfg.weight_decay, cfg.groups),
+                      add_group_decay(wd, cfg.groups),
                       optax.scale_by_learning_rate(schedule)]
         else:
             parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay, mask=decay_mask))
+                                     weight_decay=wd, mask=decay_mask))
     elif cfg.name == "adafactor":
         # optax.adafactor adds its (lr-independent) decay just before flipping the sign
-        wd = None if grouped else (cfg.weight_decay or None)
-        parts.append(optax.adafactor(schedule, decay_rate=cfg.adafactor_decay_rate, weight_decay_rate=wd,
+        rate = None if grouped or not cfg.weight_decay else wd
+        parts.append(optax.adafactor(schedule, decay_rate=cfg.adafactor_decay_rate, weight_decay_rate=rate,
                                      weight_decay_mask=decay_mask, clipping_threshold=None))
         if grouped:
-            parts.append(add_group_decay(cfg.weight_decay, cfg.groups, sign=-1.0))
+            parts.append(add_group_decay(wd, cfg.groups, sign=-1.0))
     else:  # the schema's Literal makes this unreachable from config files
         raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r}")
     if grouped:

@@ -231,7 +231,7 @@ def setup(cfg: Config, *, base_dir: Path, restart: bool = False) -> Run:
     _check_shapes(cfg, tokenizer, mesh)
     tcfg = cfg.train
     method = method_for(cfg.peft, tcfg, cfg.model)
-    run_inputs = RunInputs(cfg.optimizer, tcfg.steps, tcfg.seed, method.wrap_optimizer)
+    run_inputs = RunInputs(cfg.optimizer, tcfg, method.wrap_optimizer)
     tx = run_inputs.tx()
     init_fn, graphdef = make_init_fn(cfg.model, tcfg, tx, tcfg.seed, cfg.peft, stacked=stores_stacked(cfg))
     seq2seq = {"encoder_decoder": True, "decoder_start_id": cfg.model.decoder_start_id} \

@@ -39,7 +39,8 @@ Batch = dict[str, jax.Array]
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str, ...] = DECODER_INPUTS,
-                 teacher_graphdef: nnx.GraphDef | None = None) -> Callable[..., tuple[jax.Array, dict]]:
+                 teacher_graphdef: nnx.GraphDef | None = None,
+                 terms: dict[str, float | jax.Array] | None = None) -> Callable[..., tuple[jax.Array, dict]]:
     """``loss_fn(params, rest, batch, rng=None, teacher=None) -> (loss_sum, aux)``.
     ``train.loss_chunk`` > 0 computes the loss from the model's last hidden states,
     at most ``loss_chunk`` sequence tokens at a time, fewer where one chunk's logits would
@@ -48,10 +49,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
     ``rng``: the model runs with dropout drawn from this key (`jaxft.models.dropout`); None:
     none.  With ``teacher_graphdef`` (``train.distill``), ``teacher`` is the frozen teacher's
     state: its logits enter the loss (`jaxft.train.losses.distill_token_sums`) and aux gains
-    ``kl_sum``; the teacher runs without dropout and gets no gradient."""
-    if cfg.loss_chunk < 0:
-        raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {cfg.loss_chunk}")
-    kw = dict(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss)
+    ``kl_sum``; the teacher runs without dropout and gets no gradient.  ``terms``: the
+    ``label_smoothing`` and ``z_loss`` weights instead of the config's (run inputs:
+    `jaxft.train.run_inputs.RunInputs.loss_terms`)."""
+    _check_loss_config(cfg)
+    kw = dict(label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss) if terms is None else terms
     dcfg = cfg.distill
 
     def loss_fn(params: nnx.State, rest: nnx.State, batch: Batch, rng: jax.Array | None = None,
@@ -89,6 +91,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: TrainConfig, input_keys: tuple[str
 AUX_KEYS = ("loss_sum", "z_loss_sum", "weight_sum", "kl_sum")  # kl_sum: distillation only
 
 
+def _check_loss_config(cfg: TrainConfig) -> None:
+    if cfg.loss_chunk < 0:
+        raise ValueError(f"train.loss_chunk: must be >= 0 (0 = full logits), got {cfg.loss_chunk}")
+
+
 def _split_microbatches(batch: Batch, n: int) -> Batch:
     """[B, L] -> [n, B/n, L] taking rows m, m+n, m+2n... for microbatch m, so every
     microbatch stays spread over all data-parallel devices."""
@@ -107,19 +114,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     """``train_step(state, batch[, teacher])``: the teacher's state with a ``teacher_graphdef`` (+ metric ``kl``).
 
     With ``run_inputs`` the step takes the run's values (`RunInputs.values`: peak learning rate,
-    seed) last, ``train_step(state, batch[, teacher], values)``, and builds its optimizer and
-    schedule from them (``tx`` and ``schedule`` are then not used): one program for every run
-    that differs only in those values."""
-    loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef)
-    one_step = _one_step(graphdef, jax.grad(loss_fn, has_aux=True), cfg)
+    seed, schedule lengths, weight decay, loss terms) last, ``train_step(state, batch[, teacher],
+    values)``, and builds its optimizer, schedule and loss from them (``tx`` and ``schedule`` are
+    then not used): one program for every run that differs only in those values."""
     if run_inputs is None:
+        one_step = _one_step(graphdef, jax.grad(make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef),
+                                                has_aux=True), cfg)
+
         def train_step(state: TrainState, batch: Batch, teacher: nnx.State | None = None):
             return one_step(state, batch, teacher, tx, schedule, cfg.seed)
     else:
+        _check_loss_config(cfg)  # the loss is built when the step is traced: its config is checked now
+
         def train_step(state: TrainState, batch: Batch, *rest):
             teacher, values = rest if teacher_graphdef is not None else (None, rest[0])
-            lr = values["lr"]
-            return one_step(state, batch, teacher, run_inputs.tx(lr), run_inputs.schedule(lr), values["seed"])
+            loss_fn = make_loss_fn(graphdef, cfg, input_keys, teacher_graphdef, run_inputs.loss_terms(values))
+            one_step = _one_step(graphdef, jax.grad(loss_fn, has_aux=True), cfg)
+            return one_step(state, batch, teacher, run_inputs.tx(values), run_inputs.schedule(values), values["seed"])
     return train_step
 
 
