@@ -248,8 +248,13 @@ def copied_rows(cache, n):
                                positions_BS=rep(cache.positions_BS))
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "bloom-alibi", "gemma2-local", "t5-relative", "umt5-per-layer"])
-@pytest.mark.parametrize("stack", [False, True], ids=["per-layer", "stacked"])
+# every family per layer; stacked, the families whose layers differ from one another (gemma2's
+# local / global windows, umT5's per-layer relative bias) and grouped-query RoPE (ALiBi and T5's
+# shared bias are the same stacked code as per layer)
+@pytest.mark.parametrize("family,stack", [
+    (f, False) for f in ("llama-gqa", "bloom-alibi", "gemma2-local", "t5-relative", "umt5-per-layer")] + [
+    (f, True) for f in ("llama-gqa", "gemma2-local", "umt5-per-layer")],
+    ids=lambda v: v if isinstance(v, str) else ("stacked" if v else "per-layer"))
 def test_beams_and_samples_read_one_pool_per_input(family, stack, monkeypatch):
     """The n rows of an input (beams, samples) read one pool of self-attention k/v per input (its
     prompt once, then each row's own slots) and beam search reorders the rows' ancestry, not the
@@ -338,8 +343,9 @@ def test_forced_ids_and_min_len(name, strategy):
     assert (np.asarray(out.tokens[:2, :, 0]) == [[20], [21]]).all() and (np.asarray(out.tokens[1, :, 1]) == 22).all()
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bloom", "tiny-mbart", "tiny-t5"])
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+# beam search in every family (pooled caches, n-best); greedy in one family of each kind
+@pytest.mark.parametrize("name,strategy", [(n, "beam") for n in ("tiny-llama", "tiny-bloom", "tiny-mbart", "tiny-t5")]
+                         + [("tiny-llama", "greedy"), ("tiny-t5", "greedy")])
 def test_padded_batch_equals_one_by_one(name, strategy):
     cfg, model = model_for(name)
     ids, lengths = batch(cfg, lengths=(7, 3, 5, 1))
