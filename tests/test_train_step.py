@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from flax import nnx
@@ -163,6 +164,37 @@ def test_schedules():
     assert abs(float(lin(50)) - 1.0) < 1e-6
     rs = make_schedule(OptimizerConfig(lr=1.0, warmup_steps=100, schedule="rsqrt"), 1000)
     assert abs(float(rs(100)) - 1.0) < 1e-6 and abs(float(rs(400)) - 0.5) < 1e-6
+
+
+def optax_schedule(cfg: OptimizerConfig, total: int):
+    """The schedules as optax composes them (what `make_schedule` built before it took traced lengths)."""
+    peak, warmup = cfg.lr, cfg.warmup_steps
+    decay = max((cfg.decay_steps or total) - warmup, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, peak * cfg.end_lr_ratio, decay)
+    elif cfg.schedule == "rsqrt":
+        after = lambda c: peak * jnp.sqrt(max(warmup, 1) / (c + max(warmup, 1)))  # noqa: E731
+    else:
+        after = optax.constant_schedule(peak)
+    return after if warmup <= 0 else optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "rsqrt", "constant"])
+def test_schedules_equal_optax_s_to_the_bit_with_lengths_as_inputs_too(kind):
+    from jaxft.train.optim import schedule_lengths
+
+    counts = jnp.arange(260, dtype=jnp.int32)
+    for warmup in (0, 30):
+        cfg = OptimizerConfig(lr=3e-3, schedule=kind, warmup_steps=warmup, decay_steps=200, end_lr_ratio=0.1)
+        as_f32 = lambda fn: jax.jit(jax.vmap(lambda c: jnp.asarray(fn(c), jnp.float32)))  # noqa: E731
+        want = np.asarray(as_f32(optax_schedule(cfg, 250))(counts))
+        np.testing.assert_array_equal(np.asarray(as_f32(make_schedule(cfg, 250))(counts)), want)
+        lengths = [jnp.int32(n) for n in schedule_lengths(cfg, 250)]  # traced: the run inputs' form
+        traced = jax.jit(lambda c, w, d: jax.vmap(lambda x: jnp.asarray(make_schedule(cfg, 250, lengths=(w, d))(x),
+                                                                         jnp.float32))(c))
+        np.testing.assert_array_equal(np.asarray(traced(counts, *lengths)), want)
 
 
 def test_adafactor_trains():

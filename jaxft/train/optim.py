@@ -50,13 +50,15 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array 
     peak = cfg.lr if lr is None else lr
     warmup, decay = schedule_lengths(cfg, total_steps) if lengths is None else lengths
     alpha = cfg.end_lr_ratio
+    # optax's formulas (cosine_decay_schedule, linear_schedule, join_schedules), to the bit
+    # (tests/test_train_step.py), over lengths that may be traced
     if cfg.schedule == "cosine":
         def after(count):
             cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count, decay) / decay))
             return peak * ((1 - alpha) * cosine + alpha)
     elif cfg.schedule == "linear":
         def after(count):
-            return (peak - peak * alpha) * (1 - jnp.clip(count, 0, decay) / decay) + peak * alpha
+            return _linear(peak, peak * alpha, decay, count)
     elif cfg.schedule == "rsqrt":
         offset = jnp.maximum(warmup, 1) if isinstance(warmup, jax.Array) else max(warmup, 1)
 
@@ -64,14 +66,19 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array 
             return peak * jnp.sqrt(offset / (count + offset))
     else:
         def after(count):
-            return peak * jnp.ones_like(count, jnp.float32)
+            return peak
     if cfg.warmup_steps <= 0:
         return after
 
     def schedule(count):
-        return jnp.where(count < warmup, peak * (jnp.clip(count, 0, warmup) / warmup), after(count - warmup))
+        return jnp.where(count < warmup, _linear(0.0, peak, warmup, count), after(count - warmup))
 
     return schedule
+
+
+def _linear(start, end, steps, count):
+    """From `start` at count 0 to `end` at `steps`, then flat."""
+    return (start - end) * (1 - jnp.clip(count, 0, steps) / steps) + end
 
 
 def decay_mask(params):
