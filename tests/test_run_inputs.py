@@ -1,7 +1,10 @@
 """The learning rate, the seed, the schedule's lengths, the weight decay and the loss's terms are
 inputs of the compiled train step (`jaxft.train.run_inputs`): the step computes what the step with
 them as constants computes, and runs of a study that differ only in them lower to one program (so
-the compilation cache serves all but the first)."""
+the compilation cache serves all but the first).  The schedules' lengths here are powers of two (2
+and 8 steps; 1): XLA folds a division by a constant length into a product with its reciprocal, exact
+only there, so with other lengths the constant step's learning rate differs in the last bit
+(`tests/test_train_step.py` holds the schedules to optax's at float32 rounding)."""
 
 from __future__ import annotations
 

@@ -50,8 +50,10 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int, lr: float | jax.Array 
     peak = cfg.lr if lr is None else lr
     warmup, decay = schedule_lengths(cfg, total_steps) if lengths is None else lengths
     alpha = cfg.end_lr_ratio
-    # optax's formulas (cosine_decay_schedule, linear_schedule, join_schedules), to the bit
-    # (tests/test_train_step.py), over lengths that may be traced
+    # optax's formulas (cosine_decay_schedule, linear_schedule, join_schedules) over lengths that
+    # may be traced.  With constant lengths XLA folds each division by a length into a product with
+    # its float32 reciprocal; an input length is divided by: the learning rates agree to float32
+    # rounding (tests/test_train_step.py)
     if cfg.schedule == "cosine":
         def after(count):
             cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count, decay) / decay))
