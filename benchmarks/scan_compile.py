@@ -69,7 +69,7 @@ def cell(args) -> dict:
     batch = abstract_batch(cfg.train.global_batch, cfg.data.seq_len, batch_sharding(parts.mesh))
     state, batch = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
                                 (parts.state, batch))  # zeros: the same work as real values
-    times, run_values = [], parts.run_inputs.put(parts.mesh)  # the learning rate and seed (`train.run_inputs`)
+    times, run_values = [], parts.run_inputs.put(parts.mesh)  # the run's values (`train.run_inputs`)
     for _ in range(args.steps + 1):
         t = time.perf_counter()
         state, metrics = compiled(state, batch, run_values)

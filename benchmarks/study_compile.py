@@ -41,14 +41,10 @@ SWEEP = {"optimizer.lr": (3e-3, 1e-3, 3e-4, 1e-4), "train.seed": (0, 1, 2, 3),
 def run_config(tmp: Path, i: int, args) -> Path:
     values = {k: (args.steps + i if v is None else v[i]) for k, v in SWEEP.items()}
     path = write_run_config(tmp, steps=args.steps, name=f"run{i}", extra={
-        "model.n_layers": args.layers, "model.d_model": 256, "model.mlp_dim": 1024, "model.dropout": 0.1})
+        "model.n_layers": args.layers, "model.d_model": 256, "model.mlp_dim": 1024, "model.dropout": 0.1,
+        "checkpoint.every": 0, **values})
     raw = yaml.safe_load(path.read_text())
-    for key, value in values.items():
-        section, _, leaf = key.partition(".")
-        raw[section][leaf] = value
-    raw["compile_cache"] = str(tmp / "xla")
-    raw["checkpoint"]["every"] = 0
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(yaml.safe_dump({**raw, "compile_cache": str(tmp / "xla")}, sort_keys=False))
     return path
 
 

@@ -68,11 +68,8 @@ def test_default_folder_is_bounded_an_explicit_one_is_not_off_turns_it_off(own_c
 
 def run_config(tmp_path, compile_cache: str, *, dropout: float = 0.0, name: str = "run", **changes):
     """The tests' run config; ``changes``: "section.key" -> value (`optimizer.lr`...)."""
-    path = write_run_config(tmp_path, steps=2, name=name, extra={"model.dropout": dropout})
+    path = write_run_config(tmp_path, steps=2, name=name, extra={"model.dropout": dropout, **changes})
     raw = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, _, leaf = key.partition(".")
-        raw[section][leaf] = value
     path.write_text(yaml.safe_dump({**raw, "compile_cache": compile_cache}, sort_keys=False))
     return load_config(path)
 

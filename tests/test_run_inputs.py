@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import yaml
 
 from jaxft.config.loader import load_config
 from jaxft.config.schema import MeshConfig, OptimizerConfig, ParamGroup, TrainConfig
@@ -93,13 +92,7 @@ def test_a_seed_is_the_seed_jax_random_key_takes():
 
 
 def study_config(tmp_path, name: str, **changes):
-    path = write_run_config(tmp_path, name=name, extra={"model.dropout": 0.1})
-    raw = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, _, leaf = key.partition(".")
-        raw[section][leaf] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_config(path)
+    return load_config(write_run_config(tmp_path, name=name, extra={"model.dropout": 0.1, **changes}))
 
 
 def test_runs_differing_in_their_numbers_lower_to_one_program(tmp_path):
