@@ -6,7 +6,9 @@ they constants of the step (the schedule closed over `optimizer.lr`, the dropout
 `train.seed`...), every run would lower to a different program and compile it afresh; as
 inputs, runs that differ only in them lower to the same program, so the persistent compilation
 cache (`compile_cache`) serves every run after the first.  The step's arithmetic is the same
-either way (tested).  What a value turns on stays a property of the program: a warmup, a weight
+either way (tested), except that with constant schedule lengths XLA folds a division by a length
+into a product with its reciprocal: the learning rate then differs in the last bit at some steps
+(`docs/decisions.md`).  What a value turns on stays a property of the program: a warmup, a weight
 decay, label smoothing or a z-loss that is 0 in the config is left out of it, so a sweep over
 {0, 0.1} compiles twice and one over {0.1, 0.2} once.
 
