@@ -43,16 +43,11 @@ class RunInputs:
     def tx(self, values: dict[str, jax.Array] | None = None) -> optax.GradientTransformation:
         """The run's optimizer, from the traced `values` (`values()`'s keys), or from the config's
         numbers when None."""
-        if values is None:
-            return self.wrap(make_optimizer(self.optimizer, self.train.steps))
-        wd = RateInput(values["weight_decay"]) if self.optimizer.weight_decay else None
-        return self.wrap(make_optimizer(self.optimizer, self.train.steps, lr=values["lr"],
-                                        lengths=(values["warmup"], values["decay"]), weight_decay=wd))
+        wd = RateInput(values["weight_decay"]) if values is not None and self.optimizer.weight_decay else None
+        return self.wrap(make_optimizer(self.optimizer, self.train.steps, weight_decay=wd, **_schedule_args(values)))
 
     def schedule(self, values: dict[str, jax.Array] | None = None) -> optax.Schedule:
-        if values is None:
-            return make_schedule(self.optimizer, self.train.steps)
-        return make_schedule(self.optimizer, self.train.steps, values["lr"], (values["warmup"], values["decay"]))
+        return make_schedule(self.optimizer, self.train.steps, **_schedule_args(values))
 
     def loss_terms(self, values: dict[str, jax.Array]) -> dict[str, float | jax.Array]:
         """The loss's label smoothing and z-loss weights (`jaxft.train.step.make_loss_fn`): the
@@ -74,6 +69,11 @@ class RunInputs:
     def put(self, mesh: Mesh) -> dict[str, jax.Array]:
         """The values on every device of `mesh` (replicated; every process holds the same)."""
         return {k: replicated(v, mesh) for k, v in self.values().items()}
+
+
+def _schedule_args(values: dict[str, jax.Array] | None) -> dict:
+    """`make_schedule`'s peak and lengths from the traced values (none: the config's)."""
+    return {} if values is None else {"lr": values["lr"], "lengths": (values["warmup"], values["decay"])}
 
 
 def seed_value(seed: int) -> np.ndarray:
